@@ -1,0 +1,1 @@
+"""The cloud sync service: model registry, fleet, staged rollouts."""

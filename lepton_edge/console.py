@@ -1,0 +1,47 @@
+"""Shared terminal output: tables to stdout, progress and warnings to stderr, one style."""
+
+from __future__ import annotations
+
+import os
+import sys
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+from rich.console import Console
+from rich.table import Table
+
+# Piped output (CI logs, files) gets a wide page rather than rich's 80-column default.
+_WIDTH = None if sys.stdout.isatty() or os.environ.get("COLUMNS") else 150
+out = Console(highlight=False, soft_wrap=False, width=_WIDTH)
+err = Console(stderr=True, highlight=False, width=None if sys.stderr.isatty() or os.environ.get("COLUMNS") else 150)
+
+__all__ = ["out", "err", "table", "print_table", "warn", "info"]
+
+
+def table(title: str | None, columns: Sequence[str], rows: Iterable[Sequence[Any]]) -> Table:
+    t = Table(title=title, title_justify="left", header_style="bold")
+    for c in columns:
+        t.add_column(c, overflow="fold")
+    for r in rows:
+        t.add_row(*("" if v is None else str(v) for v in r))
+    return t
+
+
+def print_table(title: str | None, columns: Sequence[str], rows: Iterable[Sequence[Any]]) -> None:
+    out.print(table(title, columns, rows))
+
+
+def warn(msg: str) -> None:
+    err.print(f"[bold yellow]warning:[/] {msg}")
+
+
+def info(msg: str) -> None:
+    err.print(msg)
+
+
+def fail_line(msg: str, hint: str | None) -> None:
+    err.print(f"[bold red]error:[/] {msg}", markup=True, highlight=False)
+    if hint:
+        err.print(f"  hint: {hint}")
+
+

@@ -1,0 +1,366 @@
+"""Device profiles: the one vocabulary the converters, the agent and the cloud share.
+
+A profile is a YAML file validated against :class:`DeviceProfile`. Profiles may
+``extends:`` another profile (deep merge, child wins) and declare ``aliases`` (``jetson``
+names the default Jetson). Built-in profiles ship in ``device_profiles/``; a user adds
+their own in a directory named by ``--profiles-dir`` or ``LEPTON_EDGE_PROFILES``
+(``os.pathsep``-separated), and those win over built-ins with the same id.
+
+Public API: :class:`DeviceProfile`, :func:`load_profile`, :func:`list_profiles`,
+:func:`validate_profile_file`, :class:`ProfileRegistry`.
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+from importlib import resources
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from .errors import ProfileError
+
+__all__ = [
+    "DeviceProfile",
+    "ProfileRegistry",
+    "load_profile",
+    "list_profiles",
+    "validate_profile_file",
+    "host_matches",
+    "MAX_PROFILE_BYTES",
+]
+
+# A profile is a page of YAML; anything bigger is a mistake or an attack (billion laughs).
+MAX_PROFILE_BYTES = 64 * 1024
+_MAX_EXTENDS_DEPTH = 8
+
+Precision = Literal["fp32", "fp16", "int8", "int8-dynamic"]
+ExecutionProvider = Literal[
+    "TensorrtExecutionProvider",
+    "CUDAExecutionProvider",
+    "CoreMLExecutionProvider",
+    "XnnpackExecutionProvider",
+    "CPUExecutionProvider",
+]
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class Cpu(_Strict):
+    cores: int = Field(ge=1, le=512, description="Physical cores the runtime may use.")
+    threads: int = Field(ge=1, le=512, description="Intra-op threads for inference and latency measurement.")
+    features: list[str] = Field(default_factory=list, description="ISA features, e.g. avx2, avx512_vnni, dotprod, neon.")
+    model: str = Field(default="", description="CPU model, for people.")
+
+    @model_validator(mode="after")
+    def _threads_fit(self) -> "Cpu":
+        if self.threads > self.cores:
+            raise ValueError(f"threads ({self.threads}) exceeds cores ({self.cores})")
+        return self
+
+
+class Accelerator(_Strict):
+    kind: Literal["none", "cuda", "npu", "tpu"] = "none"
+    name: str = ""
+    compute_capability: str | None = None
+    fp16: bool = False
+    int8: bool = Field(default=False, description="True where the accelerator runs INT8 faster than FP16 (tensor cores).")
+
+
+class Runtime(_Strict):
+    name: Literal["onnxruntime", "tflite"]
+    execution_providers: list[ExecutionProvider] = Field(
+        default_factory=lambda: ["CPUExecutionProvider"],
+        description="onnxruntime providers in order of preference; each absent one falls back to the next.",
+    )
+    delegates: list[Literal["xnnpack", "gpu", "nnapi", "edgetpu"]] = Field(default_factory=list)
+    supports_fp32: bool = True
+
+    @model_validator(mode="after")
+    def _cpu_last(self) -> "Runtime":
+        if self.name == "onnxruntime" and self.execution_providers and self.execution_providers[-1] != "CPUExecutionProvider":
+            raise ValueError("onnxruntime execution_providers must end with CPUExecutionProvider, the fallback")
+        return self
+
+
+class PrecisionPolicy(_Strict):
+    default: Precision
+    allowed: list[Precision] = Field(min_length=1, description="Candidates the converter may try, best first.")
+    note: str = ""
+
+    @model_validator(mode="after")
+    def _default_allowed(self) -> "PrecisionPolicy":
+        if self.default not in self.allowed:
+            raise ValueError(f"default precision {self.default!r} is not in allowed {self.allowed}")
+        return self
+
+
+class Quantization(_Strict):
+    format: Literal["qdq", "qoperator"] = "qdq"
+    per_channel: bool = True
+    reduce_range: bool = False
+    activation_type: Literal["uint8", "int8"] = "uint8"
+    weight_type: Literal["uint8", "int8"] = "int8"
+    calibration: Literal["minmax", "entropy", "percentile"] = "minmax"
+    calibration_samples: int = Field(default=256, ge=1, le=100_000)
+
+
+class Pruning(_Strict):
+    enabled: bool = False
+    channel_ratio: float = Field(default=0.3, gt=0.0, lt=0.95)
+    finetune_epochs: int = Field(default=10, ge=0, le=1000)
+
+
+class Limits(_Strict):
+    max_model_mb: float = Field(gt=0)
+    memory_mb: int = Field(gt=0, description="RAM available to the model at run time.")
+    opset_min: int = Field(default=13, ge=7, le=30)
+    opset_max: int = Field(default=21, ge=7, le=30)
+
+    @model_validator(mode="after")
+    def _opset_order(self) -> "Limits":
+        if self.opset_min > self.opset_max:
+            raise ValueError(f"opset_min ({self.opset_min}) is above opset_max ({self.opset_max})")
+        return self
+
+
+class AccuracyBudget(_Strict):
+    max_drop: float = Field(default=0.01, ge=0.0, le=1.0, description="Largest allowed accuracy drop (or top-1 disagreement).")
+    min_cosine: float = Field(default=0.99, ge=-1.0, le=1.0, description="For non-classifiers.")
+    max_abs_error: float = Field(default=0.1, ge=0.0, description="For non-classifiers.")
+
+
+class DeviceProfile(_Strict):
+    """One device class: what it is, what runs on it, and how to convert for it."""
+
+    id: str = Field(pattern=r"^[a-z0-9][a-z0-9._-]{0,63}$")
+    device: str
+    arch: Literal["x86_64", "aarch64", "armv7l"]
+    cpu: Cpu
+    memory_mb: int = Field(gt=0)
+    accelerator: Accelerator = Accelerator()
+    runtime: Runtime
+    precision: PrecisionPolicy
+    quantization: Quantization = Quantization()
+    pruning: Pruning = Pruning()
+    limits: Limits
+    accuracy_budget: AccuracyBudget = AccuracyBudget()
+    aliases: list[str] = Field(default_factory=list)
+    notes: str = ""
+    sources: str = Field(min_length=1, description="Where the facts in this profile come from.")
+    abstract: bool = Field(default=False, description="A base for extends:, not a device.")
+
+    @field_validator("aliases")
+    @classmethod
+    def _alias_names(cls, v: list[str]) -> list[str]:
+        for a in v:
+            if not a or len(a) > 64 or not all(c.isalnum() or c in "._-" for c in a):
+                raise ValueError(f"bad alias {a!r}")
+        return v
+
+    @model_validator(mode="after")
+    def _consistent(self) -> "DeviceProfile":
+        if self.limits.memory_mb > self.memory_mb:
+            raise ValueError(f"limits.memory_mb ({self.limits.memory_mb}) exceeds memory_mb ({self.memory_mb})")
+        if "fp32" in self.precision.allowed and not self.runtime.supports_fp32:
+            raise ValueError("precision.allowed lists fp32 but the runtime does not support fp32")
+        if self.runtime.name == "tflite" and "int8-dynamic" in self.precision.allowed:
+            raise ValueError("int8-dynamic is an onnxruntime mode; a tflite runtime cannot take it")
+        return self
+
+    @property
+    def threads(self) -> int:
+        return self.cpu.threads
+
+    def describe_host_match(self) -> str:
+        """Why host latency is (or is not) a fair stand-in for this device's."""
+        if host_matches(self):
+            return "host matches profile architecture: latency is measured, not a proxy"
+        return f"host is {platform.machine()}, profile is {self.arch}: latency is a host proxy"
+
+
+def host_matches(profile: DeviceProfile) -> bool:
+    """True when latency measured here says something about the device itself."""
+    machine = platform.machine().lower()
+    arch = {"amd64": "x86_64", "arm64": "aarch64"}.get(machine, machine)
+    if arch != profile.arch or profile.accelerator.kind != "none":
+        return False
+    features = _host_cpu_features()
+    return all(f in features for f in profile.cpu.features)
+
+
+def _host_cpu_features() -> set[str]:
+    try:
+        text = Path("/proc/cpuinfo").read_text(errors="replace")
+    except OSError:
+        return set()
+    for line in text.splitlines():
+        if line.startswith(("flags", "Features")):
+            flags = set(line.split(":", 1)[1].split())
+            # /proc/cpuinfo spells these differently from the profiles.
+            if "asimddp" in flags:
+                flags.add("dotprod")
+            if "asimd" in flags:
+                flags.add("neon")
+            return flags
+    return set()
+
+
+# --------------------------------------------------------------------------- loading
+
+
+def _read_yaml(path: Path) -> dict[str, Any]:
+    try:
+        size = path.stat().st_size
+    except OSError as e:
+        raise ProfileError(f"cannot read profile {path}: {e.strerror}") from None
+    if size > MAX_PROFILE_BYTES:
+        raise ProfileError(f"profile {path} is {size} bytes; the limit is {MAX_PROFILE_BYTES}", hint="a profile is a page of YAML")
+    raw = path.read_bytes()
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError:
+        raise ProfileError(f"profile {path} is not UTF-8 text") from None
+    try:
+        # The safe loader builds no objects; aliases are still expanded, so refuse them
+        # outright rather than risk exponential expansion.
+        if any(isinstance(t, (yaml.AliasToken, yaml.AnchorToken)) for t in yaml.scan(text)):
+            raise ProfileError(f"profile {path} uses YAML anchors/aliases, which profiles do not allow", hint="use extends: instead")
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" at line {mark.line + 1}" if mark else ""
+        raise ProfileError(f"profile {path} is not valid YAML{where}: {getattr(e, 'problem', e)}") from None
+    if not isinstance(data, dict):
+        raise ProfileError(f"profile {path} must be a YAML mapping, got {type(data).__name__}")
+    return data
+
+
+def _deep_merge(base: dict[str, Any], child: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for k, v in child.items():
+        if isinstance(v, dict) and isinstance(out.get(k), dict):
+            out[k] = _deep_merge(out[k], v)
+        else:
+            out[k] = v
+    return out
+
+
+def _format_validation(path: str, err: ValidationError) -> str:
+    first = err.errors()[0]
+    loc = ".".join(str(p) for p in first["loc"]) or "(top level)"
+    more = f" (+{err.error_count() - 1} more)" if err.error_count() > 1 else ""
+    return f"profile {path}: {loc}: {first['msg']}{more}"
+
+
+def _profile_dirs(extra: list[Path] | None) -> list[Path]:
+    dirs: list[Path] = []
+    env = os.environ.get("LEPTON_EDGE_PROFILES")
+    if env:
+        dirs += [Path(p) for p in env.split(os.pathsep) if p]
+    dirs += list(extra or [])
+    return dirs
+
+
+class ProfileRegistry:
+    """All profiles visible from the built-ins plus user directories, resolved and validated."""
+
+    def __init__(self, extra_dirs: list[Path] | None = None) -> None:
+        self._raw: dict[str, tuple[dict[str, Any], str]] = {}
+        builtin = resources.files("lepton_edge.device_profiles")
+        for entry in sorted(builtin.iterdir(), key=lambda e: e.name):
+            if entry.name.endswith((".yaml", ".yml")):
+                self._add(Path(str(entry)))
+        for d in _profile_dirs(extra_dirs):
+            if not d.is_dir():
+                raise ProfileError(f"profiles directory {d} does not exist", hint="check --profiles-dir or LEPTON_EDGE_PROFILES")
+            for p in sorted(d.glob("*.y*ml")):
+                self._add(p)
+        self._resolved: dict[str, DeviceProfile] = {}
+        self._aliases: dict[str, str] = {}
+        for pid in self._raw:
+            prof = self._resolve(pid)
+            for a in prof.aliases:
+                if a in self._raw:
+                    raise ProfileError(f"alias {a!r} of profile {pid!r} collides with a profile id")
+                self._aliases[a] = pid
+
+    def _add(self, path: Path) -> None:
+        data = _read_yaml(path)
+        pid = data.get("id")
+        if not isinstance(pid, str) or not pid:
+            raise ProfileError(f"profile {path} has no id")
+        self._raw[pid] = (data, str(path))
+
+    def _resolve(self, pid: str, chain: tuple[str, ...] = ()) -> DeviceProfile:
+        if pid in self._resolved:
+            return self._resolved[pid]
+        merged = self._merged(pid, chain)
+        try:
+            prof = DeviceProfile.model_validate(merged)
+        except ValidationError as e:
+            raise ProfileError(_format_validation(self._raw[pid][1], e)) from None
+        self._resolved[pid] = prof
+        return prof
+
+    def _merged(self, pid: str, chain: tuple[str, ...]) -> dict[str, Any]:
+        if pid in chain:
+            raise ProfileError(f"profile extends: cycle {' -> '.join(chain + (pid,))}")
+        if len(chain) >= _MAX_EXTENDS_DEPTH:
+            raise ProfileError(f"profile {pid!r}: extends: chain deeper than {_MAX_EXTENDS_DEPTH}")
+        if pid not in self._raw:
+            raise ProfileError(f"profile {chain[-1]!r} extends unknown profile {pid!r}")
+        data = dict(self._raw[pid][0])
+        parent = data.pop("extends", None)
+        if parent is None:
+            return data
+        if not isinstance(parent, str):
+            raise ProfileError(f"profile {pid!r}: extends must be a profile id")
+        base = self._merged(parent, chain + (pid,))
+        base.pop("abstract", None)
+        base.pop("aliases", None)  # aliases name one profile, they are not inherited
+        return _deep_merge(base, data)
+
+    def get(self, name: str) -> DeviceProfile:
+        pid = self._aliases.get(name, name)
+        if pid not in self._resolved:
+            known = ", ".join(sorted(p.id for p in self.devices()))
+            raise ProfileError(f"unknown device profile {name!r}", hint=f"known: {known}")
+        prof = self._resolved[pid]
+        if prof.abstract:
+            raise ProfileError(f"profile {name!r} is abstract (a base for extends:), not a device")
+        return prof
+
+    def devices(self) -> list[DeviceProfile]:
+        return sorted((p for p in self._resolved.values() if not p.abstract), key=lambda p: p.id)
+
+    def source_of(self, pid: str) -> str:
+        return self._raw[pid][1]
+
+
+def load_profile(name: str, profiles_dir: Path | str | None = None) -> DeviceProfile:
+    extra = [Path(profiles_dir)] if profiles_dir else None
+    return ProfileRegistry(extra).get(name)
+
+
+def list_profiles(profiles_dir: Path | str | None = None) -> list[DeviceProfile]:
+    extra = [Path(profiles_dir)] if profiles_dir else None
+    return ProfileRegistry(extra).devices()
+
+
+def validate_profile_file(path: Path | str) -> DeviceProfile:
+    """Validate one file, resolving extends: against the built-ins and its own directory."""
+    path = Path(path)
+    data = _read_yaml(path)
+    reg = ProfileRegistry([path.parent]) if data.get("extends") else None
+    if reg is not None:
+        return reg._resolve(data["id"])
+    try:
+        return DeviceProfile.model_validate(data)
+    except ValidationError as e:
+        raise ProfileError(_format_validation(str(path), e)) from None

@@ -1,0 +1,253 @@
+"""lepton/v1: the MQTT topics and payloads between agents and the cloud, in one place.
+
+Topics, all under ``lepton/v1/{fleet}/{device_id}/``:
+
+==============  =========  ======  ========================================================
+topic           direction  QoS     payload
+==============  =========  ======  ========================================================
+``state``       device→    1, ret  :class:`StateMessage`; the Last Will sets ``offline``
+``telemetry``   device→    1       :class:`TelemetryMessage`, every ``telemetry_interval_s``
+``events``      device→    1       :class:`EventMessage`: activation, rollback, download, error
+``cmd``         →device    1       :class:`CommandMessage`: deploy, rollback, ping
+==============  =========  ======  ========================================================
+
+Payloads are UTF-8 JSON objects, at most :data:`MAX_PAYLOAD_BYTES`. Every parser here
+treats its bytes as hostile and raises :class:`~lepton_edge.errors.ProtocolError`.
+The broker ACL lets a device publish only under its own prefix and read only its
+own ``cmd`` topic (see :func:`device_acl`).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import time
+import uuid
+from typing import Annotated, Any, Literal, Union
+
+from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
+
+from .errors import ProtocolError
+
+__all__ = [
+    "PROTOCOL",
+    "MAX_PAYLOAD_BYTES",
+    "topic",
+    "parse_topic",
+    "subscription",
+    "device_acl",
+    "StateMessage",
+    "TelemetryMessage",
+    "ModelStats",
+    "SystemStats",
+    "EventMessage",
+    "DeployCommand",
+    "RollbackCommand",
+    "PingCommand",
+    "CommandMessage",
+    "encode",
+    "decode_state",
+    "decode_telemetry",
+    "decode_event",
+    "decode_command",
+    "new_id",
+]
+
+PROTOCOL = "lepton/v1"
+MAX_PAYLOAD_BYTES = 64 * 1024
+Channel = Literal["state", "telemetry", "events", "cmd"]
+CHANNELS: tuple[str, ...] = ("state", "telemetry", "events", "cmd")
+
+_NAME = r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}"
+_NAME_RE = re.compile(rf"^{_NAME}$")
+_TOPIC_RE = re.compile(rf"^lepton/v1/({_NAME})/({_NAME})/(state|telemetry|events|cmd)$")
+
+
+def _check_name(kind: str, value: str) -> str:
+    # MQTT wildcards (+, #) and separators in an id would let one device address others.
+    if not isinstance(value, str) or not _NAME_RE.match(value):
+        raise ProtocolError(f"{kind} {value!r} must be 1-64 of A-Z a-z 0-9 . _ - and start with a letter or digit")
+    return value
+
+
+def topic(fleet: str, device_id: str, channel: Channel) -> str:
+    if channel not in CHANNELS:
+        raise ProtocolError(f"unknown channel {channel!r}")
+    return f"{PROTOCOL}/{_check_name('fleet', fleet)}/{_check_name('device id', device_id)}/{channel}"
+
+
+def subscription(channel: Channel, fleet: str = "+", shared_group: str | None = None) -> str:
+    """A cloud-side subscription to one channel of every device (optionally an MQTT 5 shared one)."""
+    base = f"{PROTOCOL}/{fleet if fleet == '+' else _check_name('fleet', fleet)}/+/{channel}"
+    return f"$share/{shared_group}/{base}" if shared_group else base
+
+
+def parse_topic(t: str) -> tuple[str, str, str]:
+    """``(fleet, device_id, channel)`` of a lepton/v1 topic."""
+    m = _TOPIC_RE.match(t) if isinstance(t, str) and len(t) < 256 else None
+    if not m:
+        raise ProtocolError(f"not a lepton/v1 topic: {t[:80]!r}")
+    return m.group(1), m.group(2), m.group(3)
+
+
+def device_acl(fleet: str, device_id: str) -> list[tuple[str, str]]:
+    """(access, topic) pairs for Mosquitto's acl_file: what one device may do, and no more."""
+    return [
+        ("write", topic(fleet, device_id, "state")),
+        ("write", topic(fleet, device_id, "telemetry")),
+        ("write", topic(fleet, device_id, "events")),
+        ("read", topic(fleet, device_id, "cmd")),
+        ("read", topic(fleet, device_id, "state")),
+    ]
+
+
+def new_id() -> str:
+    return uuid.uuid4().hex
+
+
+class _Msg(BaseModel):
+    # Unknown keys are ignored so a newer peer can add fields without breaking older ones.
+    model_config = ConfigDict(extra="ignore", frozen=True)
+
+
+class ActiveModel(_Msg):
+    version: str = Field(max_length=64)
+    previous: str | None = Field(default=None, max_length=64)
+    precision: str = Field(default="", max_length=32)
+    bundle_sha256: str = Field(default="", max_length=64)
+
+
+class StateMessage(_Msg):
+    status: Literal["online", "offline"]
+    ts: float
+    profile: str = Field(default="", max_length=64)
+    agent_version: str = Field(default="", max_length=32)
+    models: dict[str, ActiveModel] = Field(default_factory=dict, max_length=64)
+
+
+class ModelStats(_Msg):
+    version: str = Field(max_length=64)
+    count: int = Field(ge=0)
+    errors: int = Field(ge=0)
+    p50_ms: float | None = Field(default=None, ge=0)
+    p95_ms: float | None = Field(default=None, ge=0)
+    p99_ms: float | None = Field(default=None, ge=0)
+
+
+class SystemStats(_Msg):
+    cpu_percent: float | None = Field(default=None, ge=0)
+    rss_mb: float | None = Field(default=None, ge=0)
+    temperature_c: float | None = None
+
+
+class TelemetryMessage(_Msg):
+    ts: float
+    seq: int = Field(ge=0, description="Per-device sequence number: gaps show loss, repeats show redelivery.")
+    interval_s: float = Field(gt=0)
+    models: dict[str, ModelStats] = Field(default_factory=dict, max_length=64)
+    system: SystemStats = SystemStats()
+    dropped: int = Field(default=0, ge=0, description="Records dropped from the offline queue since the last report.")
+
+
+EventType = Literal[
+    "command_received",
+    "download_started",
+    "download_progress",
+    "download_complete",
+    "verified",
+    "activation_started",
+    "activated",
+    "activation_failed",
+    "rolled_back",
+    "watchdog_rollback",
+    "error",
+]
+
+
+class EventMessage(_Msg):
+    event_id: str = Field(default_factory=new_id, max_length=64)
+    ts: float = Field(default_factory=time.time)
+    type: EventType
+    cmd_id: str | None = Field(default=None, max_length=64)
+    deployment_id: str | None = Field(default=None, max_length=64)
+    model: str | None = Field(default=None, max_length=128)
+    version: str | None = Field(default=None, max_length=64)
+    detail: str = Field(default="", max_length=4096)
+    data: dict[str, Any] = Field(default_factory=dict, max_length=32)
+
+
+class _Cmd(_Msg):
+    cmd_id: str = Field(min_length=1, max_length=64)
+    ts: float = Field(default_factory=time.time)
+    deployment_id: str | None = Field(default=None, max_length=64)
+
+
+class DeployCommand(_Cmd):
+    type: Literal["deploy"] = "deploy"
+    model: str = Field(max_length=128)
+    version: str = Field(max_length=64)
+    url: str = Field(max_length=2048, description="Where to GET the .lepton archive (Range supported).")
+    sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
+    size: int = Field(gt=0, description="Archive size: the device refuses to download more.")
+    token: str | None = Field(default=None, max_length=512)
+
+
+class RollbackCommand(_Cmd):
+    type: Literal["rollback"] = "rollback"
+    model: str = Field(max_length=128)
+    to_version: str | None = Field(default=None, max_length=64, description="None: the previous version.")
+
+
+class PingCommand(_Cmd):
+    type: Literal["ping"] = "ping"
+
+
+CommandMessage = Annotated[Union[DeployCommand, RollbackCommand, PingCommand], Field(discriminator="type")]
+_COMMAND = TypeAdapter(CommandMessage)
+
+
+def encode(msg: BaseModel) -> bytes:
+    return json.dumps(msg.model_dump(mode="json"), separators=(",", ":")).encode()
+
+
+def _load(payload: bytes | bytearray | str, what: str) -> Any:
+    if isinstance(payload, str):
+        payload = payload.encode()
+    if len(payload) > MAX_PAYLOAD_BYTES:
+        raise ProtocolError(f"{what} payload is {len(payload)} bytes; the limit is {MAX_PAYLOAD_BYTES}")
+    try:
+        data = json.loads(bytes(payload).decode("utf-8"), parse_constant=_no_constants)
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
+        raise ProtocolError(f"{what} payload is not UTF-8 JSON: {e}") from None
+    if not isinstance(data, dict):
+        raise ProtocolError(f"{what} payload must be a JSON object")
+    return data
+
+
+def _no_constants(name: str) -> Any:
+    raise ProtocolError(f"payload contains {name}, which JSON does not allow")
+
+
+def _validate(model: Any, data: Any, what: str) -> Any:
+    try:
+        return model.validate_python(data) if isinstance(model, TypeAdapter) else model.model_validate(data)
+    except ValidationError as e:
+        first = e.errors()[0]
+        loc = ".".join(str(p) for p in first["loc"]) or "(top level)"
+        raise ProtocolError(f"{what} payload: {loc}: {first['msg']}") from None
+
+
+def decode_state(payload: bytes | str) -> StateMessage:
+    return _validate(StateMessage, _load(payload, "state"), "state")
+
+
+def decode_telemetry(payload: bytes | str) -> TelemetryMessage:
+    return _validate(TelemetryMessage, _load(payload, "telemetry"), "telemetry")
+
+
+def decode_event(payload: bytes | str) -> EventMessage:
+    return _validate(EventMessage, _load(payload, "event"), "event")
+
+
+def decode_command(payload: bytes | str) -> DeployCommand | RollbackCommand | PingCommand:
+    return _validate(_COMMAND, _load(payload, "command"), "command")
