@@ -1,0 +1,186 @@
+"""Inference runtimes behind one small interface, shared by the agent and the converters.
+
+The converters measure a candidate with the same code the device runs it with, so the
+latency and accuracy in a report are those of the runtime the bundle names.
+
+Public API: :func:`open_session`, :class:`Session`, :func:`tflite_interpreter_class`,
+:func:`resolve_providers`, :class:`RuntimeError_`.
+
+Nothing here imports torch or onnx; onnxruntime and the TFLite interpreter load lazily.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol
+
+import numpy as np
+
+from .errors import LeptonEdgeError
+
+log = logging.getLogger("lepton_edge.runtime")
+
+__all__ = ["Session", "TensorInfo", "open_session", "resolve_providers", "tflite_interpreter_class", "RuntimeLoadError"]
+
+
+class RuntimeLoadError(LeptonEdgeError):
+    """A model could not be loaded into, or run by, its runtime."""
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    name: str
+    dtype: str
+    shape: tuple[int | None, ...]
+
+
+class Session(Protocol):
+    """A loaded model. ``run`` takes inputs by name and returns outputs in model order."""
+
+    runtime: str
+    providers: list[str]
+    inputs: list[TensorInfo]
+    outputs: list[TensorInfo]
+
+    def run(self, feeds: Mapping[str, np.ndarray]) -> list[np.ndarray]: ...
+
+
+_ORT_TYPES = {
+    "tensor(float)": "float32", "tensor(float16)": "float16", "tensor(double)": "float64",
+    "tensor(int8)": "int8", "tensor(uint8)": "uint8", "tensor(int16)": "int16",
+    "tensor(int32)": "int32", "tensor(int64)": "int64", "tensor(bool)": "bool",
+}
+
+
+def resolve_providers(wanted: Sequence[str]) -> tuple[list[str], list[str]]:
+    """(usable providers in the wanted order, the wanted ones this onnxruntime lacks)."""
+    import onnxruntime as ort
+
+    available = set(ort.get_available_providers())
+    usable = [p for p in wanted if p in available]
+    missing = [p for p in wanted if p not in available]
+    if "CPUExecutionProvider" not in usable:
+        usable.append("CPUExecutionProvider")
+    return usable, missing
+
+
+class _OrtSession:
+    runtime = "onnxruntime"
+
+    def __init__(self, path: Path, providers: Sequence[str], threads: int) -> None:
+        import onnxruntime as ort
+
+        usable, missing = resolve_providers(providers or ["CPUExecutionProvider"])
+        for p in missing:
+            log.warning("execution provider %s is not available in this onnxruntime build; falling back to %s",
+                        p, usable[0] if usable else "CPUExecutionProvider")
+        so = ort.SessionOptions()
+        so.intra_op_num_threads = threads
+        so.inter_op_num_threads = 1
+        so.log_severity_level = 3
+        try:
+            self._sess = ort.InferenceSession(str(path), sess_options=so, providers=usable)
+        except Exception as e:  # onnxruntime raises its own untyped errors
+            raise RuntimeLoadError(f"onnxruntime cannot load {path.name}: {_first_line(e)}") from None
+        self.providers = list(self._sess.get_providers())
+        self.inputs = [TensorInfo(i.name, _ORT_TYPES.get(i.type, i.type), _dims(i.shape)) for i in self._sess.get_inputs()]
+        self.outputs = [TensorInfo(o.name, _ORT_TYPES.get(o.type, o.type), _dims(o.shape)) for o in self._sess.get_outputs()]
+        self._out_names = [o.name for o in self.outputs]
+
+    def run(self, feeds: Mapping[str, np.ndarray]) -> list[np.ndarray]:
+        try:
+            return self._sess.run(self._out_names, dict(feeds))
+        except Exception as e:
+            raise RuntimeLoadError(f"onnxruntime run failed: {_first_line(e)}") from None
+
+
+def _dims(shape: Sequence[Any]) -> tuple[int | None, ...]:
+    return tuple(d if isinstance(d, int) and d > 0 else None for d in shape)
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip().splitlines()
+    return text[0][:300] if text else type(e).__name__
+
+
+def tflite_interpreter_class() -> Any:
+    """The TFLite ``Interpreter`` class: ai_edge_litert first, tflite_runtime on older Pi images."""
+    try:
+        from ai_edge_litert.interpreter import Interpreter
+
+        return Interpreter
+    except ImportError:
+        pass
+    try:
+        from tflite_runtime.interpreter import Interpreter  # type: ignore[no-redef]
+
+        return Interpreter
+    except ImportError:
+        raise RuntimeLoadError(
+            "no TFLite runtime is installed", hint="pip install ai-edge-litert (or tflite-runtime with numpy<2)"
+        ) from None
+
+
+class _TfliteSession:
+    runtime = "tflite"
+
+    def __init__(self, path: Path, threads: int, delegates: Sequence[str]) -> None:
+        Interpreter = tflite_interpreter_class()
+        for d in delegates:
+            if d != "xnnpack":  # XNNPACK is built in and on by default for float and int8
+                log.warning("TFLite delegate %s is not available here; running on the CPU with XNNPACK", d)
+        try:
+            self._interp = Interpreter(model_path=str(path), num_threads=threads)
+            self._interp.allocate_tensors()
+        except (ValueError, RuntimeError) as e:
+            raise RuntimeLoadError(f"TFLite cannot load {path.name}: {_first_line(e)}") from None
+        self.providers = ["xnnpack"]
+        ins, outs = self._interp.get_input_details(), self._interp.get_output_details()
+        self._in = {d["name"]: d for d in ins}
+        self._in_order = [d["name"] for d in ins]
+        self._out_idx = [d["index"] for d in outs]
+        self.inputs = [TensorInfo(d["name"], np.dtype(d["dtype"]).name, tuple(int(x) for x in d["shape"])) for d in ins]
+        self.outputs = [TensorInfo(d["name"], np.dtype(d["dtype"]).name, tuple(int(x) for x in d["shape"])) for d in outs]
+        self._batch = {d["name"]: int(d["shape"][0]) if len(d["shape"]) else 1 for d in ins}
+
+    def run(self, feeds: Mapping[str, np.ndarray]) -> list[np.ndarray]:
+        # TFLite graphs have a fixed batch; a larger batch is run row by row.
+        first = next(iter(feeds.values()))
+        n = first.shape[0] if first.ndim else 1
+        if all(self._batch[k] == v.shape[0] for k, v in feeds.items() if v.ndim):
+            return self._invoke(feeds)
+        if any(b != 1 for b in self._batch.values()):
+            raise RuntimeLoadError(f"TFLite model takes batch {self._batch}, got {n}")
+        rows = [self._invoke({k: v[i : i + 1] for k, v in feeds.items()}) for i in range(n)]
+        return [np.concatenate([r[j] for r in rows]) for j in range(len(self._out_idx))]
+
+    def _invoke(self, feeds: Mapping[str, np.ndarray]) -> list[np.ndarray]:
+        try:
+            for name, arr in feeds.items():
+                self._interp.set_tensor(self._in[name]["index"], arr)
+            self._interp.invoke()
+            return [self._interp.get_tensor(i).copy() for i in self._out_idx]
+        except (ValueError, RuntimeError, KeyError) as e:
+            raise RuntimeLoadError(f"TFLite run failed: {_first_line(e)}") from None
+
+
+def open_session(
+    path: Path | str,
+    runtime: str,
+    *,
+    providers: Sequence[str] = ("CPUExecutionProvider",),
+    threads: int | None = None,
+    delegates: Sequence[str] = (),
+) -> Session:
+    """Load a model file into ``runtime`` ("onnxruntime" or "tflite")."""
+    p = Path(path)
+    n = threads or max(1, min(4, os.cpu_count() or 1))
+    if runtime == "onnxruntime":
+        return _OrtSession(p, providers, n)
+    if runtime == "tflite":
+        return _TfliteSession(p, n, delegates)
+    raise RuntimeLoadError(f"unknown runtime {runtime!r}", hint="use onnxruntime or tflite")
