@@ -1,0 +1,236 @@
+"""A Mosquitto the demo and ``cloud serve`` start when no ``--broker`` is given.
+
+:class:`ManagedMosquitto` runs ``mosquitto`` as a child process on 127.0.0.1 with its
+config, log and auth files in one working directory. With ``auth=True`` (the default) it
+enforces ``workdir/passwd`` and ``workdir/acl`` (see :mod:`.broker_auth`); enrolment
+rewrites them with :func:`~.broker_auth.write_auth_files` and calls :meth:`reload`::
+
+    broker = start_broker(Path("state/broker"))          # port picked when None
+    write_auth_files(broker.workdir, users, devices)     # after enrol / revoke
+    broker.reload()                                      # SIGHUP; returns once applied
+    ...
+    broker.stop()
+
+``max_queued_messages`` is raised to 100000: Mosquitto's default of 1000 silently drops
+QoS 1 messages queued for a slow subscriber.
+
+What a reload does to clients already connected (measured on Mosquitto 2.0.11, see
+``tests/cloud/test_acl_enforcement.py``): the broker re-checks every connected client
+against the new password file and disconnects those whose credentials no longer
+match, so a revoked device is cut off at once, and its reconnect is refused (CONNACK
+reason 135, "not authorized"). ACL changes apply to connected clients from their next
+publish or delivered message on.
+
+**No mosquitto binary**: :func:`start_broker` raises :class:`~.broker_auth.BrokerError`
+with the command that installs one (``apt-get install mosquitto``) or the hint to pass
+``--broker mqtt://host:port``. There is deliberately no embedded Python fallback: the
+only maintained pure-Python broker, amqtt, speaks MQTT 3.1.1 only and refuses the MQTT 5
+CONNECT that the agent and the service send (and it drops QoS 1 messages under load),
+so it would fail later and more confusingly than a clear error now.
+"""
+
+from __future__ import annotations
+
+import os
+import pwd
+import shutil
+import signal
+import socket
+import subprocess
+import time
+from pathlib import Path
+
+from .broker_auth import ACL_FILE, PASSWORD_FILE, BrokerError, mosquitto_auth_conf
+
+__all__ = ["ManagedMosquitto", "start_broker", "find_mosquitto", "BrokerError"]
+
+_START_TIMEOUT_S = 10.0
+_RELOAD_TIMEOUT_S = 10.0
+_STOP_TIMEOUT_S = 5.0
+
+
+def find_mosquitto() -> str | None:
+    """Path of the ``mosquitto`` binary (PATH, then Debian's /usr/sbin), or None."""
+    found = shutil.which("mosquitto")
+    if found:
+        return found
+    for candidate in ("/usr/sbin/mosquitto", "/usr/local/sbin/mosquitto"):
+        if os.access(candidate, os.X_OK):
+            return candidate
+    return None
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _connack_probe(port: int, timeout: float) -> None:
+    """One anonymous MQTT 3.1.1 CONNECT, waiting for its CONNACK (accepted or not).
+
+    Mosquitto is single-threaded: a CONNACK sent after a reload started proves it finished.
+    """
+    connect = bytes([0x10, 12, 0, 4]) + b"MQTT" + bytes([4, 0x02, 0, 10, 0, 0])
+    with socket.create_connection(("127.0.0.1", port), timeout=timeout) as s:
+        s.sendall(connect)
+        reply = b""
+        while len(reply) < 4:
+            chunk = s.recv(4 - len(reply))
+            if not chunk:
+                break
+            reply += chunk
+    if not reply or reply[0] != 0x20:
+        raise BrokerError(f"the broker on port {port} did not answer an MQTT CONNECT")
+
+
+class ManagedMosquitto:
+    """A ``mosquitto`` child process on 127.0.0.1, its files in ``workdir``."""
+
+    def __init__(self, workdir: Path, port: int | None = None, *, auth: bool = True,
+                 binary: str | None = None) -> None:
+        self.workdir = Path(workdir).resolve()
+        self.port = port or _free_port()
+        self.auth = auth
+        self.binary = binary or find_mosquitto()
+        self.conf_path = self.workdir / "mosquitto.conf"
+        self.log_path = self.workdir / "mosquitto.log"
+        self.password_file = self.workdir / PASSWORD_FILE
+        self.acl_file = self.workdir / ACL_FILE
+        self._proc: subprocess.Popen | None = None
+        self._fixed_port = port is not None
+
+    @property
+    def url(self) -> str:
+        return f"mqtt://127.0.0.1:{self.port}"
+
+    @property
+    def pid(self) -> int | None:
+        return self._proc.pid if self._proc else None
+
+    def running(self) -> bool:
+        return self._proc is not None and self._proc.poll() is None
+
+    def _write_conf(self) -> None:
+        lines = [
+            # Started as root, mosquitto would drop to the "mosquitto" user and lose access
+            # to our private files; a child broker keeps its parent's rights instead.
+            f"user {pwd.getpwuid(os.geteuid()).pw_name}",
+            f"listener {self.port} 127.0.0.1",
+            "max_queued_messages 100000",
+            "max_inflight_messages 100",
+            f"log_dest file {self.log_path}",
+            "log_type error",
+            "log_type warning",
+            "log_type notice",
+            "log_type information",
+            "connection_messages true",
+            "log_timestamp true",
+        ]
+        if self.auth:
+            for path in (self.password_file, self.acl_file):
+                if not path.exists():
+                    # Mosquitto refuses to start on a missing file; empty ones let nobody in.
+                    path.touch(mode=0o600)
+            lines.append(mosquitto_auth_conf(self.workdir).rstrip("\n"))
+        else:
+            lines.append("allow_anonymous true")
+        self.conf_path.write_text("\n".join(lines) + "\n")
+
+    def start(self) -> None:
+        if self.running():
+            return
+        if not self.binary:
+            raise BrokerError(
+                "no mosquitto binary found (looked on PATH and in /usr/sbin)",
+                hint="install it (apt-get install mosquitto) or pass --broker mqtt://HOST:PORT of a running MQTT 5 broker",
+            )
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        attempts = 1 if self._fixed_port else 3
+        for attempt in range(attempts):
+            if attempt:
+                self.port = _free_port()  # another process took the port we picked
+            self._write_conf()
+            if self._launch():
+                return
+        raise BrokerError(f"mosquitto did not start: {self._last_log_line()}",
+                          hint=f"see {self.log_path}")
+
+    def _launch(self) -> bool:
+        log_offset = self.log_path.stat().st_size if self.log_path.exists() else 0
+        stderr = open(self.workdir / "mosquitto.stderr", "ab")
+        try:
+            self._proc = subprocess.Popen([self.binary, "-c", str(self.conf_path)], stdin=subprocess.DEVNULL,
+                                          stdout=subprocess.DEVNULL, stderr=stderr)
+        except OSError as e:
+            raise BrokerError(f"cannot run {self.binary}: {e.strerror or e}") from None
+        finally:
+            stderr.close()
+        deadline = time.monotonic() + _START_TIMEOUT_S
+        while time.monotonic() < deadline:
+            if self._proc.poll() is not None:
+                self._proc = None
+                return False
+            if "listen socket on port" in self._log_since(log_offset):
+                try:
+                    _connack_probe(self.port, timeout=2.0)
+                    return True
+                except OSError:
+                    pass
+            time.sleep(0.05)
+        self.stop()
+        raise BrokerError(f"mosquitto did not listen on port {self.port} within {_START_TIMEOUT_S:.0f}s",
+                          hint=f"see {self.log_path}")
+
+    def _log_since(self, offset: int) -> str:
+        try:
+            with open(self.log_path, "rb") as f:
+                f.seek(offset)
+                return f.read(1 << 20).decode("utf-8", "replace")
+        except FileNotFoundError:
+            return ""
+
+    def _last_log_line(self) -> str:
+        text = self._log_since(0).strip() or (self.workdir / "mosquitto.stderr").read_text(errors="replace").strip()
+        return text.splitlines()[-1] if text else "no log output"
+
+    def reload(self) -> None:
+        """SIGHUP: re-read the password and ACL files. Returns once the broker has applied them."""
+        if not self.running():
+            raise BrokerError("cannot reload the broker: it is not running")
+        offset = self.log_path.stat().st_size if self.log_path.exists() else 0
+        self._proc.send_signal(signal.SIGHUP)
+        deadline = time.monotonic() + _RELOAD_TIMEOUT_S
+        while "Reloading config" not in self._log_since(offset):
+            if time.monotonic() > deadline or not self.running():
+                raise BrokerError("mosquitto did not confirm the reload", hint=f"see {self.log_path}")
+            time.sleep(0.02)
+        _connack_probe(self.port, timeout=max(0.1, deadline - time.monotonic()))
+
+    def stop(self) -> None:
+        proc, self._proc = self._proc, None
+        if proc is None or proc.poll() is not None:
+            return
+        proc.terminate()
+        try:
+            proc.wait(_STOP_TIMEOUT_S)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(_STOP_TIMEOUT_S)
+
+    def __enter__(self) -> "ManagedMosquitto":
+        self.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    def __repr__(self) -> str:
+        return f"ManagedMosquitto({self.url}, auth={self.auth}, pid={self.pid})"
+
+
+def start_broker(workdir: Path, port: int | None = None, *, auth: bool = True) -> ManagedMosquitto:
+    """Start and return a :class:`ManagedMosquitto`; :class:`BrokerError` with an install hint when none exists."""
+    broker = ManagedMosquitto(workdir, port, auth=auth)
+    broker.start()
+    return broker
