@@ -1,0 +1,89 @@
+"""lepton/v1: topics, payload round trips and hostile payloads."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from lepton_edge import protocol as p
+from lepton_edge.errors import ProtocolError
+
+
+def test_topics_round_trip():
+    t = p.topic("demo", "pi-01", "telemetry")
+    assert t == "lepton/v1/demo/pi-01/telemetry"
+    assert p.parse_topic(t) == ("demo", "pi-01", "telemetry")
+    assert p.subscription("events", shared_group="cloud") == "$share/cloud/lepton/v1/+/+/events"
+
+
+@pytest.mark.parametrize("bad", ["+", "#", "a/b", "", "x" * 65, "-lead", "dev ice", "é"])
+def test_ids_with_wildcards_or_separators_are_refused(bad):
+    with pytest.raises(ProtocolError):
+        p.topic("demo", bad, "state")
+    with pytest.raises(ProtocolError):
+        p.topic(bad, "pi-01", "state")
+
+
+@pytest.mark.parametrize("t", ["lepton/v1/demo/pi/other", "lepton/v2/demo/pi/state", "lepton/v1/+/pi/state", "x" * 1000, ""])
+def test_parse_topic_refuses_foreign_topics(t):
+    with pytest.raises(ProtocolError):
+        p.parse_topic(t)
+
+
+def test_acl_covers_only_own_prefix():
+    acl = p.device_acl("demo", "pi-01")
+    assert ("read", "lepton/v1/demo/pi-01/cmd") in acl
+    assert all(topic.startswith("lepton/v1/demo/pi-01/") for _, topic in acl)
+    assert not any(access == "write" and topic.endswith("/cmd") for access, topic in acl)
+
+
+def test_messages_round_trip():
+    tel = p.TelemetryMessage(ts=1.0, seq=3, interval_s=10, models={"digits": p.ModelStats(version="1", count=5, errors=0, p95_ms=1.2)})
+    assert p.decode_telemetry(p.encode(tel)) == tel
+    cmd = p.DeployCommand(cmd_id="c1", model="digits", version="2", url="http://h/x", sha256="a" * 64, size=10)
+    assert p.decode_command(p.encode(cmd)) == cmd
+    assert isinstance(p.decode_command(b'{"type":"ping","cmd_id":"x"}'), p.PingCommand)
+    ev = p.EventMessage(type="activated", model="digits", version="2")
+    assert p.decode_event(p.encode(ev)).event_id == ev.event_id
+    st = p.StateMessage(status="online", ts=1.0, models={"digits": p.ActiveModel(version="1")})
+    assert p.decode_state(p.encode(st)) == st
+
+
+def test_unknown_fields_are_ignored_for_forward_compatibility():
+    assert p.decode_state(b'{"status":"offline","ts":1,"future":"field"}').status == "offline"
+
+
+@pytest.mark.parametrize(
+    "payload, match",
+    [
+        (b"", "JSON"),
+        (b"\xff\xfe", "UTF-8"),
+        (b"[1,2]", "object"),
+        (b'{"type":"format-disk","cmd_id":"x"}', "type|tag"),
+        (b'{"type":"deploy","cmd_id":"x"}', "Field required"),
+        (b'{"type":"deploy","cmd_id":"x","model":"m","version":"1","url":"u","sha256":"zz","size":1}', "sha256"),
+        (b'{"type":"deploy","cmd_id":"x","model":"m","version":"1","url":"u","sha256":"' + b"a" * 64 + b'","size":-5}', "size"),
+        (b'{"type":"ping","cmd_id":"x","ts":NaN}', "NaN"),
+        (b"{" * 50000, "JSON"),
+        (json.dumps({"type": "ping", "cmd_id": "x", "pad": "y" * p.MAX_PAYLOAD_BYTES}).encode(), "limit"),
+    ],
+)
+def test_hostile_command_payloads(payload, match):
+    with pytest.raises(ProtocolError, match=match):
+        p.decode_command(payload)
+
+
+@pytest.mark.parametrize(
+    "decoder, payload",
+    [
+        (p.decode_telemetry, b'{"ts":1,"seq":-1,"interval_s":10}'),
+        (p.decode_telemetry, b'{"ts":1,"seq":1,"interval_s":0}'),
+        (p.decode_telemetry, b'{"ts":1,"seq":1,"interval_s":1,"models":{"m":{"version":"1","count":-3,"errors":0}}}'),
+        (p.decode_state, b'{"status":"hacked","ts":1}'),
+        (p.decode_event, b'{"type":"activated","detail":"' + b"x" * 5000 + b'"}'),
+    ],
+)
+def test_hostile_device_payloads(decoder, payload):
+    with pytest.raises(ProtocolError):
+        decoder(payload)
