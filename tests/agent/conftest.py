@@ -1,0 +1,150 @@
+"""Agent fixtures: real bundles of the trained digits CNN, configs, and a running service.
+
+Bundles are built once per session through the bundle writer (the converter's own
+manifest code), from the real trained digits CNN; golden vectors are onnxruntime's
+outputs on real test digits.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import yaml
+
+PROFILE = "x86-avx2"
+GOLDEN_TOL = {"atol": 1e-4, "rtol": 1e-3, "min_cosine": 0.999, "top1_must_match": True}
+
+
+def _ort_outputs(model_path: Path, x: np.ndarray) -> np.ndarray:
+    import onnxruntime as ort
+
+    sess = ort.InferenceSession(str(model_path), providers=["CPUExecutionProvider"])
+    return sess.run(None, {sess.get_inputs()[0].name: x})[0]
+
+
+def build_bundle(out: Path, model_path: Path, *, version: str, golden_x: np.ndarray, sign_key: Path | None,
+                 name: str = "digits", profile: str = PROFILE, golden_offset: float = 0.0,
+                 golden_y: np.ndarray | None = None) -> Path:
+    from lepton_edge.bundle import sha256_file, write_bundle
+
+    y = golden_y if golden_y is not None else _ort_outputs(model_path, golden_x)
+    return write_bundle(
+        out,
+        manifest_fields={
+            "name": name, "version": version, "profile": profile,
+            "runtime": {"name": "onnxruntime", "execution_providers": ["CPUExecutionProvider"], "threads": 1},
+            "precision": "fp32", "model_file": "model.onnx",
+            "inputs": [{"name": "input", "dtype": "float32", "shape": [None, 1, 8, 8]}],
+            "outputs": [{"name": "logits", "dtype": "float32", "shape": [None, 10]}],
+            "source": {"sha256": sha256_file(model_path), "format": "onnx", "name": model_path.name},
+            "task": "classification",
+        },
+        files={"model.onnx": model_path},
+        report={"note": "test bundle"},
+        golden=([golden_x], [y + golden_offset], GOLDEN_TOL),
+        sign_key=sign_key,
+    )
+
+
+def _batch_one_only_onnx(path: Path) -> Path:
+    """A real model that fails at run time on any batch but 1 (its Reshape pins the batch):
+    its golden vectors pass, live traffic with batch 2 errors. For the error-rate watchdog."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(0)
+    w = numpy_helper.from_array(rng.standard_normal((64, 10)).astype(np.float32), "w")
+    shape = numpy_helper.from_array(np.array([1, 64], dtype=np.int64), "shape")
+    graph = helper.make_graph(
+        [helper.make_node("Reshape", ["input", "shape"], ["flat"]), helper.make_node("MatMul", ["flat", "w"], ["logits"])],
+        "batch_one_only",
+        [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["batch", 1, 8, 8])],
+        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", 10])],
+        initializer=[w, shape],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    onnx.save(model, str(path))
+    return path
+
+
+class Bundles:
+    """The session's bundles: all of model ``digits`` unless said otherwise."""
+
+    def __init__(self, root: Path, digits_onnx: Path, x_test: np.ndarray, private_key: Path, other_key: Path) -> None:
+        self.root, self.onnx, self.x = root, digits_onnx, x_test
+        gx = x_test[:8]
+        self.v1 = build_bundle(root / "digits-1.0.0", digits_onnx, version="1.0.0", golden_x=gx, sign_key=private_key)
+        self.v2 = build_bundle(root / "digits-2.0.0", digits_onnx, version="2.0.0", golden_x=gx, sign_key=private_key)
+        self.v3 = build_bundle(root / "digits-3.0.0", digits_onnx, version="3.0.0", golden_x=gx, sign_key=private_key)
+        self.unsigned = build_bundle(root / "digits-unsigned", digits_onnx, version="4.0.0", golden_x=gx, sign_key=None)
+        self.wrong_key = build_bundle(root / "digits-wrongkey", digits_onnx, version="4.0.1", golden_x=gx, sign_key=other_key)
+        self.bad_golden = build_bundle(root / "digits-badgolden", digits_onnx, version="5.0.0", golden_x=gx,
+                                       sign_key=private_key, golden_offset=0.5)
+        self.other_profile = build_bundle(root / "digits-rpi5", digits_onnx, version="6.0.0", golden_x=gx,
+                                          sign_key=private_key, profile="rpi5")
+        bad = _batch_one_only_onnx(root / "batch1.onnx")
+        self.errors_on_batch2 = build_bundle(root / "digits-7.0.0-batch1", bad, version="7.0.0", golden_x=gx[:1],
+                                             sign_key=private_key)
+
+    def archive(self, bundle_dir: Path) -> Path:
+        from lepton_edge.bundle import pack_bundle
+
+        target = bundle_dir.with_name(bundle_dir.name + ".lepton")
+        return target if target.exists() else pack_bundle(bundle_dir, target)
+
+    def sample(self, n: int = 1) -> np.ndarray:
+        return np.ascontiguousarray(self.x[:n])
+
+
+@pytest.fixture(scope="session")
+def other_keypair(tmp_path_factory):
+    from lepton_edge.signing import generate_keypair
+
+    return generate_keypair(tmp_path_factory.mktemp("otherkeys"), "other")
+
+
+@pytest.fixture(scope="session")
+def bundles(digits, digits_onnx, keypair, other_keypair, tmp_path_factory) -> Bundles:
+    _, data, _ = digits
+    return Bundles(tmp_path_factory.mktemp("bundles"), digits_onnx, data.x_test, keypair[0], other_keypair[0])
+
+
+@pytest.fixture
+def write_config(tmp_path, keypair) -> Callable[..., Path]:
+    """Write an agent YAML config under tmp_path; keyword arguments override its keys."""
+
+    def write(**overrides: Any) -> Path:
+        data: dict[str, Any] = {
+            "device_id": "dev-01", "fleet": "test", "profile": PROFILE, "state_dir": str(tmp_path / "state"),
+            "api": {"host": "127.0.0.1", "port": 0}, "trusted_keys": [str(keypair[1])],
+            "telemetry_interval_s": 1,
+        }
+        data.update(overrides)
+        path = tmp_path / "agent.yaml"
+        path.write_text(yaml.safe_dump(data))
+        return path
+
+    return write
+
+
+@pytest.fixture
+def agent_config(write_config):
+    """An AgentConfig factory: ``agent_config(models=[...], watchdog={...})``."""
+    from lepton_edge.agent.config import load_config
+
+    return lambda **overrides: load_config(write_config(**overrides))
+
+
+@pytest.fixture
+def service(agent_config, bundles):
+    """A running AgentService with digits 1.0.0 active."""
+    from lepton_edge.agent.service import AgentService
+
+    svc = AgentService(agent_config(models=[str(bundles.v1)]))
+    yield svc
+    svc.close()
