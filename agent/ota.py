@@ -1,0 +1,568 @@
+"""Over-the-air commands on the device: deploy, rollback, ping.
+
+:meth:`OtaHandler.handle` is called on the MQTT thread and only queues the command; one
+worker thread carries commands out in order:
+
+* **deploy**: download the ``.lepton`` archive over HTTP(S) into ``state_dir/downloads``,
+  resuming a partial file with ``Range`` (after a dropped connection, and after an agent
+  restart), never reading more than ``min(cmd.size, config.download_max_bytes)``, with
+  connect/read timeouts and an overall deadline; check its sha256 against the command;
+  then hand it to the service's safe activation, which verifies the signature and the
+  golden vectors and emits the activation events.
+* **rollback**: the service's rollback.
+* **ping**: answered with a ``command_received`` event carrying ``pong``.
+
+Each step is reported as an :class:`~lepton_edge.protocol.EventMessage` through the link.
+Commands are idempotent by ``cmd_id``: the outcome is remembered on disk, and a repeat
+of a finished command re-reports its result without applying it again. A transient
+download failure (network, timeout, 5xx) is not final: a repeat resumes the download.
+A command interrupted by an agent crash is resumed when the agent starts again.
+
+Public API: :class:`OtaHandler`, :class:`HttpDownloader`, :class:`DownloadError`,
+:class:`TransientDownloadError`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import http.client
+import json
+import logging
+import os
+import queue
+import shutil
+import socket
+import ssl
+import threading
+import time
+from pathlib import Path
+from typing import Any, Callable
+from urllib.parse import urljoin, urlsplit
+
+from lepton_edge.protocol import DeployCommand, EventMessage, PingCommand, RollbackCommand
+
+from .errors import AgentError
+
+__all__ = ["OtaHandler", "HttpDownloader", "DownloadError", "TransientDownloadError"]
+
+log = logging.getLogger(__name__)
+
+Command = DeployCommand | RollbackCommand | PingCommand
+
+_CHUNK = 64 * 1024
+_MAX_REDIRECTS = 3
+_MAX_PENDING_COMMANDS = 32
+_REMEMBERED_COMMANDS = 1000
+# A command that crashed the agent this many times is given up on (no crash loop).
+_MAX_RESUMES = 3
+_TERMINAL_EVENTS = {"activated", "activation_failed", "rolled_back", "watchdog_rollback", "error"}
+
+
+class DownloadError(AgentError):
+    """The bundle cannot be downloaded as the command describes it (final: retrying won't help)."""
+
+
+class TransientDownloadError(DownloadError):
+    """The download failed for a reason that may pass (network, timeout, server error)."""
+
+
+class _RangeRefused(TransientDownloadError):
+    """HTTP 416: the partial file does not fit the server's file (it changed, or the part is bad)."""
+
+
+# ---------------------------------------------------------------------------------------------
+# downloading
+
+
+class HttpDownloader:
+    """GET a file into ``dest`` (resuming what is there) with bounds on bytes and time.
+
+    ``io_timeout_s`` bounds connecting and each read; ``deadline_s`` bounds the whole
+    download, retries included. Connection failures are retried with a short backoff while
+    progress is being made (``max_stalls`` failures in a row without a new byte end it).
+    """
+
+    def __init__(self, *, io_timeout_s: float = 30.0, deadline_s: float = 1800.0, max_stalls: int = 5,
+                 ca_file: Path | None = None) -> None:
+        self.io_timeout_s = io_timeout_s
+        self.deadline_s = deadline_s
+        self.max_stalls = max_stalls
+        self._ssl = ssl.create_default_context()
+        if ca_file:
+            self._ssl.load_verify_locations(cafile=str(ca_file))
+
+    def fetch(self, url: str, dest: Path, size: int, *, token: str | None = None,
+              progress: Callable[[int, int], None] | None = None, on_attempt: Callable[[int], None] | None = None) -> int:
+        """Download until ``dest`` holds exactly ``size`` bytes; returns the bytes transferred over the network."""
+        _check_url(url)
+        deadline = time.monotonic() + self.deadline_s
+        transferred = 0
+        stalls = 0
+        while True:
+            have = dest.stat().st_size if dest.exists() else 0
+            if have > size:
+                dest.unlink()
+                have = 0
+            if have == size:
+                return transferred
+            if on_attempt:
+                on_attempt(have)
+            before = have
+            try:
+                transferred += self._attempt(url, dest, have, size, token, deadline, progress)
+            except TransientDownloadError as e:
+                now_have = dest.stat().st_size if dest.exists() else 0
+                stalls = 0 if now_have > before else stalls + 1
+                if stalls >= self.max_stalls:
+                    raise TransientDownloadError(f"{e} ({stalls} attempts without progress)") from None
+                pause = min(2.0 ** stalls * 0.25, 5.0)
+                if time.monotonic() + pause >= deadline:
+                    raise TransientDownloadError(f"{e}; the {self.deadline_s:.0f}s download deadline has passed") from None
+                log.info("download interrupted at %d of %d bytes (%s); resuming", now_have, size, e)
+                time.sleep(pause)
+
+    def _attempt(self, url: str, dest: Path, have: int, size: int, token: str | None, deadline: float,
+                 progress: Callable[[int, int], None] | None) -> int:
+        headers = {"User-Agent": "lepton-edge-agent", "Accept-Encoding": "identity"}
+        if token:
+            headers["Authorization"] = f"Bearer {token}"
+        if have:
+            headers["Range"] = f"bytes={have}-"
+        conn, resp = self._open(url, headers, deadline)
+        try:
+            try:
+                start = self._start_offset(resp, have, size)
+            except _RangeRefused:
+                dest.unlink(missing_ok=True)
+                raise
+            if start == 0 and have:
+                log.info("server ignored the Range request; downloading from the start")
+            length = resp.getheader("Content-Length")
+            if length is not None and length.isdigit() and start + int(length) > size:
+                raise DownloadError(f"the server offers {start + int(length)} bytes; the command says {size}")
+            got = 0
+            with open(dest, "r+b" if start else "wb") as f:
+                f.seek(start)
+                f.truncate()
+                pos = start
+                while pos < size:
+                    if time.monotonic() > deadline:
+                        raise TransientDownloadError(f"download deadline of {self.deadline_s:.0f}s passed")
+                    try:
+                        chunk = resp.read(min(_CHUNK, size - pos))
+                    except (OSError, http.client.HTTPException) as e:
+                        raise TransientDownloadError(f"connection lost after {pos} of {size} bytes: {e}") from None
+                    if not chunk:
+                        raise TransientDownloadError(f"connection closed after {pos} of {size} bytes")
+                    f.write(chunk)
+                    pos += len(chunk)
+                    got += len(chunk)
+                    if progress:
+                        progress(pos, size)
+                f.flush()
+                os.fsync(f.fileno())
+            # Whatever the server still has for us beyond the announced size is refused unread
+            # (the connection is closed, not drained).
+            return got
+        finally:
+            conn.close()
+
+    def _start_offset(self, resp: http.client.HTTPResponse, have: int, size: int) -> int:
+        if resp.status == 200:
+            return 0
+        if resp.status == 206:
+            first, total = _content_range(resp.getheader("Content-Range", ""))
+            if first != have:
+                raise TransientDownloadError(f"server resumed at byte {first}, not at {have}")
+            if total is not None and total != size:
+                raise DownloadError(f"the server's file is {total} bytes; the command says {size}")
+            return have
+        if resp.status == 416:
+            raise _RangeRefused("server refused the resume range; the partial file was discarded")
+        if 500 <= resp.status < 600 or resp.status in (408, 429):
+            raise TransientDownloadError(f"server answered HTTP {resp.status} {resp.reason}")
+        raise DownloadError(f"server answered HTTP {resp.status} {resp.reason}")
+
+    def _open(self, url: str, headers: dict[str, str], deadline: float) -> tuple[http.client.HTTPConnection, Any]:
+        first_host = urlsplit(url).netloc
+        for _ in range(_MAX_REDIRECTS + 1):
+            parts = _check_url(url)
+            timeout = max(0.1, min(self.io_timeout_s, deadline - time.monotonic()))
+            if parts.scheme == "https":
+                conn: http.client.HTTPConnection = http.client.HTTPSConnection(
+                    parts.hostname, parts.port, timeout=timeout, context=self._ssl)
+            else:
+                conn = http.client.HTTPConnection(parts.hostname, parts.port, timeout=timeout)
+            path = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
+            try:
+                conn.request("GET", path, headers=headers)
+                resp = conn.getresponse()
+            except (OSError, http.client.HTTPException) as e:
+                conn.close()
+                raise TransientDownloadError(f"cannot fetch {_redact(url)}: {e}") from None
+            if resp.status in (301, 302, 303, 307, 308) and resp.getheader("Location"):
+                target = urljoin(url, resp.getheader("Location"))
+                conn.close()
+                if parts.scheme == "https" and urlsplit(target).scheme != "https":
+                    raise DownloadError(f"{_redact(url)} redirects from https to plain http; refused")
+                if urlsplit(target).netloc != first_host:
+                    headers = {k: v for k, v in headers.items() if k != "Authorization"}
+                url = target
+                continue
+            return conn, resp
+        raise DownloadError(f"more than {_MAX_REDIRECTS} redirects from {_redact(url)}")
+
+
+def _check_url(url: str):
+    parts = urlsplit(url)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise DownloadError(f"download URL must be http(s)://host/..., got {_redact(url)!r}")
+    try:
+        parts.port
+    except ValueError:
+        raise DownloadError(f"download URL has a bad port: {_redact(url)!r}") from None
+    return parts
+
+
+def _redact(url: str) -> str:
+    # Never put a query string (it may hold a token) into events or logs.
+    return url.split("?", 1)[0][:200]
+
+
+def _content_range(value: str) -> tuple[int | None, int | None]:
+    """``bytes first-last/total`` → (first, total); (None, None) when unparsable."""
+    try:
+        unit, _, rest = value.strip().partition(" ")
+        span, _, total = rest.partition("/")
+        first = int(span.split("-", 1)[0])
+        return (first, None if total.strip() == "*" else int(total)) if unit == "bytes" else (None, None)
+    except ValueError:
+        return None, None
+
+
+# ---------------------------------------------------------------------------------------------
+# remembering commands
+
+
+class _CommandLog:
+    """One small JSON file per command id under ``state_dir/ota/commands`` (atomic writes)."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        root.mkdir(parents=True, exist_ok=True)
+
+    def _path(self, cmd_id: str) -> Path:
+        return self.root / (hashlib.sha256(cmd_id.encode()).hexdigest()[:32] + ".json")
+
+    def get(self, cmd_id: str) -> dict[str, Any] | None:
+        try:
+            raw = self._path(cmd_id).read_bytes()[:256 * 1024]
+            entry = json.loads(raw)
+        except (OSError, ValueError):
+            return None
+        return entry if isinstance(entry, dict) and entry.get("cmd_id") == cmd_id else None
+
+    def put(self, entry: dict[str, Any]) -> None:
+        path = self._path(entry["cmd_id"])
+        tmp = path.with_suffix(".tmp")
+        try:
+            with open(tmp, "w") as f:
+                json.dump(entry, f)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+        except OSError as e:
+            log.error("cannot remember command %s: %s (a repeat of it may be applied again)", entry["cmd_id"], e)
+
+    def unfinished(self) -> list[dict[str, Any]]:
+        out = []
+        for p in sorted(self.root.glob("*.json"), key=lambda p: p.stat().st_mtime):
+            try:
+                entry = json.loads(p.read_bytes()[:256 * 1024])
+            except (OSError, ValueError):
+                continue
+            if isinstance(entry, dict) and entry.get("status") == "running":
+                out.append(entry)
+        return out
+
+    def prune(self, keep: int = _REMEMBERED_COMMANDS) -> None:
+        files = sorted(self.root.glob("*.json"), key=lambda p: p.stat().st_mtime)
+        for p in files[:-keep] if len(files) > keep else []:
+            p.unlink(missing_ok=True)
+
+
+# ---------------------------------------------------------------------------------------------
+# the handler
+
+
+class OtaHandler:
+    """Carries out cloud commands on one worker thread (see the module docstring)."""
+
+    def __init__(self, service: Any, link: Any, config: Any, *, downloader: HttpDownloader | None = None,
+                 progress_every_s: float = 2.0) -> None:
+        self.service = service
+        self.link = link
+        self.config = config
+        tls = getattr(config, "tls", None)
+        self.downloader = downloader or HttpDownloader(ca_file=tls.ca_file if tls else None)
+        self.progress_every_s = progress_every_s
+        self.downloads = Path(config.state_dir) / "downloads"
+        self.downloads.mkdir(parents=True, exist_ok=True)
+        self._log = _CommandLog(Path(config.state_dir) / "ota" / "commands")
+        self._queue: queue.Queue[Command | None] = queue.Queue(maxsize=_MAX_PENDING_COMMANDS)
+        self._pending: set[str] = set()
+        self._pending_lock = threading.Lock()
+        self._terminal_seen: set[str] = set()
+        self._stop = threading.Event()
+        self._idle = threading.Event()
+        self._idle.set()
+        service.add_event_listener(self._on_service_event)
+        self._worker = threading.Thread(target=self._run, name="ota-worker", daemon=True)
+        self._worker.start()
+        self._resume_interrupted()
+
+    # -- public API ----------------------------------------------------------------------------
+
+    def handle(self, cmd: Command) -> None:
+        """Queue a command (returns at once; never raises)."""
+        with self._pending_lock:
+            if cmd.cmd_id in self._pending:
+                log.info("command %s is already queued or running; ignoring the repeat", cmd.cmd_id)
+                return
+            try:
+                self._queue.put_nowait(cmd)
+            except queue.Full:
+                self._event("error", cmd, f"too many pending commands ({_MAX_PENDING_COMMANDS}); send it again later")
+                return
+            self._pending.add(cmd.cmd_id)
+            self._idle.clear()
+
+    def wait_idle(self, timeout: float) -> bool:
+        """True once every queued command is finished (for tests and an orderly shutdown)."""
+        return self._idle.wait(timeout)
+
+    def close(self, timeout: float = 5.0) -> None:
+        self._stop.set()
+        try:
+            self._queue.put_nowait(None)
+        except queue.Full:
+            pass
+        self._worker.join(timeout)
+
+    # -- worker --------------------------------------------------------------------------------
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            item = self._queue.get()
+            if item is None:
+                return
+            resumed = isinstance(item, _Resumed)
+            cmd = item.cmd if isinstance(item, _Resumed) else item
+            try:
+                self._carry_out(cmd, resumed=resumed)
+            except Exception as e:  # noqa: BLE001 - a bug in one command must not stop OTA for good
+                log.exception("command %s failed unexpectedly", cmd.cmd_id)
+                self._event("error", cmd, f"unexpected {type(e).__name__}: {e}")
+            finally:
+                with self._pending_lock:
+                    self._pending.discard(cmd.cmd_id)
+                    if not self._pending:
+                        self._idle.set()
+
+    def _carry_out(self, cmd: Command, resumed: bool = False) -> None:
+        entry = self._log.get(cmd.cmd_id)
+        if entry and entry.get("status") == "done":
+            self._rereport(cmd, entry)
+            return
+        if isinstance(cmd, PingCommand):
+            self._event("command_received", cmd, "pong", data={"pong": True, "sent_ts": cmd.ts})
+            return
+        resumes = int(entry.get("resumes", 0)) + 1 if (entry and resumed) else 0
+        if resumes > _MAX_RESUMES:
+            self._finish(cmd, ok=False, reason=f"gave up after the agent stopped {_MAX_RESUMES} times while running it",
+                         stage="resume")
+            return
+        self._log.put({"cmd_id": cmd.cmd_id, "status": "running", "resumes": resumes, "ts": time.time(),
+                       "command": cmd.model_dump(mode="json")})
+        self._event("command_received", cmd, f"{cmd.type} {getattr(cmd, 'model', '')}".strip(),
+                    data={"resumed": True} if resumed else {})
+        if isinstance(cmd, RollbackCommand):
+            self._rollback(cmd)
+        else:
+            self._deploy(cmd)
+
+    def _deploy(self, cmd: DeployCommand) -> None:
+        limit = int(self.config.download_max_bytes)
+        if cmd.size > limit:
+            self._finish(cmd, ok=False, stage="download",
+                         reason=f"bundle is {cmd.size} bytes; this device downloads at most {limit} (download_max_bytes)")
+            return
+        final = self.downloads / f"{cmd.sha256}.lepton"
+        part = self.downloads / f"{cmd.sha256}.lepton.part"
+        self._discard_other_parts(keep=part)
+        try:
+            if final.exists():  # left by an agent that stopped before activating: checked again below
+                os.replace(final, part)
+            for attempt in (1, 2):
+                kept = part.stat().st_size if part.exists() else 0
+                self._download(cmd, part)
+                try:
+                    self._verify(cmd, part, final)
+                    break
+                except DownloadError:
+                    if attempt == 2 or kept == 0:
+                        raise
+                    log.warning("the resumed download of %s does not verify; downloading it again whole", cmd.cmd_id)
+        except TransientDownloadError as e:
+            # Not final: the partial file stays, and a repeat of this command resumes it.
+            self._log.put({"cmd_id": cmd.cmd_id, "status": "interrupted", "ts": time.time(),
+                           "command": cmd.model_dump(mode="json")})
+            self._event("activation_failed", cmd, f"download failed: {e}", data={"stage": "download", "retryable": True})
+            return
+        except DownloadError as e:
+            part.unlink(missing_ok=True)
+            self._finish(cmd, ok=False, stage="download", reason=f"download failed: {e}")
+            return
+        except OSError as e:
+            self._finish(cmd, ok=False, stage="download", reason=f"cannot write {self.downloads}: {e.strerror or e}")
+            return
+        try:
+            result = self.service.activate(final, cmd_id=cmd.cmd_id, deployment_id=cmd.deployment_id)
+        finally:
+            final.unlink(missing_ok=True)
+        self._finish(cmd, ok=result.ok, reason=result.reason, stage="activate", result=result)
+
+    def _download(self, cmd: DeployCommand, part: Path) -> None:
+        free = shutil.disk_usage(self.downloads).free
+        have = part.stat().st_size if part.exists() else 0
+        if free < cmd.size - have:
+            raise DownloadError(f"{cmd.size - have} bytes needed in {self.downloads}, {free} free")
+        started = False
+        last_report = [time.monotonic(), 0]
+
+        def on_attempt(offset: int) -> None:
+            nonlocal started
+            if not started:
+                started = True
+                self._event("download_started", cmd, f"from byte {offset}" if offset else "",
+                            data={"size": cmd.size, "resume_from": offset})
+
+        def progress(done: int, total: int) -> None:
+            now = time.monotonic()
+            tenth = done * 10 // total
+            if done < total and tenth > last_report[1] and now - last_report[0] >= self.progress_every_s:
+                last_report[:] = [now, tenth]
+                self._event("download_progress", cmd, f"{done * 100 // total}%", data={"bytes": done, "size": total})
+
+        t0 = time.monotonic()
+        transferred = self.downloader.fetch(cmd.url, part, cmd.size, token=cmd.token, progress=progress,
+                                            on_attempt=on_attempt)
+        self._event("download_complete", cmd, f"{cmd.size} bytes",
+                    data={"size": cmd.size, "transferred": transferred, "resumed_from": have,
+                          "seconds": round(time.monotonic() - t0, 3)})
+
+    def _verify(self, cmd: DeployCommand, part: Path, final: Path) -> None:
+        digest = _sha256(part)
+        if digest != cmd.sha256:
+            part.unlink(missing_ok=True)
+            raise DownloadError(f"sha256 of the download is {digest[:16]}…, the command says {cmd.sha256[:16]}…")
+        os.replace(part, final)
+        self._event("verified", cmd, "sha256 matches", data={"sha256": digest})
+
+    def _rollback(self, cmd: RollbackCommand) -> None:
+        result = self.service.rollback(cmd.model, cmd.to_version, reason=f"rollback command {cmd.cmd_id}",
+                                       cmd_id=cmd.cmd_id, deployment_id=cmd.deployment_id)
+        self._finish(cmd, ok=result.ok, reason=result.reason, stage="rollback", result=result)
+
+    # -- outcomes ------------------------------------------------------------------------------
+
+    def _finish(self, cmd: Command, *, ok: bool, reason: str, stage: str, result: Any = None) -> None:
+        outcome = {
+            "ok": bool(ok), "reason": str(reason)[:1000], "stage": stage,
+            "model": getattr(result, "model", None) or getattr(cmd, "model", None),
+            "version": getattr(result, "version", None) if result is not None else getattr(cmd, "version", None),
+            "previous": getattr(result, "previous", None),
+        }
+        self._log.put({"cmd_id": cmd.cmd_id, "status": "done", "ts": time.time(), "type": cmd.type,
+                       "outcome": outcome, "command": cmd.model_dump(mode="json")})
+        self._log.prune()
+        # The service reports its own outcome; when it did not (or it never ran), report it here.
+        if cmd.cmd_id not in self._terminal_seen:
+            self._report_outcome(cmd, outcome, repeat=False)
+        self._terminal_seen.discard(cmd.cmd_id)
+
+    def _rereport(self, cmd: Command, entry: dict[str, Any]) -> None:
+        outcome = entry.get("outcome") or {}
+        log.info("command %s was already carried out; reporting its result again", cmd.cmd_id)
+        self._report_outcome(cmd, outcome, repeat=True)
+
+    def _report_outcome(self, cmd: Command, outcome: dict[str, Any], *, repeat: bool) -> None:
+        ok = bool(outcome.get("ok"))
+        kind = "rollback" if cmd.type == "rollback" else "deploy"
+        etype = ("rolled_back" if kind == "rollback" else "activated") if ok else (
+            "error" if kind == "rollback" else "activation_failed")
+        data = {"stage": outcome.get("stage"), "previous": outcome.get("previous")}
+        if repeat:
+            data["repeat"] = True
+        self._event(etype, cmd, str(outcome.get("reason", "")), data=data, model=outcome.get("model"),
+                    version=outcome.get("version"))
+
+    def _on_service_event(self, event: EventMessage) -> None:
+        if event.cmd_id and event.type in _TERMINAL_EVENTS:
+            self._terminal_seen.add(event.cmd_id)
+
+    def _event(self, etype: str, cmd: Command, detail: str = "", *, data: dict[str, Any] | None = None,
+               model: str | None = None, version: str | None = None) -> None:
+        try:
+            msg = EventMessage(type=etype, cmd_id=cmd.cmd_id, deployment_id=cmd.deployment_id,  # type: ignore[arg-type]
+                               model=model or getattr(cmd, "model", None),
+                               version=version or getattr(cmd, "version", None) or getattr(cmd, "to_version", None),
+                               detail=detail[:4096], data=data or {})
+            self.link.publish_event(msg)
+        except Exception:  # noqa: BLE001 - reporting must never break the command itself
+            log.exception("could not report %s for command %s", etype, cmd.cmd_id)
+
+    # -- housekeeping --------------------------------------------------------------------------
+
+    def _discard_other_parts(self, keep: Path) -> None:
+        # One download at a time: a partial file of an older command only wastes the SD card.
+        for p in self.downloads.glob("*.lepton.part"):
+            if p != keep:
+                p.unlink(missing_ok=True)
+
+    def _resume_interrupted(self) -> None:
+        from pydantic import TypeAdapter, ValidationError
+
+        from lepton_edge.protocol import CommandMessage
+
+        adapter = TypeAdapter(CommandMessage)
+        for entry in self._log.unfinished():
+            try:
+                cmd = adapter.validate_python(entry.get("command"))
+            except ValidationError:
+                continue
+            log.info("resuming command %s, interrupted when the agent stopped", cmd.cmd_id)
+            with self._pending_lock:
+                try:
+                    self._queue.put_nowait(_Resumed(cmd))  # type: ignore[arg-type]
+                except queue.Full:
+                    log.warning("too many interrupted commands; %s waits for the cloud to send it again", cmd.cmd_id)
+                    return
+                self._pending.add(cmd.cmd_id)
+                self._idle.clear()
+
+
+class _Resumed:
+    """Marks a command taken up again after an agent restart."""
+
+    def __init__(self, cmd: Command) -> None:
+        self.cmd = cmd
+        self.cmd_id = cmd.cmd_id
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 20):
+            h.update(chunk)
+    return h.hexdigest()
