@@ -1,0 +1,244 @@
+"""Precision passes: each turns the optimised FP32 ONNX model into one candidate file.
+
+- ``int8-static``: QDQ (or QOperator) INT8 with calibration (MinMax, Entropy, Percentile),
+  settings defaulting to the profile's ``quantization`` section; nodes can be excluded.
+- ``int8-dynamic``: weights INT8, activations quantized at run time (MatMul/Gemm, i.e.
+  transformers; dynamic Conv runs an order of magnitude slower on CPUs).
+- ``fp16``: float16 weights and compute with float32 inputs/outputs (``keep_io_types``).
+
+onnxruntime's quantizer writes temporary files into the current directory, so every
+quantization runs with the working directory inside a private temp dir.
+
+Public API: the config classes, :func:`quantize_static_int8`, :func:`quantize_dynamic_int8`,
+:func:`convert_fp16`, :func:`sensitive_nodes`, :func:`count_quantized_ops`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+from pydantic import Field
+
+from .errors import ConversionError
+from .passes import PassConfig, register_pass
+
+__all__ = ["StaticInt8Config", "DynamicInt8Config", "Fp16Config", "quantize_static_int8", "quantize_dynamic_int8",
+           "convert_fp16", "sensitive_nodes", "count_quantized_ops", "preprocess_for_quantization"]
+
+
+@contextlib.contextmanager
+def _in_temp_dir() -> Iterator[Path]:
+    old = os.getcwd()
+    with tempfile.TemporaryDirectory(prefix="lepton-quant-") as d:
+        os.chdir(d)
+        try:
+            yield Path(d)
+        finally:
+            os.chdir(old)
+
+
+class StaticInt8Config(PassConfig):
+    format: Literal["qdq", "qoperator"] = Field(default="qdq", description="QDQ keeps the float graph with Quantize/Dequantize pairs (portable); QOperator uses QLinear* ops.")
+    per_channel: bool = Field(default=True, description="One weight scale per output channel.")
+    reduce_range: bool = Field(default=False, description="7-bit weights, for CPUs without VNNI whose u8s8 kernels can saturate.")
+    activation_type: Literal["uint8", "int8"] = Field(default="uint8", description="Activation integer type.")
+    weight_type: Literal["uint8", "int8"] = Field(default="int8", description="Weight integer type.")
+    calibration: Literal["minmax", "entropy", "percentile"] = Field(default="minmax", description="How activation ranges are chosen from the calibration data.")
+    calibration_samples: int = Field(default=256, ge=1, le=100_000, description="Calibration samples used (the first N).")
+    nodes_to_exclude: tuple[str, ...] = Field(default=(), description="Node names kept in float.")
+
+
+class DynamicInt8Config(PassConfig):
+    per_channel: bool = Field(default=True, description="Per-channel weight scales (much better cosine on transformers).")
+    reduce_range: bool = Field(default=False, description="7-bit weights (CPUs without VNNI).")
+    op_types: tuple[str, ...] = Field(default=("MatMul", "Gemm", "Attention", "LSTM", "GRU"), description="Op types to quantize.")
+    nodes_to_exclude: tuple[str, ...] = Field(default=(), description="Node names kept in float.")
+
+
+class Fp16Config(PassConfig):
+    keep_io_types: bool = Field(default=True, description="Inputs and outputs stay float32, so clients and golden vectors do not change.")
+    op_block_list: tuple[str, ...] = Field(default=(), description="Op types kept in float32 (added to onnxconverter-common's defaults).")
+
+
+def _qtype(name: str) -> Any:
+    from onnxruntime.quantization import QuantType
+
+    return QuantType.QUInt8 if name == "uint8" else QuantType.QInt8
+
+
+def preprocess_for_quantization(src: Path, out: Path) -> list[str]:
+    """onnxruntime's quant_pre_process (shape inference + optimisation); plain copy when it cannot."""
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    notes: list[str] = []
+    with _in_temp_dir():
+        try:
+            quant_pre_process(str(src), str(out), skip_optimization=True)
+        except Exception:
+            # Symbolic shape inference fails on some graphs; ONNX shape inference is enough.
+            try:
+                quant_pre_process(str(src), str(out), skip_optimization=True, skip_symbolic_shape=True)
+                notes.append("symbolic shape inference failed; used ONNX shape inference only")
+            except Exception as e:
+                import shutil
+
+                shutil.copyfile(src, out)
+                notes.append(f"quantization pre-processing skipped: {str(e).splitlines()[0][:160]}")
+    return notes
+
+
+class _Reader:
+    """onnxruntime's CalibrationDataReader protocol over an array, in small batches."""
+
+    def __init__(self, input_name: str, x: np.ndarray, batch: int = 16) -> None:
+        self._it = iter([{input_name: np.ascontiguousarray(x[i : i + batch])} for i in range(0, len(x), batch)])
+
+    def get_next(self) -> dict[str, np.ndarray] | None:
+        return next(self._it, None)
+
+    def rewind(self) -> None:  # part of the protocol; a reader is used once
+        pass
+
+
+@register_pass("int8-static", stage="precision", description="INT8 with calibrated activation ranges (QDQ or QOperator).", config=StaticInt8Config)
+def quantize_static_int8(config: StaticInt8Config, src: Path, out: Path, *, input_name: str, calib_x: np.ndarray, fixed_batch: int | None = None) -> dict[str, Any]:
+    from onnxruntime.quantization import CalibrationMethod, QuantFormat, quantize_static
+
+    x = calib_x[: config.calibration_samples]
+    method = {"minmax": CalibrationMethod.MinMax, "entropy": CalibrationMethod.Entropy, "percentile": CalibrationMethod.Percentile}[config.calibration]
+    # Entropy/percentile keep histograms per tensor; smaller batches keep memory flat.
+    batch = fixed_batch or (8 if config.calibration != "minmax" else 32)
+    extra = {"CalibMaxIntermediateOutputs": 64} if config.calibration != "minmax" else {}
+    with _in_temp_dir():
+        try:
+            quantize_static(
+                str(src), str(out), _Reader(input_name, x, batch),
+                quant_format=QuantFormat.QDQ if config.format == "qdq" else QuantFormat.QOperator,
+                per_channel=config.per_channel, reduce_range=config.reduce_range,
+                activation_type=_qtype(config.activation_type), weight_type=_qtype(config.weight_type),
+                nodes_to_exclude=list(config.nodes_to_exclude) or None, calibrate_method=method, extra_options=extra,
+            )
+        except Exception as e:  # the quantizer's failures are untyped
+            raise ConversionError(f"static INT8 quantization failed: {str(e).splitlines()[0][:200]}") from None
+    return config.model_dump(mode="json")
+
+
+@register_pass("int8-dynamic", stage="precision", description="INT8 weights, activations quantized at run time (transformers).", config=DynamicInt8Config)
+def quantize_dynamic_int8(config: DynamicInt8Config, src: Path, out: Path) -> dict[str, Any]:
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    with _in_temp_dir():
+        try:
+            quantize_dynamic(str(src), str(out), op_types_to_quantize=list(config.op_types), per_channel=config.per_channel,
+                             reduce_range=config.reduce_range, weight_type=QuantType.QInt8,
+                             nodes_to_exclude=list(config.nodes_to_exclude) or None)
+        except Exception as e:
+            raise ConversionError(f"dynamic INT8 quantization failed: {str(e).splitlines()[0][:200]}") from None
+    return config.model_dump(mode="json")
+
+
+@register_pass("fp16", stage="precision", description="Float16 weights and compute, float32 inputs/outputs (GPUs, Jetson).", config=Fp16Config)
+def convert_fp16(config: Fp16Config, src: Path, out: Path) -> dict[str, Any]:
+    import onnx
+    from onnxconverter_common import float16
+
+    model = onnx.load(str(src))
+    try:
+        block = list(float16.DEFAULT_OP_BLOCK_LIST) + list(config.op_block_list)
+        converted = float16.convert_float_to_float16(model, keep_io_types=config.keep_io_types, op_block_list=block)
+    except Exception as e:
+        raise ConversionError(f"FP16 conversion failed: {str(e).splitlines()[0][:200]}") from None
+    onnx.save(converted, str(out))
+    return config.model_dump(mode="json")
+
+
+def count_quantized_ops(path: Path) -> dict[str, int]:
+    """(ops computing in INT8, all compute ops) of a candidate, for the report."""
+    import onnx
+
+    model = onnx.load(str(path), load_external_data=False)
+    plumbing = {"QuantizeLinear", "DequantizeLinear", "DynamicQuantizeLinear", "Cast", "Constant", "Identity"}
+    dq_out = {o for n in model.graph.node if n.op_type in ("DequantizeLinear",) for o in n.output}
+    quantized = total = 0
+    for n in model.graph.node:
+        if n.op_type in plumbing:
+            continue
+        total += 1
+        if n.op_type.startswith("QLinear") or n.op_type in ("ConvInteger", "MatMulInteger", "DynamicQuantizeMatMul", "MatMulIntegerToFloat") \
+                or (dq_out and any(i in dq_out for i in n.input[:2]) and n.op_type in ("Conv", "MatMul", "Gemm", "ConvTranspose")):
+            quantized += 1
+    return {"quantized_ops": quantized, "compute_ops": total}
+
+
+# --------------------------------------------------------------------------- sensitivity
+
+
+def sensitive_nodes(fp32_path: Path, qdq_path: Path, x: np.ndarray, *, threads: int, limit: int = 16) -> list[tuple[str, float]]:
+    """Nodes ranked by how much error they add when quantized: ``[(node name, added error)]``.
+
+    Every float tensor a node produces exists under the same name in the QDQ model (QDQ
+    wraps tensors, it does not rename them), so both models are run with those tensors as
+    extra outputs. A node's added error is the relative L2 error of its output minus the
+    worst error among its inputs: a layer that merely passes on upstream error scores low.
+    """
+    import onnx
+
+    fp = onnx.load(str(fp32_path))
+    qd = onnx.load(str(qdq_path))
+    q_tensors = {o for n in qd.graph.node for o in n.output}
+    graph_inputs = {i.name for i in fp.graph.input}
+    inits = {i.name for i in fp.graph.initializer}
+    candidates = [n for n in fp.graph.node if n.output and n.output[0] in q_tensors and n.op_type not in ("Constant", "Shape")]
+    names = sorted({n.output[0] for n in candidates})
+    a = _intermediates(fp, names, x, threads)
+    b = _intermediates(qd, names, x, threads)
+    err: dict[str, float] = {}
+    for t in names:
+        if t in a and t in b and a[t].shape == b[t].shape and np.issubdtype(a[t].dtype, np.floating):
+            ref = a[t].astype(np.float64)
+            err[t] = float(np.linalg.norm(ref - b[t]) / (np.linalg.norm(ref) + 1e-12))
+    scores = []
+    for n in candidates:
+        out = n.output[0]
+        if out not in err:
+            continue
+        upstream = [err.get(i, 0.0) for i in n.input if i and i not in inits and i not in graph_inputs]
+        scores.append((n.name, err[out] - max(upstream, default=0.0)))
+    scores.sort(key=lambda s: -s[1])
+    return [(name, s) for name, s in scores[:limit] if s > 0]
+
+
+def _intermediates(model: Any, names: list[str], x: np.ndarray, threads: int) -> dict[str, np.ndarray]:
+    import onnx
+    import onnxruntime as ort
+
+    m = onnx.ModelProto()
+    m.CopyFrom(model)
+    have = {o.name for o in m.graph.output}
+    for t in names:
+        if t not in have:
+            m.graph.output.append(onnx.ValueInfoProto(name=t))
+    so = ort.SessionOptions()
+    so.intra_op_num_threads = threads
+    so.log_severity_level = 3
+    # No graph rewrites: fused nodes would hide the very tensors being compared.
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    sess = ort.InferenceSession(m.SerializeToString(), sess_options=so, providers=["CPUExecutionProvider"])
+    out_names = [o.name for o in sess.get_outputs()]
+    res = sess.run(out_names, {sess.get_inputs()[0].name: x})
+    return dict(zip(out_names, res))
+
+
+def consumers_of(model_path: Path, node_names: list[str]) -> list[str]:
+    """The nodes that read the outputs of ``node_names``: excluding both keeps that tensor float."""
+    import onnx
+
+    model = onnx.load(str(model_path), load_external_data=False)
+    outs = {o for n in model.graph.node if n.name in node_names for o in n.output}
+    return [n.name for n in model.graph.node if any(i in outs for i in n.input)]

@@ -1,0 +1,205 @@
+"""Calibration and evaluation data: ``.npz`` files, directories of ``.npy`` or images, or arrays.
+
+Every reader here is bounded (bytes, files, samples) and every failure is one
+:class:`CalibrationDataError` line saying what was expected.
+
+Public API: :class:`Dataset`, :func:`load_dataset`, :func:`split_holdout`, :func:`synthetic_dataset`.
+"""
+
+from __future__ import annotations
+
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+
+from lepton_edge.bundle import sha256_arrays
+
+from .errors import CalibrationDataError
+
+__all__ = ["Dataset", "load_dataset", "split_holdout", "synthetic_dataset", "MAX_DATA_BYTES", "MAX_DATA_FILES"]
+
+MAX_DATA_BYTES = 4 << 30
+MAX_DATA_FILES = 100_000
+_IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".ppm", ".pgm")
+
+
+@dataclass(frozen=True)
+class Dataset:
+    """Inputs ``x`` (samples on axis 0) and optional integer labels ``y``."""
+
+    x: np.ndarray
+    y: np.ndarray | None
+    origin: str
+    synthetic: bool = False
+
+    def __len__(self) -> int:
+        return int(self.x.shape[0])
+
+    @property
+    def sha256(self) -> str:
+        return sha256_arrays([self.x] if self.y is None else [self.x, self.y])
+
+    def take(self, n: int) -> "Dataset":
+        return Dataset(self.x[:n], None if self.y is None else self.y[:n], self.origin, self.synthetic)
+
+    def fit_to(self, sample_shape: Sequence[int | None], dtype: str, what: str) -> "Dataset":
+        """This data cast to the model's input dtype, or an error naming both shapes."""
+        want = tuple(sample_shape)
+        got = tuple(self.x.shape[1:])
+        if len(got) != len(want) or any(w is not None and w != g for w, g in zip(want, got)):
+            shown = "x".join("?" if d is None else str(d) for d in want)
+            raise CalibrationDataError(
+                f"{what} data {self.origin} has samples of shape {_fmt(got)}; the model takes {shown} per sample",
+                hint="give arrays shaped (N, " + ", ".join("?" if d is None else str(d) for d in want) + ")",
+            )
+        if self.x.dtype == np.dtype(dtype):
+            return self
+        if np.issubdtype(np.dtype(dtype), np.floating) != np.issubdtype(self.x.dtype, np.floating) and not np.issubdtype(self.x.dtype, np.integer):
+            raise CalibrationDataError(f"{what} data {self.origin} is {self.x.dtype}; the model takes {dtype}")
+        return Dataset(self.x.astype(dtype), self.y, self.origin, self.synthetic)
+
+
+def _fmt(shape: Sequence[int]) -> str:
+    return "x".join(str(d) for d in shape) or "scalar"
+
+
+def load_dataset(spec: Any, what: str, *, image_size: tuple[int, int] | None = None, channels: int | None = None) -> Dataset:
+    """Read ``spec``: a path (``.npz``, ``.npy``, directory) or an ``(x, y|None)`` tuple or an array."""
+    if isinstance(spec, Dataset):
+        return spec
+    if isinstance(spec, np.ndarray):
+        return _checked(spec, None, "(array)", what)
+    if isinstance(spec, (tuple, list)) and len(spec) == 2 and not isinstance(spec, (str, bytes)):
+        x, y = spec
+        return _checked(np.asarray(x), None if y is None else np.asarray(y), "(arrays)", what)
+    if isinstance(spec, (str, Path)):
+        p = Path(spec)
+        if not p.exists():
+            raise CalibrationDataError(f"{what} data {p} does not exist")
+        if p.is_dir():
+            return _load_dir(p, what, image_size, channels)
+        return _load_file(p, what)
+    raise CalibrationDataError(f"{what} data must be a path or an (x, y) tuple, got {type(spec).__name__}")
+
+
+def _checked(x: np.ndarray, y: np.ndarray | None, origin: str, what: str) -> Dataset:
+    if x.dtype == object or x.ndim < 1 or x.shape[0] == 0:
+        raise CalibrationDataError(f"{what} data {origin} holds no samples (x has shape {x.shape}, dtype {x.dtype})",
+                                   hint="x must be a numeric array with samples on axis 0")
+    if not (np.issubdtype(x.dtype, np.number) or x.dtype == np.bool_):
+        raise CalibrationDataError(f"{what} data {origin}: x has dtype {x.dtype}, not numbers")
+    if np.issubdtype(x.dtype, np.floating) and not np.isfinite(x).all():
+        raise CalibrationDataError(f"{what} data {origin}: x holds NaN or infinite values")
+    if y is not None:
+        y = np.asarray(y)
+        if y.ndim != 1 or y.shape[0] != x.shape[0] or not np.issubdtype(y.dtype, np.integer):
+            raise CalibrationDataError(
+                f"{what} data {origin}: y must be {x.shape[0]} integer labels, got shape {y.shape} dtype {y.dtype}")
+    return Dataset(x, y, origin)
+
+
+def _load_file(p: Path, what: str) -> Dataset:
+    size = p.stat().st_size
+    if size > MAX_DATA_BYTES:
+        raise CalibrationDataError(f"{what} data {p} is {size} bytes; the limit is {MAX_DATA_BYTES}")
+    if p.suffix == ".npy":
+        return _checked(_load_npy(p, what), None, str(p), what)
+    if p.suffix != ".npz":
+        raise CalibrationDataError(f"{what} data {p} is neither .npz nor .npy nor a directory",
+                                   hint="give an .npz with array x (and optional y), or a directory of .npy files or images")
+    try:
+        with zipfile.ZipFile(p) as zf:
+            declared = sum(i.file_size for i in zf.infolist())
+        if declared > MAX_DATA_BYTES:
+            raise CalibrationDataError(f"{what} data {p} expands to {declared} bytes; the limit is {MAX_DATA_BYTES}")
+        with np.load(p, allow_pickle=False) as npz:
+            if "x" not in npz.files:
+                raise CalibrationDataError(f"{what} data {p} has no array named x (it has {sorted(npz.files)[:8]})",
+                                           hint="save it with np.savez(path, x=inputs, y=labels)")
+            x = npz["x"]
+            y = npz["y"] if "y" in npz.files else None
+    except (zipfile.BadZipFile, ValueError, OSError, EOFError) as e:
+        raise CalibrationDataError(f"{what} data {p} is not a readable .npz: {str(e).splitlines()[0][:200]}") from None
+    return _checked(x, y, str(p), what)
+
+
+def _load_npy(p: Path, what: str) -> np.ndarray:
+    try:
+        return np.load(p, allow_pickle=False)
+    except (ValueError, OSError, EOFError) as e:
+        raise CalibrationDataError(f"{what} data {p} is not a readable .npy: {str(e).splitlines()[0][:200]}") from None
+
+
+def _load_dir(d: Path, what: str, image_size: tuple[int, int] | None, channels: int | None) -> Dataset:
+    files = []
+    for i, f in enumerate(sorted(d.iterdir())):
+        if i >= MAX_DATA_FILES:
+            raise CalibrationDataError(f"{what} directory {d} has more than {MAX_DATA_FILES} files")
+        if f.is_file() and not f.is_symlink() and f.suffix.lower() in (".npy",) + _IMAGE_SUFFIXES:
+            files.append(f)
+    if not files:
+        raise CalibrationDataError(f"{what} directory {d} holds no .npy files or images")
+    total = sum(f.stat().st_size for f in files)
+    if total > MAX_DATA_BYTES:
+        raise CalibrationDataError(f"{what} directory {d} holds {total} bytes; the limit is {MAX_DATA_BYTES}")
+    npys = [f for f in files if f.suffix == ".npy"]
+    if npys and len(npys) != len(files):
+        raise CalibrationDataError(f"{what} directory {d} mixes .npy files and images; use one kind")
+    if npys:
+        arrays = [_load_npy(f, what) for f in npys]
+        shapes = {a.shape for a in arrays}
+        if len(shapes) != 1:
+            raise CalibrationDataError(f"{what} directory {d}: .npy files have different shapes {sorted(shapes)[:4]}")
+        return _checked(np.stack(arrays), None, str(d), what)
+    return _checked(_load_images(files, what, image_size, channels), None, str(d), what)
+
+
+def _load_images(files: list[Path], what: str, size: tuple[int, int] | None, channels: int | None) -> np.ndarray:
+    """Images as float32 NCHW in [0, 1], resized to the model's input (preprocessing is the model's job)."""
+    try:
+        from PIL import Image
+    except ImportError:
+        raise CalibrationDataError(f"reading {what} images needs Pillow", hint="pip install pillow, or give .npy/.npz data") from None
+    mode = "L" if channels == 1 else "RGB"
+    out = []
+    for f in files:
+        try:
+            with Image.open(f) as im:
+                im.draft(mode, size[::-1] if size else None)  # cheap decode-time downscale for JPEG
+                im = im.convert(mode)
+                if size:
+                    im = im.resize((size[1], size[0]))
+                a = np.asarray(im, dtype=np.float32) / 255.0
+        except (OSError, ValueError, Image.DecompressionBombError) as e:
+            raise CalibrationDataError(f"{what} image {f.name} is unreadable: {str(e).splitlines()[0][:200]}") from None
+        out.append(a[None] if a.ndim == 2 else a.transpose(2, 0, 1))
+    shapes = {a.shape for a in out}
+    if len(shapes) != 1:
+        raise CalibrationDataError(f"{what} images have different sizes {sorted(shapes)[:4]}", hint="give --input-shape so they are resized")
+    return np.stack(out)
+
+
+def split_holdout(data: Dataset, fraction: float = 0.25, seed: int = 0, max_eval: int = 512) -> tuple[Dataset, Dataset]:
+    """(calibration part, held-out evaluation part), with a fixed shuffle."""
+    n = len(data)
+    if n < 4:
+        raise CalibrationDataError(f"calibration data {data.origin} has {n} samples; at least 4 are needed to hold some out",
+                                   hint="give more samples or a separate --eval set")
+    idx = np.random.default_rng(seed).permutation(n)
+    n_eval = min(max_eval, max(2, int(n * fraction)))
+    ev, cal = idx[:n_eval], idx[n_eval:]
+
+    def pick(i: np.ndarray, tag: str) -> Dataset:
+        return Dataset(data.x[i], None if data.y is None else data.y[i], f"{data.origin}[{tag}]", data.synthetic)
+
+    return pick(cal, "calibration split"), pick(ev, "held-out split")
+
+
+def synthetic_dataset(sample_shape: Sequence[int], dtype: str, n: int, seed: int = 0) -> Dataset:
+    """Random inputs; they calibrate ranges badly, which is why they need an explicit flag."""
+    rng = np.random.default_rng(seed)
+    x = rng.standard_normal((n, *sample_shape)).astype(dtype)
+    return Dataset(x, None, "(synthetic)", synthetic=True)

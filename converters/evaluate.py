@@ -1,0 +1,105 @@
+"""Measuring a candidate: outputs, agreement with the original, accuracy, latency, memory.
+
+Everything runs through :func:`lepton_edge.runtimes.open_session`, the code the agent
+runs models with, at the profile's thread count. Latency is batch 1, bounded both in
+runs and in seconds.
+
+Public API: :func:`run_batched`, :func:`compare`, :func:`measure_latency`, :class:`Agreement`,
+:class:`Latency`, :func:`task_of`.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+
+from lepton_edge.runtimes import Session, open_session
+
+__all__ = ["Agreement", "Latency", "run_batched", "compare", "measure_latency", "task_of", "rss_bytes"]
+
+
+def run_batched(path: Path, runtime: str, x: np.ndarray, *, threads: int | None, batch: int = 64,
+                session: Session | None = None) -> list[np.ndarray]:
+    """All outputs of the model on ``x``, run ``batch`` rows at a time (1 for a fixed-batch model)."""
+    sess = session or open_session(path, runtime, threads=threads)
+    fixed = sess.inputs[0].shape[0] if sess.inputs[0].shape else None
+    step = fixed if fixed else batch
+    name = sess.inputs[0].name
+    chunks: list[list[np.ndarray]] = []
+    for i in range(0, len(x), step):
+        chunks.append(sess.run({name: np.ascontiguousarray(x[i : i + step])}))
+    return [np.concatenate([c[j] for c in chunks]) for j in range(len(chunks[0]))]
+
+
+def task_of(reference: np.ndarray) -> str:
+    """Classification when the output is one row of scores per sample; other tasks compare by error."""
+    return "classification" if reference.ndim == 2 and reference.shape[1] > 1 else "regression"
+
+
+@dataclass(frozen=True)
+class Agreement:
+    top1_agreement: float | None
+    accuracy: float | None
+    cosine_min: float
+    cosine_mean: float
+    max_abs_error: float
+    samples: int
+
+    def as_dict(self) -> dict[str, float | int | None]:
+        return asdict(self)
+
+
+def compare(reference: np.ndarray, output: np.ndarray, labels: np.ndarray | None) -> Agreement:
+    ref = reference.reshape(len(reference), -1).astype(np.float64)
+    out = output.reshape(len(output), -1).astype(np.float64)
+    num = (ref * out).sum(1)
+    den = np.linalg.norm(ref, axis=1) * np.linalg.norm(out, axis=1)
+    # Two zero vectors agree perfectly; one zero and one non-zero vector not at all.
+    cos = np.where(den > 0, num / np.where(den > 0, den, 1), np.where(np.abs(ref).sum(1) + np.abs(out).sum(1) == 0, 1.0, 0.0))
+    top1 = acc = None
+    if task_of(reference) == "classification":
+        pred = output.argmax(1)
+        top1 = float((pred == reference.argmax(1)).mean())
+        if labels is not None:
+            acc = float((pred == labels).mean())
+    return Agreement(top1, acc, float(cos.min()), float(cos.mean()), float(np.abs(ref - out).max()), int(len(ref)))
+
+
+@dataclass(frozen=True)
+class Latency:
+    p50_ms: float
+    p95_ms: float
+    runs: int
+    threads: int
+
+
+def measure_latency(session: Session, sample: np.ndarray, *, threads: int, runs: int, max_seconds: float = 5.0, warmup: int = 3) -> Latency:
+    """Batch-1 latency of ``session``: ``runs`` timed calls after warm-up, cut short after ``max_seconds``."""
+    feed = {session.inputs[0].name: np.ascontiguousarray(sample[:1])}
+    for _ in range(warmup):
+        session.run(feed)
+    times = []
+    deadline = time.perf_counter() + max_seconds
+    for _ in range(max(1, runs)):
+        t0 = time.perf_counter()
+        session.run(feed)
+        times.append((time.perf_counter() - t0) * 1e3)
+        if time.perf_counter() > deadline and len(times) >= 5:
+            break
+    arr = np.asarray(times)
+    return Latency(float(np.percentile(arr, 50)), float(np.percentile(arr, 95)), len(times), threads)
+
+
+def rss_bytes() -> int:
+    """Resident set size of this process (Linux /proc; 0 where unavailable)."""
+    try:
+        with open("/proc/self/statm") as f:
+            pages = int(f.read().split()[1])
+        import os
+
+        return pages * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError):
+        return 0

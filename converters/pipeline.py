@@ -1,0 +1,488 @@
+"""``convert()``: source model + device profile -> a verified, signed bundle.
+
+The order is load -> (prune) -> export/fit opset -> optimise -> precision candidates
+(or TFLite candidates) -> evaluate each against the original -> choose -> package. Each
+step is a registered pass; this module only sequences them, runs the bounded search
+and keeps the report.
+"""
+
+from __future__ import annotations
+
+import platform
+import re
+import shutil
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from lepton_edge.bundle import Manifest, pack_bundle, read_bundle, write_bundle
+from lepton_edge.console import warn
+from lepton_edge.profiles import DeviceProfile, host_matches, load_profile
+from lepton_edge.runtimes import RuntimeLoadError, open_session
+
+from .candidates import consumers_of, count_quantized_ops, preprocess_for_quantization, sensitive_nodes
+from .data import Dataset, load_dataset, split_holdout, synthetic_dataset
+from .errors import CalibrationDataError, ConversionError, InputShapeError, ModelTooLargeError, NoCandidateError, PruningError, UnsupportedModelError
+from .evaluate import compare, measure_latency, rss_bytes, run_batched, task_of
+from .golden import check_golden, golden_tolerances, pick_golden
+from .loading import LoadedSource, fit_opset, onnx_info, parse_input_shape, reference_outputs
+from .passes import run_pass
+from .search import Budget, Candidate, choose_winner, gate
+
+__all__ = ["ConversionResult", "convert", "DEFAULT_LATENCY_RUNS", "MAX_CANDIDATES"]
+
+DEFAULT_LATENCY_RUNS = 50
+MAX_CANDIDATES = 12  # the bound on the search: builds + evaluations
+_SENSITIVITY_ROUNDS = (1, 3, 8)  # nodes kept in float per retry
+_SYNTHETIC_SAMPLES = 64
+_GOLDEN_COUNT = 8
+
+Progress = Callable[[str, str], None]
+
+
+@dataclass(frozen=True)
+class ConversionResult:
+    bundle_dir: Path
+    archive: Path
+    manifest: Manifest
+    report: dict[str, Any]
+
+
+def convert(
+    source: Any,
+    profile: str | DeviceProfile,
+    *,
+    output_dir: Path | str,
+    calib: Any = None,
+    eval_data: Any = None,
+    max_drop: float | None = None,
+    sign_key: Path | str | None = None,
+    name: str | None = None,
+    version: str = "1.0.0",
+    input_shape: str | tuple[int, ...] | None = None,
+    prune: float | None = None,
+    allow_synthetic_calibration: bool = False,
+    profiles_dir: Path | str | None = None,
+    latency_runs: int | None = None,
+    progress: Progress | None = None,
+) -> ConversionResult:
+    """Convert ``source`` for ``profile`` and write ``output_dir/<name>-<version>-<profile>/`` plus its ``.lepton``.
+
+    ``source``: ONNX / TorchScript ``.pt`` / ``torch.export`` ``.pt2`` path, ``"module:callable"``
+    or a ``torch.nn.Module``. ``calib`` / ``eval_data``: ``.npz`` (``x``, optional ``y``), a
+    directory of ``.npy`` or images, or an ``(x, y | None)`` tuple. ``max_drop`` defaults to
+    the profile's accuracy budget. Raises a :class:`ConversionError` subclass on failure;
+    :class:`NoCandidateError` carries the report of everything tried.
+    """
+    prof = profile if isinstance(profile, DeviceProfile) else load_profile(profile, profiles_dir)
+    if max_drop is not None and not 0.0 <= max_drop <= 1.0:
+        raise ConversionError(f"max drop {max_drop} must be between 0 and 1 (a fraction: 0.01 is one point)")
+    if prune is not None and not 0.0 < prune < 0.95:
+        raise PruningError(f"prune ratio {prune} must be between 0 and 0.95")
+    if latency_runs is not None and latency_runs < 1:
+        raise ConversionError("latency_runs must be at least 1")
+    with tempfile.TemporaryDirectory(prefix="lepton-convert-") as work:
+        job = _Conversion(prof, Path(work), progress, latency_runs or DEFAULT_LATENCY_RUNS)
+        return job.run(source, output_dir=Path(output_dir), calib=calib, eval_data=eval_data, max_drop=max_drop,
+                       sign_key=sign_key, name=name, version=version, input_shape=parse_input_shape(input_shape),
+                       prune=prune, allow_synthetic=allow_synthetic_calibration)
+
+
+class _Conversion:
+    def __init__(self, profile: DeviceProfile, work: Path, progress: Progress | None, latency_runs: int) -> None:
+        self.profile = profile
+        self.work = work
+        self._progress = progress
+        self.latency_runs = latency_runs
+        self.threads = profile.threads
+        self.host_matches = host_matches(profile)
+        self.passes: list[dict[str, Any]] = []
+        self.warnings: list[str] = []
+        self.notes: list[str] = []
+        self.candidates: list[Candidate] = []
+
+    # ------------------------------------------------------------------ plumbing
+
+    def say(self, stage: str, message: str) -> None:
+        if self._progress is not None:
+            self._progress(stage, message)
+
+    def warn(self, message: str) -> None:
+        self.warnings.append(message)
+        warn(message)
+
+    def step(self, name: str, config: Any, *args: Any, **kwargs: Any) -> Any:
+        self.say(name, "running")
+        t0 = time.perf_counter()
+        result = run_pass(name, config, *args, **kwargs)
+        dt = time.perf_counter() - t0
+        cfg = config if isinstance(config, dict) else (config.model_dump(mode="json") if config is not None else {})
+        self.passes.append({"pass": name, "config": cfg, "seconds": round(dt, 3)})
+        self.say(name, f"done in {dt:.1f}s")
+        return result
+
+    # ------------------------------------------------------------------ the run
+
+    def run(self, source: Any, *, output_dir: Path, calib: Any, eval_data: Any, max_drop: float | None, sign_key: Any,
+            name: str | None, version: str, input_shape: tuple[int, ...] | None, prune: float | None, allow_synthetic: bool) -> ConversionResult:
+        t_start = time.perf_counter()
+        src: LoadedSource = self.step("load", {"input_shape": input_shape}, source)
+        calib_ds = self._load_data(calib, "calibration", src.sample_shape)
+        if src.is_torch and src.sample_shape is None and calib_ds is not None:
+            src.sample_shape = tuple(int(d) for d in calib_ds.x.shape[1:])
+            self.notes.append(f"input shape taken from the calibration data: N x {'x'.join(map(str, src.sample_shape))}")
+        if src.is_torch and src.sample_shape is None:
+            raise InputShapeError(f"the input shape of {src.name} is unknown",
+                                  hint="pass --input-shape like 1x3x224x224 (or calibration data, whose samples give it)")
+
+        original = src
+        if prune is not None or self.profile.pruning.enabled:
+            src = self._prune(src, calib_ds, prune)
+
+        onnx_src = self.work / "source.onnx"
+        lim = self.profile.limits
+        if src.is_torch:
+            _, exporter = self.step("export-onnx", {}, src, onnx_src, opset_min=lim.opset_min, opset_max=lim.opset_max)
+            self.notes.append(f"exported with the {exporter} exporter")
+        else:
+            assert src.onnx_path is not None
+            self.say("fit-opset", f"checking opset against {lim.opset_min}..{lim.opset_max}")
+            _, notes = fit_opset(src.onnx_path, onnx_src, opset_min=lim.opset_min, opset_max=lim.opset_max)
+            self.notes += notes
+        info = onnx_info(onnx_src)
+        sample_shape = tuple(info.input_shape[1:])
+        if any(d is None for d in sample_shape):
+            if src.sample_shape is None:
+                raise InputShapeError(f"the model's input {info.input_name} has dynamic axes besides the batch {info.input_shape}",
+                                      hint="pass --input-shape to fix them")
+            sample_shape = src.sample_shape
+
+        if calib_ds is None:
+            calib_ds = self._no_calibration(eval_data, allow_synthetic, sample_shape, info.input_dtype)
+        calib_ds = calib_ds.fit_to(sample_shape, info.input_dtype, "calibration")
+        if eval_data is not None:
+            eval_ds = self._load_data(eval_data, "evaluation", sample_shape)
+            assert eval_ds is not None
+            eval_ds = eval_ds.fit_to(sample_shape, info.input_dtype, "evaluation")
+        else:
+            calib_ds, eval_ds = split_holdout(calib_ds)
+            self.notes.append(f"evaluation uses a held-out split of the calibration data ({len(eval_ds)} samples)")
+        if eval_ds.y is None and calib_ds.y is not None and eval_data is None:
+            pass
+        fp32 = self.work / "fp32.onnx"
+        try:
+            opt = self.step("optimize", {}, onnx_src, fp32)
+        except UnsupportedModelError as e:
+            raise UnsupportedModelError(f"{e.message} (profile {self.profile.id})", hint=e.hint) from None
+        self.notes.append(f"graph optimisation: {opt['nodes_before']} -> {opt['nodes_after']} nodes ({opt['level']})")
+
+        self.say("reference", f"running the original on {len(eval_ds)} held-out samples")
+        ref = reference_outputs(original, onnx_src, eval_ds.x)
+        task = task_of(ref)
+        ref_acc = float((ref.argmax(1) == eval_ds.y).mean()) if task == "classification" and eval_ds.y is not None else None
+        bud = self.profile.accuracy_budget
+        budget = Budget(max_drop if max_drop is not None else bud.max_drop, bud.min_cosine, bud.max_abs_error, ref_acc, task)
+        self.eval_ds, self.calib_ds, self.ref, self.budget, self.info, self.fp32 = eval_ds, calib_ds, ref, budget, info, fp32
+
+        if self.profile.runtime.name == "tflite":
+            self._tflite_candidates(src, sample_shape)
+        else:
+            self._onnx_candidates()
+
+        winner, why = choose_winner(self.candidates, host_matches=self.host_matches, allowed=list(self.profile.precision.allowed))
+        report = self._report(src, original, winner, why, calib_ds, eval_ds, time.perf_counter() - t_start)
+        if winner is None:
+            self._fail(report)
+        assert winner is not None
+        winner.chosen = True
+        report = self._report(src, original, winner, why, calib_ds, eval_ds, time.perf_counter() - t_start)
+        return self._package(original, winner, report, output_dir=output_dir, name=name, version=version, sign_key=sign_key, calib_ds=calib_ds)
+
+    # ------------------------------------------------------------------ data
+
+    def _load_data(self, spec: Any, what: str, sample_shape: tuple[int, ...] | None) -> Dataset | None:
+        if spec is None:
+            return None
+        size = channels = None
+        if sample_shape is not None and len(sample_shape) == 3:
+            channels, size = sample_shape[0], (sample_shape[1], sample_shape[2])
+        self.say("data", f"reading {what} data")
+        return load_dataset(spec, what, image_size=size, channels=channels)
+
+    def _no_calibration(self, eval_data: Any, allow_synthetic: bool, shape: tuple[int, ...], dtype: str) -> Dataset:
+        if not allow_synthetic:
+            raise CalibrationDataError("no calibration data given",
+                                       hint="pass --calib data.npz (samples like the real inputs), or --allow-synthetic-calibration to accept random inputs")
+        self.warn("SYNTHETIC CALIBRATION: random inputs stand in for real data. INT8 ranges and the accuracy gate "
+                  "are meaningless for real inputs; do not ship this bundle without converting again on real data.")
+        return synthetic_dataset(shape, dtype, _SYNTHETIC_SAMPLES)
+
+    # ------------------------------------------------------------------ pruning
+
+    def _prune(self, src: LoadedSource, calib_ds: Dataset | None, ratio: float | None) -> LoadedSource:
+        if not src.is_torch or src.format == "torchscript":
+            if ratio is not None:
+                raise PruningError(f"--prune needs a PyTorch source; {src.name} is {src.format}",
+                                   hint="convert from a module:callable factory or nn.Module to prune")
+            self.warn(f"profile {self.profile.id} asks for pruning, but {src.format} sources cannot be pruned; skipped")
+            return src
+        if calib_ds is None:
+            raise PruningError("pruning needs calibration data for the recovery fine-tune", hint="pass --calib")
+        if calib_ds.y is None:
+            self.warn("calibration data has no labels: the pruned model is fine-tuned by distillation from the original instead")
+        cfg = {"channel_ratio": ratio if ratio is not None else self.profile.pruning.channel_ratio,
+               "finetune_epochs": self.profile.pruning.finetune_epochs}
+        x = calib_ds.x.astype(np.float32)
+        module, what = self.step("prune", cfg, src.module, src.sample_shape, x, calib_ds.y)
+        self.notes.append(f"pruned {what['channel_ratio']:.0%} of channels: {what['params_before']} -> {what['params_after']} params; fine-tune: {what['finetune']}")
+        self.pruning = what
+        return replace(src, module=module, format=src.format, name=src.name)
+
+    # ------------------------------------------------------------------ candidates
+
+    def _evaluate(self, c: Candidate) -> Candidate:
+        assert c.path is not None
+        t0 = time.perf_counter()
+        c.size_bytes = c.path.stat().st_size
+        lim = self.profile.limits
+        rss0 = rss_bytes()
+        try:
+            sess = open_session(c.path, c.runtime, threads=self.threads, delegates=self.profile.runtime.delegates)
+            out = run_batched(c.path, c.runtime, self.eval_ds.x, threads=self.threads, session=sess)[0]
+        except RuntimeLoadError as e:
+            c.note = f"does not run: {e.message}"
+            c.within_budget = False
+            c.path = None
+            return c
+        c.memory_bytes = max(c.size_bytes, rss_bytes() - rss0)
+        c.agreement = compare(self.ref, out, self.eval_ds.y)
+        c.within_budget, why = gate(c.agreement, self.budget)
+        lat = measure_latency(sess, self.eval_ds.x, threads=self.threads, runs=self.latency_runs)
+        c.latency_p50_ms, c.latency_p95_ms = lat.p50_ms, lat.p95_ms
+        if c.runtime == "onnxruntime":
+            c.quantized_ops, c.compute_ops = count_quantized_ops(c.path).values()
+        too_big = []
+        if c.size_bytes > lim.max_model_mb * 1e6:
+            too_big.append(f"{c.size_bytes / 1e6:.2f} MB > max_model_mb {lim.max_model_mb}")
+        if c.memory_bytes > lim.memory_mb * 2**20:
+            too_big.append(f"needs ~{c.memory_bytes / 2**20:.1f} MiB > memory_mb {lim.memory_mb}")
+        c.fits_limits = not too_big
+        notes = [c.note] if c.note else []
+        if not c.within_budget:
+            notes.append(why)
+        notes += too_big
+        c.note = "; ".join(notes)
+        c.seconds += time.perf_counter() - t0
+        self.say("evaluate", f"{c.name}: p50 {c.latency_p50_ms:.3f} ms, {'inside' if c.within_budget else 'outside'} budget")
+        return c
+
+    def _add(self, c: Candidate) -> Candidate:
+        self.candidates.append(c)
+        if c.path is not None:
+            self._evaluate(c)
+        return c
+
+    def _budget_left(self) -> bool:
+        return len(self.candidates) < MAX_CANDIDATES
+
+    def _build(self, name: str, precision: str, pass_name: str, config: dict[str, Any], **kwargs: Any) -> Candidate:
+        out = self.work / f"{name}.onnx"
+        c = Candidate(name, precision, "onnxruntime")
+        t0 = time.perf_counter()
+        try:
+            c.settings = self.step(pass_name, config, self.quant_input if pass_name == "int8-static" else self.fp32, out, **kwargs)
+            c.path = out
+        except ConversionError as e:
+            c.note = e.message
+        c.seconds = time.perf_counter() - t0
+        return self._add(c)
+
+    def _onnx_candidates(self) -> None:
+        allowed = list(self.profile.precision.allowed)
+        if self.profile.runtime.supports_fp32:
+            fp32 = Candidate("fp32-optimized", "fp32", "onnxruntime", {"graph": "onnxruntime basic offline optimisation"}, path=self.fp32)
+            self._add(fp32)
+        else:
+            self.notes.append("the profile's runtime does not run FP32, so the optimised FP32 model is not a candidate")
+        for precision in allowed:
+            if not self._budget_left():
+                self.notes.append(f"search stopped at {MAX_CANDIDATES} candidates")
+                break
+            if precision == "int8":
+                self._int8_static_search()
+            elif precision == "int8-dynamic":
+                self._int8_dynamic_search()
+            elif precision == "fp16":
+                self._build("fp16", "fp16", "fp16", {})
+
+    def _int8_static_search(self) -> None:
+        q = self.profile.quantization
+        self.quant_input = self.work / "fp32-preprocessed.onnx"
+        self.notes += preprocess_for_quantization(self.fp32, self.quant_input)
+        base = {"format": q.format, "per_channel": q.per_channel, "reduce_range": q.reduce_range, "activation_type": q.activation_type,
+                "weight_type": q.weight_type, "calibration": q.calibration, "calibration_samples": q.calibration_samples}
+        kw = {"input_name": self.info.input_name, "calib_x": self.calib_ds.x, "fixed_batch": self.info.input_shape[0]}
+        first = self._build(f"int8-{q.format}-{q.calibration}", "int8", "int8-static", base, **kw)
+        if first.eligible or first.path is None:
+            return
+        # Retry 1: keep the nodes that add the most error in float.
+        self.say("sensitivity", "finding the nodes most sensitive to quantization")
+        ranked = sensitive_nodes(self.quant_input, first.path, self.eval_ds.x[:64], threads=self.threads)
+        self.sensitivity = [{"node": n, "added_error": round(s, 5)} for n, s in ranked]
+        for k in _SENSITIVITY_ROUNDS:
+            if not ranked or not self._budget_left() or k > len(ranked) and k != _SENSITIVITY_ROUNDS[0]:
+                break
+            nodes = [n for n, _ in ranked[:k]]
+            excluded = sorted(set(nodes) | set(consumers_of(self.quant_input, nodes)))
+            c = self._build(f"int8-{q.format}-excl{len(excluded)}", "int8", "int8-static", {**base, "nodes_to_exclude": excluded}, **kw)
+            c.settings["sensitive_nodes"] = nodes
+            if c.eligible:
+                return
+        # Retry 2: other settings, without exclusions.
+        variants = [{**base, "per_channel": not q.per_channel}]
+        variants += [{**base, "calibration": m} for m in ("entropy", "percentile") if m != q.calibration]
+        if q.reduce_range is False:
+            variants.append({**base, "reduce_range": True})
+        for v in variants:
+            if not self._budget_left():
+                return
+            tag = f"pc{int(v['per_channel'])}-{v['calibration']}{'-rr' if v['reduce_range'] else ''}"
+            if self._build(f"int8-{q.format}-{tag}", "int8", "int8-static", v, **kw).eligible:
+                return
+
+    def _int8_dynamic_search(self) -> None:
+        q = self.profile.quantization
+        for per_channel in (True, False):
+            if not self._budget_left():
+                return
+            c = self._build(f"int8-dynamic-pc{int(per_channel)}", "int8-dynamic", "int8-dynamic",
+                            {"per_channel": per_channel, "reduce_range": q.reduce_range})
+            if c.eligible or c.path is None:
+                return
+
+    def _tflite_candidates(self, src: LoadedSource, sample_shape: tuple[int, ...]) -> None:
+        try:
+            from . import tflite
+        except ImportError as e:
+            raise ConversionError(f"profile {self.profile.id} runs TFLite, but TFLite export is not available: {e}",
+                                  hint="pip install 'lepton-edge[convert-tflite]'") from None
+        ok, why = tflite.tflite_available()
+        if not ok:
+            raise ConversionError(f"profile {self.profile.id} runs TFLite, but TFLite export is not available here: {why}",
+                                  hint="pip install 'lepton-edge[convert-tflite]'")
+        precisions = [p for p in self.profile.precision.allowed if p in ("int8", "fp32", "fp16")]
+        if self.profile.runtime.supports_fp32 and "fp32" not in precisions:
+            precisions.append("fp32")
+        self.say("tflite", f"exporting {', '.join(precisions)} .tflite candidates")
+        t0 = time.perf_counter()
+        source = src.module if src.is_torch else self.fp32
+        example = self.calib_ds.x[:1].astype(np.float32)
+        arts = tflite.export_tflite_candidates(source, example, self.calib_ds.x, precisions, self.work / "tflite", progress=self._progress)
+        self.passes.append({"pass": "tflite", "config": {"precisions": precisions}, "seconds": round(time.perf_counter() - t0, 3)})
+        self.notes.append("TFLite candidates: node exclusion is not available, so the search is over the exported precisions only")
+        for a in arts:
+            self._add(Candidate(a.name, a.precision, "tflite", dict(a.settings), path=Path(a.path)))
+
+    # ------------------------------------------------------------------ report, failure, package
+
+    def _report(self, src: LoadedSource, original: LoadedSource, winner: Candidate | None, why: str,
+                calib_ds: Dataset, eval_ds: Dataset, seconds: float) -> dict[str, Any]:
+        fp32 = next((c for c in self.candidates if c.precision == "fp32" and c.path is not None), None)
+        summary: dict[str, Any] = {}
+        if winner is not None and fp32 is not None and fp32.size_bytes:
+            summary = {
+                "size_ratio": (winner.size_bytes or 0) / fp32.size_bytes,
+                "latency_ratio": (winner.latency_p50_ms / fp32.latency_p50_ms) if winner.latency_p50_ms and fp32.latency_p50_ms else None,
+                "fp32": fp32.as_report(), "converted": winner.as_report(),
+            }
+        return {
+            "profile": self.profile.id, "runtime": self.profile.runtime.name, "threads": self.threads,
+            "host": {"machine": platform.machine(), "processor": platform.processor(), "matches_profile": self.host_matches},
+            "latency_note": self.profile.describe_host_match(),
+            "source": {"format": original.format, "name": original.name, "sha256": original.sha256},
+            "task": self.budget.task, "budget": {"max_drop": self.budget.max_drop, "min_cosine": self.budget.min_cosine,
+                                                 "max_abs_error": self.budget.max_abs_error, "rule": self.budget.describe()},
+            "reference": {"accuracy": self.budget.reference_accuracy, "eval_samples": len(eval_ds), "eval_labelled": eval_ds.y is not None},
+            "calibration": {"samples": len(calib_ds), "synthetic": calib_ds.synthetic, "origin": calib_ds.origin},
+            "passes": self.passes, "candidates": [c.as_report() for c in self.candidates],
+            "sensitivity": getattr(self, "sensitivity", []), "pruning": getattr(self, "pruning", None),
+            "winner": winner.name if winner else None, "why": why, "summary": summary,
+            "notes": self.notes, "warnings": self.warnings, "seconds": round(seconds, 2),
+        }
+
+    def _fail(self, report: dict[str, Any]) -> None:
+        built = [c for c in self.candidates if c.path is not None]
+        if built and not any(c.fits_limits for c in built):
+            smallest = min(built, key=lambda c: c.size_bytes or 0)
+            lim = self.profile.limits
+            raise ModelTooLargeError(
+                f"the model does not fit profile {self.profile.id}: the smallest candidate ({smallest.name}) is "
+                f"{(smallest.size_bytes or 0) / 1e6:.2f} MB and needs ~{(smallest.memory_bytes or 0) / 2**20:.1f} MiB; "
+                f"the limits are {lim.max_model_mb} MB and {lim.memory_mb} MiB",
+                hint="prune it (--prune 0.5), pick a smaller model, or a profile with more memory", report=report)
+        raise NoCandidateError(f"no candidate fits the accuracy budget ({self.budget.describe()}) and the limits of profile {self.profile.id}",
+                               hint="raise --max-drop, give more/better calibration data, or pick a profile that allows fp32",
+                               report=report)
+
+    def _package(self, original: LoadedSource, winner: Candidate, report: dict[str, Any], *, output_dir: Path,
+                 name: str | None, version: str, sign_key: Any, calib_ds: Dataset) -> ConversionResult:
+        from lepton_edge.bundle import CalibrationInfo, Preprocessing, RuntimeSpec, SourceInfo, TensorSpec
+
+        assert winner.path is not None
+        self.say("package", f"writing the bundle for {winner.name}")
+        bundle_name = _safe_name(name or original.name)
+        suffix = ".tflite" if winner.runtime == "tflite" else ".onnx"
+        model_file = f"model{suffix}"
+        sess = open_session(winner.path, winner.runtime, threads=self.threads)
+        outs_all = run_batched(winner.path, winner.runtime, self.eval_ds.x, threads=self.threads, session=sess)
+        idx = pick_golden(outs_all[0], self.budget.task, _GOLDEN_COUNT)
+        g_in = [np.ascontiguousarray(self.eval_ds.x[idx])]
+        g_out = [np.ascontiguousarray(o[idx]) for o in outs_all]
+        tol = golden_tolerances(g_out[0], self.ref[idx], self.budget.task)
+        layout = {4: "NCHW", 3: "NLC", 2: "NC"}.get(len(self.info.input_shape), "")
+        pre = Preprocessing(layout=layout, description="as the source model expects; calibration data was given in that form")
+        batch = self.info.input_shape[0] if sess.inputs[0].shape and sess.inputs[0].shape[0] else None
+        inputs = [TensorSpec(name=sess.inputs[0].name, dtype=sess.inputs[0].dtype, shape=[batch, *g_in[0].shape[1:]], preprocessing=pre)]
+        outputs = [TensorSpec(name=o.name, dtype=str(arr.dtype), shape=[batch, *arr.shape[1:]]) for o, arr in zip(sess.outputs, g_out)]
+        fields = {
+            "name": bundle_name, "version": version, "profile": self.profile.id,
+            "runtime": RuntimeSpec(name=winner.runtime, threads=self.threads,
+                                   execution_providers=list(self.profile.runtime.execution_providers) if winner.runtime == "onnxruntime" else list(self.profile.runtime.delegates)),
+            "precision": winner.precision, "model_file": model_file, "inputs": inputs, "outputs": outputs,
+            "source": SourceInfo(sha256=original.sha256, format=original.format, name=original.name[:256]),
+            "calibration": CalibrationInfo(sha256=calib_ds.sha256, samples=len(calib_ds), synthetic=calib_ds.synthetic),
+            "task": "classification" if self.budget.task == "classification" else "regression",
+            "metadata": {"candidate": winner.name, "host_matches_profile": str(self.host_matches).lower()},
+        }
+        report = {**report, "golden": {"count": len(idx), **tol}}
+        if sign_key is None:
+            self.warn("UNSIGNED bundle: agents refuse it unless their config accepts unsigned bundles; pass --sign-key to sign it")
+            report["warnings"] = self.warnings
+        out_dir = output_dir / f"{bundle_name}-{version}-{self.profile.id}"
+        bundle_dir = write_bundle(out_dir, manifest_fields=fields, files={model_file: winner.path}, report=report,
+                                  golden=(g_in, g_out, tol), sign_key=sign_key)
+        archive = pack_bundle(bundle_dir)
+        bundle = read_bundle(bundle_dir, allow_unsigned=True)
+        self._self_check(bundle)
+        return ConversionResult(bundle_dir=bundle_dir, archive=archive, manifest=bundle.manifest, report=report)
+
+    def _self_check(self, bundle: Any) -> None:
+        """Replay the golden vectors from the written bundle, as a device will, before handing it out."""
+        g_in, g_out = bundle.golden_vectors()
+        m = bundle.manifest
+        sess = open_session(bundle.model_path, m.runtime.name, threads=self.threads)
+        got = run_batched(bundle.model_path, m.runtime.name, g_in[0], threads=self.threads, session=sess)
+        ok, why = check_golden(got, g_out, m.golden)
+        if not ok:
+            shutil.rmtree(bundle.root, ignore_errors=True)
+            raise ConversionError(f"the written bundle fails its own golden vectors: {why}", hint="this is a bug; please report it")
+
+
+def _safe_name(name: str) -> str:
+    s = re.sub(r"[^A-Za-z0-9._-]+", "-", name).strip("-._") or "model"
+    return s[:100]
