@@ -1,0 +1,445 @@
+"""The local inference API: the Open Inference Protocol (KServe v2) over HTTP/1.1.
+
+Endpoints: ``GET /v2/health/live``, ``GET /v2/health/ready``, ``GET /v2``,
+``GET /v2/models/{name}[/versions/{v}]``, ``GET /v2/models/{name}[/versions/{v}]/ready``,
+``POST /v2/models/{name}[/versions/{v}]/infer`` and ``GET /metrics`` (Prometheus).
+
+Infer takes JSON tensors and Triton's binary tensor data extension: the request's JSON
+header is ``Inference-Header-Content-Length`` bytes long, and each input with a
+``binary_data_size`` parameter takes its raw little-endian bytes, in input order, from
+what follows. Outputs go back as binary when the output asks for ``binary_data`` or the
+request for ``binary_data_output`` (Triton's client does by default), else as JSON.
+
+Built on the standard library's threading HTTP server with keep-alive: no framework to
+install on a Pi, and each response leaves in one ``sendall``. Every request body is
+untrusted: bounded by ``api.max_body_bytes`` (before and after decompression), parsed
+strictly, and any mistake is a 4xx with ``{"error": "<one line>"}``.
+
+Public API: :class:`InferenceServer`.
+"""
+
+from __future__ import annotations
+
+import gzip
+import json
+import logging
+import math
+import os
+import socket
+import socketserver
+import threading
+import zlib
+from http import HTTPStatus
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any
+from urllib.parse import unquote
+
+import numpy as np
+
+from lepton_edge import __version__
+from lepton_edge.errors import LeptonEdgeError
+
+from .config import ApiConfig
+from .errors import InferenceFailed, InvalidInput, ModelNotLoaded
+from .inference import NP_TO_V2, V2_TO_NP, LoadedModel
+from .service import AgentService
+
+__all__ = ["InferenceServer", "HEADER_LENGTH"]
+
+log = logging.getLogger("lepton_edge.agent.http")
+
+HEADER_LENGTH = "Inference-Header-Content-Length"
+_PLATFORMS = {"onnxruntime": "onnxruntime_onnx", "tflite": "tensorflow_lite"}
+_IDLE_TIMEOUT_S = 60.0
+
+
+class _BadRequest(Exception):
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status, self.message = status, message
+
+
+def _obj(value: Any, what: str) -> dict[str, Any]:
+    if not isinstance(value, dict):
+        raise _BadRequest(400, f"{what} must be a JSON object")
+    return value
+
+
+def _decode_inputs(header: dict[str, Any], binary: memoryview) -> dict[str, np.ndarray]:
+    raw_inputs = header.get("inputs")
+    if not isinstance(raw_inputs, list) or not raw_inputs:
+        raise _BadRequest(400, "request needs a non-empty 'inputs' list")
+    inputs: dict[str, np.ndarray] = {}
+    offset = 0
+    for i, raw in enumerate(raw_inputs):
+        t = _obj(raw, f"inputs[{i}]")
+        name, datatype, shape = t.get("name"), t.get("datatype"), t.get("shape")
+        if not isinstance(name, str) or not name:
+            raise _BadRequest(400, f"inputs[{i}] needs a 'name'")
+        if name in inputs:
+            raise _BadRequest(400, f"input {name} is given twice")
+        if datatype not in V2_TO_NP:
+            raise _BadRequest(400, f"input {name}: datatype {str(datatype)[:16]!r} is not supported "
+                                   f"(use one of {', '.join(sorted(V2_TO_NP))})")
+        if (not isinstance(shape, list) or len(shape) > 16
+                or not all(isinstance(d, int) and not isinstance(d, bool) and 0 <= d < 1 << 31 for d in shape)):
+            raise _BadRequest(400, f"input {name}: 'shape' must be a list of non-negative integers")
+        dtype = np.dtype(V2_TO_NP[datatype])
+        count = math.prod(shape)
+        params = t.get("parameters") or {}
+        size = _obj(params, f"input {name} parameters").get("binary_data_size")
+        if size is not None:
+            if not isinstance(size, int) or isinstance(size, bool) or size != count * dtype.itemsize:
+                raise _BadRequest(400, f"input {name}: binary_data_size {size!r} does not match "
+                                       f"{datatype} {shape} ({count * dtype.itemsize} bytes)")
+            if offset + size > len(binary):
+                raise _BadRequest(400, f"input {name}: the body holds {len(binary) - offset} binary bytes, "
+                                       f"the header promises {size}")
+            arr = np.frombuffer(binary[offset : offset + size], dtype=dtype.newbyteorder("<")).astype(dtype, copy=False)
+            offset += size
+        else:
+            data = t.get("data")
+            if data is None:
+                raise _BadRequest(400, f"input {name} has neither 'data' nor a binary_data_size parameter")
+            try:
+                arr = np.asarray(data, dtype=dtype)
+            except (ValueError, TypeError, OverflowError):
+                raise _BadRequest(400, f"input {name}: 'data' is not a list of {datatype} values") from None
+            if arr.size != count:
+                raise _BadRequest(400, f"input {name}: 'data' holds {arr.size} values; shape {shape} needs {count}")
+        inputs[name] = arr.reshape(shape)
+    if offset != len(binary):
+        raise _BadRequest(400, f"the body has {len(binary) - offset} binary bytes no input claims")
+    return inputs
+
+
+def _wanted_outputs(header: dict[str, Any], model: LoadedModel) -> list[tuple[str, bool]]:
+    params = _obj(header.get("parameters") or {}, "request parameters")
+    default_binary = params.get("binary_data_output", False) is True
+    requested = header.get("outputs")
+    if requested is None:
+        return [(n, default_binary) for n in model.output_names]
+    if not isinstance(requested, list):
+        raise _BadRequest(400, "'outputs' must be a list")
+    wanted = []
+    for i, raw in enumerate(requested):
+        o = _obj(raw, f"outputs[{i}]")
+        name = o.get("name")
+        if name not in model.output_names:
+            raise _BadRequest(400, f"model {model.name} has no output {str(name)[:64]!r} "
+                                   f"(it has {', '.join(model.output_names)})")
+        binary = _obj(o.get("parameters") or {}, f"output {name} parameters").get("binary_data", default_binary)
+        wanted.append((name, binary is True))
+    return wanted
+
+
+def _encode_outputs(header: dict[str, Any], model: LoadedModel, outputs: dict[str, np.ndarray],
+                    wanted: list[tuple[str, bool]]) -> tuple[bytes, bytes, bool]:
+    """``(json bytes, binary bytes, any binary)`` of the response."""
+    tensors, chunks = [], []
+    for name, binary in wanted:
+        arr = np.ascontiguousarray(outputs[name])
+        entry: dict[str, Any] = {"name": name, "datatype": NP_TO_V2.get(arr.dtype.name, arr.dtype.name.upper()),
+                                 "shape": list(arr.shape)}
+        if binary:
+            raw = arr.astype(arr.dtype.newbyteorder("<"), copy=False).tobytes()
+            entry["parameters"] = {"binary_data_size": len(raw)}
+            chunks.append(raw)
+        else:
+            entry["data"] = arr.ravel().tolist()
+        tensors.append(entry)
+    response: dict[str, Any] = {"model_name": model.name, "model_version": model.version, "outputs": tensors}
+    if isinstance(header.get("id"), str):
+        response["id"] = header["id"]
+    return json.dumps(response, separators=(",", ":")).encode(), b"".join(chunks), bool(chunks)
+
+
+def _model_metadata(m: LoadedModel) -> dict[str, Any]:
+    def spec(t: Any) -> dict[str, Any]:
+        return {"name": t.name, "datatype": NP_TO_V2[t.dtype], "shape": [-1 if d is None else d for d in t.shape]}
+
+    return {"name": m.name, "versions": [m.version], "platform": _PLATFORMS.get(m.manifest.runtime.name, "unknown"),
+            "inputs": [spec(t) for t in m.manifest.inputs], "outputs": [spec(t) for t in m.manifest.outputs]}
+
+
+class _Handler(BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+    server_version = f"lepton-edge/{__version__}"
+    timeout = _IDLE_TIMEOUT_S
+    disable_nagle_algorithm = True
+    server: "_Servers"  # type: ignore[assignment]
+
+    def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - the stdlib's name
+        log.debug("%s " + format, self.address_string(), *args)
+
+    def address_string(self) -> str:
+        return str(self.client_address[0]) if isinstance(self.client_address, tuple) else "unix"
+
+    def setup(self) -> None:
+        super().setup()
+        self.server.owner._track(self.connection, True)
+
+    def finish(self) -> None:
+        try:
+            super().finish()
+        finally:
+            self.server.owner._track(self.connection, False)
+
+    # ------------------------------------------------------------------ plumbing
+
+    def _send(self, status: int, body: bytes = b"", content_type: str = "application/json",
+              extra: dict[str, str] | None = None) -> None:
+        owner = self.server.owner
+        if owner.draining:
+            self.close_connection = True
+        lines = [f"HTTP/1.1 {status} {HTTPStatus(status).phrase}", f"Content-Type: {content_type}",
+                 f"Content-Length: {len(body)}"]
+        lines += [f"{k}: {v}" for k, v in (extra or {}).items()]
+        if self.close_connection:
+            lines.append("Connection: close")
+        self.wfile.write(("\r\n".join(lines) + "\r\n\r\n").encode("latin-1") + body)
+
+    def _error(self, status: int, message: str) -> None:
+        self._send(status, json.dumps({"error": message}).encode())
+
+    def _read_body(self) -> bytes:
+        limit = self.server.owner.config.max_body_bytes
+        if self.headers.get("Transfer-Encoding"):
+            self.close_connection = True
+            raise _BadRequest(411, "chunked request bodies are not accepted; send Content-Length")
+        length_text = self.headers.get("Content-Length")
+        if length_text is None or not length_text.isdigit():
+            self.close_connection = True
+            raise _BadRequest(411, "request needs a Content-Length header")
+        length = int(length_text)
+        if length > limit:
+            self.close_connection = True  # the unread body would otherwise be taken for the next request
+            raise _BadRequest(413, f"request body is {length} bytes; this agent accepts at most {limit}")
+        body = self.rfile.read(length)
+        if len(body) != length:
+            self.close_connection = True
+            raise _BadRequest(400, "request body ended early")
+        encoding = (self.headers.get("Content-Encoding") or "identity").lower()
+        if encoding in ("gzip", "deflate"):
+            body = _inflate(body, encoding, limit)
+        elif encoding != "identity":
+            raise _BadRequest(415, f"Content-Encoding {encoding[:32]} is not supported (use gzip, deflate or none)")
+        return body
+
+    # ------------------------------------------------------------------ routing
+
+    def do_GET(self) -> None:  # noqa: N802 - the stdlib's name
+        self.server.owner._enter()
+        try:
+            self._route_get(self.path.split("?", 1)[0])
+        except _BadRequest as e:
+            self._error(e.status, e.message)
+        except LeptonEdgeError as e:
+            self._error(404 if isinstance(e, ModelNotLoaded) else 400, str(e))
+        finally:
+            self.server.owner._leave()
+
+    def do_POST(self) -> None:  # noqa: N802
+        self.server.owner._enter()
+        try:
+            parts = self._model_path(self.path.split("?", 1)[0])
+            if parts is None or parts[2] != "infer":
+                self.close_connection = True  # its body is unread; the connection cannot carry on
+                raise _BadRequest(404, f"no such endpoint: POST {self.path[:100]}")
+            self._infer(parts[0], parts[1])
+        except _BadRequest as e:
+            self._error(e.status, e.message)
+        except InvalidInput as e:
+            self._error(400, str(e))
+        except ModelNotLoaded as e:
+            self._error(404, str(e))
+        except InferenceFailed as e:
+            self._error(500, str(e))
+        except Exception as e:  # the server keeps serving whatever one request did
+            log.exception("unexpected error on POST %s", self.path[:100])
+            self._error(500, f"internal error: {type(e).__name__}")
+        finally:
+            self.server.owner._leave()
+
+    def do_PUT(self) -> None:  # noqa: N802
+        self.close_connection = True
+        self._error(405, "method not allowed")
+
+    do_DELETE = do_PATCH = do_PUT  # noqa: N815
+
+    @staticmethod
+    def _model_path(path: str) -> tuple[str, str | None, str] | None:
+        """``(model, version or None, action)`` for /v2/models/... paths, action in {"", "ready", "infer"}."""
+        segs = path.split("/")
+        if len(segs) < 4 or segs[:3] != ["", "v2", "models"] or not segs[3]:
+            return None
+        name, rest = unquote(segs[3]), segs[4:]
+        version = None
+        if len(rest) >= 2 and rest[0] == "versions":
+            version, rest = unquote(rest[1]), rest[2:]
+        if rest in ([], [""]):
+            return name, version, ""
+        if len(rest) == 1 and rest[0] in ("ready", "infer"):
+            return name, version, rest[0]
+        return None
+
+    def _route_get(self, path: str) -> None:
+        owner = self.server.owner
+        svc = owner.service
+        if path == "/v2/health/live":
+            self._send(200)
+        elif path == "/v2/health/ready":
+            ready = not owner.draining and bool(svc.models())
+            self._send(200 if ready else 503, b"" if ready else b'{"error":"no model is loaded"}')
+        elif path in ("/v2", "/v2/"):
+            self._send(200, json.dumps({"name": "lepton-edge", "version": __version__,
+                                        "extensions": ["binary_tensor_data"]}).encode())
+        elif path == "/metrics":
+            self._send(200, svc.metrics.prometheus_text().encode(), "text/plain; version=0.0.4; charset=utf-8")
+        else:
+            parts = self._model_path(path)
+            if parts is None or parts[2] == "infer":
+                raise _BadRequest(404, f"no such endpoint: GET {path[:100]}")
+            model = svc.loaded(parts[0], parts[1])
+            if parts[2] == "ready":
+                self._send(200)
+            else:
+                self._send(200, json.dumps(_model_metadata(model)).encode())
+
+    def _infer(self, name: str, version: str | None) -> None:
+        svc = self.server.owner.service
+        model = svc.loaded(name, version)
+        body = self._read_body()
+        header_len_text = self.headers.get(HEADER_LENGTH)
+        if header_len_text is None:
+            header_len = len(body)
+        elif header_len_text.isdigit() and int(header_len_text) <= len(body):
+            header_len = int(header_len_text)
+        else:
+            raise _BadRequest(400, f"{HEADER_LENGTH} must be an integer no larger than the body ({len(body)} bytes)")
+        try:
+            header = json.loads(memoryview(body)[:header_len].tobytes())
+        except (ValueError, RecursionError) as e:
+            raise _BadRequest(400, f"request JSON is malformed: {str(e)[:120]}") from None
+        header = _obj(header, "request")
+        inputs = _decode_inputs(header, memoryview(body)[header_len:])
+        wanted = _wanted_outputs(header, model)
+        outputs = svc.infer(name, inputs, version=version)
+        head, binary, any_binary = _encode_outputs(header, model, outputs, wanted)
+        if any_binary:
+            self._send(200, head + binary, "application/octet-stream", {HEADER_LENGTH: str(len(head))})
+        else:
+            self._send(200, head)
+
+
+def _inflate(body: bytes, encoding: str, limit: int) -> bytes:
+    d = zlib.decompressobj(wbits=31 if encoding == "gzip" else 15)
+    try:
+        out = d.decompress(body, limit + 1)
+    except zlib.error as e:
+        raise _BadRequest(400, f"request body is not valid {encoding}: {e}") from None
+    if len(out) > limit or d.unconsumed_tail:
+        raise _BadRequest(413, f"request body inflates beyond {limit} bytes")
+    return out
+
+
+class _Servers:
+    owner: "InferenceServer"
+
+
+class _TcpServer(ThreadingHTTPServer, _Servers):
+    daemon_threads = True
+    allow_reuse_address = True
+    request_queue_size = 64
+
+
+class _UnixServer(socketserver.ThreadingMixIn, socketserver.UnixStreamServer, _Servers):
+    daemon_threads = True
+
+
+class InferenceServer:
+    """The HTTP API around one :class:`AgentService`; ``start`` returns once it listens."""
+
+    def __init__(self, service: AgentService, config: ApiConfig) -> None:
+        self.service = service
+        self.config = config
+        self.draining = False
+        self._cond = threading.Condition()
+        self._in_flight = 0
+        self._connections: set[socket.socket] = set()
+        self._servers: list[socketserver.BaseServer] = []
+        self._threads: list[threading.Thread] = []
+        try:
+            tcp = _TcpServer((config.host, config.port), _Handler)
+        except OSError as e:
+            raise LeptonEdgeError(f"cannot listen on {config.host}:{config.port}: {e.strerror}",
+                                  hint="another agent may be running; change api.port in the config") from None
+        tcp.owner = self
+        self._servers.append(tcp)
+        if config.unix_socket is not None:
+            path = Path(config.unix_socket)
+            if path.is_socket():
+                path.unlink()
+            unix = _UnixServer(str(path), _Handler)
+            os.chmod(path, 0o660)
+            unix.owner = self
+            self._servers.append(unix)
+
+    @property
+    def port(self) -> int:
+        return self._servers[0].server_address[1]  # type: ignore[index]
+
+    @property
+    def url(self) -> str:
+        return f"http://{self.config.host}:{self.port}"
+
+    def start(self) -> "InferenceServer":
+        for srv in self._servers:
+            t = threading.Thread(target=srv.serve_forever, kwargs={"poll_interval": 0.2}, name="lepton-http", daemon=True)
+            t.start()
+            self._threads.append(t)
+        return self
+
+    # In-flight requests and open connections, so a drain knows what to wait for and what to cut.
+    def _enter(self) -> None:
+        with self._cond:
+            self._in_flight += 1
+
+    def _leave(self) -> None:
+        with self._cond:
+            self._in_flight -= 1
+            self._cond.notify_all()
+
+    def _track(self, conn: socket.socket, opened: bool) -> None:
+        with self._cond:
+            (self._connections.add if opened else self._connections.discard)(conn)
+
+    @property
+    def in_flight(self) -> int:
+        return self._in_flight
+
+    def drain(self, timeout: float) -> bool:
+        """Stop accepting, let in-flight requests finish (up to ``timeout``), close idle connections.
+
+        Returns True when nothing was still running at the end.
+        """
+        self.draining = True
+        for srv in self._servers:
+            srv.shutdown()
+            srv.server_close()
+        with self._cond:
+            drained = self._cond.wait_for(lambda: self._in_flight == 0, timeout=timeout)
+            conns = list(self._connections)
+        for conn in conns:  # idle keep-alive connections wait in recv; wake them so their threads end
+            try:
+                conn.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+        if self.config.unix_socket is not None:
+            Path(self.config.unix_socket).unlink(missing_ok=True)
+        return drained
+
+    def close(self) -> None:
+        if not self.draining:
+            self.drain(timeout=0)
