@@ -90,10 +90,10 @@ class AgentConfig(_Strict):
             return v
         scheme, sep, rest = v.partition("://")
         if not sep or scheme not in ("mqtt", "mqtts"):
-            raise ValueError(f"broker must look like mqtt://host:port or mqtts://host:port, got {v!r}")
+            raise ValueError(f"must look like mqtt://host:port or mqtts://host:port, got {v!r}")
         host, _, port = rest.rstrip("/").rpartition(":")
         if not host or not port.isdigit() or not 0 < int(port) < 65536:
-            raise ValueError(f"broker {v!r} needs a host and a port, e.g. mqtt://127.0.0.1:1883")
+            raise ValueError(f"{v!r} needs a host and a port, e.g. mqtt://127.0.0.1:1883")
         return v
 
     @model_validator(mode="after")

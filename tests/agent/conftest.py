@@ -1,8 +1,9 @@
 """Agent fixtures: real bundles of the trained digits CNN, configs, and a running service.
 
-Bundles are built once per session through the bundle writer (the converter's own
-manifest code), from the real trained digits CNN; golden vectors are onnxruntime's
-outputs on real test digits.
+The good bundles come from the converter (``lepton_edge.converters.convert``) run on the
+real trained digits CNN, signed with the session key. The deliberately broken ones (bad
+golden vectors, another profile, a model that fails at run time) are written through the
+same bundle writer from the converter's model file.
 """
 
 from __future__ import annotations
@@ -27,11 +28,10 @@ def _ort_outputs(model_path: Path, x: np.ndarray) -> np.ndarray:
 
 
 def build_bundle(out: Path, model_path: Path, *, version: str, golden_x: np.ndarray, sign_key: Path | None,
-                 name: str = "digits", profile: str = PROFILE, golden_offset: float = 0.0,
-                 golden_y: np.ndarray | None = None) -> Path:
+                 name: str = "digits", profile: str = PROFILE, golden_offset: float = 0.0) -> Path:
     from lepton_edge.bundle import sha256_file, write_bundle
 
-    y = golden_y if golden_y is not None else _ort_outputs(model_path, golden_x)
+    y = _ort_outputs(model_path, golden_x)
     return write_bundle(
         out,
         manifest_fields={
@@ -72,17 +72,26 @@ def _batch_one_only_onnx(path: Path) -> Path:
     return path
 
 
+def _convert(root: Path, digits_onnx: Path, data: Any, version: str, sign_key: Path | None) -> Path:
+    from lepton_edge.converters import convert
+
+    result = convert(digits_onnx, PROFILE, output_dir=root / f"conv-{version}", calib=(data.x_train[:256], data.y_train[:256]),
+                     eval_data=(data.x_test, data.y_test), sign_key=sign_key, name="digits", version=version, latency_runs=10)
+    return result.bundle_dir
+
+
 class Bundles:
     """The session's bundles: all of model ``digits`` unless said otherwise."""
 
-    def __init__(self, root: Path, digits_onnx: Path, x_test: np.ndarray, private_key: Path, other_key: Path) -> None:
-        self.root, self.onnx, self.x = root, digits_onnx, x_test
-        gx = x_test[:8]
-        self.v1 = build_bundle(root / "digits-1.0.0", digits_onnx, version="1.0.0", golden_x=gx, sign_key=private_key)
-        self.v2 = build_bundle(root / "digits-2.0.0", digits_onnx, version="2.0.0", golden_x=gx, sign_key=private_key)
-        self.v3 = build_bundle(root / "digits-3.0.0", digits_onnx, version="3.0.0", golden_x=gx, sign_key=private_key)
-        self.unsigned = build_bundle(root / "digits-unsigned", digits_onnx, version="4.0.0", golden_x=gx, sign_key=None)
-        self.wrong_key = build_bundle(root / "digits-wrongkey", digits_onnx, version="4.0.1", golden_x=gx, sign_key=other_key)
+    def __init__(self, root: Path, digits_onnx: Path, data: Any, private_key: Path, other_key: Path) -> None:
+        self.root, self.onnx, self.x = root, digits_onnx, data.x_test
+        gx = data.x_test[:8]
+        self.v1 = _convert(root, digits_onnx, data, "1.0.0", private_key)
+        self.v2 = _convert(root, digits_onnx, data, "2.0.0", private_key)
+        self.v3 = _convert(root, digits_onnx, data, "3.0.0", private_key)
+        self.unsigned = _convert(root, digits_onnx, data, "4.0.0", None)
+        self.wrong_key = _convert(root, digits_onnx, data, "4.0.1", other_key)
+        digits_onnx = self.v1 / "model.onnx"  # the converter's output is what the broken variants start from
         self.bad_golden = build_bundle(root / "digits-badgolden", digits_onnx, version="5.0.0", golden_x=gx,
                                        sign_key=private_key, golden_offset=0.5)
         self.other_profile = build_bundle(root / "digits-rpi5", digits_onnx, version="6.0.0", golden_x=gx,
@@ -111,7 +120,7 @@ def other_keypair(tmp_path_factory):
 @pytest.fixture(scope="session")
 def bundles(digits, digits_onnx, keypair, other_keypair, tmp_path_factory) -> Bundles:
     _, data, _ = digits
-    return Bundles(tmp_path_factory.mktemp("bundles"), digits_onnx, data.x_test, keypair[0], other_keypair[0])
+    return Bundles(tmp_path_factory.mktemp("bundles"), digits_onnx, data, keypair[0], other_keypair[0])
 
 
 @pytest.fixture
