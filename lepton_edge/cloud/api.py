@@ -1,0 +1,262 @@
+"""The service's HTTP API (FastAPI); the CLI and the demo use it, devices download from it.
+
+Operators authenticate with ``Authorization: Bearer <token>``. A device downloads its
+bundle with the per-deployment, per-device token its DeployCommand carries (as bearer
+or ``?token=``). OpenAPI: ``/openapi.json``, docs at ``/docs``. Errors are JSON
+``{"error": "...", "hint": "..."}`` with a 4xx/5xx status, one line each.
+
+=======================================  ==============================================
+``GET  /v1/health``                      liveness, replica id, leader or not (no auth)
+``GET  /v1/metrics``                     ingestion and download counters of this replica
+``POST /v1/models``                      body: a ``.lepton`` archive (octet-stream)
+``GET  /v1/models``                      models, versions and their bundles
+``GET  /v1/models/{name}/{version}``
+``POST /v1/devices``                     enrol: ``{device_id, profile, fleet, tags}``
+``GET  /v1/devices``, ``/v1/devices/{id}``
+``POST /v1/devices/{id}/revoke``
+``POST /v1/deployments``                 ``{model, version, to: [...], waves, soak, ...}``
+``GET  /v1/deployments``, ``/v1/deployments/{id}``
+``POST /v1/deployments/{id}/pause|resume|rollback``
+``GET  /v1/bundles/{id}/download``       HTTP Range: 206 + Content-Range, 416
+=======================================  ==============================================
+"""
+
+from __future__ import annotations
+
+import hmac
+import os
+import re
+import tempfile
+import threading
+from collections import Counter
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any, Callable
+
+from fastapi import Depends, FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from pydantic import BaseModel, ConfigDict, Field
+from sqlalchemy import select
+
+from . import db
+from .errors import AuthError, CloudError, InvalidRequestError, NotFoundError
+from .registry import MAX_BUNDLE_BYTES
+from .rollout import RolloutPolicy, parse_duration, parse_fraction, parse_waves
+
+__all__ = ["create_app", "MAX_JSON_BYTES"]
+
+MAX_JSON_BYTES = 64 * 1024
+_RANGE_RE = re.compile(r"^bytes=(\d*)-(\d*)$")
+
+
+class _Body(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class EnrollRequest(_Body):
+    device_id: str = Field(max_length=64)
+    profile: str = Field(max_length=64)
+    fleet: str = Field(default="default", max_length=64)
+    tags: dict[str, str] = Field(default_factory=dict, max_length=32)
+    telemetry_interval_s: float = Field(default=10.0, gt=0, le=86400)
+
+
+class DeployRequest(_Body):
+    model: str = Field(max_length=128)
+    version: str = Field(max_length=64)
+    to: list[str] = Field(min_length=1, max_length=32)
+    waves: str | list[float] = "100%"
+    soak: str | float = "60s"
+    timeout: str | float = "10m"
+    max_error_rate: str | float = "1%"
+    max_p95_regression: str | float = "20%"
+    min_healthy: str | float = "95%"
+    on_failure: str = "rollback"
+
+
+class _BodyLimit:
+    """ASGI middleware: refuse bodies over the cap, declared or streamed, before any handler reads them."""
+
+    def __init__(self, app: Any) -> None:
+        self.app = app
+
+    async def __call__(self, scope: dict, receive: Callable, send: Callable) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        cap = MAX_BUNDLE_BYTES if scope["method"] == "POST" and scope["path"] == "/v1/models" else MAX_JSON_BYTES
+        declared = dict(scope.get("headers") or []).get(b"content-length")
+        if declared is not None and (not declared.isdigit() or int(declared) > cap):
+            await _send_json(send, 413, {"error": f"request body is over the {cap}-byte limit"})
+            return
+        seen = 0
+
+        async def limited() -> dict:
+            nonlocal seen
+            message = await receive()
+            if message["type"] == "http.request":
+                seen += len(message.get("body", b""))
+                if seen > cap:
+                    raise _TooLarge(cap)
+            return message
+
+        try:
+            await self.app(scope, limited, send)
+        except _TooLarge as e:
+            await _send_json(send, 413, {"error": f"request body is over the {e.cap}-byte limit"})
+
+
+class _TooLarge(Exception):
+    def __init__(self, cap: int) -> None:
+        self.cap = cap
+
+
+async def _send_json(send: Callable, status: int, body: dict) -> None:
+    import json
+
+    raw = json.dumps(body).encode()
+    await send({"type": "http.response.start", "status": status,
+                "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(raw)).encode())]})
+    await send({"type": "http.response.body", "body": raw})
+
+
+def create_app(service: Any) -> FastAPI:
+    """The app over a running :class:`~lepton_edge.cloud.service.CloudService`."""
+    app = FastAPI(title="lepton-edge cloud", version="1", summary="Model registry, fleet and staged rollouts for edge devices.")
+    app.add_middleware(_BodyLimit)
+    downloads: Counter[str] = Counter()
+    downloads_lock = threading.Lock()
+
+    @app.exception_handler(CloudError)
+    async def _cloud_error(_r: Request, e: CloudError) -> JSONResponse:
+        return JSONResponse({"error": e.message, "hint": e.hint}, status_code=e.status_code)
+
+    @app.exception_handler(RequestValidationError)
+    async def _invalid(_r: Request, e: RequestValidationError) -> JSONResponse:
+        first = e.errors()[0]
+        loc = ".".join(str(p) for p in first.get("loc", ())) or "body"
+        return JSONResponse({"error": f"{loc}: {first.get('msg', 'invalid')}"[:300], "hint": None}, status_code=422)
+
+    def operator(request: Request) -> None:
+        given = request.headers.get("authorization", "")
+        if not (given.startswith("Bearer ") and hmac.compare_digest(given[7:].encode(), service.token.encode())):
+            raise AuthError("missing or wrong bearer token", hint="pass --token or set LEPTON_CLOUD_TOKEN")
+
+    auth = [Depends(operator)]
+
+    @app.get("/v1/health")
+    def health() -> dict[str, Any]:
+        return {"ok": True, "replica": service.replica_id, "leader": service.is_leader, "broker": service.broker_url}
+
+    @app.get("/v1/metrics", dependencies=auth)
+    def metrics() -> dict[str, Any]:
+        with downloads_lock:
+            dl = dict(downloads)
+        return {"replica": service.replica_id, "leader": service.is_leader, "ingest": dict(service.ingest_stats()),
+                "ingest_backlog": service.ingest_backlog(), "downloads": dl}
+
+    @app.post("/v1/models", dependencies=auth, status_code=201)
+    async def push_model(request: Request) -> dict[str, Any]:
+        fd, tmp = tempfile.mkstemp(prefix="lepton-upload-", suffix=".lepton")
+        try:
+            with os.fdopen(fd, "wb") as f:
+                async for chunk in request.stream():
+                    f.write(chunk)
+            if os.path.getsize(tmp) == 0:
+                raise InvalidRequestError("the request body is empty; send the .lepton archive as the body")
+            from starlette.concurrency import run_in_threadpool
+
+            return await run_in_threadpool(service.registry.push, Path(tmp))
+        finally:
+            os.unlink(tmp)
+
+    @app.get("/v1/models", dependencies=auth)
+    def list_models() -> list[dict[str, Any]]:
+        return service.registry.list()
+
+    @app.get("/v1/models/{name}/{version}", dependencies=auth)
+    def get_model(name: str, version: str) -> dict[str, Any]:
+        return service.registry.get(name, version)
+
+    @app.post("/v1/devices", dependencies=auth, status_code=201)
+    def enroll(body: EnrollRequest) -> dict[str, Any]:
+        return service.fleet.enroll(body.device_id, body.profile, fleet=body.fleet, tags=body.tags,
+                                    telemetry_interval_s=body.telemetry_interval_s)
+
+    @app.get("/v1/devices", dependencies=auth)
+    def list_devices(include_revoked: bool = False) -> list[dict[str, Any]]:
+        return service.fleet.list(include_revoked=include_revoked)
+
+    @app.get("/v1/devices/{device_id}", dependencies=auth)
+    def get_device(device_id: str) -> dict[str, Any]:
+        return service.fleet.get(device_id)
+
+    @app.post("/v1/devices/{device_id}/revoke", dependencies=auth)
+    def revoke(device_id: str) -> dict[str, Any]:
+        return service.fleet.revoke(device_id)
+
+    @app.post("/v1/deployments", dependencies=auth, status_code=201)
+    def create_deployment(body: DeployRequest) -> dict[str, Any]:
+        policy = RolloutPolicy(
+            waves=tuple(parse_waves(body.waves)), soak_s=parse_duration(body.soak), timeout_s=parse_duration(body.timeout),
+            max_error_rate=parse_fraction(body.max_error_rate), max_p95_regression=parse_fraction(body.max_p95_regression),
+            min_healthy=parse_fraction(body.min_healthy), on_failure=body.on_failure,
+        )
+        return service.rollouts.create(body.model, body.version, body.to, policy)
+
+    @app.get("/v1/deployments", dependencies=auth)
+    def list_deployments() -> list[dict[str, Any]]:
+        return service.rollouts.list()
+
+    @app.get("/v1/deployments/{dep_id}", dependencies=auth)
+    def get_deployment(dep_id: str) -> dict[str, Any]:
+        return service.rollouts.get(dep_id)
+
+    @app.post("/v1/deployments/{dep_id}/{action}", dependencies=auth)
+    def steer(dep_id: str, action: str) -> dict[str, Any]:
+        actions = {"pause": service.rollouts.pause, "resume": service.rollouts.resume, "rollback": service.rollouts.rollback}
+        if action not in actions:
+            raise NotFoundError(f"unknown action {action[:32]!r}", hint="use pause, resume or rollback")
+        return actions[action](dep_id)
+
+    @app.get("/v1/bundles/{bundle_id}/download")
+    def download(bundle_id: str, request: Request, token: str | None = None) -> Response:
+        given = token or request.headers.get("authorization", "").removeprefix("Bearer ")
+        if not given or len(given) > 512:
+            raise AuthError("a download needs its deployment token", hint="the DeployCommand carries it")
+        if not hmac.compare_digest(given.encode(), service.token.encode()):
+            with service.engine.connect() as conn:
+                ok = conn.execute(select(db.deployment_devices.c.id).where(
+                    db.deployment_devices.c.token == given, db.deployment_devices.c.bundle_id == bundle_id)).first()
+            if ok is None:
+                raise AuthError("this token does not grant that bundle")
+        b = service.registry.bundle(bundle_id)
+        size = service.store.size(b["artifact_key"])
+        start, end, status = 0, size, 200
+        headers = {"Accept-Ranges": "bytes", "ETag": f'"{b["sha256"]}"', "Content-Type": "application/octet-stream"}
+        m = _RANGE_RE.match(request.headers.get("range", "").replace(" ", ""))
+        if m and (m.group(1) or m.group(2)):
+            if m.group(1):
+                start = int(m.group(1))
+                end = min(size, int(m.group(2)) + 1) if m.group(2) else size
+            else:
+                start = max(0, size - int(m.group(2)))
+            if start >= size or start >= end:
+                return Response(status_code=416, headers={"Content-Range": f"bytes */{size}", "Accept-Ranges": "bytes"})
+            status = 206
+            headers["Content-Range"] = f"bytes {start}-{end - 1}/{size}"
+        headers["Content-Length"] = str(end - start)
+
+        def counted() -> Iterator[bytes]:
+            for chunk in service.store.read_range(b["artifact_key"], start, end):
+                with downloads_lock:
+                    downloads["bytes"] += len(chunk)
+                    downloads[f"bytes:{bundle_id}"] += len(chunk)
+                yield chunk
+            with downloads_lock:
+                downloads["responses_206" if status == 206 else "responses_200"] += 1
+
+        return StreamingResponse(counted(), status_code=status, headers=headers)
+
+    return app

@@ -1,0 +1,369 @@
+"""CLI: ``cloud serve``, ``devices``, ``models``, ``deploy`` (all but ``serve`` talk to the HTTP API).
+
+Every client command takes ``--server`` (``LEPTON_CLOUD_URL``, default
+http://127.0.0.1:8800) and ``--token`` (``LEPTON_CLOUD_TOKEN``, else the token file a
+local ``cloud serve`` wrote in ``lepton-cloud/token``).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import tempfile
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import click
+import yaml
+
+from ..console import err, info, out, print_table, table, warn
+from .client import DEFAULT_URL, CloudClient, default_token
+
+__all__ = ["cloud", "devices", "models", "deploy"]
+
+_FINAL = ("completed", "rolled_back")
+
+
+def _client_options(f: Any) -> Any:
+    f = click.option("--token", envvar="LEPTON_CLOUD_TOKEN", default=None, help="Operator token (LEPTON_CLOUD_TOKEN).")(f)
+    return click.option("--server", envvar="LEPTON_CLOUD_URL", default=DEFAULT_URL, show_default=True,
+                        help="The service's URL (LEPTON_CLOUD_URL).")(f)
+
+
+def _client(server: str, token: str | None) -> CloudClient:
+    return CloudClient(server, token or default_token())
+
+
+def _ago(ts: float | None) -> str:
+    if not ts:
+        return "never"
+    s = max(0.0, time.time() - ts)
+    return f"{s:.0f}s ago" if s < 120 else f"{s / 60:.0f}m ago" if s < 7200 else f"{s / 3600:.0f}h ago"
+
+
+def _pct(v: float | None) -> str:
+    return "-" if v is None else f"{v:.2%}"
+
+
+def _ms(v: float | None) -> str:
+    return "-" if v is None else f"{v:.2f}"
+
+
+# ============================================================================ cloud serve
+@click.group()
+def cloud() -> None:
+    """Run the cloud sync service."""
+
+
+@cloud.command("serve")
+@click.option("--db", default="lepton-cloud/cloud.db", show_default=True, help="SQLite file or postgresql://user@host/db.")
+@click.option("--broker", default=None, help="MQTT 5 broker URL; without it the service starts its own Mosquitto.")
+@click.option("--broker-username", default="lepton-cloud", show_default=True)
+@click.option("--broker-password", envvar="LEPTON_BROKER_PASSWORD", default=None, help="(LEPTON_BROKER_PASSWORD)")
+@click.option("--auth-dir", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="With --broker: keep the broker's passwd/acl files here for the operator to install.")
+@click.option("--host", default="127.0.0.1", show_default=True)
+@click.option("--port", default=8800, show_default=True, type=click.IntRange(0, 65535), help="0 picks a free port.")
+@click.option("--artifacts", default="lepton-cloud/artifacts", show_default=True, help="Bundle store directory (memory: for tests).")
+@click.option("--token", envvar="LEPTON_CLOUD_TOKEN", default=None, help="Operator token; generated (and written to STATE_DIR/token) if absent.")
+@click.option("--trusted-key", "trusted_keys", multiple=True, type=click.Path(dir_okay=False, path_type=Path),
+              help="Public key that bundles must be signed with (repeatable).")
+@click.option("--allow-unsigned", is_flag=True, help="Accept unsigned bundles (development only).")
+@click.option("--state-dir", type=click.Path(file_okay=False, path_type=Path), default=Path("lepton-cloud"), show_default=True)
+@click.option("--public-url", default=None, help="The URL devices download bundles from (default: this server's).")
+@click.option("--public-broker-url", default=None, help="The broker URL written into agent configs.")
+@click.option("--replica-id", default=None, help="Stable name of this replica (default: host-pid-random).")
+@click.option("--tick", "tick_s", default="1s", show_default=True, help="How often the leader steps rollouts.")
+@click.option("--lease-ttl", default="10s", show_default=True, help="How long a dead leader holds the lease.")
+@click.option("--resend", default="30s", show_default=True, help="Re-send unanswered commands after this long.")
+@click.option("--baseline-window", default="10m", show_default=True, help="Telemetry before a deployment that forms its baseline.")
+def serve(db: str, broker: str | None, broker_username: str, broker_password: str | None, auth_dir: Path | None, host: str,
+          port: int, artifacts: str, token: str | None, trusted_keys: tuple[Path, ...], allow_unsigned: bool, state_dir: Path,
+          public_url: str | None, public_broker_url: str | None, replica_id: str | None, tick_s: str, lease_ttl: str,
+          resend: str, baseline_window: str) -> None:
+    """Run the service: HTTP API, MQTT ingestion, rollout engine. Prints `ready {json}` once up."""
+    import logging
+
+    from .rollout import parse_duration
+    from .service import CloudService, ServiceConfig
+
+    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    state_dir.mkdir(parents=True, exist_ok=True)
+    token_file = state_dir / "token"
+    generated = token is None
+    token = token or default_token(state_dir) or None
+    cfg = ServiceConfig(db=db, broker_url=broker, artifacts=artifacts, token=token, trusted_keys=list(trusted_keys),
+                        allow_unsigned=allow_unsigned, host=host, port=port, public_url=public_url,
+                        public_broker_url=public_broker_url, state_dir=state_dir, auth_dir=auth_dir,
+                        broker_username=broker_username, broker_password=broker_password, replica_id=replica_id,
+                        tick_s=parse_duration(tick_s), lease_ttl_s=parse_duration(lease_ttl), resend_s=parse_duration(resend),
+                        baseline_window_s=parse_duration(baseline_window))
+    svc = CloudService(cfg).start()
+    if generated:
+        fd = os.open(token_file, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as f:
+            f.write(svc.token)
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    signal.signal(signal.SIGINT, lambda *_: stop.set())
+    ready = {"url": svc.url, "token": svc.token, "replica": svc.replica_id, "broker": svc.broker_url, "pid": os.getpid()}
+    click.echo("ready " + json.dumps(ready), nl=True)
+    info(f"lepton-edge cloud: API {svc.url} (docs {svc.url}/docs), broker {svc.broker_url}, replica {svc.replica_id}"
+         + (f", token in {token_file}" if generated else ""))
+    try:
+        while not stop.wait(0.5):
+            pass
+    finally:
+        svc.stop()
+
+
+# ============================================================================ devices
+@click.group()
+def devices() -> None:
+    """Enrol devices and see the fleet."""
+
+
+@devices.command("enroll")
+@click.argument("device_id")
+@click.option("--profile", required=True, help="Device profile id, e.g. rpi5.")
+@click.option("--tag", "tags", multiple=True, help="key=value (repeatable).")
+@click.option("--fleet", default="default", show_default=True)
+@click.option("--out", "out_path", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="Agent config to write (default DEVICE_ID.agent.yaml).")
+@click.option("--state-dir", "device_state_dir", default=None, help="state_dir written into the agent config.")
+@click.option("--telemetry-interval", default=10.0, show_default=True, type=click.FloatRange(min=0.01))
+@_client_options
+def devices_enroll(device_id: str, profile: str, tags: tuple[str, ...], fleet: str, out_path: Path | None,
+                   device_state_dir: str | None, telemetry_interval: float, server: str, token: str | None) -> None:
+    """Create a device's credentials and write its agent config (holds its password: mode 0600)."""
+    from .fleet import parse_tags
+
+    with _client(server, token) as c:
+        res = c.enroll(device_id, profile, fleet=fleet, tags=parse_tags(tags), telemetry_interval_s=telemetry_interval)
+    path = write_agent_config(res, out_path or Path(f"{device_id}.agent.yaml"), device_state_dir)
+    d = res["device"]
+    print_table(f"enrolled {device_id}", ["device", "fleet", "profile", "tags", "agent config"],
+                [(d["device_id"], d["fleet"], d["profile"], ", ".join(f"{k}={v}" for k, v in d["tags"].items()), str(path))])
+
+
+def write_agent_config(enrolment: dict[str, Any], path: Path, state_dir: str | None = None) -> Path:
+    """Write the agent config an enrolment returned, with its trusted keys beside it."""
+    config = dict(enrolment["agent_config"])
+    if state_dir:
+        config["state_dir"] = state_dir
+    path.parent.mkdir(parents=True, exist_ok=True)
+    keys = []
+    for i, pem in enumerate(enrolment.get("trusted_keys_pem") or []):
+        key_path = path.with_name(f"{path.stem}.trusted-{i}.pub")
+        key_path.write_text(pem)
+        keys.append(key_path.name)  # relative: the agent resolves it against the config's directory
+    config["trusted_keys"] = keys
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as f:
+        yaml.safe_dump(config, f, sort_keys=False)
+    return path
+
+
+def _device_rows(items: list[dict[str, Any]]) -> list[tuple[Any, ...]]:
+    rows = []
+    for d in items:
+        active = ", ".join(f"{m}@{v}" for m, v in sorted(d["active"].items())) or "-"
+        status = "revoked" if d["revoked"] else d["status"]
+        rows.append((d["device_id"], d["fleet"], d["profile"], status, active, _ms(d["p95_ms"]), _pct(d["error_rate"]),
+                     _ago(d["last_seen"]), ", ".join(f"{k}={v}" for k, v in sorted(d["tags"].items()))))
+    return rows
+
+
+_DEVICE_COLUMNS = ["device", "fleet", "profile", "status", "active model", "p95 ms", "error rate", "last seen", "tags"]
+
+
+@devices.command("list")
+@click.option("--all", "include_revoked", is_flag=True, help="Include revoked devices.")
+@click.option("--watch", type=float, default=None, help="Refresh every N seconds (Ctrl-C to stop).")
+@_client_options
+def devices_list(include_revoked: bool, watch: float | None, server: str, token: str | None) -> None:
+    """Live table of the fleet: online/offline, active model, p95, error rate, last seen."""
+    with _client(server, token) as c:
+        if watch is None:
+            items = c.devices(include_revoked)
+            print_table(f"{len(items)} devices", _DEVICE_COLUMNS, _device_rows(items))
+            return
+        from rich.live import Live
+
+        with Live(console=out, auto_refresh=False) as live:
+            while True:
+                items = c.devices(include_revoked)
+                live.update(table(f"{len(items)} devices ({time.strftime('%H:%M:%S')})", _DEVICE_COLUMNS, _device_rows(items)), refresh=True)
+                time.sleep(watch)
+
+
+@devices.command("show")
+@click.argument("device_id")
+@_client_options
+def devices_show(device_id: str, server: str, token: str | None) -> None:
+    """One device in detail."""
+    with _client(server, token) as c:
+        d = c.device(device_id)
+    rows = [(k, json.dumps(v) if isinstance(v, (dict, list)) else v) for k, v in d.items()]
+    rows += [("last seen (ago)", _ago(d["last_seen"]))]
+    print_table(device_id, ["field", "value"], rows)
+
+
+@devices.command("revoke")
+@click.argument("device_id")
+@_client_options
+def devices_revoke(device_id: str, server: str, token: str | None) -> None:
+    """Cut a device off: its credentials stop working at the broker."""
+    with _client(server, token) as c:
+        c.revoke(device_id)
+    out.print(f"revoked {device_id}: its broker credentials are removed")
+
+
+# ============================================================================ models
+@click.group()
+def models() -> None:
+    """The model registry."""
+
+
+@models.command("push")
+@click.argument("bundles", nargs=-1, required=True, type=click.Path(exists=True, path_type=Path))
+@_client_options
+def models_push(bundles: tuple[Path, ...], server: str, token: str | None) -> None:
+    """Push bundles (.lepton archives or bundle directories); the service verifies each before storing it."""
+    from ..bundle import pack_bundle
+
+    rows = []
+    with _client(server, token) as c:
+        for b in bundles:
+            with tempfile.TemporaryDirectory(prefix="lepton-pack-") as tmp:
+                archive = pack_bundle(b, Path(tmp) / f"{b.name}.lepton") if b.is_dir() else b
+                info(f"pushing {b} ({archive.stat().st_size} bytes)")
+                r = c.push(archive)
+            rows.append((r["model"], r["version"], r["profile"], r["precision"], r["size"], r["sha256"][:12], r["signed_by"] or "-"))
+    print_table("pushed", ["model", "version", "profile", "precision", "bytes", "sha256", "signed by"], rows)
+
+
+@models.command("list")
+@_client_options
+def models_list(server: str, token: str | None) -> None:
+    """Every model version and its bundles."""
+    with _client(server, token) as c:
+        items = c.models()
+    rows = [(m["name"], m["version"], b["profile"], b["precision"], b["runtime"], b["size"], b["sha256"][:12], b["signed_by"] or "-")
+            for m in items for b in m["bundles"]]
+    print_table(f"{len(items)} model versions", ["model", "version", "profile", "precision", "runtime", "bytes", "sha256", "signed by"], rows)
+
+
+# ============================================================================ deploy
+@click.group()
+def deploy() -> None:
+    """Staged rollouts gated on device metrics."""
+
+
+@deploy.command("create")
+@click.argument("target", metavar="MODEL@VERSION")
+@click.option("--to", "selectors", multiple=True, required=True, help="tag:key=value, profile:ID, device:ID, fleet:NAME or all (repeatable).")
+@click.option("--waves", default="100%", show_default=True, help="Cumulative wave sizes, e.g. 5%,25%,100%.")
+@click.option("--soak", default="60s", show_default=True)
+@click.option("--max-error-rate", default="1%", show_default=True)
+@click.option("--max-p95-regression", default="20%", show_default=True)
+@click.option("--min-healthy", default="95%", show_default=True)
+@click.option("--timeout", default="10m", show_default=True, help="A device that neither confirms nor fails by then counts as failed.")
+@click.option("--on-failure", type=click.Choice(["rollback", "pause"]), default="rollback", show_default=True)
+@click.option("--wait", is_flag=True, help="Follow the rollout until it ends; exit 1 if it was rolled back.")
+@_client_options
+def deploy_create(target: str, selectors: tuple[str, ...], waves: str, soak: str, max_error_rate: str, max_p95_regression: str,
+                  min_healthy: str, timeout: str, on_failure: str, wait: bool, server: str, token: str | None) -> None:
+    """Roll MODEL@VERSION out in waves."""
+    from .errors import InvalidRequestError
+
+    model, sep, version = target.partition("@")
+    if not sep or not model or not version:
+        raise InvalidRequestError(f"{target!r} must look like MODEL@VERSION", hint="e.g. digits@2")
+    with _client(server, token) as c:
+        d = c.deploy(model, version, list(selectors), waves=waves, soak=soak, timeout=timeout, max_error_rate=max_error_rate,
+                     max_p95_regression=max_p95_regression, min_healthy=min_healthy, on_failure=on_failure)
+        out.print(f"deployment {d['id']}: {model}@{version} to {len(d['devices']) - len(d['missing_bundles'])} devices in {len(d['waves_detail'])} waves")
+        if d["missing_bundles"]:
+            warn(f"{len(d['missing_bundles'])} targeted devices have no bundle for their profile and are not updated: "
+                 f"{', '.join(d['missing_bundles'][:10])}")
+        if wait:
+            final = _follow(c, d["id"])
+            if final["status"] != "completed":
+                raise SystemExit(1)
+
+
+def _follow(c: CloudClient, dep_id: str, interval: float = 1.0) -> dict[str, Any]:
+    from rich.live import Live
+
+    with Live(console=err, auto_refresh=False, transient=False) as live:
+        while True:
+            d = c.deployment(dep_id)
+            live.update(_wave_table(d), refresh=True)
+            if d["status"] in _FINAL:
+                break
+            time.sleep(interval)
+    _print_status(d, devices_too=True)
+    return d
+
+
+def _wave_table(d: dict[str, Any]) -> Any:
+    rows = []
+    for w in d["waves_detail"]:
+        g = w["gate"] or {}
+        counts = ", ".join(f"{k} {v}" for k, v in sorted(w["counts"].items()))
+        gate = "-" if not g else ("passed" if g["passed"] else "FAILED: " + "; ".join(g["reasons"]))
+        rows.append((w["wave"] + 1, w["devices"], counts, _pct(g.get("healthy")), _pct(g.get("error_rate")),
+                     _ms(g.get("p95_old_ms")), _ms(g.get("p95_new_ms")), gate))
+    title = f"deployment {d['id'][:12]} {d['model']}@{d['version']}: {d['status']}" + (f" ({d['reason']})" if d["reason"] else "")
+    return table(title, ["wave", "devices", "status", "healthy", "error rate", "p95 before", "p95 after", "gate"], rows)
+
+
+def _print_status(d: dict[str, Any], devices_too: bool) -> None:
+    out.print(_wave_table(d))
+    if devices_too:
+        rows = [(x["device_id"], "-" if x["wave"] < 0 else x["wave"] + 1, x["status"], x["previous_version"] or "-",
+                 x["last_event"] or "-", x["detail"]) for x in d["devices"]]
+        print_table("devices", ["device", "wave", "status", "from version", "last event", "detail"], rows)
+
+
+@deploy.command("status")
+@click.argument("dep_id")
+@click.option("--watch", is_flag=True, help="Follow until the rollout ends.")
+@_client_options
+def deploy_status(dep_id: str, watch: bool, server: str, token: str | None) -> None:
+    """Per-wave and per-device status of one deployment."""
+    with _client(server, token) as c:
+        if watch:
+            _follow(c, dep_id)
+        else:
+            _print_status(c.deployment(dep_id), devices_too=True)
+
+
+@deploy.command("list")
+@_client_options
+def deploy_list(server: str, token: str | None) -> None:
+    """Recent deployments."""
+    with _client(server, token) as c:
+        items = c.deployments()
+    rows = [(d["id"], f"{d['model']}@{d['version']}", d["status"], d["current_wave"] + 1, " ".join(d["selectors"]),
+             ", ".join(f"{k} {v}" for k, v in sorted(d["counts"].items())), _ago(d["created_at"]), d["reason"]) for d in items]
+    print_table(f"{len(items)} deployments", ["id", "model", "status", "wave", "to", "devices", "created", "reason"], rows)
+
+
+def _steer_command(action: str, doc: str) -> None:
+    @deploy.command(action, help=doc)
+    @click.argument("dep_id")
+    @_client_options
+    def _cmd(dep_id: str, server: str, token: str | None) -> None:
+        with _client(server, token) as c:
+            d = c.steer(dep_id, action)
+        out.print(f"deployment {dep_id}: {d['status']}")
+
+
+_steer_command("pause", "Stop sending new waves (devices already updated stay).")
+_steer_command("resume", "Continue a paused deployment (its current wave soaks again before the gates).")
+_steer_command("rollback", "Roll back every device the deployment moved.")

@@ -1,0 +1,107 @@
+"""A small client for the service's HTTP API (what the CLI, the demo and tests use).
+
+Public API: :class:`CloudClient`.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+from .errors import AuthError, CloudError, ServerUnreachableError
+
+__all__ = ["CloudClient", "DEFAULT_URL", "default_token"]
+
+DEFAULT_URL = "http://127.0.0.1:8800"
+_MAX_RESPONSE = 32 << 20
+
+
+def default_token(state_dir: Path = Path("lepton-cloud")) -> str | None:
+    """``LEPTON_CLOUD_TOKEN``, else the token file a local ``cloud serve`` wrote."""
+    if os.environ.get("LEPTON_CLOUD_TOKEN"):
+        return os.environ["LEPTON_CLOUD_TOKEN"]
+    f = state_dir / "token"
+    try:
+        return f.read_text().strip() if f.stat().st_size < 1024 else None
+    except OSError:
+        return None
+
+
+class CloudClient:
+    def __init__(self, url: str = DEFAULT_URL, token: str | None = None, *, timeout: float = 30.0) -> None:
+        self.url = url.rstrip("/")
+        self._http = httpx.Client(base_url=self.url, timeout=timeout,
+                                  headers={"Authorization": f"Bearer {token}"} if token else {})
+
+    def close(self) -> None:
+        self._http.close()
+
+    def __enter__(self) -> "CloudClient":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def request(self, method: str, path: str, **kw: Any) -> Any:
+        try:
+            r = self._http.request(method, path, **kw)
+        except httpx.TimeoutException:
+            raise ServerUnreachableError(f"{self.url} did not answer in time") from None
+        except httpx.TransportError as e:
+            raise ServerUnreachableError(f"cannot reach the cloud service at {self.url}: {e}",
+                                         hint="start it with `lepton-edge cloud serve`, or pass --server / LEPTON_CLOUD_URL") from None
+        if len(r.content) > _MAX_RESPONSE:
+            raise CloudError(f"{self.url} sent an oversized response")
+        try:
+            body = r.json()
+        except ValueError:
+            body = None
+        if r.status_code >= 400:
+            msg = body.get("error") if isinstance(body, dict) else None
+            hint = body.get("hint") if isinstance(body, dict) else None
+            err = AuthError if r.status_code == 401 else CloudError
+            raise err(msg or f"{method} {path} failed with HTTP {r.status_code}", hint=hint)
+        return body
+
+    # ------------------------------------------------------------------ typed helpers
+    def health(self) -> dict[str, Any]:
+        return self.request("GET", "/v1/health")
+
+    def metrics(self) -> dict[str, Any]:
+        return self.request("GET", "/v1/metrics")
+
+    def push(self, archive: Path) -> dict[str, Any]:
+        with open(archive, "rb") as f:
+            return self.request("POST", "/v1/models", content=f, headers={"Content-Type": "application/octet-stream"})
+
+    def models(self) -> list[dict[str, Any]]:
+        return self.request("GET", "/v1/models")
+
+    def enroll(self, device_id: str, profile: str, *, fleet: str = "default", tags: dict[str, str] | None = None,
+               telemetry_interval_s: float = 10.0) -> dict[str, Any]:
+        return self.request("POST", "/v1/devices", json={"device_id": device_id, "profile": profile, "fleet": fleet,
+                                                         "tags": tags or {}, "telemetry_interval_s": telemetry_interval_s})
+
+    def devices(self, include_revoked: bool = False) -> list[dict[str, Any]]:
+        return self.request("GET", "/v1/devices", params={"include_revoked": include_revoked})
+
+    def device(self, device_id: str) -> dict[str, Any]:
+        return self.request("GET", f"/v1/devices/{device_id}")
+
+    def revoke(self, device_id: str) -> dict[str, Any]:
+        return self.request("POST", f"/v1/devices/{device_id}/revoke")
+
+    def deploy(self, model: str, version: str, to: list[str], **policy: Any) -> dict[str, Any]:
+        return self.request("POST", "/v1/deployments", json={"model": model, "version": version, "to": to, **policy})
+
+    def deployments(self) -> list[dict[str, Any]]:
+        return self.request("GET", "/v1/deployments")
+
+    def deployment(self, dep_id: str) -> dict[str, Any]:
+        return self.request("GET", f"/v1/deployments/{dep_id}")
+
+    def steer(self, dep_id: str, action: str) -> dict[str, Any]:
+        return self.request("POST", f"/v1/deployments/{dep_id}/{action}")

@@ -1,0 +1,160 @@
+"""The fleet: enrolment (credentials + agent config), revocation, and what devices report.
+
+Enrolment and revocation keep the broker's password and ACL files current through
+:func:`lepton_edge.cloud.broker_auth.write_auth_files`, and reload a broker the service
+manages. Passwords are stored only as Mosquitto ``$7$`` hashes; the plain password is
+returned once, inside the agent config.
+
+Public API: :class:`Fleet`.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable, Iterable, Mapping
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import select, update
+from sqlalchemy.engine import Engine
+
+from ..errors import ProfileError, ProtocolError
+from ..profiles import ProfileRegistry
+from ..protocol import topic
+from . import broker_auth, db
+from .errors import CloudError, ConflictError, InvalidRequestError, NotFoundError
+
+__all__ = ["Fleet", "parse_tags", "device_view"]
+
+_MAX_TAGS = 32
+
+
+def parse_tags(pairs: Iterable[str] | Mapping[str, str]) -> dict[str, str]:
+    """``["site=berlin", "line=3"]`` (or a mapping) into a checked dict."""
+    items = pairs.items() if isinstance(pairs, Mapping) else (_split_tag(p) for p in pairs)
+    tags: dict[str, str] = {}
+    for k, v in items:
+        if not (isinstance(k, str) and isinstance(v, str) and 0 < len(k) <= 64 and len(v) <= 128 and k.replace("-", "").replace("_", "").replace(".", "").isalnum()):
+            raise InvalidRequestError(f"bad tag {str(k)[:64]!r}={str(v)[:64]!r}", hint="tags look like site=berlin (key: letters, digits, . _ -)")
+        tags[k] = v
+    if len(tags) > _MAX_TAGS:
+        raise InvalidRequestError(f"a device may carry at most {_MAX_TAGS} tags")
+    return tags
+
+
+def _split_tag(pair: str) -> tuple[str, str]:
+    if not isinstance(pair, str) or "=" not in pair:
+        raise InvalidRequestError(f"tag {str(pair)[:64]!r} must look like key=value")
+    k, _, v = pair.partition("=")
+    return k.strip(), v.strip()
+
+
+def device_view(r: Mapping[str, Any]) -> dict[str, Any]:
+    """A device row as the API shows it (no password hash)."""
+    return {
+        "device_id": r["device_id"], "fleet": r["fleet"], "profile": r["profile"], "tags": db.loads(r["tags"], {}),
+        "enrolled_at": r["enrolled_at"], "revoked": r["revoked_at"] is not None, "status": r["status"],
+        "status_ts": r["status_ts"], "agent_version": r["agent_version"], "active": db.loads(r["active"], {}),
+        "last_seen": r["last_seen"], "p95_ms": r["p95_ms"], "error_rate": r["error_rate"],
+    }
+
+
+class Fleet:
+    """Enrolled devices. ``auth_dir`` receives the broker's passwd/acl files after every change."""
+
+    def __init__(self, engine: Engine, *, auth_dir: Path | None = None, service_password_hash: str | None = None,
+                 on_auth_change: Callable[[], None] | None = None, public_broker_url: str = "mqtt://127.0.0.1:1883",
+                 trusted_keys_pem: list[str] | None = None) -> None:
+        self._engine = engine
+        self._auth_dir = auth_dir
+        self._service_hash = service_password_hash
+        self._on_auth_change = on_auth_change
+        self._public_broker_url = public_broker_url
+        self._trusted_keys_pem = trusted_keys_pem or []
+        self._auth_lock = threading.Lock()
+        self._profiles: ProfileRegistry | None = None
+
+    def _check_profile(self, profile: str) -> str:
+        if self._profiles is None:
+            self._profiles = ProfileRegistry()
+        try:
+            return self._profiles.get(profile).id
+        except ProfileError as e:
+            raise InvalidRequestError(e.message, hint=e.hint) from None
+
+    def enroll(self, device_id: str, profile: str, *, fleet: str = "default", tags: Mapping[str, str] | None = None,
+               telemetry_interval_s: float = 10.0) -> dict[str, Any]:
+        """Create a device with fresh credentials; returns the device and its agent config (with the password)."""
+        try:
+            topic(fleet, device_id, "state")
+        except ProtocolError as e:
+            raise InvalidRequestError(e.message) from None
+        if device_id == broker_auth.SERVICE_USER:
+            raise InvalidRequestError(f"{device_id!r} is the service's own broker user")
+        profile_id = self._check_profile(profile)
+        checked_tags = parse_tags(tags or {})
+        password = broker_auth.new_password()
+        now = time.time()
+        with self._engine.begin() as conn:
+            row = conn.execute(select(db.devices.c.revoked_at).where(db.devices.c.device_id == device_id)).first()
+            values = dict(fleet=fleet, profile=profile_id, tags=db.dumps(checked_tags),
+                          password_hash=broker_auth.hash_password(password), enrolled_at=now, revoked_at=None)
+            if row is None:
+                conn.execute(db.devices.insert().values(device_id=device_id, status="unknown", active="{}", **values))
+            elif row.revoked_at is not None:
+                # Re-enrolling a revoked device issues new credentials; its history stays.
+                conn.execute(update(db.devices).where(db.devices.c.device_id == device_id).values(**values))
+            else:
+                raise ConflictError(f"device {device_id} is already enrolled", hint="revoke it first to issue new credentials")
+        self.sync_auth()
+        config = {
+            "device_id": device_id, "fleet": fleet, "profile": profile_id, "state_dir": f"/var/lib/lepton-edge/{device_id}",
+            "broker": self._public_broker_url, "username": device_id, "password": password,
+            "api": {"host": "127.0.0.1", "port": 8700}, "trusted_keys": [], "models": [],
+            "telemetry_interval_s": telemetry_interval_s,
+        }
+        return {"device": self.get(device_id), "agent_config": config, "trusted_keys_pem": self._trusted_keys_pem}
+
+    def revoke(self, device_id: str) -> dict[str, Any]:
+        with self._engine.begin() as conn:
+            n = conn.execute(update(db.devices).where(db.devices.c.device_id == device_id, db.devices.c.revoked_at.is_(None))
+                             .values(revoked_at=time.time())).rowcount
+        if n == 0:
+            self.get(device_id)  # raises NotFound for unknown ids
+            raise ConflictError(f"device {device_id} is already revoked")
+        self.sync_auth()
+        return self.get(device_id)
+
+    def sync_auth(self) -> None:
+        """Rewrite the broker's passwd/acl from the database and reload a managed broker."""
+        if self._auth_dir is None:
+            return
+        with self._auth_lock:
+            with self._engine.connect() as conn:
+                rows = conn.execute(select(db.devices.c.device_id, db.devices.c.fleet, db.devices.c.password_hash)
+                                    .where(db.devices.c.revoked_at.is_(None))).all()
+            users = {r.device_id: r.password_hash for r in rows}
+            if self._service_hash:
+                users[broker_auth.SERVICE_USER] = self._service_hash
+            try:
+                broker_auth.write_auth_files(self._auth_dir, users, [(r.fleet, r.device_id, r.device_id) for r in rows],
+                                             broker_auth.SERVICE_USER)
+                if self._on_auth_change is not None:
+                    self._on_auth_change()
+            except broker_auth.BrokerError as e:
+                raise CloudError(f"device saved, but the broker's auth files were not updated: {e.message}", hint=e.hint) from None
+
+    def get(self, device_id: str) -> dict[str, Any]:
+        with self._engine.connect() as conn:
+            r = conn.execute(select(db.devices).where(db.devices.c.device_id == device_id)).mappings().first()
+        if r is None:
+            raise NotFoundError(f"device {device_id} is not enrolled", hint="see `lepton-edge devices list`")
+        return device_view(r)
+
+    def list(self, *, include_revoked: bool = False) -> list[dict[str, Any]]:
+        q = select(db.devices).order_by(db.devices.c.device_id)
+        if not include_revoked:
+            q = q.where(db.devices.c.revoked_at.is_(None))
+        with self._engine.connect() as conn:
+            return [device_view(r) for r in conn.execute(q).mappings()]

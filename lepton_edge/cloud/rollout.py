@@ -1,0 +1,499 @@
+"""Staged rollouts gated on device metrics, with every bit of state in the database.
+
+A deployment targets the devices its selectors match and splits them into cumulative
+waves (``5%,25%,100%``). The leader's :meth:`Rollouts.tick` moves each deployment on:
+
+1. send each device of the current wave a :class:`~lepton_edge.protocol.DeployCommand`
+   carrying its profile's bundle (a device whose profile has no bundle is listed as
+   ``no_bundle`` at creation, never silently skipped);
+2. fold the devices' events (by command id) and retained state into per-device status;
+   a device that neither confirms nor fails within ``timeout_s`` is ``timed_out``;
+3. once every device of the wave has settled, soak for ``soak_s``, then check the gates:
+   healthy fraction (activated, online, still on the version) ≥ ``min_healthy``; error
+   rate of the new version's telemetry since the soak began ≤ ``max_error_rate``; the
+   median p95 of the new version ≤ (1 + ``max_p95_regression``) × the median p95 the
+   same model's other versions reported since ``baseline_window_s`` before the deployment;
+4. go on to the next wave, or on a failed gate pause (``on_failure=pause``) or send a
+   :class:`~lepton_edge.protocol.RollbackCommand` to every device that moved.
+
+Every command carries an id stored before it is published, so a restarted or newly
+elected leader re-sends what lacks an answer and devices apply it once.
+
+Selectors: ``tag:key=value``, ``profile:ID``, ``device:ID``, ``fleet:NAME`` or ``all``.
+Selectors of one kind are alternatives (OR); different kinds must all hold (AND).
+
+Public API: :class:`Rollouts`, :class:`RolloutPolicy`, :func:`parse_waves`,
+:func:`parse_duration`, :func:`parse_fraction`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import math
+import re
+import secrets
+import statistics
+import threading
+import time
+import uuid
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass
+from typing import Any
+
+from sqlalchemy import select, update
+from sqlalchemy.engine import Connection, Engine
+
+from ..protocol import DeployCommand, RollbackCommand, new_id
+from . import db
+from .errors import ConflictError, InvalidRequestError, NotFoundError
+from .fleet import device_view
+from .registry import Registry
+
+__all__ = ["Rollouts", "RolloutPolicy", "parse_waves", "parse_duration", "parse_fraction", "ACTIVE_STATES"]
+
+log = logging.getLogger("lepton_edge.cloud.rollout")
+
+ACTIVE_STATES = ("running", "paused", "rolling_back")
+_WAITING = ("sent", "in_progress")
+_MAX_TARGETS = 100_000
+Publisher = Callable[[str, str, Any], None]
+
+
+# ---------------------------------------------------------------------------- option parsing
+def parse_duration(text: str | float | int) -> float:
+    """``90``, ``90s``, ``500ms``, ``10m``, ``1h`` → seconds."""
+    if isinstance(text, (int, float)) and not isinstance(text, bool):
+        value = float(text)
+    else:
+        m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*(ms|s|m|h)?\s*", str(text))
+        if not m:
+            raise InvalidRequestError(f"bad duration {str(text)[:32]!r}", hint="use e.g. 500ms, 60s, 10m, 1h")
+        value = float(m.group(1)) * {"ms": 0.001, "s": 1, "m": 60, "h": 3600, None: 1}[m.group(2)]
+    if not 0 <= value <= 30 * 86400 or math.isnan(value):
+        raise InvalidRequestError(f"duration {text!r} is out of range (0 to 30 days)")
+    return value
+
+
+def parse_fraction(text: str | float) -> float:
+    """``1%`` → 0.01, ``0.2`` → 0.2; must lie in [0, 10] (a p95 regression may exceed 100%)."""
+    if isinstance(text, (int, float)) and not isinstance(text, bool):
+        value = float(text)
+    else:
+        s = str(text).strip()
+        try:
+            value = float(s[:-1]) / 100 if s.endswith("%") else float(s)
+        except ValueError:
+            raise InvalidRequestError(f"bad percentage {s[:32]!r}", hint="use e.g. 1% or 0.01") from None
+    if not 0 <= value <= 10 or math.isnan(value):
+        raise InvalidRequestError(f"percentage {text!r} is out of range")
+    return value
+
+
+def parse_waves(text: str | Sequence[float]) -> list[float]:
+    """``5%,25%,100%`` → [5.0, 25.0, 100.0]: strictly increasing, ending at 100."""
+    parts = [p.strip().rstrip("%") for p in text.split(",")] if isinstance(text, str) else list(text)
+    try:
+        waves = [float(p) for p in parts]
+    except (TypeError, ValueError):
+        raise InvalidRequestError(f"bad waves {str(text)[:64]!r}", hint="use e.g. 5%,25%,100%") from None
+    if not waves or len(waves) > 20 or any(not 0 < w <= 100 for w in waves) or waves != sorted(set(waves)) or waves[-1] != 100:
+        raise InvalidRequestError(f"waves {str(text)[:64]!r} must be increasing percentages ending at 100%", hint="e.g. 5%,25%,100%")
+    return waves
+
+
+@dataclass(frozen=True)
+class RolloutPolicy:
+    waves: tuple[float, ...] = (100.0,)
+    soak_s: float = 60.0
+    timeout_s: float = 600.0
+    max_error_rate: float = 0.01
+    max_p95_regression: float = 0.2
+    min_healthy: float = 0.95
+    on_failure: str = "rollback"
+
+    def __post_init__(self) -> None:
+        parse_waves(list(self.waves))
+        if self.on_failure not in ("rollback", "pause"):
+            raise InvalidRequestError(f"on_failure must be rollback or pause, not {self.on_failure!r}")
+        if not 0 <= self.min_healthy <= 1 or not 0 <= self.max_error_rate <= 1:
+            raise InvalidRequestError("min_healthy and max_error_rate must lie between 0% and 100%")
+        if self.timeout_s <= 0:
+            raise InvalidRequestError("timeout must be positive")
+
+
+def _parse_selectors(selectors: Sequence[str]) -> dict[str, list[str]]:
+    kinds: dict[str, list[str]] = {}
+    if not selectors:
+        raise InvalidRequestError("a deployment needs at least one --to selector", hint="e.g. --to tag:site=berlin, --to profile:rpi5, --to all")
+    for s in selectors:
+        kind, _, value = str(s).partition(":")
+        if s == "all":
+            kinds.setdefault("all", []).append("")
+        elif kind in ("tag", "profile", "device", "fleet") and value and len(value) <= 200 and (kind != "tag" or "=" in value):
+            kinds.setdefault(kind, []).append(value)
+        else:
+            raise InvalidRequestError(f"bad selector {str(s)[:64]!r}", hint="use tag:key=value, profile:ID, device:ID, fleet:NAME or all")
+    return kinds
+
+
+def _matches(device: dict[str, Any], kinds: dict[str, list[str]]) -> bool:
+    for kind, values in kinds.items():
+        if kind == "tag":
+            ok = any(device["tags"].get(v.partition("=")[0]) == v.partition("=")[2] for v in values)
+        elif kind == "profile":
+            ok = device["profile"] in values
+        elif kind == "device":
+            ok = device["device_id"] in values
+        elif kind == "fleet":
+            ok = device["fleet"] in values
+        else:
+            ok = True
+        if not ok:
+            return False
+    return True
+
+
+def _wave_sizes(n: int, waves: Sequence[float]) -> list[int]:
+    """Cumulative device counts per wave; waves that would add nobody are merged away."""
+    sizes: list[int] = []
+    for w in waves:
+        c = min(n, max(1, math.ceil(n * w / 100 - 1e-9)))
+        if not sizes or c > sizes[-1]:
+            sizes.append(c)
+    return sizes
+
+
+class Rollouts:
+    def __init__(self, engine: Engine, registry: Registry, publish: Publisher, *, public_url: str,
+                 baseline_window_s: float = 600.0, resend_s: float = 30.0) -> None:
+        self._engine = engine
+        self._registry = registry
+        self._publish = publish
+        self._public_url = public_url.rstrip("/")
+        self._baseline_window_s = baseline_window_s
+        self._resend_s = resend_s
+        self._tick_lock = threading.Lock()
+
+    # ------------------------------------------------------------------ operator actions
+    def create(self, model: str, version: str, selectors: Sequence[str], policy: RolloutPolicy) -> dict[str, Any]:
+        kinds = _parse_selectors(selectors)
+        by_profile = self._registry.bundles_by_profile(model, version)
+        with self._engine.connect() as conn:
+            devices = [device_view(r) for r in conn.execute(select(db.devices).where(db.devices.c.revoked_at.is_(None))).mappings()]
+        targets = [d for d in devices if _matches(d, kinds)]
+        if not targets:
+            raise InvalidRequestError(f"no enrolled device matches {' '.join(selectors)}", hint="see `lepton-edge devices list`")
+        if len(targets) > _MAX_TARGETS:
+            raise InvalidRequestError(f"{len(targets)} devices match; one deployment takes at most {_MAX_TARGETS}")
+        with_bundle = [d for d in targets if d["profile"] in by_profile]
+        missing = sorted(d["device_id"] for d in targets if d["profile"] not in by_profile)
+        if not with_bundle:
+            raise InvalidRequestError(
+                f"{model}@{version} has no bundle for any targeted device's profile ({', '.join(sorted({d['profile'] for d in targets}))})",
+                hint=f"it has bundles for: {', '.join(sorted(by_profile)) or 'nothing'}; convert and push one per profile",
+            )
+        dep_id = uuid.uuid4().hex
+        # A stable pseudo-random order spreads each wave across sites and profiles.
+        with_bundle.sort(key=lambda d: hashlib.sha256(f"{dep_id}/{d['device_id']}".encode()).digest())
+        sizes = _wave_sizes(len(with_bundle), policy.waves)
+        now = time.time()
+        rows = []
+        for i, d in enumerate(with_bundle):
+            wave = next(k for k, c in enumerate(sizes) if i < c)
+            rows.append(dict(deployment_id=dep_id, device_id=d["device_id"], wave=wave, status="pending",
+                             bundle_id=by_profile[d["profile"]]["id"], updated_at=now, detail=""))
+        for device_id in missing:
+            profile = next(d["profile"] for d in targets if d["device_id"] == device_id)
+            rows.append(dict(deployment_id=dep_id, device_id=device_id, wave=-1, status="no_bundle", bundle_id=None, updated_at=now,
+                             detail=f"{model}@{version} has no bundle for profile {profile}"))
+        with self._engine.begin() as conn:
+            busy = conn.execute(
+                select(db.deployment_devices.c.device_id, db.deployments.c.id)
+                .join(db.deployments, db.deployments.c.id == db.deployment_devices.c.deployment_id)
+                .where(db.deployments.c.model == model, db.deployments.c.status.in_(ACTIVE_STATES),
+                       db.deployment_devices.c.device_id.in_([d["device_id"] for d in with_bundle]))
+            ).first()
+            if busy is not None:
+                raise ConflictError(f"device {busy.device_id} is in active deployment {busy.id} of {model}",
+                                    hint=f"wait for it, or `lepton-edge deploy rollback {busy.id}`")
+            conn.execute(db.deployments.insert().values(
+                id=dep_id, model=model, version=version, selectors=db.dumps(list(selectors)), waves=db.dumps(list(policy.waves)),
+                soak_s=policy.soak_s, timeout_s=policy.timeout_s, max_error_rate=policy.max_error_rate,
+                max_p95_regression=policy.max_p95_regression, min_healthy=policy.min_healthy, on_failure=policy.on_failure,
+                status="running", current_wave=0, created_at=now, updated_at=now, reason="", wave_results="[]",
+            ))
+            conn.execute(db.deployment_devices.insert(), rows)
+        return self.get(dep_id)
+
+    def _transition(self, dep_id: str, allowed: Sequence[str], **values: Any) -> dict[str, Any]:
+        d = self.get(dep_id)
+        with self._engine.begin() as conn:
+            n = conn.execute(update(db.deployments).where(db.deployments.c.id == dep_id, db.deployments.c.status.in_(allowed))
+                             .values(updated_at=time.time(), **values)).rowcount
+        if n == 0:
+            raise ConflictError(f"deployment {dep_id} is {d['status']}; this needs it {' or '.join(allowed)}")
+        return self.get(dep_id)
+
+    def pause(self, dep_id: str) -> dict[str, Any]:
+        return self._transition(dep_id, ["running"], status="paused", reason="paused by operator")
+
+    def resume(self, dep_id: str) -> dict[str, Any]:
+        # A fresh soak: after a gate pause the operator gets one more measured look, not a blind pass.
+        return self._transition(dep_id, ["paused"], status="running", reason="resumed by operator", soak_started_at=None)
+
+    def rollback(self, dep_id: str, reason: str = "rolled back by operator") -> dict[str, Any]:
+        return self._transition(dep_id, ["running", "paused", "completed"], status="rolling_back", reason=reason[:500])
+
+    # ------------------------------------------------------------------ views
+    def list(self) -> list[dict[str, Any]]:
+        with self._engine.connect() as conn:
+            deps = conn.execute(select(db.deployments).order_by(db.deployments.c.created_at.desc()).limit(200)).mappings().all()
+            counts: dict[str, dict[str, int]] = {}
+            for r in conn.execute(select(db.deployment_devices.c.deployment_id, db.deployment_devices.c.status)
+                                  .where(db.deployment_devices.c.deployment_id.in_([d["id"] for d in deps]))):
+                c = counts.setdefault(r.deployment_id, {})
+                c[r.status] = c.get(r.status, 0) + 1
+        return [{**_deployment_view(d), "counts": counts.get(d["id"], {})} for d in deps]
+
+    def get(self, dep_id: str) -> dict[str, Any]:
+        with self._engine.connect() as conn:
+            d = conn.execute(select(db.deployments).where(db.deployments.c.id == dep_id)).mappings().first()
+            if d is None:
+                raise NotFoundError(f"deployment {dep_id} does not exist", hint="see `lepton-edge deploy list`")
+            rows = conn.execute(select(db.deployment_devices).where(db.deployment_devices.c.deployment_id == dep_id)
+                                .order_by(db.deployment_devices.c.wave, db.deployment_devices.c.device_id)).mappings().all()
+        view = _deployment_view(d)
+        view["devices"] = [{k: r[k] for k in ("device_id", "wave", "status", "previous_version", "sent_at", "activated_at",
+                                                "last_event", "detail", "cmd_id", "rollback_cmd_id")} for r in rows]
+        waves: list[dict[str, Any]] = []
+        results = {w["wave"]: w for w in view["wave_results"]}
+        for k in range(max((r["wave"] for r in rows), default=-1) + 1):
+            counts: dict[str, int] = {}
+            for r in rows:
+                if r["wave"] == k:
+                    counts[r["status"]] = counts.get(r["status"], 0) + 1
+            waves.append({"wave": k, "devices": sum(counts.values()), "counts": counts, "gate": results.get(k)})
+        view["waves_detail"] = waves
+        view["missing_bundles"] = [r["device_id"] for r in rows if r["status"] == "no_bundle"]
+        return view
+
+    # ------------------------------------------------------------------ the engine (leader only)
+    def tick(self) -> None:
+        with self._tick_lock:
+            with self._engine.connect() as conn:
+                ids = [r.id for r in conn.execute(select(db.deployments.c.id).where(db.deployments.c.status.in_(ACTIVE_STATES))
+                                                  .order_by(db.deployments.c.created_at))]
+            for dep_id in ids:
+                try:
+                    self._step(dep_id)
+                except Exception:
+                    log.exception("rollout %s: step failed; retrying next tick", dep_id)
+
+    def _step(self, dep_id: str) -> None:
+        now = time.time()
+        with self._engine.begin() as conn:
+            d = dict(conn.execute(select(db.deployments).where(db.deployments.c.id == dep_id)).mappings().one())
+            rows = [dict(r) for r in conn.execute(select(db.deployment_devices).where(db.deployment_devices.c.deployment_id == dep_id)).mappings()]
+            dev = {r["device_id"]: dict(r) for r in conn.execute(
+                select(db.devices.c.device_id, db.devices.c.fleet, db.devices.c.status, db.devices.c.active)
+                .where(db.devices.c.device_id.in_([r["device_id"] for r in rows]))).mappings()}
+            self._fold(conn, d, rows, dev, now)
+            outbox: list[tuple[str, str, Any]] = []
+            if d["status"] == "running":
+                self._advance(conn, d, rows, dev, now, outbox)
+            elif d["status"] == "rolling_back":
+                self._advance_rollback(conn, d, rows, dev, now, outbox)
+        # Published only after the commit: a command a device sees always exists in the DB.
+        for fleet, device_id, msg in outbox:
+            self._publish(fleet, device_id, msg)
+
+    def _fold(self, conn: Connection, d: dict[str, Any], rows: list[dict[str, Any]], dev: dict[str, dict[str, Any]], now: float) -> None:
+        """Turn events and reported state into per-device status; mark timeouts."""
+        model, version = d["model"], d["version"]
+        cmd_ids = [r["cmd_id"] for r in rows if r["status"] in _WAITING and r["cmd_id"]]
+        cmd_ids += [r["rollback_cmd_id"] for r in rows if r["status"] == "rollback_sent" and r["rollback_cmd_id"]]
+        events: dict[str, list[Any]] = {}
+        for i in range(0, len(cmd_ids), 500):
+            for e in conn.execute(select(db.events).where(db.events.c.cmd_id.in_(cmd_ids[i:i + 500])).order_by(db.events.c.ts, db.events.c.id)):
+                events.setdefault(e.cmd_id, []).append(e)
+        for r in rows:
+            active = db.loads(dev.get(r["device_id"], {}).get("active"), {}).get(model)
+            before = (r["status"], r["last_event"], r["detail"])
+            if r["status"] in _WAITING:
+                for e in events.get(r["cmd_id"], []):
+                    r["last_event"] = e.type
+                    if e.type == "activated":
+                        r.update(status="activated", activated_at=e.received_at, detail=e.detail[:500])
+                    elif e.type in ("activation_failed", "error", "rolled_back", "watchdog_rollback"):
+                        r.update(status="failed", detail=f"{e.type}: {e.detail}"[:500])
+                    elif r["status"] == "sent":
+                        r["status"] = "in_progress"
+                    if r["status"] not in _WAITING:
+                        break
+                if r["status"] in _WAITING and active == version:
+                    r.update(status="activated", activated_at=now, detail="confirmed by the device's reported state")
+                if r["status"] in _WAITING and r["sent_at"] is not None and now - r["sent_at"] > d["timeout_s"]:
+                    r.update(status="timed_out", detail=f"no confirmation within {d['timeout_s']:g}s (last event: {r['last_event'] or 'none'})")
+            elif r["status"] == "rollback_sent":
+                for e in events.get(r["rollback_cmd_id"], []):
+                    r["last_event"] = e.type
+                    if e.type == "rolled_back":
+                        r.update(status="rolled_back", detail=e.detail[:500])
+                    elif e.type in ("activation_failed", "error"):
+                        r.update(status="rollback_failed", detail=f"{e.type}: {e.detail}"[:500])
+                    if r["status"] != "rollback_sent":
+                        break
+                back_on_previous = active is not None and active != version and (r["previous_version"] in (None, active))
+                if r["status"] == "rollback_sent" and back_on_previous:
+                    r.update(status="rolled_back", detail=f"device reports {model}@{active}")
+                if r["status"] == "rollback_sent" and now - (r["rollback_sent_at"] or now) > d["timeout_s"]:
+                    r.update(status="rollback_timed_out", detail=f"no rollback confirmation within {d['timeout_s']:g}s")
+            if (r["status"], r["last_event"], r["detail"]) != before:
+                r["updated_at"] = now
+                self._save_row(conn, r)
+
+    @staticmethod
+    def _save_row(conn: Connection, r: dict[str, Any]) -> None:
+        conn.execute(update(db.deployment_devices).where(db.deployment_devices.c.id == r["id"]).values(
+            **{k: r[k] for k in ("status", "cmd_id", "token", "previous_version", "sent_at", "activated_at", "rollback_cmd_id",
+                                 "rollback_sent_at", "updated_at", "last_event", "detail")}))
+
+    def _advance(self, conn: Connection, d: dict[str, Any], rows: list[dict[str, Any]], dev: dict[str, dict[str, Any]],
+                 now: float, outbox: list[tuple[str, str, Any]]) -> None:
+        wave = d["current_wave"]
+        in_wave = [r for r in rows if r["wave"] == wave]
+        bundles = {r["bundle_id"]: None for r in in_wave}
+        for r in in_wave:
+            resend = r["status"] == "sent" and now - r["updated_at"] > self._resend_s
+            if r["status"] != "pending" and not resend:
+                continue
+            if bundles[r["bundle_id"]] is None:
+                bundles[r["bundle_id"]] = self._registry.bundle(r["bundle_id"])
+            b = bundles[r["bundle_id"]]
+            if r["status"] == "pending":
+                r.update(status="sent", cmd_id=new_id(), token=secrets.token_urlsafe(24), sent_at=now,
+                         previous_version=db.loads(dev.get(r["device_id"], {}).get("active"), {}).get(d["model"]))
+            r["updated_at"] = now
+            self._save_row(conn, r)
+            cmd = DeployCommand(cmd_id=r["cmd_id"], deployment_id=d["id"], model=d["model"], version=d["version"],
+                                url=f"{self._public_url}/v1/bundles/{b['id']}/download", sha256=b["sha256"], size=b["size"], token=r["token"])
+            outbox.append((dev[r["device_id"]]["fleet"], r["device_id"], cmd))
+        if d["wave_started_at"] is None:
+            d["wave_started_at"] = now
+            self._save_deployment(conn, d, wave_started_at=now)
+        n = len(in_wave)
+        bad = [r for r in in_wave if r["status"] in ("failed", "timed_out")]
+        waiting = [r for r in in_wave if r["status"] in _WAITING + ("pending",)]
+        if (n - len(bad)) / n < d["min_healthy"]:
+            result = {"wave": wave, "devices": n, "passed": False, "at": now, "healthy": (n - len(bad)) / n,
+                      "reasons": [f"{len(bad)} of {n} devices failed or timed out ({', '.join(sorted(r['device_id'] for r in bad)[:5])}); "
+                                  f"at most {(n - len(bad)) / n:.0%} can be healthy < {d['min_healthy']:.0%}"]}
+            self._fail(conn, d, result)
+            return
+        if waiting:
+            return
+        if d["soak_started_at"] is None:
+            self._save_deployment(conn, d, soak_started_at=now)
+            return
+        if now - d["soak_started_at"] < d["soak_s"]:
+            return
+        result = self._gates(conn, d, rows, in_wave, dev, now)
+        if not result["passed"]:
+            self._fail(conn, d, result)
+            return
+        results = db.loads(d["wave_results"], []) + [result]
+        if wave + 1 > max(r["wave"] for r in rows):
+            self._save_deployment(conn, d, status="completed", finished_at=now, wave_results=db.dumps(results),
+                                  reason=f"all {sum(1 for r in rows if r['wave'] >= 0)} devices on {d['version']}")
+        else:
+            self._save_deployment(conn, d, current_wave=wave + 1, wave_started_at=None, soak_started_at=None, wave_results=db.dumps(results))
+
+    def _gates(self, conn: Connection, d: dict[str, Any], rows: list[dict[str, Any]], in_wave: list[dict[str, Any]],
+               dev: dict[str, dict[str, Any]], now: float) -> dict[str, Any]:
+        model, version = d["model"], d["version"]
+        healthy = [r["device_id"] for r in in_wave if r["status"] == "activated" and dev.get(r["device_id"], {}).get("status") == "online"
+                   and db.loads(dev[r["device_id"]]["active"], {}).get(model) == version]
+        t = db.telemetry
+        new_rows = []
+        activated = [r["device_id"] for r in in_wave if r["status"] == "activated"]
+        for i in range(0, len(activated), 500):
+            new_rows += conn.execute(select(t.c.count, t.c.errors, t.c.p95_ms).where(
+                t.c.model == model, t.c.version == version, t.c.received_at >= d["soak_started_at"],
+                t.c.device_id.in_(activated[i:i + 500]))).all()
+        targets = [r["device_id"] for r in rows if r["wave"] >= 0]
+        old_p95: list[float] = []
+        for i in range(0, len(targets), 500):
+            old_p95 += [x.p95_ms for x in conn.execute(select(t.c.p95_ms).where(
+                t.c.model == model, t.c.version != version, t.c.p95_ms.is_not(None), t.c.count > 0,
+                t.c.received_at >= d["created_at"] - self._baseline_window_s, t.c.device_id.in_(targets[i:i + 500])))]
+        requests = sum(x.count for x in new_rows)
+        errors = sum(x.errors for x in new_rows)
+        new_p95 = [x.p95_ms for x in new_rows if x.p95_ms is not None and x.count > 0]
+        res: dict[str, Any] = {"wave": d["current_wave"], "devices": len(in_wave), "passed": True, "at": now,
+                               "healthy": len(healthy) / len(in_wave), "requests": requests,
+                               "error_rate": errors / requests if requests else None,
+                               "p95_new_ms": statistics.median(new_p95) if new_p95 else None,
+                               "p95_old_ms": statistics.median(old_p95) if old_p95 else None, "reasons": [], "notes": []}
+        if res["healthy"] < d["min_healthy"]:
+            unhealthy = sorted(set(r["device_id"] for r in in_wave) - set(healthy))
+            res["reasons"].append(f"healthy {res['healthy']:.0%} < {d['min_healthy']:.0%} (not healthy: {', '.join(unhealthy[:5])})")
+        if res["error_rate"] is None:
+            res["notes"].append("no requests on the new version during the soak: error-rate gate not measurable")
+        elif res["error_rate"] > d["max_error_rate"]:
+            res["reasons"].append(f"error rate {res['error_rate']:.2%} > {d['max_error_rate']:.2%} ({errors} of {requests} requests)")
+        if res["p95_new_ms"] is None or res["p95_old_ms"] is None:
+            res["notes"].append("no p95 baseline or no new p95: latency gate not measurable")
+            res["p95_regression"] = None
+        else:
+            res["p95_regression"] = res["p95_new_ms"] / res["p95_old_ms"] - 1 if res["p95_old_ms"] > 0 else 0.0
+            if res["p95_regression"] > d["max_p95_regression"]:
+                res["reasons"].append(f"p95 {res['p95_new_ms']:.2f} ms vs {res['p95_old_ms']:.2f} ms before: "
+                                      f"+{res['p95_regression']:.0%} > +{d['max_p95_regression']:.0%}")
+        res["passed"] = not res["reasons"]
+        return res
+
+    def _fail(self, conn: Connection, d: dict[str, Any], result: dict[str, Any]) -> None:
+        results = db.loads(d["wave_results"], []) + [result]
+        reason = f"wave {result['wave'] + 1} gate failed: {'; '.join(result['reasons'])}"
+        status = "paused" if d["on_failure"] == "pause" else "rolling_back"
+        self._save_deployment(conn, d, status=status, reason=reason[:2000], wave_results=db.dumps(results))
+        log.warning("deployment %s: %s -> %s", d["id"], reason, status)
+
+    def _advance_rollback(self, conn: Connection, d: dict[str, Any], rows: list[dict[str, Any]], dev: dict[str, dict[str, Any]],
+                          now: float, outbox: list[tuple[str, str, Any]]) -> None:
+        for r in rows:
+            if r["status"] == "pending":
+                r.update(status="not_sent", detail="the deployment was rolled back before this device's wave", updated_at=now)
+                self._save_row(conn, r)
+            moved = r["status"] in ("sent", "in_progress", "activated", "timed_out")
+            resend = r["status"] == "rollback_sent" and now - r["updated_at"] > self._resend_s
+            if not (moved or resend):
+                continue
+            if moved:
+                r.update(status="rollback_sent", rollback_cmd_id=new_id(), rollback_sent_at=now)
+            r["updated_at"] = now
+            self._save_row(conn, r)
+            cmd = RollbackCommand(cmd_id=r["rollback_cmd_id"], deployment_id=d["id"], model=d["model"], to_version=r["previous_version"])
+            outbox.append((dev[r["device_id"]]["fleet"], r["device_id"], cmd))
+        if not any(r["status"] == "rollback_sent" for r in rows):
+            self._save_deployment(conn, d, status="rolled_back", finished_at=now)
+
+    @staticmethod
+    def _save_deployment(conn: Connection, d: dict[str, Any], **values: Any) -> None:
+        # Conditional on the status we read: an operator's pause/rollback in between wins.
+        n = conn.execute(update(db.deployments).where(db.deployments.c.id == d["id"], db.deployments.c.status == d["status"])
+                         .values(updated_at=time.time(), **values)).rowcount
+        if n:
+            d.update(values)
+
+
+def _deployment_view(d: Any) -> dict[str, Any]:
+    return {
+        "id": d["id"], "model": d["model"], "version": d["version"], "selectors": db.loads(d["selectors"], []),
+        "policy": asdict(RolloutPolicy(waves=tuple(db.loads(d["waves"], [100.0])), soak_s=d["soak_s"], timeout_s=d["timeout_s"],
+                                       max_error_rate=d["max_error_rate"], max_p95_regression=d["max_p95_regression"],
+                                       min_healthy=d["min_healthy"], on_failure=d["on_failure"])),
+        "status": d["status"], "current_wave": d["current_wave"], "created_at": d["created_at"], "updated_at": d["updated_at"],
+        "finished_at": d["finished_at"], "reason": d["reason"], "wave_results": db.loads(d["wave_results"], []),
+    }

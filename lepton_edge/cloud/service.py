@@ -1,0 +1,279 @@
+"""The cloud service, in-process or as a child process.
+
+In-process (the demo, the fleet benchmark, tests)::
+
+    from lepton_edge.cloud.service import CloudService, ServiceConfig
+    svc = CloudService(ServiceConfig(db="state/cloud.db", broker_url="mqtt://127.0.0.1:1883",
+                                     artifacts="state/artifacts", token="secret",
+                                     trusted_keys=[Path("keys/lepton.pub")])).start()
+    svc.url, svc.token          # the HTTP API; also svc.registry / svc.fleet / svc.rollouts
+    svc.stop()
+
+With ``broker_url=None`` the service starts its own Mosquitto (``lepton_edge.cloud.broker``)
+with per-device passwords and ACL under ``state_dir/broker``. As a child process::
+
+    proc = spawn_service(["--db", "...", "--broker", "mqtt://...", "--trusted-key", "k.pub"])
+    proc.url, proc.token; proc.stop()   # or proc.kill() for a crash
+
+which runs ``lepton-edge cloud serve`` and waits for its ``ready {json}`` line on stdout.
+
+Threads: uvicorn serves the API; the ingestor stores MQTT traffic; the engine thread
+renews the leader lease every ``tick_s`` and, while it holds it, steps the rollouts.
+Nothing lives outside the database, so replicas (same ``--db``, same broker, distinct
+``--replica-id``) are interchangeable.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import secrets
+import socket
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import delete, select
+
+from . import broker_auth, db
+from .artifacts import ArtifactStore, open_store
+from .errors import CloudConfigError, CloudError
+from .fleet import Fleet
+from .ingest import Ingestor
+from .leader import Lease
+from .registry import Registry
+from .rollout import Rollouts
+
+__all__ = ["CloudService", "ServiceConfig", "spawn_service", "ServiceProcess"]
+
+log = logging.getLogger("lepton_edge.cloud.service")
+
+
+@dataclass
+class ServiceConfig:
+    db: str = "lepton-cloud/cloud.db"
+    broker_url: str | None = None
+    artifacts: str = "lepton-cloud/artifacts"
+    token: str | None = None
+    trusted_keys: list[Path] = field(default_factory=list)
+    allow_unsigned: bool = False
+    host: str = "127.0.0.1"
+    port: int = 0
+    public_url: str | None = None
+    public_broker_url: str | None = None
+    state_dir: Path = Path("lepton-cloud")
+    auth_dir: Path | None = None
+    broker_username: str | None = broker_auth.SERVICE_USER
+    broker_password: str | None = None
+    replica_id: str | None = None
+    tick_s: float = 1.0
+    lease_ttl_s: float = 10.0
+    resend_s: float = 30.0
+    baseline_window_s: float = 600.0
+    telemetry_retention_s: float = 7 * 86400
+
+
+class CloudService:
+    def __init__(self, config: ServiceConfig, *, store: ArtifactStore | None = None) -> None:
+        self.config = config
+        self.replica_id = config.replica_id or f"{socket.gethostname()}-{os.getpid()}-{secrets.token_hex(3)}"
+        self.token = config.token or secrets.token_urlsafe(24)
+        self._store_override = store
+        self._stop = threading.Event()
+        self._threads: list[threading.Thread] = []
+        self._server: Any = None
+        self.broker: Any = None
+        self.ingestor: Ingestor | None = None
+        self.lease: Lease | None = None
+        self.url = ""
+
+    # ------------------------------------------------------------------ lifecycle
+    def start(self) -> "CloudService":
+        cfg = self.config
+        self.engine = db.connect(cfg.db)
+        self.store = self._store_override or open_store(cfg.artifacts)
+        self.registry = Registry(self.engine, self.store, cfg.trusted_keys, allow_unsigned=cfg.allow_unsigned)
+        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind((cfg.host, cfg.port))
+        except OSError as e:
+            raise CloudConfigError(f"cannot listen on {cfg.host}:{cfg.port}: {e.strerror}", hint="choose another --port") from None
+        port = sock.getsockname()[1]
+        self.url = f"http://{cfg.host}:{port}"
+        try:
+            self._start_broker_side()
+            pem = [p.read_text() for p in self.registry.trusted_key_paths]
+            self.fleet = Fleet(self.engine, auth_dir=self._auth_dir, service_password_hash=self._service_hash,
+                               on_auth_change=self.broker.reload if self.broker is not None else None,
+                               public_broker_url=cfg.public_broker_url or self.broker_url, trusted_keys_pem=pem)
+            if self._auth_dir is not None:
+                self.fleet.sync_auth()
+            if self.broker is not None:
+                self.broker.start()
+                self.broker_url = self.broker.url
+                self.fleet._public_broker_url = cfg.public_broker_url or self.broker_url
+            self.ingestor = Ingestor(self.engine, self.broker_url, replica_id=self.replica_id,
+                                     username=cfg.broker_username, password=self._service_password)
+            try:
+                self.ingestor.start()
+            except ConnectionError as e:
+                raise CloudConfigError(f"cannot connect to the MQTT broker: {e}", hint="check --broker and its credentials") from None
+            self.rollouts = Rollouts(self.engine, self.registry, self.ingestor.publish, public_url=cfg.public_url or self.url,
+                                     baseline_window_s=cfg.baseline_window_s, resend_s=cfg.resend_s)
+            self.lease = Lease(self.engine, "rollouts", self.replica_id, cfg.lease_ttl_s)
+            self._start_http(sock)
+            self._spawn(self._engine_loop, "lepton-rollouts")
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def _start_broker_side(self) -> None:
+        cfg = self.config
+        if cfg.broker_url is None:
+            from .broker import ManagedMosquitto
+
+            with self.engine.begin() as conn:
+                stored = conn.execute(select(db.settings.c.value).where(db.settings.c.key == "service_mqtt_password")).scalar()
+                if stored is None:
+                    stored = broker_auth.new_password()
+                    conn.execute(db.settings.insert().values(key="service_mqtt_password", value=stored))
+            self._service_password = stored
+            self.broker = ManagedMosquitto(Path(cfg.state_dir) / "broker", auth=True)
+            self._auth_dir: Path | None = self.broker.workdir
+            self.broker_url = self.broker.url
+        else:
+            self._service_password = cfg.broker_password
+            self._auth_dir = cfg.auth_dir
+            self.broker_url = cfg.broker_url
+        self._service_hash = broker_auth.hash_password(self._service_password) if self._service_password else None
+
+    def _start_http(self, sock: socket.socket) -> None:
+        import uvicorn
+
+        from .api import create_app
+
+        config = uvicorn.Config(create_app(self), log_level="warning", access_log=False, lifespan="off", timeout_keep_alive=5)
+        self._server = uvicorn.Server(config)
+        self._server.install_signal_handlers = lambda: None  # type: ignore[method-assign]
+        self._spawn(lambda: self._server.run(sockets=[sock]), "lepton-http")
+        deadline = time.monotonic() + 20
+        while not self._server.started:
+            if time.monotonic() > deadline or not self._threads[-1].is_alive():
+                raise CloudError("the HTTP server did not start")
+            time.sleep(0.02)
+
+    def _spawn(self, target: Any, name: str) -> None:
+        t = threading.Thread(target=target, name=name, daemon=True)
+        t.start()
+        self._threads.append(t)
+
+    def _engine_loop(self) -> None:
+        assert self.lease is not None
+        last_prune = 0.0
+        while not self._stop.is_set():
+            try:
+                if self.lease.acquire():
+                    self.rollouts.tick()
+                    if time.monotonic() - last_prune > 600:
+                        last_prune = time.monotonic()
+                        with self.engine.begin() as conn:
+                            conn.execute(delete(db.telemetry).where(db.telemetry.c.received_at < time.time() - self.config.telemetry_retention_s))
+            except Exception:
+                log.exception("rollout engine tick failed; retrying")
+            self._stop.wait(self.config.tick_s)
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._server is not None:
+            self._server.should_exit = True
+        for t in self._threads:
+            t.join(10)
+        if self.lease is not None and self.lease.held:
+            try:
+                self.lease.release()
+            except Exception:
+                pass
+        if self.ingestor is not None:
+            self.ingestor.stop()
+        if self.broker is not None:
+            self.broker.stop()
+        if getattr(self, "engine", None) is not None:
+            self.engine.dispose()
+
+    def __enter__(self) -> "CloudService":
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    # ------------------------------------------------------------------ for the API
+    @property
+    def is_leader(self) -> bool:
+        return bool(self.lease and self.lease.held)
+
+    def ingest_stats(self) -> dict[str, int]:
+        return dict(self.ingestor.stats) if self.ingestor else {}
+
+    def ingest_backlog(self) -> int:
+        return self.ingestor.backlog if self.ingestor else 0
+
+
+class ServiceProcess:
+    """A ``lepton-edge cloud serve`` child process."""
+
+    def __init__(self, proc: subprocess.Popen, info: dict[str, Any]) -> None:
+        self.proc, self.info = proc, info
+        self.url, self.token, self.replica_id = info["url"], info["token"], info["replica"]
+
+    def stop(self, timeout: float = 15.0) -> None:
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(5)
+
+    def kill(self) -> None:
+        """A crash: SIGKILL, no lease release, no goodbye."""
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(5)
+
+
+def spawn_service(args: list[str], *, timeout: float = 60.0, env: dict[str, str] | None = None,
+                  log_path: Path | None = None) -> ServiceProcess:
+    """Run ``lepton-edge cloud serve ARGS`` and wait until it says it is ready."""
+    stderr = open(log_path, "ab") if log_path else subprocess.DEVNULL
+    proc = subprocess.Popen([sys.executable, "-m", "lepton_edge.cli", "cloud", "serve", *args], stdout=subprocess.PIPE,
+                            stderr=stderr, stdin=subprocess.DEVNULL, env={**os.environ, **(env or {})}, text=True)
+    result: dict[str, Any] = {}
+
+    def read() -> None:
+        assert proc.stdout is not None
+        for line in proc.stdout:
+            if line.startswith("ready "):
+                result.update(json.loads(line[6:]))
+                break
+        # Keep draining so the child never blocks on a full pipe.
+        for _ in proc.stdout:
+            pass
+
+    reader = threading.Thread(target=read, daemon=True)
+    reader.start()
+    deadline = time.monotonic() + timeout
+    while not result:
+        if proc.poll() is not None or time.monotonic() > deadline:
+            if proc.poll() is None:
+                proc.kill()
+            raise CloudError(f"`lepton-edge cloud serve` did not become ready (exit code {proc.poll()})",
+                             hint=f"see {log_path}" if log_path else None)
+        time.sleep(0.05)
+    return ServiceProcess(proc, result)

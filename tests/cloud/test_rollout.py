@@ -1,0 +1,104 @@
+"""Staged rollouts against a real Mosquitto, real HTTP downloads and simulated lepton/v1 devices."""
+
+from __future__ import annotations
+
+import pytest
+
+from lepton_edge.cloud.client import CloudClient
+from lepton_edge.cloud.simdevice import SimBehaviour
+
+from cloud_helpers import wait_deployment, wait_for
+
+
+def _setup(svc, sim_fleet, cloud_bundles, n: int, *, behaviour=None, extra=()):
+    client = CloudClient(svc.url, svc.token)
+    for v in ("1", "2"):
+        for p in ("rpi5", "x86-avx2"):
+            client.push(cloud_bundles(v, p))
+    fleet = sim_fleet(svc.broker_url)
+    fleet.enroll(client, [f"pi-{i:02d}" for i in range(n)], profile="rpi5", tags={"site": "berlin"}, behaviour=behaviour)
+    for device_id, profile, tags in extra:
+        fleet.enroll(client, [device_id], profile=profile, tags=tags)
+    fleet.start(initial={"digits": "1"})
+    wait_for(lambda: all(d["status"] == "online" for d in client.devices()), 15, "devices online")
+    # A baseline: the old version's telemetry is in before the deployment starts.
+    wait_for(lambda: all(d["p95_ms"] is not None for d in client.devices()), 15, "baseline telemetry")
+    return client, fleet
+
+
+def test_rollout_goes_wave_by_wave_and_reports_devices_without_bundle(start_service, private_broker, sim_fleet, cloud_bundles):
+    svc = start_service(broker_url=private_broker.url)
+    client, fleet = _setup(svc, sim_fleet, cloud_bundles, 8,
+                           extra=[("x86-01", "x86-avx2", {"site": "berlin"}), ("nano-01", "jetson-nano", {"site": "berlin"}),
+                                  ("pi-paris", "rpi5", {"site": "paris"})])
+    d = client.deploy("digits", "2", ["tag:site=berlin"], waves="20%,50%,100%", soak="0.3s", timeout="20s")
+    assert d["missing_bundles"] == ["nano-01"]
+    assert [w["devices"] for w in d["waves_detail"]] == [2, 3, 4]  # 9 devices with a bundle: ceil(20%)=2, ceil(50%)=5, 9
+    final = wait_deployment(client, d["id"])
+    assert final["status"] == "completed", final["reason"]
+    assert [g["passed"] for g in final["wave_results"]] == [True, True, True]
+    by_id = {x["device_id"]: x for x in final["devices"]}
+    assert by_id["nano-01"]["status"] == "no_bundle" and "no bundle for profile jetson-nano" in by_id["nano-01"]["detail"]
+    assert "pi-paris" not in by_id
+    for device_id, sim in fleet.devices.items():
+        expected = "1" if device_id in ("nano-01", "pi-paris") else "2"
+        assert sim.active["digits"] == expected, device_id
+    # Waves are sequential: nothing of wave k+1 was sent before every device of wave k had settled.
+    for k in (0, 1):
+        settled = max(x["activated_at"] for x in final["devices"] if x["wave"] == k)
+        assert min(x["sent_at"] for x in final["devices"] if x["wave"] == k + 1) >= settled
+    assert all(x["previous_version"] == "1" for x in final["devices"] if x["wave"] >= 0)
+    # x86 device got its own profile's bundle, not the rpi5 one.
+    x86_download = [e for e in fleet.devices["x86-01"].events if e.type == "download_complete"]
+    assert x86_download and x86_download[0].data["bytes"] == cloud_bundles("2", "x86-avx2").stat().st_size
+    devices = {x["device_id"]: x for x in client.devices()}
+    assert devices["pi-00"]["active"] == {"digits": "2"} and devices["pi-paris"]["active"] == {"digits": "1"}
+
+
+def test_gate_failure_rolls_back_every_device_that_moved(start_service, private_broker, sim_fleet, cloud_bundles):
+    svc = start_service(broker_url=private_broker.url)
+    bad = SimBehaviour(error_rate={"2": 0.2})
+    client, fleet = _setup(svc, sim_fleet, cloud_bundles, 6, behaviour=bad)
+    d = client.deploy("digits", "2", ["profile:rpi5"], waves="50%,100%", soak="0.5s", timeout="20s", max_error_rate="1%")
+    final = wait_deployment(client, d["id"])
+    assert final["status"] == "rolled_back"
+    gate = final["wave_results"][0]
+    assert not gate["passed"] and gate["error_rate"] == pytest.approx(0.2, abs=0.01)
+    assert "error rate" in final["reason"]
+    statuses = sorted(x["status"] for x in final["devices"])
+    assert statuses == ["not_sent"] * 3 + ["rolled_back"] * 3
+    assert all(sim.active["digits"] == "1" for sim in fleet.devices.values())
+    moved = [sim for sim in fleet.devices.values() if any(e.type == "rolled_back" for e in sim.events)]
+    assert len(moved) == 3
+
+
+def test_p95_regression_gate_pauses_when_asked(start_service, private_broker, sim_fleet, cloud_bundles):
+    svc = start_service(broker_url=private_broker.url)
+    slow = SimBehaviour(p95_ms={"1": 2.0, "2": 3.0})
+    client, fleet = _setup(svc, sim_fleet, cloud_bundles, 4, behaviour=slow)
+    d = client.deploy("digits", "2", ["all"], waves="50%,100%", soak="0.5s", timeout="20s", max_p95_regression="20%",
+                      on_failure="pause")
+    paused = wait_deployment(client, d["id"], ("paused",))
+    gate = paused["wave_results"][0]
+    assert gate["p95_old_ms"] == pytest.approx(2.0) and gate["p95_new_ms"] == pytest.approx(3.0)
+    assert "p95" in paused["reason"] and "+50%" in paused["reason"]
+    # The operator overrides: rollback by hand.
+    client.steer(d["id"], "rollback")
+    final = wait_deployment(client, d["id"])
+    assert final["status"] == "rolled_back"
+    assert all(sim.active["digits"] == "1" for sim in fleet.devices.values())
+
+
+def test_failed_activation_and_offline_device_count_as_failed_not_in_progress(start_service, private_broker, sim_fleet, cloud_bundles):
+    svc = start_service(broker_url=private_broker.url)
+    client, fleet = _setup(svc, sim_fleet, cloud_bundles, 5)
+    fleet.devices["pi-01"].behaviour.fail_activation.add("2")
+    fleet.devices["pi-02"].crash()  # its Last Will marks it offline
+    wait_for(lambda: client.device("pi-02")["status"] == "offline", 10, "pi-02 offline via its Last Will")
+    d = client.deploy("digits", "2", ["all"], soak="0.3s", timeout="3s", min_healthy="50%")
+    final = wait_deployment(client, d["id"])
+    by_id = {x["device_id"]: x for x in final["devices"]}
+    assert by_id["pi-01"]["status"] == "failed" and "activation_failed" in by_id["pi-01"]["detail"]
+    assert by_id["pi-02"]["status"] == "timed_out"
+    assert final["status"] == "completed"  # 3 of 5 healthy ≥ 50%
+    assert final["wave_results"][0]["healthy"] == pytest.approx(0.6)
