@@ -195,9 +195,16 @@ class ManagedMosquitto:
         return text.splitlines()[-1] if text else "no log output"
 
     def reload(self) -> None:
-        """SIGHUP: re-read the password and ACL files. Returns once the broker has applied them."""
-        if not self.running():
-            raise BrokerError("cannot reload the broker: it is not running")
+        """SIGHUP: re-read the password and ACL files. Returns once the broker has applied them.
+
+        A broker not started yet (or stopped) has nothing to reload: :meth:`start` reads the
+        files. One that died on its own is an error.
+        """
+        if self._proc is None:
+            return
+        if self._proc.poll() is not None:
+            raise BrokerError(f"cannot reload the broker: mosquitto exited with code {self._proc.returncode}",
+                              hint=f"see {self.log_path}")
         offset = self.log_path.stat().st_size if self.log_path.exists() else 0
         self._proc.send_signal(signal.SIGHUP)
         deadline = time.monotonic() + _RELOAD_TIMEOUT_S

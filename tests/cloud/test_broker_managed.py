@@ -72,6 +72,14 @@ def test_missing_binary_says_how_to_install(tmp_path, monkeypatch):
     assert "apt-get install mosquitto" in str(e.value) and "--broker" in str(e.value)
 
 
-def test_reload_of_a_stopped_broker_is_refused(tmp_path):
-    with pytest.raises(BrokerError, match="not running"):
-        ManagedMosquitto(tmp_path).reload()
+def test_reload_before_start_is_a_no_op_and_after_a_crash_an_error(tmp_path):
+    broker = ManagedMosquitto(tmp_path)
+    broker.reload()  # start() reads the files anyway
+    broker.start()
+    try:
+        broker._proc.kill()
+        broker._proc.wait(5)
+        with pytest.raises(BrokerError, match="exited"):
+            broker.reload()
+    finally:
+        broker.stop()
