@@ -16,6 +16,8 @@ Public API: the config classes, :func:`quantize_static_int8`, :func:`quantize_dy
 from __future__ import annotations
 
 import contextlib
+import io
+import logging
 import os
 import tempfile
 from collections.abc import Iterator
@@ -32,15 +34,32 @@ __all__ = ["StaticInt8Config", "DynamicInt8Config", "Fp16Config", "quantize_stat
            "convert_fp16", "sensitive_nodes", "count_quantized_ops", "preprocess_for_quantization"]
 
 
+class _Collect(logging.Handler):
+    def __init__(self) -> None:
+        super().__init__(logging.WARNING)
+        self.messages: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        msg = record.getMessage().splitlines()[0][:200]
+        if msg not in self.messages and len(self.messages) < 10:
+            self.messages.append(msg)
+
+
 @contextlib.contextmanager
-def _in_temp_dir() -> Iterator[Path]:
+def _in_temp_dir() -> Iterator[_Collect]:
+    """cwd in a private temp dir, and the quantizer's root-logger warnings collected for the report, not printed."""
     old = os.getcwd()
+    root = logging.getLogger()
+    collect = _Collect()
+    saved = root.handlers[:]
+    root.handlers = [collect]
     with tempfile.TemporaryDirectory(prefix="lepton-quant-") as d:
         os.chdir(d)
         try:
-            yield Path(d)
+            yield collect
         finally:
             os.chdir(old)
+            root.handlers = saved
 
 
 class StaticInt8Config(PassConfig):
@@ -64,6 +83,13 @@ class DynamicInt8Config(PassConfig):
 class Fp16Config(PassConfig):
     keep_io_types: bool = Field(default=True, description="Inputs and outputs stay float32, so clients and golden vectors do not change.")
     op_block_list: tuple[str, ...] = Field(default=(), description="Op types kept in float32 (added to onnxconverter-common's defaults).")
+
+
+def _settings(config: PassConfig, log: _Collect) -> dict[str, Any]:
+    out = config.model_dump(mode="json")
+    if log.messages:
+        out["quantizer_warnings"] = log.messages
+    return out
 
 
 def _qtype(name: str) -> Any:
@@ -110,12 +136,14 @@ class _Reader:
 def quantize_static_int8(config: StaticInt8Config, src: Path, out: Path, *, input_name: str, calib_x: np.ndarray, fixed_batch: int | None = None) -> dict[str, Any]:
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, quantize_static
 
-    x = calib_x[: config.calibration_samples]
-    method = {"minmax": CalibrationMethod.MinMax, "entropy": CalibrationMethod.Entropy, "percentile": CalibrationMethod.Percentile}[config.calibration]
-    # Entropy/percentile keep histograms per tensor; smaller batches keep memory flat.
     batch = fixed_batch or (8 if config.calibration != "minmax" else 32)
+    # The histogram calibrators stack per-batch arrays and fail on a short last batch.
+    n = min(len(calib_x), config.calibration_samples)
+    x = calib_x[: max(batch, n - n % batch)] if n >= batch else calib_x[:n]
+    batch = min(batch, len(x))
+    method = {"minmax": CalibrationMethod.MinMax, "entropy": CalibrationMethod.Entropy, "percentile": CalibrationMethod.Percentile}[config.calibration]
     extra = {"CalibMaxIntermediateOutputs": 64} if config.calibration != "minmax" else {}
-    with _in_temp_dir():
+    with _in_temp_dir() as log, contextlib.redirect_stdout(io.StringIO()):
         try:
             quantize_static(
                 str(src), str(out), _Reader(input_name, x, batch),
@@ -126,21 +154,21 @@ def quantize_static_int8(config: StaticInt8Config, src: Path, out: Path, *, inpu
             )
         except Exception as e:  # the quantizer's failures are untyped
             raise ConversionError(f"static INT8 quantization failed: {str(e).splitlines()[0][:200]}") from None
-    return config.model_dump(mode="json")
+    return _settings(config, log)
 
 
 @register_pass("int8-dynamic", stage="precision", description="INT8 weights, activations quantized at run time (transformers).", config=DynamicInt8Config)
 def quantize_dynamic_int8(config: DynamicInt8Config, src: Path, out: Path) -> dict[str, Any]:
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
-    with _in_temp_dir():
+    with _in_temp_dir() as log:
         try:
             quantize_dynamic(str(src), str(out), op_types_to_quantize=list(config.op_types), per_channel=config.per_channel,
                              reduce_range=config.reduce_range, weight_type=QuantType.QInt8,
                              nodes_to_exclude=list(config.nodes_to_exclude) or None)
         except Exception as e:
             raise ConversionError(f"dynamic INT8 quantization failed: {str(e).splitlines()[0][:200]}") from None
-    return config.model_dump(mode="json")
+    return _settings(config, log)
 
 
 @register_pass("fp16", stage="precision", description="Float16 weights and compute, float32 inputs/outputs (GPUs, Jetson).", config=Fp16Config)
@@ -171,7 +199,7 @@ def count_quantized_ops(path: Path) -> dict[str, int]:
             continue
         total += 1
         if n.op_type.startswith("QLinear") or n.op_type in ("ConvInteger", "MatMulInteger", "DynamicQuantizeMatMul", "MatMulIntegerToFloat") \
-                or (dq_out and any(i in dq_out for i in n.input[:2]) and n.op_type in ("Conv", "MatMul", "Gemm", "ConvTranspose")):
+                or (len(n.input) > 1 and all(i in dq_out for i in n.input[:2]) and n.op_type in ("Conv", "MatMul", "Gemm", "ConvTranspose")):
             quantized += 1
     return {"quantized_ops": quantized, "compute_ops": total}
 
@@ -182,34 +210,33 @@ def count_quantized_ops(path: Path) -> dict[str, int]:
 def sensitive_nodes(fp32_path: Path, qdq_path: Path, x: np.ndarray, *, threads: int, limit: int = 16) -> list[tuple[str, float]]:
     """Nodes ranked by how much error they add when quantized: ``[(node name, added error)]``.
 
-    Every float tensor a node produces exists under the same name in the QDQ model (QDQ
-    wraps tensors, it does not rename them), so both models are run with those tensors as
-    extra outputs. A node's added error is the relative L2 error of its output minus the
-    worst error among its inputs: a layer that merely passes on upstream error scores low.
+    QDQ wraps tensors without renaming them, so a float tensor produced by the same kind
+    of node in both models is compared directly (relative L2 error), with both models run
+    unoptimised and those tensors as extra outputs. Tensors of nodes the quantizer removed
+    (Relu/Clip folded into a quantized range) inherit the error of their inputs. A node's
+    added error is its output's error minus the worst error among its inputs: a layer that
+    merely passes on upstream error scores low.
     """
     import onnx
 
     fp = onnx.load(str(fp32_path))
     qd = onnx.load(str(qdq_path))
-    q_tensors = {o for n in qd.graph.node for o in n.output}
-    graph_inputs = {i.name for i in fp.graph.input}
+    q_producer = {o: n.op_type for n in qd.graph.node for o in n.output}
     inits = {i.name for i in fp.graph.initializer}
-    candidates = [n for n in fp.graph.node if n.output and n.output[0] in q_tensors and n.op_type not in ("Constant", "Shape")]
-    names = sorted({n.output[0] for n in candidates})
-    a = _intermediates(fp, names, x, threads)
-    b = _intermediates(qd, names, x, threads)
-    err: dict[str, float] = {}
-    for t in names:
+    same = sorted({n.output[0] for n in fp.graph.node if n.output and q_producer.get(n.output[0]) == n.op_type})
+    a = _intermediates(fp, same, x, threads)
+    b = _intermediates(qd, same, x, threads)
+    err: dict[str, float] = {i.name: 0.0 for i in fp.graph.input}
+    scores = []
+    for n in fp.graph.node:  # ONNX graphs are stored in topological order
+        upstream = max((err.get(i, 0.0) for i in n.input if i and i not in inits), default=0.0)
+        t = n.output[0] if n.output else None
         if t in a and t in b and a[t].shape == b[t].shape and np.issubdtype(a[t].dtype, np.floating):
             ref = a[t].astype(np.float64)
             err[t] = float(np.linalg.norm(ref - b[t]) / (np.linalg.norm(ref) + 1e-12))
-    scores = []
-    for n in candidates:
-        out = n.output[0]
-        if out not in err:
-            continue
-        upstream = [err.get(i, 0.0) for i in n.input if i and i not in inits and i not in graph_inputs]
-        scores.append((n.name, err[out] - max(upstream, default=0.0)))
+            scores.append((n.name, err[t] - upstream))
+        for o in n.output:
+            err.setdefault(o, upstream)
     scores.sort(key=lambda s: -s[1])
     return [(name, s) for name, s in scores[:limit] if s > 0]
 
@@ -235,10 +262,27 @@ def _intermediates(model: Any, names: list[str], x: np.ndarray, threads: int) ->
     return dict(zip(out_names, res))
 
 
-def consumers_of(model_path: Path, node_names: list[str]) -> list[str]:
-    """The nodes that read the outputs of ``node_names``: excluding both keeps that tensor float."""
+def keep_float(model_path: Path, node_names: list[str]) -> list[str]:
+    """Nodes to exclude so the inputs of ``node_names`` stay float.
+
+    A node's measured error comes from the quantization of its inputs (the float tensors
+    keep their names, the dequantized copies do not), so the node and the producers of its
+    activation inputs are excluded; element-wise activations (Relu, Clip) pass the
+    exclusion one step further up, or onnxruntime would quantize them on their own.
+    """
     import onnx
 
     model = onnx.load(str(model_path), load_external_data=False)
-    outs = {o for n in model.graph.node if n.name in node_names for o in n.output}
-    return [n.name for n in model.graph.node if any(i in outs for i in n.input)]
+    producer = {o: n for n in model.graph.node for o in n.output}
+    inits = {i.name for i in model.graph.initializer}
+    keep: set[str] = set(node_names)
+    frontier = [n for n in model.graph.node if n.name in node_names]
+    for node in frontier:
+        for i in node.input:
+            p = producer.get(i)
+            if i in inits or p is None or p.name in keep:
+                continue
+            keep.add(p.name)
+            if p.op_type in ("Relu", "Clip", "LeakyRelu", "Sigmoid", "Tanh", "HardSwish", "Identity"):
+                frontier.append(p)
+    return sorted(keep)

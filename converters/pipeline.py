@@ -25,7 +25,7 @@ from lepton_edge.console import warn
 from lepton_edge.profiles import DeviceProfile, host_matches, load_profile
 from lepton_edge.runtimes import RuntimeLoadError, open_session
 
-from .candidates import consumers_of, count_quantized_ops, preprocess_for_quantization, sensitive_nodes
+from .candidates import keep_float, count_quantized_ops, preprocess_for_quantization, sensitive_nodes
 from .data import Dataset, load_dataset, split_holdout, synthetic_dataset
 from .errors import CalibrationDataError, ConversionError, InputShapeError, ModelTooLargeError, NoCandidateError, PruningError, UnsupportedModelError
 from .evaluate import compare, measure_latency, rss_bytes, run_batched, task_of
@@ -86,6 +86,8 @@ def convert(
         raise PruningError(f"prune ratio {prune} must be between 0 and 0.95")
     if latency_runs is not None and latency_runs < 1:
         raise ConversionError("latency_runs must be at least 1")
+    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9.+_-]{0,63}", version):
+        raise ConversionError(f"version {version!r} must start with a letter or digit and hold only letters, digits and . + _ -")
     with tempfile.TemporaryDirectory(prefix="lepton-convert-") as work:
         job = _Conversion(prof, Path(work), progress, latency_runs or DEFAULT_LATENCY_RUNS)
         return job.run(source, output_dir=Path(output_dir), calib=calib, eval_data=eval_data, max_drop=max_drop,
@@ -132,6 +134,9 @@ class _Conversion:
             name: str | None, version: str, input_shape: tuple[int, ...] | None, prune: float | None, allow_synthetic: bool) -> ConversionResult:
         t_start = time.perf_counter()
         src: LoadedSource = self.step("load", {"input_shape": input_shape}, source)
+        out_dir = output_dir / f"{_safe_name(name or src.name)}-{version}-{self.profile.id}"
+        if out_dir.exists():
+            raise ConversionError(f"{out_dir} already exists", hint="choose another -o directory, --version, or remove it")
         calib_ds = self._load_data(calib, "calibration", src.sample_shape)
         if src.is_torch and src.sample_shape is None and calib_ds is not None:
             src.sample_shape = tuple(int(d) for d in calib_ds.x.shape[1:])
@@ -273,6 +278,10 @@ class _Conversion:
             too_big.append(f"needs ~{c.memory_bytes / 2**20:.1f} MiB > memory_mb {lim.memory_mb}")
         c.fits_limits = not too_big
         notes = [c.note] if c.note else []
+        if c.precision.startswith("int8") and c.quantized_ops == 0:
+            # Excluding every node leaves the FP32 model under another name; it is not an INT8 result.
+            c.within_budget = False
+            notes.append("no op left in INT8: this is the FP32 model")
         if not c.within_budget:
             notes.append(why)
         notes += too_big
@@ -295,7 +304,8 @@ class _Conversion:
         c = Candidate(name, precision, "onnxruntime")
         t0 = time.perf_counter()
         try:
-            c.settings = self.step(pass_name, config, self.quant_input if pass_name == "int8-static" else self.fp32, out, **kwargs)
+            src = self._quant_input() if pass_name.startswith("int8") else self.fp32
+            c.settings = self.step(pass_name, config, src, out, **kwargs)
             c.path = out
         except ConversionError as e:
             c.note = e.message
@@ -320,10 +330,15 @@ class _Conversion:
             elif precision == "fp16":
                 self._build("fp16", "fp16", "fp16", {})
 
+    def _quant_input(self) -> Path:
+        """The FP32 model after onnxruntime's quantization pre-processing, made once."""
+        path = self.work / "fp32-preprocessed.onnx"
+        if not path.exists():
+            self.notes += preprocess_for_quantization(self.fp32, path)
+        return path
+
     def _int8_static_search(self) -> None:
         q = self.profile.quantization
-        self.quant_input = self.work / "fp32-preprocessed.onnx"
-        self.notes += preprocess_for_quantization(self.fp32, self.quant_input)
         base = {"format": q.format, "per_channel": q.per_channel, "reduce_range": q.reduce_range, "activation_type": q.activation_type,
                 "weight_type": q.weight_type, "calibration": q.calibration, "calibration_samples": q.calibration_samples}
         kw = {"input_name": self.info.input_name, "calib_x": self.calib_ds.x, "fixed_batch": self.info.input_shape[0]}
@@ -332,13 +347,15 @@ class _Conversion:
             return
         # Retry 1: keep the nodes that add the most error in float.
         self.say("sensitivity", "finding the nodes most sensitive to quantization")
-        ranked = sensitive_nodes(self.quant_input, first.path, self.eval_ds.x[:64], threads=self.threads)
+        ranked = sensitive_nodes(self._quant_input(), first.path, self.eval_ds.x[:64], threads=self.threads)
         self.sensitivity = [{"node": n, "added_error": round(s, 5)} for n, s in ranked]
+        tried: set[tuple[str, ...]] = set()
         for k in _SENSITIVITY_ROUNDS:
-            if not ranked or not self._budget_left() or k > len(ranked) and k != _SENSITIVITY_ROUNDS[0]:
-                break
             nodes = [n for n, _ in ranked[:k]]
-            excluded = sorted(set(nodes) | set(consumers_of(self.quant_input, nodes)))
+            excluded = keep_float(self._quant_input(), nodes)
+            if not nodes or not self._budget_left() or tuple(excluded) in tried:
+                break
+            tried.add(tuple(excluded))
             c = self._build(f"int8-{q.format}-excl{len(excluded)}", "int8", "int8-static", {**base, "nodes_to_exclude": excluded}, **kw)
             c.settings["sensitive_nodes"] = nodes
             if c.eligible:

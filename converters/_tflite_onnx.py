@@ -1,0 +1,114 @@
+"""ONNX file -> ``torch.nn.Module`` so an ONNX source takes the same litert-torch path.
+
+onnx2torch (pure Python, no TensorFlow) rebuilds the graph as a ``torch.fx.GraphModule``.
+Its op table stops at opset 17 for several ops (Shape 19, ReduceMean 18, ...), and it
+rejects ``Reshape(allowzero=1)``, which torch's dynamo exporter emits; so the model is
+first converted down to opset 17 and ``allowzero`` is cleared wherever the target shape is
+a constant without zeros (there the flag cannot change the result). onnx2torch's Reshape
+module also inspects its shape tensor at run time (``torch.any(shape == 0)``), which
+``torch.export`` cannot trace; reshapes to a constant shape become plain ``torch.reshape``
+calls with a static shape.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+__all__ = ["onnx_to_torch", "OnnxImportError", "ONNX2TORCH_MAX_OPSET"]
+
+ONNX2TORCH_MAX_OPSET = 17
+
+
+class OnnxImportError(ValueError):
+    """The ONNX file cannot be rebuilt as a torch module (the caller translates it)."""
+
+    def __init__(self, message: str, *, unsupported_op: bool = False) -> None:
+        super().__init__(message)
+        self.unsupported_op = unsupported_op
+
+
+def onnx_to_torch(path: Path) -> Any:
+    """Return an eval-mode ``torch.nn.Module`` computing the same function as ``path``."""
+    import onnx
+    from onnx import version_converter
+    from onnx2torch import convert
+
+    try:
+        model = onnx.load(str(path), load_external_data=True)
+    except Exception as e:  # protobuf and OSError both mean: not a readable ONNX file here
+        raise OnnxImportError(f"{path.name} is not a readable ONNX model: {_first_line(e)}") from None
+    opset = next((int(i.version) for i in model.opset_import if i.domain in ("", "ai.onnx")), 0)
+    if opset > ONNX2TORCH_MAX_OPSET:
+        try:
+            model = version_converter.convert_version(model, ONNX2TORCH_MAX_OPSET)
+        except Exception as e:
+            raise OnnxImportError(f"cannot convert {path.name} from opset {opset} to {ONNX2TORCH_MAX_OPSET}: {_first_line(e)}",
+                                  unsupported_op=True) from None
+    _clear_harmless_allowzero(model)
+    try:
+        module = convert(model)
+    except NotImplementedError as e:
+        raise OnnxImportError(f"onnx2torch cannot rebuild {path.name}: {_first_line(e)}", unsupported_op=True) from None
+    except Exception as e:
+        raise OnnxImportError(f"onnx2torch failed on {path.name}: {_first_line(e)}") from None
+    _static_reshapes(module)
+    return module.eval()
+
+
+def _static_reshapes(gm: Any) -> int:
+    """Replace OnnxReshape modules fed by a constant shape without zeros; return how many."""
+    import torch
+    from onnx2torch.node_converters.reshape import OnnxReshape
+
+    changed = 0
+    for node in list(gm.graph.nodes):
+        if node.op != "call_module" or not isinstance(gm.get_submodule(node.target), OnnxReshape) or len(node.args) != 2:
+            continue
+        data, shape = node.args
+        if getattr(shape, "op", None) != "get_attr":
+            continue
+        dims = [int(d) for d in _attr(gm, shape.target).reshape(-1).tolist()]
+        if 0 in dims:
+            continue
+        with gm.graph.inserting_after(node):
+            static = gm.graph.call_function(torch.reshape, (data, tuple(dims)))
+        node.replace_all_uses_with(static)
+        gm.graph.erase_node(node)
+        changed += 1
+    if changed:
+        gm.graph.eliminate_dead_code()
+        gm.delete_all_unused_submodules()
+        gm.recompile()
+    return changed
+
+
+def _attr(gm: Any, target: str) -> Any:
+    obj = gm
+    for part in target.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
+def _clear_harmless_allowzero(model: Any) -> None:
+    from onnx import numpy_helper
+
+    constants = {t.name: t for t in model.graph.initializer}
+    for node in model.graph.node:
+        if node.op_type == "Constant":
+            for a in node.attribute:
+                if a.name == "value":
+                    constants[node.output[0]] = a.t
+    for node in model.graph.node:
+        if node.op_type != "Reshape" or len(node.input) < 2 or node.input[1] not in constants:
+            continue
+        if (numpy_helper.to_array(constants[node.input[1]]) == 0).any():
+            continue
+        for a in node.attribute:
+            if a.name == "allowzero" and a.i:
+                a.i = 0
+
+
+def _first_line(e: BaseException) -> str:
+    lines = str(e).strip().splitlines()
+    return lines[0][:300] if lines else type(e).__name__

@@ -1,0 +1,88 @@
+"""``lepton-edge convert``: the command-line face of :func:`lepton_edge.converters.convert`."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import click
+
+__all__ = ["convert"]
+
+
+def _print_passes() -> None:
+    from lepton_edge.console import out, print_table
+
+    from .passes import list_passes
+
+    for p in list_passes():
+        out.print(f"[bold]{p.name}[/] ({p.stage}): {p.description}")
+        print_table(None, ["field", "type", "default", "description"], p.fields())
+
+
+class _Progress:
+    """One stderr line per pass step, with the time since the conversion started."""
+
+    def __init__(self) -> None:
+        from lepton_edge.console import err
+
+        self._err = err
+        self._t0 = time.perf_counter()
+
+    def __call__(self, stage: str, message: str) -> None:
+        self._err.print(f"[dim]{time.perf_counter() - self._t0:6.1f}s[/] [cyan]{stage:>12}[/] {message}", highlight=False)
+
+
+@click.command("convert")
+@click.argument("source", required=False)
+@click.option("--profile", "-p", "profile", help="Device profile id or alias (see `lepton-edge profiles list`).")
+@click.option("--calib", type=click.Path(path_type=Path), help=".npz with x (and optional y), or a directory of .npy files or images.")
+@click.option("--eval", "eval_data", type=click.Path(path_type=Path), help="Held-out evaluation data (default: a split of --calib).")
+@click.option("--max-drop", type=float, help="Accuracy budget: largest allowed drop (fraction, 0.01 = one point); default: the profile's.")
+@click.option("-o", "--output", "output_dir", type=click.Path(path_type=Path), default=Path("."), show_default=True, help="Directory for the bundle and its .lepton archive.")
+@click.option("--sign-key", type=click.Path(path_type=Path), help="Ed25519 private key (from `lepton-edge keys generate`); without it the bundle is unsigned.")
+@click.option("--input-shape", help="Batch-first input shape like 1x3x224x224 (needed for module:callable factories without --calib).")
+@click.option("--name", help="Bundle name (default: the source's name).")
+@click.option("--version", "version", default="1.0.0", show_default=True, help="Bundle version.")
+@click.option("--prune", type=float, help="Prune this fraction of channels (PyTorch sources only), with a recovery fine-tune.")
+@click.option("--allow-synthetic-calibration", is_flag=True, help="Calibrate on random inputs when no --calib is given (the result is not trustworthy).")
+@click.option("--profiles-dir", type=click.Path(path_type=Path), help="Extra directory of device profile YAML files.")
+@click.option("--latency-runs", type=click.IntRange(1, 100_000), help="Timed runs per candidate (default 50).")
+@click.option("--list-passes", is_flag=True, help="List the registered passes and their config fields, then exit.")
+@click.option("--json", "as_json", is_flag=True, help="Print the report as JSON instead of a table.")
+def convert(source: str | None, profile: str | None, calib: Path | None, eval_data: Path | None, max_drop: float | None,
+            output_dir: Path, sign_key: Path | None, input_shape: str | None, name: str | None, version: str, prune: float | None,
+            allow_synthetic_calibration: bool, profiles_dir: Path | None, latency_runs: int | None, list_passes: bool, as_json: bool) -> None:
+    """Convert SOURCE (model.onnx, model.pt, model.pt2 or package.module:factory) into a bundle for --profile."""
+    if list_passes:
+        _print_passes()
+        return
+    from lepton_edge.errors import LeptonEdgeError
+
+    if not source:
+        raise LeptonEdgeError("convert needs a SOURCE model", hint="lepton-edge convert model.onnx --profile x86 --calib calib.npz -o out/")
+    if not profile:
+        raise LeptonEdgeError("convert needs --profile", hint="see `lepton-edge profiles list`")
+    from lepton_edge.console import out
+    from lepton_edge.report_view import print_report
+
+    from .errors import NoCandidateError
+    from .pipeline import convert as run_convert
+
+    try:
+        result = run_convert(source, profile, output_dir=output_dir, calib=calib, eval_data=eval_data, max_drop=max_drop,
+                             sign_key=sign_key, name=name, version=version, input_shape=input_shape, prune=prune,
+                             allow_synthetic_calibration=allow_synthetic_calibration, profiles_dir=profiles_dir,
+                             latency_runs=latency_runs, progress=_Progress())
+    except NoCandidateError as e:
+        if e.report:
+            print_report(e.report)
+        raise
+    if as_json:
+        click.echo(json.dumps(result.report, indent=2, default=str))
+    else:
+        print_report(result.report)
+    signed = "signed" if sign_key else "UNSIGNED"
+    out.print(f"[bold green]bundle[/] {result.bundle_dir}  ({signed}, {result.manifest.precision}, {result.manifest.runtime.name})")
+    out.print(f"[bold green]archive[/] {result.archive}")

@@ -1,0 +1,196 @@
+"""convert() end to end on real models: bundles verify, golden vectors replay, the gate holds."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from lepton_edge.bundle import read_bundle, sha256_arrays, sha256_file
+from lepton_edge.converters import check_golden, convert
+from lepton_edge.profiles import load_profile
+from lepton_edge.runtimes import open_session
+
+from _convert_helpers import FAST, outlier_mlp
+
+
+def _replay(bundle):
+    g_in, g_out = bundle.golden_vectors()
+    sess = open_session(bundle.model_path, bundle.manifest.runtime.name, threads=1)
+    return sess.run({sess.inputs[0].name: g_in[0]}), g_out
+
+
+def test_digits_bundle_is_signed_verified_and_accurate(digits_bundle, digits, keypair):
+    _, data, fp32_acc = digits
+    r = digits_bundle
+    assert r.bundle_dir.name == "digits-1.0.0-x86-avx2" and r.archive.name == "digits-1.0.0-x86-avx2.lepton"
+    for path in (r.bundle_dir, r.archive):
+        b = read_bundle(path, trusted_keys=[keypair[1]])
+        assert b.signature_checked and b.manifest == r.manifest
+    m = r.manifest
+    assert m.inputs[0].shape == [None, 1, 8, 8] and m.inputs[0].dtype == "float32"
+    assert m.outputs[0].shape == [None, 10]
+    assert m.task == "classification" and m.runtime.threads == load_profile("x86-avx2").threads
+    assert m.calibration is not None and not m.calibration.synthetic
+    # The calibration part is the labelled training set given.
+    assert m.calibration.sha256 == sha256_arrays([data.x_train, data.y_train])
+    # The winner's true accuracy on the held-out digits is within the profile's budget of the original.
+    winner = next(c for c in r.report["candidates"] if c["chosen"])
+    assert winner["accuracy"] >= r.report["reference"]["accuracy"] - 0.01
+    assert abs(r.report["reference"]["accuracy"] - fp32_acc) < 1e-9
+
+
+def test_golden_vectors_replay_and_catch_a_wrong_model(digits_bundle, tmp_path):
+    b = read_bundle(digits_bundle.bundle_dir, allow_unsigned=True)
+    got, expected = _replay(b)
+    ok, why = check_golden(got, expected, b.manifest.golden)
+    assert ok, why
+    assert b.manifest.golden.top1_must_match and b.manifest.golden.count == 8
+    # The same model with damaged weights must fail the replay.
+    import onnx
+    from onnx import numpy_helper
+
+    model = onnx.load(str(b.model_path))
+    biggest = max(model.graph.initializer, key=lambda t: np.prod(t.dims))
+    w = numpy_helper.to_array(biggest)
+    damaged = np.random.default_rng(1).permutation(w.reshape(-1)).reshape(w.shape).astype(w.dtype)
+    biggest.CopyFrom(numpy_helper.from_array(damaged, biggest.name))
+    bad = tmp_path / "bad.onnx"
+    onnx.save(model, str(bad))
+    g_in, g_out = b.golden_vectors()
+    sess = open_session(bad, "onnxruntime", threads=1)
+    ok, why = check_golden(sess.run({sess.inputs[0].name: g_in[0]}), g_out, b.manifest.golden)
+    assert not ok and why
+
+
+def test_report_lists_every_candidate_and_the_winner_is_never_slower_than_fp32(digits_bundle):
+    rep = digits_bundle.report
+    cands = rep["candidates"]
+    names = [c["name"] for c in cands]
+    assert "fp32-optimized" in names and any(n.startswith("int8-qdq") for n in names) and any(n.startswith("int8-dynamic") for n in names)
+    for c in cands:
+        assert c["size_bytes"] > 0 and c["latency_p50_ms"] > 0 and c["latency_p95_ms"] >= c["latency_p50_ms"]
+    chosen = [c for c in cands if c["chosen"]]
+    assert len(chosen) == 1 and chosen[0]["within_budget"] and rep["winner"] == chosen[0]["name"] and rep["why"]
+    fp32 = next(c for c in cands if c["name"] == "fp32-optimized")
+    assert rep["host"]["matches_profile"] is True
+    assert chosen[0]["latency_p50_ms"] <= fp32["latency_p50_ms"]
+    faster = [c for c in cands if c["within_budget"] and c["latency_p50_ms"] < chosen[0]["latency_p50_ms"]]
+    assert not faster
+    int8 = next(c for c in cands if c["name"].startswith("int8-qdq"))
+    assert int8["size_bytes"] < 0.35 * fp32["size_bytes"] and int8["quantized_ops"] >= 4
+
+
+def test_onnx_source_keeps_its_hash_and_fits_the_jetson_opset(digits_onnx, digits, tmp_path):
+    _, data, _ = digits
+    r = convert(digits_onnx, "jetson-nano", output_dir=tmp_path, calib=(data.x_train[:300], data.y_train[:300]),
+                eval_data=(data.x_test, data.y_test), latency_runs=FAST)
+    m = r.manifest
+    assert m.source.format == "onnx" and m.source.sha256 == sha256_file(digits_onnx)
+    # jetson-nano does not match this host: the winner is the first in its precision order (fp16), said to be a proxy.
+    assert m.precision == "fp16" and r.report["host"]["matches_profile"] is False
+    assert "proxy" in r.report["latency_note"] and "proxy" in r.report["why"]
+    assert m.runtime.execution_providers[0] == "TensorrtExecutionProvider"
+    import onnx
+
+    opset = next(i.version for i in onnx.load(str(r.bundle_dir / m.model_file)).opset_import if i.domain in ("", "ai.onnx"))
+    assert opset <= 17
+    b = read_bundle(r.archive, allow_unsigned=True)
+    assert check_golden(*_replay(b), b.manifest.golden)[0]
+
+
+def test_sensitive_nodes_are_kept_in_float_and_int8_recovers(random_images, tmp_path):
+    r = convert(outlier_mlp(), "x86-avx2", output_dir=tmp_path, calib=(random_images, None), max_drop=0.02, latency_runs=FAST)
+    cands = r.report["candidates"]
+    plain = cands[1]
+    assert plain["name"] == "int8-qdq-minmax" and not plain["within_budget"]
+    assert r.report["sensitivity"], "the failed INT8 candidate must lead to a sensitivity ranking"
+    retried = [c for c in cands if c["settings"].get("nodes_to_exclude")]
+    assert retried, "the search must retry with nodes excluded"
+    good = [c for c in retried if c["within_budget"]]
+    assert good and good[0]["quantized_ops"] >= 1, "the recovered candidate keeps some layers INT8"
+    assert good[0]["quantized_ops"] < plain["quantized_ops"]
+
+
+def test_tight_budget_falls_back_to_fp32(tmp_path):
+    import torch
+    import torch.nn as nn
+
+    # A regressor under a budget (max abs error 1e-4) that no INT8 variant can meet: every
+    # variant is tried within the bound, and the optimised FP32 model wins.
+    (tmp_path / "strict.yaml").write_text(
+        "id: x86-strict\nextends: x86-avx2\ndevice: strict test box\n"
+        "accuracy_budget: {max_drop: 0.0, min_cosine: 0.99999, max_abs_error: 0.0001}\nsources: test\n")
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Flatten(), nn.Linear(64, 32), nn.ReLU(), nn.Linear(32, 32), nn.ReLU(), nn.Linear(32, 1)).eval()
+    x = np.random.default_rng(0).random((120, 1, 8, 8), dtype=np.float32)
+    r = convert(net, "x86-strict", output_dir=tmp_path / "out", calib=(x, None), latency_runs=FAST, profiles_dir=tmp_path)
+    rep = r.report
+    assert r.manifest.precision == "fp32" and rep["winner"] == "fp32-optimized" and rep["task"] == "regression"
+    assert r.manifest.task == "regression"
+    tried = [c["name"] for c in rep["candidates"]]
+    assert len(tried) >= 5 and len(tried) <= 12  # the search is bounded
+    assert any(c["settings"].get("nodes_to_exclude") for c in rep["candidates"])
+    assert any("entropy" in n for n in tried) and any("percentile" in n for n in tried)
+    assert all(not c["within_budget"] for c in rep["candidates"] if c["precision"] != "fp32")
+    assert "no quantized candidate" in rep["why"]
+
+
+@pytest.mark.slow
+def test_mobilenet_like_and_transformer_convert(tmp_path):
+    from lepton_edge.converters.zoo import mobilenet_v2_like, small_transformer
+
+    rng = np.random.default_rng(0)
+    net = mobilenet_v2_like(num_classes=10, width=0.35)
+    r = convert(net, "x86-avx2", output_dir=tmp_path, calib=(rng.random((24, 3, 64, 64), dtype=np.float32), None),
+                latency_runs=FAST, name="mnv2")
+    assert r.manifest.inputs[0].shape == [None, 3, 64, 64]
+    b = read_bundle(r.bundle_dir, allow_unsigned=True)
+    assert check_golden(*_replay(b), b.manifest.golden)[0]
+    tr = small_transformer()
+    r = convert(tr, "x86-avx2", output_dir=tmp_path, calib=(rng.standard_normal((40, 32, 128)).astype(np.float32), None),
+                latency_runs=FAST, name="tiny-encoder")
+    names = [c["name"] for c in r.report["candidates"]]
+    assert any(n.startswith("int8-dynamic") for n in names)
+    b = read_bundle(r.bundle_dir, allow_unsigned=True)
+    assert b.manifest.inputs[0].shape == [None, 32, 128]
+    assert check_golden(*_replay(b), b.manifest.golden)[0]
+
+
+def test_synthetic_calibration_needs_the_flag_and_says_so(tmp_path):
+    from lepton_edge.converters import CalibrationDataError
+
+    with pytest.raises(CalibrationDataError, match="no calibration data"):
+        convert(outlier_mlp(), "x86-avx2", output_dir=tmp_path, input_shape="1x1x8x8", latency_runs=FAST)
+    r = convert(outlier_mlp(), "x86-avx2", output_dir=tmp_path, input_shape="1x1x8x8", latency_runs=FAST,
+                allow_synthetic_calibration=True, max_drop=1.0)
+    assert r.manifest.calibration.synthetic is True
+    assert any("SYNTHETIC" in w for w in r.report["warnings"])
+
+
+def test_torchscript_and_factory_sources(digits, tmp_path):
+    import torch
+
+    model, data, _ = digits
+    ts = tmp_path / "digits.pt"
+    torch.jit.trace(model, torch.from_numpy(data.x_test[:2])).save(str(ts))
+    r = convert(ts, "x86-avx2", output_dir=tmp_path / "a", calib=(data.x_train[:400], data.y_train[:400]), latency_runs=FAST)
+    assert r.manifest.source.format == "torchscript" and r.manifest.source.sha256 == sha256_file(ts)
+    r = convert("lepton_edge.converters.zoo:digits_cnn", "x86-avx2", output_dir=tmp_path / "b", input_shape="1x1x8x8",
+                calib=(data.x_train[:200], None), latency_runs=FAST, max_drop=1.0)
+    assert r.manifest.source.format == "factory" and r.manifest.name == "digits_cnn"
+
+
+@pytest.mark.slow
+def test_pruning_shrinks_and_keeps_accuracy(digits, tmp_path):
+    model, data, _ = digits
+    r = convert(model, "x86-avx2", output_dir=tmp_path, calib=(data.x_train, data.y_train), eval_data=(data.x_test, data.y_test),
+                prune=0.5, max_drop=0.03, latency_runs=FAST)
+    p = r.report["pruning"]
+    assert p["params_after"] < 0.5 * p["params_before"] and "labelled" in p["finetune"]
+    chosen = next(c for c in r.report["candidates"] if c["chosen"])
+    assert chosen["accuracy"] >= r.report["reference"]["accuracy"] - 0.03
+    # Pruning an ONNX source is refused with a clear error.
+    from lepton_edge.converters import PruningError
+
+    with pytest.raises(PruningError, match="PyTorch source"):
+        convert(r.bundle_dir / "model.onnx", "x86-avx2", output_dir=tmp_path / "x", calib=(data.x_train, data.y_train), prune=0.3)
