@@ -96,7 +96,7 @@ class HttpDownloader:
         """Download until ``dest`` holds exactly ``size`` bytes; returns the bytes transferred over the network."""
         _check_url(url)
         deadline = time.monotonic() + self.deadline_s
-        transferred = 0
+        transferred = [0]  # bytes over the network, failed attempts included
         stalls = 0
         while True:
             have = dest.stat().st_size if dest.exists() else 0
@@ -104,12 +104,12 @@ class HttpDownloader:
                 dest.unlink()
                 have = 0
             if have == size:
-                return transferred
+                return transferred[0]
             if on_attempt:
                 on_attempt(have)
             before = have
             try:
-                transferred += self._attempt(url, dest, have, size, token, deadline, progress)
+                self._attempt(url, dest, have, size, token, deadline, progress, transferred)
             except TransientDownloadError as e:
                 now_have = dest.stat().st_size if dest.exists() else 0
                 stalls = 0 if now_have > before else stalls + 1
@@ -122,7 +122,7 @@ class HttpDownloader:
                 time.sleep(pause)
 
     def _attempt(self, url: str, dest: Path, have: int, size: int, token: str | None, deadline: float,
-                 progress: Callable[[int, int], None] | None) -> int:
+                 progress: Callable[[int, int], None] | None, transferred: list[int]) -> None:
         headers = {"User-Agent": "lepton-edge-agent", "Accept-Encoding": "identity"}
         if token:
             headers["Authorization"] = f"Bearer {token}"
@@ -140,7 +140,6 @@ class HttpDownloader:
             length = resp.getheader("Content-Length")
             if length is not None and length.isdigit() and start + int(length) > size:
                 raise DownloadError(f"the server offers {start + int(length)} bytes; the command says {size}")
-            got = 0
             with open(dest, "r+b" if start else "wb") as f:
                 f.seek(start)
                 f.truncate()
@@ -156,14 +155,13 @@ class HttpDownloader:
                         raise TransientDownloadError(f"connection closed after {pos} of {size} bytes")
                     f.write(chunk)
                     pos += len(chunk)
-                    got += len(chunk)
+                    transferred[0] += len(chunk)
                     if progress:
                         progress(pos, size)
                 f.flush()
                 os.fsync(f.fileno())
             # Whatever the server still has for us beyond the announced size is refused unread
             # (the connection is closed, not drained).
-            return got
         finally:
             conn.close()
 
