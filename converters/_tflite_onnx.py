@@ -2,8 +2,12 @@
 
 onnx2torch (pure Python, no TensorFlow) rebuilds the graph as a ``torch.fx.GraphModule``.
 Its op table stops at opset 17 for several ops (Shape 19, ReduceMean 18, ...), and it
-rejects ``Reshape(allowzero=1)``, which torch's dynamo exporter emits; so the model is
-first converted down to opset 17 and ``allowzero`` is cleared wherever the target shape is
+rejects ``Reshape(allowzero=1)``, which torch's dynamo exporter emits. Graphs from that
+exporter also compute shapes at run time (Shape -> Range -> Reshape for a dynamic batch);
+rebuilt in torch these become data-dependent ops that ``torch.export`` cannot trace. So the
+input shape is first fixed to the example's (a TFLite graph is static anyway) and
+onnxruntime's basic optimiser folds the shape arithmetic into constants; then the model is
+converted down to opset 17 and ``allowzero`` is cleared wherever the target shape is
 a constant without zeros (there the flag cannot change the result). onnx2torch's Reshape
 module also inspects its shape tensor at run time (``torch.any(shape == 0)``), which
 ``torch.export`` cannot trace; reshapes to a constant shape become plain ``torch.reshape``
@@ -12,6 +16,7 @@ calls with a static shape.
 
 from __future__ import annotations
 
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -28,16 +33,13 @@ class OnnxImportError(ValueError):
         self.unsupported_op = unsupported_op
 
 
-def onnx_to_torch(path: Path) -> Any:
-    """Return an eval-mode ``torch.nn.Module`` computing the same function as ``path``."""
+def onnx_to_torch(path: Path, input_shape: tuple[int, ...]) -> Any:
+    """Return an eval-mode ``torch.nn.Module`` computing what ``path`` computes on inputs of ``input_shape``."""
     import onnx
     from onnx import version_converter
     from onnx2torch import convert
 
-    try:
-        model = onnx.load(str(path), load_external_data=True)
-    except Exception as e:  # protobuf and OSError both mean: not a readable ONNX file here
-        raise OnnxImportError(f"{path.name} is not a readable ONNX model: {_first_line(e)}") from None
+    model = _folded(path, input_shape)
     opset = next((int(i.version) for i in model.opset_import if i.domain in ("", "ai.onnx")), 0)
     if opset > ONNX2TORCH_MAX_OPSET:
         try:
@@ -88,6 +90,45 @@ def _attr(gm: Any, target: str) -> Any:
     for part in target.split("."):
         obj = getattr(obj, part)
     return obj
+
+
+def _folded(path: Path, input_shape: tuple[int, ...]) -> Any:
+    import onnx
+    import onnxruntime as ort
+
+    try:
+        model = onnx.load(str(path), load_external_data=True)
+    except Exception as e:  # protobuf and OSError both mean: not a readable ONNX file here
+        raise OnnxImportError(f"{path.name} is not a readable ONNX model: {_first_line(e)}") from None
+    initializers = {t.name for t in model.graph.initializer}
+    inputs = [i for i in model.graph.input if i.name not in initializers]
+    if len(inputs) != 1:
+        raise OnnxImportError(f"{path.name} has {len(inputs)} inputs; the TFLite path takes models with one input")
+    dims = inputs[0].type.tensor_type.shape.dim
+    if len(dims) != len(input_shape):
+        raise OnnxImportError(f"{path.name} takes a rank-{len(dims)} input; the example has shape {tuple(input_shape)}")
+    for d, v in zip(dims, input_shape):
+        if d.HasField("dim_value") and d.dim_value != v:
+            raise OnnxImportError(f"{path.name} takes input shape {[x.dim_value or x.dim_param for x in dims]}; "
+                                  f"the example has shape {tuple(input_shape)}")
+        d.ClearField("dim_param")
+        d.dim_value = v
+    with tempfile.TemporaryDirectory(prefix="lepton-onnx2torch-") as tmp:
+        fixed, folded = Path(tmp) / "fixed.onnx", Path(tmp) / "folded.onnx"
+        onnx.save(model, str(fixed))
+        options = ort.SessionOptions()
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
+        options.optimized_model_filepath = str(folded)
+        options.log_severity_level = 3
+        try:
+            ort.InferenceSession(str(fixed), options, providers=["CPUExecutionProvider"])
+        except Exception as e:
+            raise OnnxImportError(f"onnxruntime cannot load {path.name} to fold its shapes: {_first_line(e)}") from None
+        result = onnx.load(str(folded), load_external_data=True)
+    custom = sorted({f"{n.domain}:{n.op_type}" for n in result.graph.node if n.domain not in ("", "ai.onnx")})
+    if custom:
+        raise OnnxImportError(f"{path.name} uses non-standard ops {', '.join(custom[:5])}", unsupported_op=True)
+    return result
 
 
 def _clear_harmless_allowzero(model: Any) -> None:

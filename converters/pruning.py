@@ -52,30 +52,13 @@ def prune_module(config: PruneConfig, module: Any, sample_shape: tuple[int, ...]
     after = sum(p.numel() for p in model.parameters())
     how = "none"
     if config.finetune_epochs:
-        if y is not None:
-            from .zoo import train_model
+        from .zoo import train_model
 
+        if y is not None:
             train_model(model, x, y, epochs=config.finetune_epochs, lr=config.lr)
             how = f"{config.finetune_epochs} epochs on {len(x)} labelled calibration samples"
         else:
-            _distill(model, x, teacher, config.finetune_epochs, config.lr)
+            train_model(model, x, teacher.numpy(), epochs=config.finetune_epochs, lr=config.lr)
             how = f"{config.finetune_epochs} epochs of distillation from the unpruned model ({len(x)} unlabelled samples)"
     model.eval()
     return model, {"params_before": before, "params_after": after, "channel_ratio": config.channel_ratio, "finetune": how}
-
-
-def _distill(model: Any, x: np.ndarray, teacher: Any, epochs: int, lr: float, batch: int = 64) -> None:
-    import torch
-
-    g = torch.Generator().manual_seed(0)
-    xt = torch.from_numpy(x)
-    opt = torch.optim.Adam(model.parameters(), lr=lr)
-    model.train()
-    for _ in range(epochs):
-        perm = torch.randperm(len(xt), generator=g)
-        for i in range(0, len(xt), batch):
-            b = perm[i : i + batch]
-            opt.zero_grad()
-            torch.nn.functional.mse_loss(model(xt[b]), teacher[b]).backward()
-            opt.step()
-    model.eval()

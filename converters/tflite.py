@@ -145,7 +145,7 @@ def export_tflite_candidates(
     workdir = Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
     say = _sayer(progress)
-    module, origin = _as_module(source, say)
+    module, origin = _as_module(source, x1.shape, say)
     configs = dict(configs or {})
 
     artifacts: list[TfliteArtifact] = []
@@ -275,7 +275,7 @@ def _describe(a: Any) -> str:
     return str(tuple(a.shape)) if isinstance(a, np.ndarray) else type(a).__name__
 
 
-def _as_module(source: Any, say: Callable[[str], None]) -> tuple[Any, str]:
+def _as_module(source: Any, input_shape: tuple[int, ...], say: Callable[[str], None]) -> tuple[Any, str]:
     if isinstance(source, (str, os.PathLike)):
         path = Path(source)
         if path.suffix.lower() != ".onnx":
@@ -283,7 +283,7 @@ def _as_module(source: Any, say: Callable[[str], None]) -> tuple[Any, str]:
         if not path.is_file():
             raise NotAModelError(f"{path}: no such file")
         say(f"rebuilding {path.name} as a torch module (onnx2torch)")
-        return _onnx_module(path), "onnx via onnx2torch"
+        return _onnx_module(path, input_shape), "onnx via onnx2torch"
     try:
         import torch
     except ImportError:
@@ -295,14 +295,14 @@ def _as_module(source: Any, say: Callable[[str], None]) -> tuple[Any, str]:
     return source, "torch"
 
 
-def _onnx_module(path: Path) -> Any:
+def _onnx_module(path: Path, input_shape: tuple[int, ...]) -> Any:
     try:
         from ._tflite_onnx import OnnxImportError, onnx_to_torch
     except ImportError as e:
         raise TfliteExportError(f"an ONNX source needs {e.name or 'onnx2torch'} for the TFLite path",
                                 hint="pip install 'lepton-edge[convert-tflite]', or pass the PyTorch model") from None
     try:
-        return onnx_to_torch(path)
+        return onnx_to_torch(path, input_shape)
     except OnnxImportError as e:
         cls = TfliteUnsupportedError if e.unsupported_op else TfliteExportError
         raise cls(str(e), hint="pass the PyTorch model instead, or pick a profile that runs onnxruntime") from None
