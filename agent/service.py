@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 
 from lepton_edge import __version__
-from lepton_edge.bundle import MANIFEST_NAME, Bundle, ReadLimits, read_bundle
+from lepton_edge.bundle import MANIFEST_NAME, Bundle, ReadLimits, parse_manifest, read_bundle
 from lepton_edge.errors import ConfigError, LeptonEdgeError
 from lepton_edge.profiles import load_profile
 from lepton_edge.protocol import ActiveModel, EventMessage, StateMessage
@@ -48,6 +48,18 @@ ACTIVATION_STEPS = ("staged", "verified", "installed", "loaded", "golden_passed"
 def _crash_point(step: str) -> None:
     if os.environ.get(CRASH_ENV) == step:
         os.kill(os.getpid(), signal.SIGKILL)
+
+
+def _peek_identity(bundle_dir: Path) -> tuple[str | None, str | None]:
+    """The name and version a bundle claims, before it is verified: for reports about refusing it."""
+    try:
+        path = bundle_dir / MANIFEST_NAME
+        if path.is_file() and not path.is_symlink() and path.stat().st_size <= 1 << 20:
+            m = parse_manifest(path.read_bytes())
+            return m.name, m.version
+    except (LeptonEdgeError, OSError):
+        pass
+    return None, None
 
 
 @dataclass(frozen=True)
@@ -157,8 +169,11 @@ class AgentService:
             name: str | None = None
             version: str | None = None
             installed_here = False
+            staging: Path | None = None
             try:
                 is_dir = bundle_path.is_dir() and not bundle_path.is_symlink()
+                if is_dir:
+                    name, version = _peek_identity(bundle_path)
                 # A directory is checked where it is before anything is copied; an archive is
                 # checked member by member while it is extracted into the staging directory.
                 source = self._verify(bundle_path) if is_dir else None
@@ -167,7 +182,7 @@ class AgentService:
                 try:
                     bundle = self._verify(staging)
                 except LeptonEdgeError:
-                    self.store.remove_staging(staging)
+                    name, version = _peek_identity(staging)
                     raise
                 _crash_point("verified")
                 m = bundle.manifest
@@ -196,15 +211,15 @@ class AgentService:
                                         data={"previous": previous, "signed_by": bundle.signed_by, **figures}))
                 self._state_changed()
                 return ActivationResult(True, name, version, previous, "activated")
-            except LeptonEdgeError as e:
+            except Exception as e:  # a bug or an unexpected runtime error must not take the device down either
+                if not isinstance(e, LeptonEdgeError):
+                    log.exception("activation of %s failed unexpectedly", bundle_path)
+                if staging is not None and staging.exists():
+                    self.store.remove_staging(staging)
                 if installed_here and name and version:
                     self.store.discard(name, version)
-                return self._failed(name, version, str(e), cmd_id, deployment_id)
-            except Exception as e:  # a bug or an unexpected runtime error must not take the device down
-                log.exception("activation of %s failed unexpectedly", bundle_path)
-                if installed_here and name and version:
-                    self.store.discard(name, version)
-                return self._failed(name, version, f"unexpected {type(e).__name__}: {e}", cmd_id, deployment_id)
+                reason = str(e) if isinstance(e, LeptonEdgeError) else f"unexpected {type(e).__name__}: {e}"
+                return self._failed(name, version, reason, cmd_id, deployment_id)
 
     def _check_profile(self, bundle_profile: str) -> None:
         try:

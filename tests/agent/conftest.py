@@ -8,6 +8,9 @@ same bundle writer from the converter's model file.
 
 from __future__ import annotations
 
+import os
+import pickle
+import shutil
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -110,6 +113,28 @@ class Bundles:
         return np.ascontiguousarray(self.x[:n])
 
 
+# Developer convenience: point this at a directory to build the bundles (and their keys)
+# once and reuse them across runs, instead of training the digits CNN every time.
+_CACHE_ENV = "LEPTON_AGENT_TEST_CACHE"
+
+
+def _cache_dir() -> Path | None:
+    value = os.environ.get(_CACHE_ENV)
+    return Path(value) if value else None
+
+
+@pytest.fixture(scope="session")
+def agent_keys(request) -> tuple[Path, Path]:
+    """(private, public) key the session's bundles are signed with; devices trust the public one."""
+    cache = _cache_dir()
+    if cache is None:
+        return request.getfixturevalue("keypair")
+    from lepton_edge.signing import generate_keypair
+
+    priv, pub = cache / "keys" / "lepton.key", cache / "keys" / "lepton.pub"
+    return (priv, pub) if priv.exists() else generate_keypair(cache / "keys")
+
+
 @pytest.fixture(scope="session")
 def other_keypair(tmp_path_factory):
     from lepton_edge.signing import generate_keypair
@@ -118,19 +143,29 @@ def other_keypair(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
-def bundles(digits, digits_onnx, keypair, other_keypair, tmp_path_factory) -> Bundles:
-    _, data, _ = digits
-    return Bundles(tmp_path_factory.mktemp("bundles"), digits_onnx, data, keypair[0], other_keypair[0])
+def bundles(request, agent_keys, other_keypair, tmp_path_factory) -> Bundles:
+    cache = _cache_dir()
+    root = cache / "bundles" if cache else tmp_path_factory.mktemp("bundles")
+    if cache is not None and (root / "complete").exists():
+        return pickle.loads((root / "complete").read_bytes())
+    _, data, _ = request.getfixturevalue("digits")
+    if cache is not None:
+        shutil.rmtree(root, ignore_errors=True)
+        root.mkdir(parents=True)
+    built = Bundles(root, request.getfixturevalue("digits_onnx"), data, agent_keys[0], other_keypair[0])
+    if cache is not None:
+        (root / "complete").write_bytes(pickle.dumps(built))
+    return built
 
 
 @pytest.fixture
-def write_config(tmp_path, keypair) -> Callable[..., Path]:
+def write_config(tmp_path, agent_keys) -> Callable[..., Path]:
     """Write an agent YAML config under tmp_path; keyword arguments override its keys."""
 
     def write(**overrides: Any) -> Path:
         data: dict[str, Any] = {
             "device_id": "dev-01", "fleet": "test", "profile": PROFILE, "state_dir": str(tmp_path / "state"),
-            "api": {"host": "127.0.0.1", "port": 0}, "trusted_keys": [str(keypair[1])],
+            "api": {"host": "127.0.0.1", "port": 0}, "trusted_keys": [str(agent_keys[1])],
             "telemetry_interval_s": 1,
         }
         data.update(overrides)

@@ -14,13 +14,13 @@ from lepton_edge.agent.config import MAX_CONFIG_BYTES, load_config
 from lepton_edge.errors import ConfigError
 
 
-def test_issue_example_loads_with_defaults(write_config, keypair, tmp_path):
+def test_issue_example_loads_with_defaults(write_config, agent_keys, tmp_path):
     cfg = load_config(write_config(broker="mqtt://127.0.0.1:1883", models=["bundles/digits"]))
     assert cfg.device_id == "dev-01" and cfg.profile == "x86-avx2"
     assert cfg.broker_host_port == ("127.0.0.1", 1883, False)
     assert cfg.api.host == "127.0.0.1" and cfg.keep_versions == 3 and cfg.allow_unsigned_bundles is False
     assert cfg.models == [tmp_path / "bundles/digits"]  # relative to the config file, not the cwd
-    assert cfg.trusted_keys == [keypair[1]]
+    assert cfg.trusted_keys == [agent_keys[1]]
     assert cfg.watchdog.window_s == 60 and cfg.queue_max_bytes == 64 << 20
 
 

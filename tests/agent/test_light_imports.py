@@ -25,14 +25,14 @@ def test_agent_and_its_cli_never_import_torch_or_onnx():
     assert r.stdout.strip().endswith("HEAVY:"), f"agent imported heavy modules: {r.stdout}"
 
 
-def test_serving_a_model_imports_no_torch(bundles, tmp_path, keypair):
+def test_serving_a_model_imports_no_torch(bundles, tmp_path, agent_keys):
     probe = f"""
 import sys, numpy as np
 from pathlib import Path
 from lepton_edge.agent.config import AgentConfig
 from lepton_edge.agent.service import AgentService
 svc = AgentService(AgentConfig(device_id="d", profile="x86-avx2", state_dir=Path({str(tmp_path)!r}),
-                               trusted_keys=[Path({str(keypair[1])!r})], models=[Path({str(bundles.v1)!r})]))
+                               trusted_keys=[Path({str(agent_keys[1])!r})], models=[Path({str(bundles.v1)!r})]))
 out = svc.infer("digits", {{"input": np.zeros((1, 1, 8, 8), np.float32)}})
 assert out["logits"].shape == (1, 10)
 print("HEAVY:" + ",".join(m for m in ("torch", "onnx") if m in sys.modules))
