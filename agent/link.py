@@ -126,7 +126,7 @@ class MqttLink:
         self._connected = False
         self._connected_at = 0.0
         self._last_error: str | None = None
-        self._latest_state: bytes | None = None
+        self._latest_state: StateMessage | None = None
         self._state_dirty = False
         self._offline_mid: int | None = None
         self._offline_acked = threading.Event()
@@ -169,12 +169,12 @@ class MqttLink:
 
     def publish_state(self, msg: StateMessage) -> None:
         """Retained; only the latest state matters, so it skips the queue and is resent on reconnect."""
-        payload = encode(msg)
-        if len(payload) > MAX_PAYLOAD_BYTES:
-            log.error("state message of %d bytes is over the %d-byte limit; not published", len(payload), MAX_PAYLOAD_BYTES)
+        size = len(encode(msg))
+        if size > MAX_PAYLOAD_BYTES:
+            log.error("state message of %d bytes is over the %d-byte limit; not published", size, MAX_PAYLOAD_BYTES)
             return
         with self._lock:
-            self._latest_state = payload
+            self._latest_state = msg
             self._state_dirty = True
 
     def stop(self, flush_timeout: float = 5.0) -> None:
@@ -295,7 +295,8 @@ class MqttLink:
         with self._lock:
             state, self._state_dirty = (self._latest_state if self._state_dirty else None), False
         if state is not None:
-            client.publish(self._topics["state"], state, qos=1, retain=True)
+            # Stamped when it goes out: after a reconnect the cloud sees when the device came back.
+            client.publish(self._topics["state"], encode(state.model_copy(update={"ts": time.time()})), qos=1, retain=True)
         room = SEND_WINDOW - len(self._inflight)
         if room <= 0:
             return
@@ -364,8 +365,8 @@ class MqttLink:
         client.subscribe(self._topics["cmd"], qos=1)
         with self._lock:
             if self._latest_state is None:
-                self._latest_state = encode(StateMessage(status="online", ts=time.time(), profile=self.config.profile,
-                                                         agent_version=__version__))
+                self._latest_state = StateMessage(status="online", ts=time.time(), profile=self.config.profile,
+                                                  agent_version=__version__)
             self._state_dirty = True
         log.info("connected to %s:%d", self._host, self._port)
 

@@ -126,7 +126,7 @@ def test_clean_stop_flushes_the_queue_and_publishes_offline(local_broker_url, tm
 @pytest.mark.slow
 def test_broker_outage_loses_nothing_and_keeps_order(persistent_broker, tmp_path):
     private_broker = persistent_broker
-    obs = Observer(private_broker.url, PREFIX + "telemetry", client_id="outage-observer", persistent=True)
+    obs = Observer(private_broker.url, PREFIX + "#", client_id="outage-observer", persistent=True)
     link = _link(tmp_path, private_broker.url)
     link.start()
     assert wait_until(lambda: link.connected)
@@ -139,11 +139,15 @@ def test_broker_outage_loses_nothing_and_keeps_order(persistent_broker, tmp_path
     for seq in range(30, 100):  # queued on disk while the broker is away; publishing never blocks
         send(seq)
     assert link.outbox.pending_count >= 70
+    restarted_at = time.time()
     private_broker.start()
     assert obs.wait_for(lambda o: set(_seqs(o)) >= set(range(100)), 30), sorted(set(range(100)) - set(_seqs(obs)))
     assert _first_occurrences(_seqs(obs)) == list(range(100))
     assert wait_until(lambda: link.outbox.pending_count == 0)
     assert link.connects >= 2
+    # the online state was published again on the reconnect
+    assert obs.wait_for(lambda o: any(decode_state(p).status == "online" and decode_state(p).ts >= restarted_at
+                                      for p in o.on("state")))
     link.stop(flush_timeout=2)
     obs.close()
 
