@@ -36,6 +36,7 @@ from typing import Any, Callable
 from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
+from starlette.requests import ClientDisconnect
 from pydantic import BaseModel, ConfigDict, Field
 from sqlalchemy import select
 
@@ -91,25 +92,27 @@ class _BodyLimit:
             await _send_json(send, 413, {"error": f"request body is over the {cap}-byte limit"})
             return
         seen = 0
+        responded = False
+
+        async def guarded_send(message: dict) -> None:
+            if not responded:
+                await send(message)
 
         async def limited() -> dict:
-            nonlocal seen
+            nonlocal seen, responded
+            if responded:
+                return {"type": "http.disconnect"}
             message = await receive()
             if message["type"] == "http.request":
                 seen += len(message.get("body", b""))
                 if seen > cap:
-                    raise _TooLarge(cap)
+                    # Answer now; the handler then sees a disconnect and whatever it sends is dropped.
+                    await _send_json(send, 413, {"error": f"request body is over the {cap}-byte limit"})
+                    responded = True
+                    return {"type": "http.disconnect"}
             return message
 
-        try:
-            await self.app(scope, limited, send)
-        except _TooLarge as e:
-            await _send_json(send, 413, {"error": f"request body is over the {e.cap}-byte limit"})
-
-
-class _TooLarge(Exception):
-    def __init__(self, cap: int) -> None:
-        self.cap = cap
+        await self.app(scope, limited, guarded_send)
 
 
 async def _send_json(send: Callable, status: int, body: dict) -> None:
@@ -131,6 +134,10 @@ def create_app(service: Any) -> FastAPI:
     @app.exception_handler(CloudError)
     async def _cloud_error(_r: Request, e: CloudError) -> JSONResponse:
         return JSONResponse({"error": e.message, "hint": e.hint}, status_code=e.status_code)
+
+    @app.exception_handler(ClientDisconnect)
+    async def _gone(_r: Request, _e: ClientDisconnect) -> Response:
+        return Response(status_code=400)
 
     @app.exception_handler(RequestValidationError)
     async def _invalid(_r: Request, e: RequestValidationError) -> JSONResponse:

@@ -131,6 +131,7 @@ events = Table(
     Column("model", String(128)),
     Column("version", String(64)),
     Column("detail", Text, nullable=False, default=""),
+    Column("data", Text, nullable=False, default="{}", server_default="{}"),
     UniqueConstraint("device_id", "event_id", name="uq_events_device_event"),
     Index("ix_events_cmd", "cmd_id"),
 )

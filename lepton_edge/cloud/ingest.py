@@ -39,6 +39,11 @@ _BATCH_MAX = 2000
 _KNOWN_REFRESH_S = 2.0
 
 
+def _capped_json(data: dict[str, Any], limit: int = 4096) -> str:
+    text = db.dumps(data)
+    return text if len(text) <= limit else db.dumps({"truncated": True})
+
+
 class Ingestor:
     """One MQTT connection per replica: subscribes, stores what arrives, publishes commands."""
 
@@ -167,7 +172,8 @@ class Ingestor:
                         ev = decode_event(payload)
                         event_rows.append({"device_id": device_id, "event_id": ev.event_id, "ts": ev.ts, "received_at": received,
                                            "type": ev.type, "cmd_id": ev.cmd_id, "deployment_id": ev.deployment_id,
-                                           "model": ev.model, "version": ev.version, "detail": ev.detail[:4096]})
+                                           "model": ev.model, "version": ev.version, "detail": ev.detail[:4096],
+                                           "data": _capped_json(ev.data)})
                         seen[device_id] = received
                     else:
                         continue

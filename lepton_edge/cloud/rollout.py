@@ -55,7 +55,9 @@ __all__ = ["Rollouts", "RolloutPolicy", "parse_waves", "parse_duration", "parse_
 log = logging.getLogger("lepton_edge.cloud.rollout")
 
 ACTIVE_STATES = ("running", "paused", "rolling_back")
-_WAITING = ("sent", "in_progress")
+# "retrying": the device reported a failure it marked retryable (a broken download); a
+# re-sent command with the same id resumes it, and the timeout still bounds it.
+_WAITING = ("sent", "in_progress", "retrying")
 _MAX_TARGETS = 100_000
 Publisher = Callable[[str, str, Any], None]
 
@@ -325,6 +327,8 @@ class Rollouts:
                     r["last_event"] = e.type
                     if e.type == "activated":
                         r.update(status="activated", activated_at=e.received_at, detail=e.detail[:500])
+                    elif e.type == "activation_failed" and db.loads(e.data, {}).get("retryable"):
+                        r.update(status="retrying", detail=f"retryable: {e.detail}"[:500])
                     elif e.type in ("activation_failed", "error", "rolled_back", "watchdog_rollback"):
                         r.update(status="failed", detail=f"{e.type}: {e.detail}"[:500])
                     elif r["status"] == "sent":
@@ -365,7 +369,7 @@ class Rollouts:
         in_wave = [r for r in rows if r["wave"] == wave]
         bundles = {r["bundle_id"]: None for r in in_wave}
         for r in in_wave:
-            resend = r["status"] == "sent" and now - r["updated_at"] > self._resend_s
+            resend = r["status"] in ("sent", "retrying") and now - r["updated_at"] > self._resend_s
             if r["status"] != "pending" and not resend:
                 continue
             if bundles[r["bundle_id"]] is None:

@@ -59,6 +59,10 @@ __all__ = ["SimDevice", "SimFleet", "SimBehaviour"]
 log = logging.getLogger("lepton_edge.cloud.simdevice")
 
 
+class _ServerError(Exception):
+    """A 5xx answer: worth retrying."""
+
+
 @dataclass
 class SimBehaviour:
     """What each version does on this device. Keys are versions; missing ones get the defaults."""
@@ -88,6 +92,7 @@ class SimDevice:
         self._executor = executor
         self._http_timeout_s = http_timeout_s
         self._done: dict[str, EventMessage] = {}
+        self._partial: dict[str, bytearray] = {}
         self._lock = threading.Lock()
         self._seq = 0
         self._interrupted_once = False
@@ -191,6 +196,11 @@ class SimDevice:
                     result = self._rollback(cmd)
                 else:
                     result = self.emit("command_received", cmd, detail="pong")
+            except (httpx.TransportError, _ServerError) as e:
+                # Like the agent: not final; the partial download stays and a repeat resumes it.
+                self.emit("activation_failed", cmd, version=getattr(cmd, "version", None), detail=f"download failed: {e}"[:500],
+                          data={"stage": "download", "retryable": True})
+                return
             except Exception as e:  # a simulated device reports, it never dies of a command
                 result = self.emit("error", cmd, detail=f"{type(e).__name__}: {e}"[:500])
             self._done[cmd.cmd_id] = result
@@ -214,7 +224,7 @@ class SimDevice:
         return self.emit("activated", cmd, version=cmd.version, data={"previous": old})
 
     def _download(self, cmd: DeployCommand) -> bytes:
-        buf = bytearray()
+        buf = self._partial.setdefault(cmd.cmd_id, bytearray())
         headers = {"Authorization": f"Bearer {cmd.token}"} if cmd.token else {}
         deadline = time.monotonic() + 10 * self._http_timeout_s
         with httpx.Client(timeout=self._http_timeout_s) as http:
@@ -227,6 +237,8 @@ class SimDevice:
                 with http.stream("GET", cmd.url, headers=h) as r:
                     entry = {"status": r.status_code, "start": len(buf), "bytes": 0}
                     self.downloads.append(entry)
+                    if r.status_code >= 500:
+                        raise _ServerError(f"HTTP {r.status_code}")
                     if r.status_code not in (200, 206) or (buf and r.status_code != 206):
                         raise RuntimeError(f"HTTP {r.status_code} for the bundle")
                     cut = self.behaviour.interrupt_download_after
@@ -241,6 +253,7 @@ class SimDevice:
                             self.emit("download_progress", cmd, version=cmd.version, detail="connection lost; resuming",
                                       data={"bytes": len(buf)})
                             break
+        self._partial.pop(cmd.cmd_id, None)
         return bytes(buf)
 
     def _rollback(self, cmd: RollbackCommand) -> EventMessage:

@@ -21,3 +21,11 @@ def wait_for(predicate: Callable[[], Any], timeout: float = 30.0, what: str = "c
 
 def wait_deployment(client: Any, dep_id: str, statuses: tuple[str, ...] = ("completed", "rolled_back"), timeout: float = 60.0) -> dict:
     return wait_for(lambda: (d := client.deployment(dep_id))["status"] in statuses and d, timeout, f"deployment {dep_id} to reach {statuses}")
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]

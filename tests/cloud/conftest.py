@@ -46,7 +46,7 @@ class CloudBundles:
                     "source": {"sha256": sha256_file(onnx_path), "format": "onnx", "name": onnx_path.name},
                 },
                 files={"model.onnx": onnx_path},
-                report={"note": f"cloud test bundle v{version}"},
+                report={"note": f"cloud test bundle v{version}{tag}"},
                 golden=([gx], [gy], {"atol": 1e-4, "rtol": 1e-3, "min_cosine": 0.999, "top1_must_match": True}),
                 sign_key=sign_key,
             )
@@ -56,6 +56,7 @@ class CloudBundles:
             for p in PROFILES:
                 self.archives[(v, p)] = build(v, p, key)
         self.wrong_key = build("9", "rpi5", other_key, tag="-wrongkey")
+        self.v1_rebuilt = build("1", "rpi5", key, tag="-rebuilt")  # same name@version+profile, other bytes
 
     def __call__(self, version: str, profile: str = "rpi5") -> Path:
         return self.archives[(version, profile)]
@@ -107,3 +108,18 @@ def sim_fleet() -> Iterator[Callable[..., Any]]:
     yield make
     for f in fleets:
         f.stop()
+
+
+@pytest.fixture
+def pg_database(pg_url) -> Iterator[str]:
+    """A throwaway PostgreSQL database for one test, dropped afterwards."""
+    import uuid
+
+    import psycopg
+
+    name = f"lepton_cloud_{uuid.uuid4().hex[:12]}"
+    with psycopg.connect(pg_url, autocommit=True) as conn:
+        conn.execute(f'CREATE DATABASE "{name}"')
+    yield pg_url.rsplit("/", 1)[0] + "/" + name
+    with psycopg.connect(pg_url, autocommit=True) as conn:
+        conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
