@@ -29,6 +29,8 @@ class Behaviour:
     status: int | None = None
     fail_first_with: int | None = None
     token: str | None = None
+    shift_resume: int = 0  # answer a Range request from the wrong offset
+    redirect_loop: bool = False
 
 
 class BlobServer:
@@ -56,12 +58,17 @@ class BlobServer:
                     return self._plain(401)
                 if b.status:
                     return self._plain(b.status)
+                if b.redirect_loop:
+                    self.send_response(302)
+                    self.send_header("Location", f"/again{len(outer.requests)}")
+                    self.send_header("Content-Length", "0")
+                    return self.end_headers()
                 if first and b.fail_first_with:
                     return self._plain(b.fail_first_with)
                 data, start = outer.blob + b"\0" * b.lie_length, 0
                 rng = self.headers.get("Range")
                 if rng and not b.ignore_range:
-                    start = int(rng.removeprefix("bytes=").split("-")[0])
+                    start = int(rng.removeprefix("bytes=").split("-")[0]) + b.shift_resume
                     if start >= len(data):
                         return self._plain(416)
                     self.send_response(206)
@@ -287,6 +294,17 @@ def test_http_errors_bad_urls_and_auth(server, ota):
     _run(h, _deploy(flaky.url, cmd_id="c-503"))
     assert len(flaky.requests) == 2 and link.events[-1].type == "activated"
     assert len(svc.activated) == 1
+
+
+def test_hostile_servers_wrong_resume_offset_and_redirect_loops(server, ota):
+    h, svc, link = ota(downloader=HttpDownloader(io_timeout_s=5, deadline_s=60, max_stalls=2))
+    shifty = server(drop_first_after=10_000, shift_resume=7)
+    _run(h, _deploy(shifty.url, cmd_id="c-shift"))
+    assert "resumed at byte 10007, not at 10000" in link.events[-1].detail and svc.activated == []
+    loop = server(redirect_loop=True)
+    _run(h, _deploy(loop.url, cmd_id="c-loop"))
+    assert "redirects" in link.events[-1].detail and len(loop.requests) == 4
+    assert svc.activated == []
 
 
 @pytest.mark.slow
