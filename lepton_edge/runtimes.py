@@ -138,6 +138,9 @@ class _TfliteSession:
             self._interp.allocate_tensors()
         except (ValueError, RuntimeError) as e:
             raise RuntimeLoadError(f"TFLite cannot load {path.name}: {_first_line(e)}") from None
+        except Exception as e:  # tflite_runtime 2.14 under numpy 2 fails here with AttributeError: _ARRAY_API
+            raise RuntimeLoadError(f"the TFLite runtime ({Interpreter.__module__}) is broken here: {_first_line(e)}",
+                                   hint="pip install ai-edge-litert (tflite-runtime works only with numpy<2)") from None
         self.providers = ["xnnpack"]
         ins, outs = self._interp.get_input_details(), self._interp.get_output_details()
         self._in = {d["name"]: d for d in ins}
@@ -148,6 +151,10 @@ class _TfliteSession:
         self._batch = {d["name"]: int(d["shape"][0]) if len(d["shape"]) else 1 for d in ins}
 
     def run(self, feeds: Mapping[str, np.ndarray]) -> list[np.ndarray]:
+        unknown = sorted(set(feeds) - set(self._in))
+        missing = [k for k in self._in_order if k not in feeds]
+        if unknown or missing:
+            raise RuntimeLoadError(f"TFLite model takes inputs {self._in_order}; got {sorted(feeds)}")
         # TFLite graphs have a fixed batch; a larger batch is run row by row.
         first = next(iter(feeds.values()))
         n = first.shape[0] if first.ndim else 1
@@ -155,6 +162,10 @@ class _TfliteSession:
             return self._invoke(feeds)
         if any(b != 1 for b in self._batch.values()):
             raise RuntimeLoadError(f"TFLite model takes batch {self._batch}, got {n}")
+        if any(v.ndim == 0 or v.shape[0] != n for v in feeds.values()):
+            raise RuntimeLoadError(f"TFLite inputs must share one batch size; got {[v.shape for v in feeds.values()]}")
+        if n == 0:
+            return [np.zeros((0, *o.shape[1:]), dtype=o.dtype) for o in self.outputs]
         rows = [self._invoke({k: v[i : i + 1] for k, v in feeds.items()}) for i in range(n)]
         return [np.concatenate([r[j] for r in rows]) for j in range(len(self._out_idx))]
 
