@@ -200,6 +200,11 @@ class _Handler(BaseHTTPRequestHandler):
             lines.append("Connection: close")
         self.wfile.write(("\r\n".join(lines) + "\r\n\r\n").encode("latin-1") + body)
 
+    def send_error(self, code: int, message: str | None = None, explain: str | None = None) -> None:
+        # The stdlib's HTML page (and no status line for garbage) becomes the API's JSON error.
+        self.close_connection = True
+        self._error(code, message or HTTPStatus(code).phrase)
+
     def _error(self, status: int, message: str) -> None:
         self._send(status, json.dumps({"error": message}).encode())
 
@@ -344,17 +349,24 @@ def _inflate(body: bytes, encoding: str, limit: int) -> bytes:
     return out
 
 
+class _UnixHandler(_Handler):
+    disable_nagle_algorithm = False  # TCP_NODELAY does not apply to AF_UNIX
+
+
 class _Servers:
     owner: "InferenceServer"
 
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        log.warning("connection from %s ended with an error", client_address or "unix socket", exc_info=True)
 
-class _TcpServer(ThreadingHTTPServer, _Servers):
+
+class _TcpServer(_Servers, ThreadingHTTPServer):
     daemon_threads = True
     allow_reuse_address = True
     request_queue_size = 64
 
 
-class _UnixServer(socketserver.ThreadingMixIn, socketserver.UnixStreamServer, _Servers):
+class _UnixServer(_Servers, socketserver.ThreadingMixIn, socketserver.UnixStreamServer):
     daemon_threads = True
 
 
@@ -381,7 +393,7 @@ class InferenceServer:
             path = Path(config.unix_socket)
             if path.is_socket():
                 path.unlink()
-            unix = _UnixServer(str(path), _Handler)
+            unix = _UnixServer(str(path), _UnixHandler)
             os.chmod(path, 0o660)
             unix.owner = self
             self._servers.append(unix)
