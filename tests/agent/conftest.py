@@ -158,22 +158,28 @@ def bundles(request, agent_keys, other_keypair, tmp_path_factory) -> Bundles:
     return built
 
 
+def write_agent_config(directory: Path, public_key: Path, **overrides: Any) -> Path:
+    """An agent YAML config in ``directory`` (state beneath it); keyword arguments override its keys."""
+    data: dict[str, Any] = {
+        "device_id": "dev-01", "fleet": "test", "profile": PROFILE, "state_dir": str(directory / "state"),
+        "api": {"host": "127.0.0.1", "port": 0}, "trusted_keys": [str(public_key)], "telemetry_interval_s": 1,
+    }
+    data.update(overrides)
+    path = directory / "agent.yaml"
+    path.write_text(yaml.safe_dump(data))
+    return path
+
+
+@pytest.fixture(scope="session")
+def config_writer(agent_keys) -> Callable[..., Path]:
+    """``config_writer(directory, **overrides)``: :func:`write_agent_config` with the session's key."""
+    return lambda directory, **overrides: write_agent_config(directory, agent_keys[1], **overrides)
+
+
 @pytest.fixture
 def write_config(tmp_path, agent_keys) -> Callable[..., Path]:
     """Write an agent YAML config under tmp_path; keyword arguments override its keys."""
-
-    def write(**overrides: Any) -> Path:
-        data: dict[str, Any] = {
-            "device_id": "dev-01", "fleet": "test", "profile": PROFILE, "state_dir": str(tmp_path / "state"),
-            "api": {"host": "127.0.0.1", "port": 0}, "trusted_keys": [str(agent_keys[1])],
-            "telemetry_interval_s": 1,
-        }
-        data.update(overrides)
-        path = tmp_path / "agent.yaml"
-        path.write_text(yaml.safe_dump(data))
-        return path
-
-    return write
+    return lambda **overrides: write_agent_config(tmp_path, agent_keys[1], **overrides)
 
 
 @pytest.fixture

@@ -15,6 +15,20 @@ from lepton_edge.agent.config import ApiConfig
 from lepton_edge.agent.http_api import HEADER_LENGTH, InferenceServer
 
 
+@pytest.fixture(scope="module")
+def shared_api(tmp_path_factory, config_writer, bundles):
+    """One agent for the tests that change nothing but its counters (serving version 1.0.0)."""
+    from lepton_edge.agent.config import load_config
+    from lepton_edge.agent.service import AgentService
+
+    d = tmp_path_factory.mktemp("shared-api")
+    svc = AgentService(load_config(config_writer(d, models=[str(bundles.v1)])))
+    srv = InferenceServer(svc, ApiConfig(port=0, max_body_bytes=64 * 1024, unix_socket=d / "agent.sock")).start()
+    yield srv
+    srv.close()
+    svc.close()
+
+
 @pytest.fixture
 def api(service, tmp_path):
     srv = InferenceServer(service, ApiConfig(port=0, max_body_bytes=64 * 1024, unix_socket=tmp_path / "agent.sock")).start()
@@ -139,7 +153,8 @@ _BINARY_255, _BINARY_256 = (
         (b"\x1f\x8bnot gzip", {"Content-Encoding": "gzip"}, 400, "not valid gzip"),
     ],
 )
-def test_hostile_bodies_get_one_line_4xx_and_the_agent_keeps_serving(api, body, headers, status, reason):
+def test_hostile_bodies_get_one_line_4xx_and_the_agent_keeps_serving(shared_api, body, headers, status, reason):
+    api = shared_api
     r, data = _request(api, "POST", "/v2/models/digits/infer", body, headers)
     assert r.status == status, data
     err = json.loads(data)["error"]
@@ -148,7 +163,8 @@ def test_hostile_bodies_get_one_line_4xx_and_the_agent_keeps_serving(api, body, 
     assert r.status == 200 and json.loads(data)["outputs"][0]["shape"] == [1, 10]
 
 
-def test_missing_length_chunked_and_wrong_methods(api):
+def test_missing_length_chunked_and_wrong_methods(shared_api):
+    api = shared_api
     c = http.client.HTTPConnection("127.0.0.1", api.port, timeout=10)
     c.putrequest("POST", "/v2/models/digits/infer")
     c.putheader("Transfer-Encoding", "chunked")
@@ -181,11 +197,11 @@ def test_keep_alive_and_prometheus_metrics(api, service, bundles):
     assert "# TYPE lepton_inference_latency_seconds histogram" in text
 
 
-def test_unix_socket(api, tmp_path, bundles):
+def test_unix_socket(shared_api, bundles):
     class UnixConnection(http.client.HTTPConnection):
         def connect(self) -> None:
             self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-            self.sock.connect(str(tmp_path / "agent.sock"))
+            self.sock.connect(str(shared_api.config.unix_socket))
 
     conn = UnixConnection("localhost", timeout=10)
     conn.request("POST", "/v2/models/digits/infer", _infer_json(bundles.sample(1)))
