@@ -398,3 +398,45 @@ def test_real_service_activates_a_signed_bundle_downloaded_with_resume(service, 
         assert "already active" in link.events[-1].detail
     finally:
         h.close()
+
+
+def test_deploy_command_over_mqtt_end_to_end(service, bundles, server, private_broker, tmp_path):
+    """A deploy command published on the device's cmd topic: download, verify, activate, and every
+    step back on the events topic, the new version in the retained state; the repeat is answered."""
+    from _mqtt_fixtures import Observer, publish_raw, wait_until
+
+    from lepton_edge.agent.link import MqttLink
+    from lepton_edge.agent.outbox import Outbox
+    from lepton_edge.protocol import decode_event, decode_state, encode, topic
+
+    archive = bundles.archive(bundles.v3)
+    srv, blob = _serve_file(server, archive)
+    handler: list[OtaHandler] = []
+    link = MqttLink(make_config(tmp_path / "link", private_broker.url), Outbox(tmp_path / "q.db", 1 << 20),
+                    lambda cmd: handler[0].handle(cmd), reconnect_min_s=0.05, reconnect_max_s=0.3)
+    handler.append(OtaHandler(service, link, service.config, progress_every_s=0))
+    service.add_event_listener(link.publish_event)
+    service.add_state_listener(link.publish_state)
+    link.publish_state(service.state_message())
+    obs = Observer(private_broker.url, "lepton/v1/test/dev-01/#")
+    link.start()
+    try:
+        assert wait_until(lambda: link.connected and link.outbox.pending_count == 0)
+        cmd = _deploy(srv.url, blob=blob, cmd_id="mqtt-1", version="3.0.0")
+        publish_raw(private_broker.url, topic("test", "dev-01", "cmd"), [encode(cmd)])
+
+        def events(o):
+            return [decode_event(p) for p in o.on("events")]
+
+        assert obs.wait_for(lambda o: any(e.type == "activated" and e.cmd_id == "mqtt-1" for e in events(o)), 60)
+        assert [e.type for e in events(obs) if e.cmd_id == "mqtt-1"] == [
+            "command_received", "download_started", "download_complete", "verified", "activation_started", "activated"]
+        assert obs.wait_for(lambda o: any(decode_state(p).models.get("digits") is not None
+                                          and decode_state(p).models["digits"].version == "3.0.0" for p in o.on("state")))
+        publish_raw(private_broker.url, topic("test", "dev-01", "cmd"), [encode(cmd)])  # the cloud retries
+        assert obs.wait_for(lambda o: any(e.data.get("repeat") for e in events(o)), 30)
+        assert len(srv.requests) == 1
+    finally:
+        handler[0].close()
+        link.stop(flush_timeout=2)
+        obs.close()
