@@ -163,7 +163,8 @@ def create_app(service: Any) -> FastAPI:
         return {"replica": service.replica_id, "leader": service.is_leader, "ingest": dict(service.ingest_stats()),
                 "ingest_backlog": service.ingest_backlog(), "downloads": dl}
 
-    @app.post("/v1/models", dependencies=auth, status_code=201)
+    @app.post("/v1/models", dependencies=auth, status_code=201, openapi_extra={"requestBody": {
+        "required": True, "content": {"application/octet-stream": {"schema": {"type": "string", "format": "binary"}}}}})
     async def push_model(request: Request) -> dict[str, Any]:
         fd, tmp = tempfile.mkstemp(prefix="lepton-upload-", suffix=".lepton")
         try:

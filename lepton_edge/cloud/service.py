@@ -139,13 +139,10 @@ class CloudService:
         if cfg.broker_url is None:
             from .broker import ManagedMosquitto
 
-            with self.engine.begin() as conn:
-                stored = conn.execute(select(db.settings.c.value).where(db.settings.c.key == "service_mqtt_password")).scalar()
-                if stored is None:
-                    stored = broker_auth.new_password()
-                    conn.execute(db.settings.insert().values(key="service_mqtt_password", value=stored))
-            self._service_password = stored
-            self.broker = ManagedMosquitto(Path(cfg.state_dir) / "broker", auth=True)
+            self._service_password = self._setting("service_mqtt_password", broker_auth.new_password)
+            # Agent configs name the broker's port, so a restarted service must come back on the same one.
+            port = int(self._setting("managed_broker_port", lambda: str(_free_port())))
+            self.broker = ManagedMosquitto(Path(cfg.state_dir) / "broker", port, auth=True)
             self._auth_dir: Path | None = self.broker.workdir
             self.broker_url = self.broker.url
         else:
@@ -153,6 +150,15 @@ class CloudService:
             self._auth_dir = cfg.auth_dir
             self.broker_url = cfg.broker_url
         self._service_hash = broker_auth.hash_password(self._service_password) if self._service_password else None
+
+    def _setting(self, key: str, make: Any) -> str:
+        """A value kept in the database, created on first use (the first replica's value wins)."""
+        with self.engine.begin() as conn:
+            stored = conn.execute(select(db.settings.c.value).where(db.settings.c.key == key)).scalar()
+            if stored is None:
+                stored = make()
+                conn.execute(db.settings.insert().values(key=key, value=stored))
+        return stored
 
     def _start_http(self, sock: socket.socket) -> None:
         import uvicorn
@@ -223,6 +229,12 @@ class CloudService:
 
     def ingest_backlog(self) -> int:
         return self.ingestor.backlog if self.ingestor else 0
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 class ServiceProcess:

@@ -61,6 +61,15 @@ def test_enroll_writes_a_working_agent_config_and_revoke_cuts_the_device_off(sta
         SimDevice("pi-01", svc.broker_url, username="pi-01", password=cfg.password).connect(timeout=5)
     assert "revoked" in _cli(svc, "devices", "list", "--all").output
 
+    # A restarted service keeps its broker's address: the agent configs it wrote stay valid.
+    broker_url = svc.broker_url
+    svc.stop()
+    svc2 = start_service(broker_url=None)
+    assert svc2.broker_url == broker_url
+    client2 = CloudClient(svc2.url, svc2.token)
+    client2.enroll("pi-02", "rpi5")
+    assert "user pi-02" in svc2.broker.acl_file.read_text() and "pi-01" not in svc2.broker.password_file.read_text()
+
 
 def test_cli_push_list_deploy_and_steer(start_service, private_broker, sim_fleet, cloud_bundles, tmp_path):
     svc = start_service(broker_url=private_broker.url)

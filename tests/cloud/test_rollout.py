@@ -82,6 +82,11 @@ def test_p95_regression_gate_pauses_when_asked(start_service, private_broker, si
     gate = paused["wave_results"][0]
     assert gate["p95_old_ms"] == pytest.approx(2.0) and gate["p95_new_ms"] == pytest.approx(3.0)
     assert "p95" in paused["reason"] and "+50%" in paused["reason"]
+    # While it is active, no other deployment of the model may take the same devices.
+    from lepton_edge.cloud.errors import CloudError
+
+    with pytest.raises(CloudError, match="active deployment"):
+        client.deploy("digits", "1", ["all"])
     # The operator overrides: rollback by hand.
     client.steer(d["id"], "rollback")
     final = wait_deployment(client, d["id"])
