@@ -5,7 +5,11 @@ ranges from it (``read_range``) so interrupted device downloads resume, and neve
 whole archive in memory.
 
 Public API: :class:`ArtifactStore` (the seam), :class:`LocalArtifactStore`,
-:class:`MemoryArtifactStore`, :func:`open_store`.
+:class:`MemoryArtifactStore`, :class:`S3ArtifactStore`, :func:`open_store`.
+
+``s3://bucket/prefix`` selects S3 or any S3-compatible store (MinIO, Ceph RGW, R2);
+credentials, region and endpoint come from boto3's usual sources (``AWS_*`` variables,
+``AWS_ENDPOINT_URL`` for a non-AWS endpoint). It needs ``pip install 'lepton-edge[s3]'``.
 """
 
 from __future__ import annotations
@@ -20,7 +24,7 @@ from typing import Protocol
 
 from .errors import CloudConfigError, NotFoundError, StoreError
 
-__all__ = ["ArtifactStore", "LocalArtifactStore", "MemoryArtifactStore", "open_store"]
+__all__ = ["ArtifactStore", "LocalArtifactStore", "MemoryArtifactStore", "S3ArtifactStore", "open_store"]
 
 _KEY_RE = re.compile(r"^[a-z0-9][a-z0-9._-]{0,200}$")
 _CHUNK = 256 * 1024
@@ -118,13 +122,62 @@ class MemoryArtifactStore:
         return iter([data[i : min(i + _CHUNK, end)] for i in range(start, end, _CHUNK)])
 
 
+class S3ArtifactStore:
+    """Blobs as objects under ``prefix`` in one bucket; ranges are ranged GETs, never whole objects."""
+
+    def __init__(self, bucket: str, prefix: str = "", *, client: object | None = None) -> None:
+        try:
+            import boto3
+            from botocore.exceptions import BotoCoreError, ClientError
+        except ImportError:
+            raise CloudConfigError("the S3 artifact store needs boto3", hint="pip install 'lepton-edge[s3]'") from None
+        self._errors = (BotoCoreError, ClientError)
+        self.bucket, self.prefix = bucket, prefix.strip("/") + "/" if prefix.strip("/") else ""
+        self._s3 = client or boto3.client("s3")
+
+    def _name(self, key: str) -> str:
+        return self.prefix + _check_key(key)
+
+    def _fail(self, key: str, e: Exception) -> Exception:
+        code = getattr(e, "response", {}).get("Error", {}).get("Code", "")
+        if code in ("404", "NoSuchKey", "NotFound"):
+            return NotFoundError(f"artifact {key} is not in the store")
+        return StoreError(f"S3 s3://{self.bucket}/{self.prefix}{key}: {str(e).splitlines()[0][:200]}")
+
+    def put(self, key: str, source: Path) -> int:
+        name = self._name(key)
+        try:
+            self._s3.upload_file(str(source), self.bucket, name)  # type: ignore[attr-defined]
+        except self._errors as e:
+            raise self._fail(key, e) from None
+        return Path(source).stat().st_size
+
+    def size(self, key: str) -> int:
+        try:
+            return int(self._s3.head_object(Bucket=self.bucket, Key=self._name(key))["ContentLength"])  # type: ignore[attr-defined]
+        except self._errors as e:
+            raise self._fail(key, e) from None
+
+    def read_range(self, key: str, start: int, end: int) -> Iterator[bytes]:
+        if start >= end:
+            return iter(())
+        try:
+            obj = self._s3.get_object(Bucket=self.bucket, Key=self._name(key), Range=f"bytes={start}-{end - 1}")  # type: ignore[attr-defined]
+        except self._errors as e:
+            raise self._fail(key, e) from None
+        return obj["Body"].iter_chunks(_CHUNK)
+
+
 def open_store(spec: str | Path) -> ArtifactStore:
-    """``memory:`` for the fake, otherwise a local directory path (``file://`` accepted)."""
+    """``memory:`` for the fake, ``s3://bucket/prefix``, otherwise a local directory (``file://`` accepted)."""
     text = str(spec)
     if text == "memory:":
         return MemoryArtifactStore()
     if text.startswith("s3://"):
-        raise CloudConfigError("the S3 artifact store is not implemented in this version", hint="use a local directory")
+        bucket, _, prefix = text[len("s3://"):].partition("/")
+        if not bucket:
+            raise CloudConfigError(f"artifact store {text!r} names no bucket", hint="use s3://bucket/prefix")
+        return S3ArtifactStore(bucket, prefix)
     if text.startswith("file://"):
         text = text[len("file://") :]
     return LocalArtifactStore(Path(text).expanduser())
