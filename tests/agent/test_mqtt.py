@@ -354,3 +354,23 @@ def test_events_round_trip_as_protocol_json(local_broker_url, tmp_path):
     assert json.loads(obs.on("events")[0]) == json.loads(encode(sent))
     link.stop(flush_timeout=2)
     obs.close()
+
+
+def test_a_record_the_broker_refuses_is_dropped_counted_and_does_not_block_the_queue(private_broker, tmp_path):
+    workdir = tmp_path / "aclbroker"
+    workdir.mkdir()
+    acl = workdir / "acl"
+    # the device may write its state and telemetry, but not its events
+    acl.write_text(f"topic write {PREFIX}state\ntopic write {PREFIX}telemetry\ntopic read {PREFIX}cmd\n")
+    broker = type(private_broker)(workdir, extra_conf=f"user root\nacl_file {acl}\n").start()
+    try:
+        link = _link(tmp_path, broker.url)
+        link.publish_event(EventMessage(type="error", detail="refused"))
+        link.publish_telemetry(TelemetryMessage(ts=time.time(), seq=0, interval_s=1))
+        link.start()
+        assert wait_until(lambda: link.connected and link.outbox.pending_count == 0)
+        report = TelemetryReporter(link, _NoMetrics(), 60).report_now()
+        assert report.dropped == 1
+        link.stop(flush_timeout=2)
+    finally:
+        broker.stop()
