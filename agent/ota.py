@@ -323,6 +323,9 @@ class OtaHandler:
 
     def handle(self, cmd: Command) -> None:
         """Queue a command (returns at once; never raises)."""
+        if self._stop.is_set():
+            log.warning("OTA is shutting down; command %s is left for the cloud to send again", cmd.cmd_id)
+            return
         with self._pending_lock:
             if cmd.cmd_id in self._pending:
                 log.info("command %s is already queued or running; ignoring the repeat", cmd.cmd_id)
