@@ -67,7 +67,7 @@ def cloud() -> None:
               help="With --broker: keep the broker's passwd/acl files here for the operator to install.")
 @click.option("--host", default="127.0.0.1", show_default=True)
 @click.option("--port", default=8800, show_default=True, type=click.IntRange(0, 65535), help="0 picks a free port.")
-@click.option("--artifacts", default="lepton-cloud/artifacts", show_default=True, help="Bundle store directory (memory: for tests).")
+@click.option("--artifacts", default="lepton-cloud/artifacts", show_default=True, help="Bundle store: a directory, s3://bucket/prefix, or memory: (tests).")
 @click.option("--token", envvar="LEPTON_CLOUD_TOKEN", default=None, help="Operator token; generated (and written to STATE_DIR/token) if absent.")
 @click.option("--trusted-key", "trusted_keys", multiple=True, type=click.Path(dir_okay=False, path_type=Path),
               help="Public key that bundles must be signed with (repeatable).")

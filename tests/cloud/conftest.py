@@ -123,3 +123,14 @@ def pg_database(pg_url) -> Iterator[str]:
     yield pg_url.rsplit("/", 1)[0] + "/" + name
     with psycopg.connect(pg_url, autocommit=True) as conn:
         conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+@pytest.fixture(scope="session")
+def converted_bundles(tmp_path_factory, digits, digits_onnx, keypair) -> dict[str, Path]:
+    """``version -> .lepton`` made by the real converter for x86-avx2 (this host's profile), signed."""
+    from lepton_edge.converters import convert
+
+    _, data, _ = digits
+    out = tmp_path_factory.mktemp("converted")
+    return {v: convert(digits_onnx, "x86-avx2", output_dir=out, calib=(data.x_test[:64], None), sign_key=keypair[0],
+                       name="digits", version=v, latency_runs=20).archive for v in ("1", "2")}
