@@ -1,0 +1,109 @@
+"""`lepton-edge demo` end to end, as a user runs it: exit code, final fleet state, nothing left running."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from lepton_edge.demo import _Children
+
+
+def _processes_mentioning(text: str) -> list[str]:
+    """Command lines of live processes that mention ``text`` (our work dir is in every child's argv)."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit() or int(entry.name) == os.getpid():
+            continue
+        try:
+            cmdline = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+        except OSError:
+            continue
+        if text in cmdline:
+            found.append(f"{entry.name}: {cmdline[:200]}")
+    return found
+
+
+def _demo(workdir: Path, *extra: str) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "lepton_edge.cli", "demo", "--workdir", str(workdir), *extra],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env={**os.environ, "COLUMNS": "200"})
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+def test_demo_rolls_out_v1_v2_rolls_back_v3_and_leaves_nothing_running(tmp_path):
+    workdir = tmp_path / "demo"
+    proc = _demo(workdir)
+    try:
+        output, _ = proc.communicate(timeout=540)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    summary_file = workdir / "summary.json"
+    assert summary_file.exists(), output[-3000:]
+    summary = json.loads(summary_file.read_text())
+    failed = [c for c in summary["checks"] if not c["ok"]]
+    assert proc.returncode == 0 and summary["passed"], f"failed checks: {failed}\n{output[-3000:]}"
+
+    deployments = summary["deployments"]
+    assert deployments["1.0.0"]["status"] == "completed"
+    assert deployments["2.0.0"] and all(d["status"] == "completed" for d in deployments["2.0.0"].values())
+    assert deployments["3.0.0"]["status"] == "rolled_back" and "p95" in deployments["3.0.0"]["reason"]
+    devices = summary["devices"]
+    assert len(devices) == len(summary["profiles"])
+    assert {d["profile"] for d in devices.values()} == set(summary["profiles"])
+    for device_id, d in devices.items():
+        assert d["reported_version"] == "2.0.0" and d["served_version"] == "2.0.0", (device_id, d)
+        assert {"1.0.0", "2.0.0"} <= set(d["versions_seen"]), (device_id, d)
+        assert d["answers"] > 0 and d["accuracy"] > 0.9, (device_id, d)
+    assert any("3.0.0" in d["versions_seen"] for d in devices.values()), "no device ever served v3"
+    assert "Fleet" in output and "Checks" in output
+    assert _processes_mentioning(str(workdir)) == []
+
+
+@pytest.mark.slow
+def test_ctrl_c_stops_the_broker_and_service(tmp_path):
+    workdir = tmp_path / "demo"
+    proc = _demo(workdir)
+    try:
+        deadline = time.monotonic() + 120
+        for line in proc.stdout:
+            if "cloud service on" in line:
+                break
+            assert time.monotonic() < deadline, "the demo never started its service"
+        assert _processes_mentioning(str(workdir)), "the broker should be running by now"
+        proc.send_signal(signal.SIGINT)
+        proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == 130
+    assert _processes_mentioning(str(workdir)) == []
+
+
+def test_children_that_ignore_sigterm_are_killed(tmp_path):
+    children = _Children()
+    stubborn = "import signal, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); print('up', flush=True); time.sleep(600)"
+    proc = children.spawn("stubborn", [sys.executable, "-c", stubborn], tmp_path / "log")
+    polite = children.spawn("polite", [sys.executable, "-c", "import time; time.sleep(600)"], tmp_path / "log2")
+    deadline = time.monotonic() + 30
+    while "up" not in (tmp_path / "log").read_text():
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    assert children.stop_all() == ["stubborn"]
+    assert proc.poll() is not None and polite.poll() is not None
+
+
+def test_bad_profiles_option_is_one_line(tmp_path):
+    r = subprocess.run([sys.executable, "-m", "lepton_edge.cli", "demo", "--workdir", str(tmp_path), "--profiles", ","],
+                       capture_output=True, text=True, timeout=60)
+    assert r.returncode == 2 and "Traceback" not in r.stderr
+    assert "--profiles needs between 1 and 8" in r.stderr
