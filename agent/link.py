@@ -132,6 +132,7 @@ class MqttLink:
         self._offline_acked = threading.Event()
         self._offline_sent_at = 0.0
         self._connect_started = 0.0
+        self._refused = False
         # mid -> outbox record id; touched by the network thread only
         self._inflight: dict[int, int] = {}
         self._acked: list[int] = []
@@ -257,6 +258,8 @@ class MqttLink:
                 self._wait_backoff()
                 continue
             rc = mqtt.MQTT_ERR_SUCCESS
+            connects_before = self.connects
+            self._refused = False
             while rc == mqtt.MQTT_ERR_SUCCESS:
                 rc = client.loop(_POLL_S)
                 if self._connected:
@@ -266,6 +269,10 @@ class MqttLink:
                 if not self._connected and client.socket() is not None and self._connect_overdue():
                     self._set_error(f"no CONNACK from {self._host}:{self._port} within {CONNECT_TIMEOUT_S:.0f}s")
                     break
+            if self.connects == connects_before and not self._refused:
+                # e.g. a TLS broker that rejects our client certificate after the handshake
+                self._set_error(f"broker {self._host}:{self._port} closed the connection before accepting it "
+                                f"({mqtt.error_string(rc)})")
             self._mark_disconnected()
             if self._stop.is_set():
                 return
@@ -352,6 +359,7 @@ class MqttLink:
 
     def _on_connect(self, client: Any, userdata: Any, flags: Any, reason: Any, properties: Any) -> None:
         if reason.is_failure:
+            self._refused = True
             self._set_error(f"broker {self._host}:{self._port} refused the connection: {reason}")
             return
         self._connected = True

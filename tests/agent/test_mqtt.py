@@ -292,35 +292,50 @@ def _tls_files(d):
           .public_key(ca_key.public_key()).serial_number(1).not_valid_before(now - dt.timedelta(hours=1))
           .not_valid_after(now + dt.timedelta(days=1))
           .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True).sign(ca_key, hashes.SHA256()))
-    key = ec.generate_private_key(ec.SECP256R1())
-    cert = (x509.CertificateBuilder().subject_name(name("localhost")).issuer_name(ca.subject)
-            .public_key(key.public_key()).serial_number(2).not_valid_before(now - dt.timedelta(hours=1))
-            .not_valid_after(now + dt.timedelta(days=1))
-            .add_extension(x509.SubjectAlternativeName([x509.DNSName("localhost")]), critical=False)
-            .sign(ca_key, hashes.SHA256()))
     pem = serialization.Encoding.PEM
     (d / "ca.pem").write_bytes(ca.public_bytes(pem))
-    (d / "server.pem").write_bytes(cert.public_bytes(pem))
-    (d / "server.key").write_bytes(key.private_bytes(pem, serialization.PrivateFormat.TraditionalOpenSSL,
-                                                     serialization.NoEncryption()))
+    for serial, who in ((2, "server"), (3, "client")):
+        key = ec.generate_private_key(ec.SECP256R1())
+        cert = (x509.CertificateBuilder().subject_name(name("localhost" if who == "server" else "dev-01"))
+                .issuer_name(ca.subject).public_key(key.public_key()).serial_number(serial)
+                .not_valid_before(now - dt.timedelta(hours=1)).not_valid_after(now + dt.timedelta(days=1))
+                .add_extension(x509.SubjectAlternativeName([x509.DNSName("localhost")]), critical=False)
+                .sign(ca_key, hashes.SHA256()))
+        (d / f"{who}.pem").write_bytes(cert.public_bytes(pem))
+        (d / f"{who}.key").write_bytes(key.private_bytes(pem, serialization.PrivateFormat.TraditionalOpenSSL,
+                                                         serialization.NoEncryption()))
     return d / "ca.pem"
 
 
-def test_tls_broker_with_the_device_ca(private_broker, tmp_path):
+def test_mutual_tls_with_the_device_ca_and_client_certificate(private_broker, tmp_path):
     workdir = tmp_path / "tlsbroker"
     workdir.mkdir()
     ca = _tls_files(workdir)
     tls_port = _free_port()
     broker = type(private_broker)(workdir, extra_conf=(
-        f"user root\nlistener {tls_port} 127.0.0.1\ncafile {ca}\ncertfile {workdir / 'server.pem'}\nkeyfile {workdir / 'server.key'}\n"))
+        f"user root\nlistener {tls_port} 127.0.0.1\ncafile {ca}\ncertfile {workdir / 'server.pem'}\n"
+        f"keyfile {workdir / 'server.key'}\nrequire_certificate true\n"))
     broker.start()
+    client_tls = {"ca_file": ca, "cert_file": workdir / "client.pem", "key_file": workdir / "client.key"}
     try:
         obs = Observer(broker.url, PREFIX + "events")
-        good = _link(tmp_path, f"mqtts://localhost:{tls_port}", tls={"ca_file": ca})
+        good = _link(tmp_path, f"mqtts://localhost:{tls_port}", tls=client_tls)
         good.publish_event(EventMessage(type="error", detail="over tls"))
         good.start()
         assert obs.wait_for(lambda o: [decode_event(p).detail for p in o.on("events")] == ["over tls"])
         good.stop(flush_timeout=2)
+        # the broker trusts only devices with a certificate from its CA
+        anonymous = _link(tmp_path, f"mqtts://localhost:{tls_port}", queue="anon.db", tls={"ca_file": ca})
+        anonymous.publish_event(EventMessage(type="error", detail="no client certificate"))
+        anonymous.start()
+        assert wait_until(lambda: anonymous.last_error is not None, 10)
+        assert not anonymous.connected and anonymous.outbox.pending_count == 1
+        anonymous.stop(flush_timeout=0)
+        # a missing key file is one clear configuration error
+        broken = _link(tmp_path, f"mqtts://localhost:{tls_port}", queue="broken.db",
+                       tls={**client_tls, "key_file": workdir / "missing.key"})
+        with pytest.raises(LinkError, match="TLS"):
+            broken.start()
         # without the device's CA the broker's certificate is not trusted: nothing is sent
         untrusted = _link(tmp_path, f"mqtts://localhost:{tls_port}", queue="u.db")
         untrusted.publish_event(EventMessage(type="error", detail="must not leave"))
