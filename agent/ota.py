@@ -31,7 +31,6 @@ import logging
 import os
 import queue
 import shutil
-import socket
 import ssl
 import threading
 import time
