@@ -18,7 +18,7 @@ import numpy as np
 
 from lepton_edge.runtimes import Session, open_session
 
-__all__ = ["Agreement", "Latency", "run_batched", "compare", "measure_latency", "task_of", "rss_bytes"]
+__all__ = ["Agreement", "Latency", "run_batched", "compare", "measure_latency", "task_of", "rss_bytes", "interleaved_latency"]
 
 
 def run_batched(path: Path, runtime: str, x: np.ndarray, *, threads: int | None, batch: int = 64,
@@ -74,6 +74,7 @@ class Latency:
     p95_ms: float
     runs: int
     threads: int
+    times_ms: tuple[float, ...] = ()
 
 
 def measure_latency(session: Session, sample: np.ndarray, *, threads: int, runs: int, max_seconds: float = 5.0, warmup: int = 3) -> Latency:
@@ -90,7 +91,23 @@ def measure_latency(session: Session, sample: np.ndarray, *, threads: int, runs:
         if time.perf_counter() > deadline and len(times) >= 5:
             break
     arr = np.asarray(times)
-    return Latency(float(np.percentile(arr, 50)), float(np.percentile(arr, 95)), len(times), threads)
+    return Latency(float(np.percentile(arr, 50)), float(np.percentile(arr, 95)), len(times), threads, tuple(times))
+
+
+def interleaved_latency(sessions: dict[str, Session], sample: np.ndarray, *, threads: int, runs: int, rounds: int = 3,
+                        max_seconds: float = 6.0) -> dict[str, Latency]:
+    """Latency of several models timed in alternating rounds, pooled per model.
+
+    Timing models one after another lets a change in machine load pick the winner;
+    alternating rounds spread any drift over all of them.
+    """
+    rounds = max(1, min(rounds, runs))
+    per_round = max(1, runs // rounds)
+    times: dict[str, list[float]] = {k: [] for k in sessions}
+    for _ in range(rounds):
+        for k, sess in sessions.items():
+            times[k] += measure_latency(sess, sample, threads=threads, runs=per_round, max_seconds=max_seconds / rounds).times_ms
+    return {k: Latency(float(np.percentile(t, 50)), float(np.percentile(t, 95)), len(t), threads, tuple(t)) for k, t in times.items()}
 
 
 def rss_bytes() -> int:

@@ -28,7 +28,7 @@ from lepton_edge.runtimes import RuntimeLoadError, open_session
 from .candidates import keep_float, count_quantized_ops, preprocess_for_quantization, sensitive_nodes
 from .data import Dataset, load_dataset, split_holdout, synthetic_dataset
 from .errors import CalibrationDataError, ConversionError, InputShapeError, ModelTooLargeError, NoCandidateError, PruningError, UnsupportedModelError
-from .evaluate import compare, measure_latency, rss_bytes, run_batched, task_of
+from .evaluate import compare, interleaved_latency, rss_bytes, run_batched, task_of
 from .golden import check_golden, golden_tolerances, pick_golden
 from .loading import LoadedSource, fit_opset, onnx_info, parse_input_shape, reference_outputs
 from .passes import run_pass
@@ -41,6 +41,7 @@ MAX_CANDIDATES = 12  # the bound on the search: builds + evaluations
 _SENSITIVITY_ROUNDS = (1, 3, 8)  # nodes kept in float per retry
 _SYNTHETIC_SAMPLES = 64
 _GOLDEN_COUNT = 8
+_LATENCY_SECONDS = 6.0  # per candidate, over all rounds
 
 Progress = Callable[[str, str], None]
 
@@ -198,6 +199,7 @@ class _Conversion:
             self._tflite_candidates(src, sample_shape)
         else:
             self._onnx_candidates()
+        self._measure_latencies()
 
         winner, why = choose_winner(self.candidates, host_matches=self.host_matches, allowed=list(self.profile.precision.allowed))
         report = self._report(src, original, winner, why, calib_ds, eval_ds, time.perf_counter() - t_start)
@@ -267,8 +269,6 @@ class _Conversion:
         c.memory_bytes = max(c.size_bytes, rss_bytes() - rss0)
         c.agreement = compare(self.ref, out, self.eval_ds.y)
         c.within_budget, why = gate(c.agreement, self.budget)
-        lat = measure_latency(sess, self.eval_ds.x, threads=self.threads, runs=self.latency_runs)
-        c.latency_p50_ms, c.latency_p95_ms = lat.p50_ms, lat.p95_ms
         if c.runtime == "onnxruntime":
             c.quantized_ops, c.compute_ops = count_quantized_ops(c.path).values()
         too_big = []
@@ -287,8 +287,20 @@ class _Conversion:
         notes += too_big
         c.note = "; ".join(notes)
         c.seconds += time.perf_counter() - t0
-        self.say("evaluate", f"{c.name}: p50 {c.latency_p50_ms:.3f} ms, {'inside' if c.within_budget else 'outside'} budget")
+        self.say("evaluate", f"{c.name}: {'inside' if c.within_budget else 'outside'} the budget" + (f" ({why})" if not c.within_budget else ""))
         return c
+
+    def _measure_latencies(self) -> None:
+        """Batch-1 latency of every candidate that runs, timed in alternating rounds."""
+        runnable = [c for c in self.candidates if c.path is not None]
+        if not runnable:
+            return
+        self.say("latency", f"timing {len(runnable)} candidates, batch 1, {self.threads} threads, {self.latency_runs} runs each")
+        sessions = {c.name: open_session(c.path, c.runtime, threads=self.threads, delegates=self.profile.runtime.delegates)  # type: ignore[arg-type]
+                    for c in runnable}
+        lat = interleaved_latency(sessions, self.eval_ds.x, threads=self.threads, runs=self.latency_runs, max_seconds=_LATENCY_SECONDS)
+        for c in runnable:
+            c.latency_p50_ms, c.latency_p95_ms = lat[c.name].p50_ms, lat[c.name].p95_ms
 
     def _add(self, c: Candidate) -> Candidate:
         self.candidates.append(c)

@@ -1,0 +1,229 @@
+"""Converter benchmark: INT8 vs FP32 on this host, lepton-edge vs the naive quantize_static path.
+
+For the trained digits CNN and a MobileNetV2-sized net (width 1.0, 224x224, random
+weights) it measures, in one run and through the shared runtime (batch 1, the profile's
+threads): size ratio, INT8/FP32 latency ratio, accuracy drop (true accuracy for digits,
+top-1 agreement with FP32 for the random-weight net) and conversion wall time; the same
+for onnxruntime's ``quantize_static`` with its defaults. A sweep of quantization settings
+on the MobileNetV2-sized net says why INT8 is or is not faster here.
+
+Run: ``.venv/bin/python benchmarks/convert_bench.py [--profile x86-avx2] [--quick]``.
+Prints tables and writes ``benchmarks/results/convert_bench.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+from lepton_edge.console import print_table
+from lepton_edge.converters import convert, run_pass
+from lepton_edge.converters.candidates import preprocess_for_quantization
+from lepton_edge.converters.evaluate import compare, interleaved_latency, run_batched
+from lepton_edge.converters.loading import LoadedSource
+from lepton_edge.converters.zoo import mobilenet_v2_like, train_digits_cnn
+from lepton_edge.profiles import host_matches, load_profile
+from lepton_edge.runtimes import open_session
+
+RESULTS = Path(__file__).parent / "results" / "convert_bench.json"
+
+
+def timed(paths: dict[str, Path], sample: np.ndarray, threads: int, runs: int) -> dict[str, tuple[float, float]]:
+    """p50/p95 per model, timed in alternating rounds (the converter's own method)."""
+    sessions = {k: open_session(p, "onnxruntime", threads=threads) for k, p in paths.items()}
+    lat = interleaved_latency(sessions, sample, threads=threads, runs=runs, rounds=5, max_seconds=60)
+    return {k: (v.p50_ms, v.p95_ms) for k, v in lat.items()}
+
+
+def naive_quantize(fp32: Path, out: Path, calib_x: np.ndarray, input_name: str) -> float:
+    """onnxruntime's quantize_static with every default (QDQ, s8 activations and weights, per-tensor, MinMax)."""
+    import os
+
+    from onnxruntime.quantization import quantize_static
+
+    class Reader:
+        def __init__(self) -> None:
+            self.it = iter([{input_name: calib_x[i : i + 1]} for i in range(len(calib_x))])
+
+        def get_next(self):  # noqa: ANN201
+            return next(self.it, None)
+
+    t0 = time.perf_counter()
+    cwd = os.getcwd()
+    with tempfile.TemporaryDirectory() as d:
+        os.chdir(d)
+        try:
+            quantize_static(str(fp32), str(out), Reader())
+        finally:
+            os.chdir(cwd)
+    return time.perf_counter() - t0
+
+
+def accuracy_of(path: Path, x: np.ndarray, y: np.ndarray | None, ref: np.ndarray, threads: int) -> float:
+    out = run_batched(path, "onnxruntime", x, threads=threads)[0]
+    a = compare(ref, out, y)
+    return a.accuracy if y is not None else a.top1_agreement  # type: ignore[return-value]
+
+
+def bench_model(label: str, model, calib, evalset, profile_id: str, runs: int, work: Path) -> dict:
+    prof = load_profile(profile_id)
+    threads = prof.threads
+    x_cal, y_cal = calib
+    x_ev, y_ev = evalset
+    # lepton-edge, end to end (the wall time a user waits, including every candidate).
+    t0 = time.perf_counter()
+    res = convert(model, prof, output_dir=work / "lepton", calib=calib, eval_data=evalset, name=label, latency_runs=runs)
+    wall = time.perf_counter() - t0
+    rep = res.report
+    # The FP32 baseline and the best INT8 candidate, rebuilt here so all are timed side by side.
+    src = LoadedSource("module", label, "0" * 64, module=model, sample_shape=tuple(x_cal.shape[1:]))
+    raw = work / f"{label}-export.onnx"
+    run_pass("export-onnx", {}, src, raw, opset_min=prof.limits.opset_min, opset_max=prof.limits.opset_max)
+    fp32 = work / f"{label}-fp32.onnx"
+    run_pass("optimize", {}, raw, fp32)
+    pre = work / f"{label}-pre.onnx"
+    preprocess_for_quantization(fp32, pre)
+    ours_int8 = next(c for c in rep["candidates"] if c["precision"] == "int8" and c["within_budget"]) if any(
+        c["precision"] == "int8" and c["within_budget"] for c in rep["candidates"]) else None
+    int8 = work / f"{label}-int8.onnx"
+    settings = {k: v for k, v in (ours_int8 or rep["candidates"][1])["settings"].items() if k in (
+        "format", "per_channel", "reduce_range", "activation_type", "weight_type", "calibration", "calibration_samples", "nodes_to_exclude")}
+    t1 = time.perf_counter()
+    run_pass("int8-static", settings, pre, int8, input_name="input", calib_x=x_cal)
+    int8_time = time.perf_counter() - t1
+    naive = work / f"{label}-naive.onnx"
+    naive_time = naive_quantize(raw, naive, x_cal[: min(len(x_cal), 256)], "input")
+
+    import torch
+
+    with torch.no_grad():
+        ref = model(torch.from_numpy(x_ev)).numpy()
+    acc = {k: accuracy_of(p, x_ev, y_ev, ref, threads) for k, p in (("fp32", fp32), ("int8", int8), ("naive", naive))}
+    ref_acc = float((ref.argmax(1) == y_ev).mean()) if y_ev is not None else 1.0
+    lat = timed({"fp32": fp32, "int8": int8, "naive": naive}, x_ev, threads, runs)
+    size = {k: p.stat().st_size for k, p in (("fp32", fp32), ("int8", int8), ("naive", naive))}
+    row = {
+        "model": label, "profile": profile_id, "threads": threads, "host_matches": host_matches(prof),
+        "fp32_mb": size["fp32"] / 1e6, "int8_mb": size["int8"] / 1e6, "naive_mb": size["naive"] / 1e6,
+        "size_ratio": size["int8"] / size["fp32"], "naive_size_ratio": size["naive"] / size["fp32"],
+        "fp32_p50_ms": lat["fp32"][0], "int8_p50_ms": lat["int8"][0], "naive_p50_ms": lat["naive"][0],
+        "latency_ratio": lat["int8"][0] / lat["fp32"][0], "naive_latency_ratio": lat["naive"][0] / lat["fp32"][0],
+        "metric": "accuracy" if y_ev is not None else "top-1 agreement with FP32",
+        "reference": ref_acc, "fp32_metric": acc["fp32"], "int8_metric": acc["int8"], "naive_metric": acc["naive"],
+        "int8_drop_points": 100 * (ref_acc - acc["int8"]), "naive_drop_points": 100 * (ref_acc - acc["naive"]),
+        "int8_settings": settings, "convert_wall_s": wall, "int8_quantize_s": int8_time, "naive_quantize_s": naive_time,
+        "winner": rep["winner"], "why": rep["why"], "candidates": rep["candidates"],
+    }
+    return row
+
+
+def sweep(model, x_cal: np.ndarray, x_ev: np.ndarray, work: Path, runs: int) -> list[dict]:
+    """Which INT8 setting is fast on this CPU, and at what accuracy (top-1 agreement with FP32)."""
+    import torch
+
+    prof = load_profile("x86-avx2")
+    src = LoadedSource("module", "sweep", "0" * 64, module=model, sample_shape=tuple(x_cal.shape[1:]))
+    raw = work / "sweep-export.onnx"
+    run_pass("export-onnx", {}, src, raw, opset_min=prof.limits.opset_min, opset_max=prof.limits.opset_max)
+    fp32 = work / "sweep-fp32.onnx"
+    run_pass("optimize", {}, raw, fp32)
+    pre = work / "sweep-pre.onnx"
+    preprocess_for_quantization(fp32, pre)
+    variants = {
+        "QDQ u8s8 per-channel reduce_range (x86-avx2)": dict(activation_type="uint8", weight_type="int8", per_channel=True, reduce_range=True),
+        "QDQ u8s8 per-channel full range (x86-vnni)": dict(activation_type="uint8", weight_type="int8", per_channel=True, reduce_range=False),
+        "QDQ u8u8 per-channel": dict(activation_type="uint8", weight_type="uint8", per_channel=True, reduce_range=False),
+        "QDQ s8s8 per-channel": dict(activation_type="int8", weight_type="int8", per_channel=True, reduce_range=False),
+        "QOperator u8s8 per-channel reduce_range": dict(format="qoperator", activation_type="uint8", weight_type="int8", per_channel=True, reduce_range=True),
+        "QDQ u8s8 per-tensor reduce_range": dict(activation_type="uint8", weight_type="int8", per_channel=False, reduce_range=True),
+    }
+    paths = {"FP32": fp32}
+    for name, v in variants.items():
+        p = work / f"sweep-{len(paths)}.onnx"
+        run_pass("int8-static", {**v, "calibration_samples": len(x_cal)}, pre, p, input_name="input", calib_x=x_cal)
+        paths[name] = p
+    with torch.no_grad():
+        ref = model(torch.from_numpy(x_ev)).numpy()
+    rows = []
+    for threads in (1, 2):
+        lat = timed(paths, x_ev, threads, runs)
+        for name, p in paths.items():
+            agree = compare(ref, run_batched(p, "onnxruntime", x_ev, threads=2)[0], None).top1_agreement
+            rows.append({"variant": name, "threads": threads, "p50_ms": lat[name][0], "p95_ms": lat[name][1],
+                         "ratio_vs_fp32": lat[name][0] / lat["FP32"][0], "top1_agreement": agree, "mb": p.stat().st_size / 1e6})
+    return rows
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--profile", default="x86-avx2")
+    ap.add_argument("--quick", action="store_true", help="fewer runs and a smaller MobileNet input (smoke test)")
+    args = ap.parse_args()
+    runs = 30 if args.quick else 100
+    res = 112 if args.quick else 224
+    t_all = time.perf_counter()
+    rows = []
+    with tempfile.TemporaryDirectory(prefix="convert-bench-") as d:
+        work = Path(d)
+        print("training the digits CNN ...", file=sys.stderr)
+        model, data, _ = train_digits_cnn()
+        rows.append(bench_model("digits-cnn", model, (data.x_train, data.y_train), (data.x_test, data.y_test), args.profile, runs, work))
+        print(f"MobileNetV2-sized net at {res}x{res} ...", file=sys.stderr)
+        net = mobilenet_v2_like(num_classes=1000, width=1.0)
+        rng = np.random.default_rng(0)
+        # Smooth random images (low-frequency noise) are closer to photos than white noise.
+        def images(n: int) -> np.ndarray:
+            import torch
+
+            small = torch.from_numpy(rng.random((n, 3, res // 16, res // 16), dtype=np.float32))
+            return torch.nn.functional.interpolate(small, size=(res, res), mode="bilinear", align_corners=False).numpy()
+
+        x_cal, x_ev = images(64), images(64)
+        rows.append(bench_model("mobilenetv2-1.0", net, (x_cal, None), (x_ev, None), args.profile, max(20, runs // 2), work))
+        sweep_rows = sweep(net, x_cal[:32], x_ev[:32], work, max(20, runs // 2))
+
+    print_table(f"convert_bench ({args.profile}, host {platform.machine()}, batch 1)",
+                ["model", "FP32 MB", "INT8 MB", "size ratio", "FP32 p50 ms", "INT8 p50 ms", "lat ratio", "metric",
+                 "FP32", "INT8", "drop pts", "naive lat ratio", "naive", "naive drop pts", "convert s", "winner"],
+                [(r["model"], f"{r['fp32_mb']:.2f}", f"{r['int8_mb']:.2f}", f"{r['size_ratio']:.3f}", f"{r['fp32_p50_ms']:.3f}",
+                  f"{r['int8_p50_ms']:.3f}", f"{r['latency_ratio']:.2f}", r["metric"], f"{r['fp32_metric']:.4f}", f"{r['int8_metric']:.4f}",
+                  f"{r['int8_drop_points']:.2f}", f"{r['naive_latency_ratio']:.2f}", f"{r['naive_metric']:.4f}",
+                  f"{r['naive_drop_points']:.2f}", f"{r['convert_wall_s']:.1f}", r["winner"]) for r in rows])
+    print_table("INT8 settings on the MobileNetV2-sized net (this host)", ["variant", "threads", "p50 ms", "p95 ms", "vs FP32", "top-1 agree", "MB"],
+                [(s["variant"], s["threads"], f"{s['p50_ms']:.2f}", f"{s['p95_ms']:.2f}", f"{s['ratio_vs_fp32']:.2f}",
+                  f"{s['top1_agreement']:.3f}", f"{s['mb']:.2f}") for s in sweep_rows])
+    targets = {
+        "int8_size_ratio<=0.27": all(r["size_ratio"] <= 0.27 for r in rows),
+        "mobilenet_int8_latency_ratio<=0.6": rows[1]["latency_ratio"] <= 0.6,
+        "digits_drop<=0.5pts": rows[0]["int8_drop_points"] <= 0.5,
+        "not_worse_than_naive": all(r["int8_metric"] >= r["naive_metric"] - 1e-9 or r["latency_ratio"] < r["naive_latency_ratio"] for r in rows),
+    }
+    print_table("targets (stated for an x86 VNNI host)", ["target", "met"], [(k, "yes" if v else "NO") for k, v in targets.items()])
+    RESULTS.parent.mkdir(parents=True, exist_ok=True)
+    RESULTS.write_text(json.dumps({
+        "host": {"machine": platform.machine(), "processor": _cpu_model(), "note": "AVX2, no VNNI"},
+        "profile": args.profile, "quick": args.quick, "models": rows, "sweep": sweep_rows, "targets": targets,
+        "seconds": time.perf_counter() - t_all,
+    }, indent=2, default=str))
+    print(f"wrote {RESULTS}", file=sys.stderr)
+
+
+def _cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor()
+
+
+if __name__ == "__main__":
+    main()
