@@ -37,6 +37,9 @@ log = logging.getLogger("lepton_edge.cloud.ingest")
 _QUEUE_MAX = 100_000
 _BATCH_MAX = 2000
 _KNOWN_REFRESH_S = 2.0
+# Column limits (PostgreSQL INTEGER / BIGINT): larger numbers are refused at the boundary.
+_INT32 = 2**31 - 1
+_INT64 = 2**63 - 1
 
 
 def _capped_json(data: dict[str, Any], limit: int = 4096) -> str:
@@ -120,15 +123,24 @@ class Ingestor:
                     batch.append(self._queue.get_nowait())
                 except queue.Empty:
                     break
-            for attempt in range(3):
-                try:
-                    self._store(batch)
+            self._store_resilient(batch)
+
+    def _store_resilient(self, batch: list[tuple[str, bytes, float]]) -> None:
+        for attempt in range(3):
+            try:
+                self._store(batch)
+                return
+            except SQLAlchemyError as e:
+                log.warning("storing %d messages failed (attempt %d): %s", len(batch), attempt + 1, str(e).splitlines()[0])
+                if len(batch) > 1:
                     break
-                except SQLAlchemyError as e:
-                    log.warning("storing %d messages failed (attempt %d): %s", len(batch), attempt + 1, str(e).splitlines()[0])
-                    time.sleep(0.5 * (attempt + 1))
-            else:
-                self.stats["dropped_db_error"] += len(batch)
+                time.sleep(0.5 * (attempt + 1))
+        if len(batch) == 1:
+            self.stats["dropped_db_error"] += 1
+            return
+        # One poisoned message must not take its whole batch down: store them one by one.
+        for item in batch:
+            self._store_resilient([item])
 
     def _known_devices(self, conn: Any, device_id: str) -> dict[str, str]:
         now = time.monotonic()
@@ -157,6 +169,10 @@ class Ingestor:
                                        "active": db.dumps({m: a.version for m, a in s.models.items()}), "last_seen": received})
                     elif channel == "telemetry":
                         tm = decode_telemetry(payload)
+                        if any(len(m) > 128 for m in tm.models):
+                            raise ProtocolError("telemetry names a model longer than 128 characters")
+                        if tm.seq > _INT64 or any(st.count > _INT32 or st.errors > _INT32 for st in tm.models.values()):
+                            raise ProtocolError("telemetry counters are out of range")
                         total = errors = 0
                         p95 = None
                         for model, st in tm.models.items():

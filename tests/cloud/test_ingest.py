@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 import time
 
+import pytest
+
 from lepton_edge.cloud.client import CloudClient
 from lepton_edge.cloud.mqtt import connect_and_wait, new_client, parse_broker_url
 from lepton_edge.protocol import ModelStats, StateMessage, TelemetryMessage, encode
@@ -29,6 +31,9 @@ def test_hostile_payloads_are_rejected_and_the_service_keeps_ingesting(start_ser
         (t + "events", b"{" * 100_000),
         (t + "state", json.dumps({"status": "sideways", "ts": 1}).encode()),
         (t + "state", b"x" * (70 * 1024)),
+        (t + "telemetry", encode(TelemetryMessage(ts=1, seq=1, interval_s=1, models={"m" * 300: ModelStats(version="1", count=1, errors=0)}))),
+        (t + "telemetry", encode(TelemetryMessage(ts=1, seq=1, interval_s=1, models={"m": ModelStats(version="1", count=2**40, errors=0)}))),
+        (t + "telemetry", encode(TelemetryMessage(ts=1, seq=2**70, interval_s=1))),
     ]
     for topic, payload in junk:
         pub.publish(topic, payload, qos=1).wait_for_publish(5)
@@ -53,3 +58,27 @@ def test_hostile_payloads_are_rejected_and_the_service_keeps_ingesting(start_ser
         assert conn.execute(select(func.count()).select_from(db.events)).scalar() == 0
     pub.disconnect()
     pub.loop_stop()
+
+
+@pytest.mark.postgres
+def test_a_row_the_database_refuses_does_not_take_its_batch_down(start_service, private_broker, pg_database):
+    svc = start_service(broker_url=private_broker.url, db=pg_database)
+    # A real refusal by the database (a trigger), standing for any constraint a row may break.
+    with svc.engine.begin() as conn:
+        conn.exec_driver_sql("""CREATE FUNCTION refuse_poison() RETURNS trigger AS $$ BEGIN
+            IF NEW.model = 'poison' THEN RAISE EXCEPTION 'poisoned row'; END IF; RETURN NEW; END $$ LANGUAGE plpgsql""")
+        conn.exec_driver_sql("CREATE TRIGGER refuse_poison BEFORE INSERT ON telemetry FOR EACH ROW EXECUTE FUNCTION refuse_poison()")
+    client = CloudClient(svc.url, svc.token)
+    for i in range(3):
+        client.enroll(f"dev-{i}", "rpi5")
+    # Stall the writer so the three messages land in one batch.
+    svc.ingestor._queue.mutex.acquire()
+    try:
+        for i, model in enumerate(["digits", "poison", "digits"]):
+            svc.ingestor._queue.queue.append((f"lepton/v1/default/dev-{i}/telemetry", encode(TelemetryMessage(
+                ts=time.time(), seq=1, interval_s=1, models={model: ModelStats(version="1", count=10, errors=0, p95_ms=1.0)})), time.time()))
+    finally:
+        svc.ingestor._queue.mutex.release()
+    wait_for(lambda: client.device("dev-0")["p95_ms"] and client.device("dev-2")["p95_ms"], 15, "the good rows of the batch")
+    assert client.device("dev-1")["p95_ms"] is None
+    assert client.metrics()["ingest"]["dropped_db_error"] == 1
