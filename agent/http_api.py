@@ -27,6 +27,7 @@ import math
 import os
 import socket
 import socketserver
+import sys
 import threading
 import zlib
 from http import HTTPStatus
@@ -52,6 +53,7 @@ log = logging.getLogger("lepton_edge.agent.http")
 HEADER_LENGTH = "Inference-Header-Content-Length"
 _PLATFORMS = {"onnxruntime": "onnxruntime_onnx", "tflite": "tensorflow_lite"}
 _IDLE_TIMEOUT_S = 60.0
+_LITTLE_ENDIAN = sys.byteorder == "little"  # the wire format of binary tensors
 
 
 class _BadRequest(Exception):
@@ -143,7 +145,7 @@ def _encode_outputs(header: dict[str, Any], model: LoadedModel, outputs: dict[st
         entry: dict[str, Any] = {"name": name, "datatype": NP_TO_V2.get(arr.dtype.name, arr.dtype.name.upper()),
                                  "shape": list(arr.shape)}
         if binary:
-            raw = arr.astype(arr.dtype.newbyteorder("<"), copy=False).tobytes()
+            raw = (arr if _LITTLE_ENDIAN else arr.astype(arr.dtype.newbyteorder("<"))).tobytes()
             entry["parameters"] = {"binary_data_size": len(raw)}
             chunks.append(raw)
         else:
@@ -161,6 +163,17 @@ def _model_metadata(m: LoadedModel) -> dict[str, Any]:
 
     return {"name": m.name, "versions": [m.version], "platform": _PLATFORMS.get(m.manifest.runtime.name, "unknown"),
             "inputs": [spec(t) for t in m.manifest.inputs], "outputs": [spec(t) for t in m.manifest.outputs]}
+
+
+class _Headers(dict):
+    """Request headers by lower-cased name: all a request handler here asks of them."""
+
+    def get(self, name: str, default: Any = None) -> Any:  # type: ignore[override]
+        return dict.get(self, name.lower(), default)
+
+
+_MAX_LINE = 65536
+_MAX_HEADERS = 100
 
 
 class _Handler(BaseHTTPRequestHandler):
@@ -185,6 +198,44 @@ class _Handler(BaseHTTPRequestHandler):
             super().finish()
         finally:
             self.server.owner._track(self.connection, False)
+
+    def parse_request(self) -> bool:
+        """The request line and headers, parsed without the email package (it costs more than the model).
+
+        Same limits as the standard library: 64 KiB per line, 100 headers.
+        """
+        self.command = None
+        self.request_version = "HTTP/0.9"
+        self.close_connection = True
+        line = self.raw_requestline.decode("latin-1").rstrip("\r\n")
+        self.requestline = line
+        parts = line.split(" ")
+        if len(parts) != 3 or not parts[2].startswith("HTTP/1.") or not parts[1].startswith("/"):
+            self.send_error(400, f"bad request line {line[:80]!r}")
+            return False
+        self.command, self.path, self.request_version = parts
+        headers = _Headers()
+        for _ in range(_MAX_HEADERS + 1):
+            raw = self.rfile.readline(_MAX_LINE + 1)
+            if len(raw) > _MAX_LINE:
+                self.send_error(431, "a request header line is longer than 64 KiB")
+                return False
+            if raw in (b"\r\n", b"\n", b""):
+                break
+            name, sep, value = raw.decode("latin-1").partition(":")
+            if not sep or not name.strip():
+                self.send_error(400, "malformed request header")
+                return False
+            headers[name.strip().lower()] = value.strip()
+        else:
+            self.send_error(431, f"more than {_MAX_HEADERS} request headers")
+            return False
+        self.headers = headers  # type: ignore[assignment]
+        connection = headers.get("connection", "").lower()
+        self.close_connection = connection == "close" or (self.request_version == "HTTP/1.0" and connection != "keep-alive")
+        if headers.get("expect", "").lower() == "100-continue":
+            self.wfile.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+        return True
 
     # ------------------------------------------------------------------ plumbing
 

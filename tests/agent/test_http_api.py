@@ -181,6 +181,36 @@ def test_missing_length_chunked_and_wrong_methods(shared_api):
     assert _request(api, "GET", "/v2/health/live")[0].status == 200
 
 
+@pytest.mark.parametrize(
+    "raw, status",
+    [
+        (b"GET /v2/health/live HTTP/1.1\r\n" + b"X-A: b\r\n" * 101 + b"\r\n", 431),
+        (b"GET /v2/health/live HTTP/1.1\r\nX-Long: " + b"a" * 70_000 + b"\r\n\r\n", 431),
+        (b"GET /v2/health/live HTTP/1.1\r\nno colon here\r\n\r\n", 400),
+        (b"GET v2/health/live HTTP/1.1\r\n\r\n", 400),
+        (b"GET /v2/health/live SPDY/3\r\n\r\n", 400),
+        (b"GET /v2/health/live HTTP/1.1\r\n" + b"a" * 70_000 + b"\r\n\r\n", 431),
+    ],
+)
+def test_hostile_request_heads(shared_api, raw, status):
+    with socket.create_connection(("127.0.0.1", shared_api.port), timeout=10) as s:
+        s.sendall(raw)
+        head = s.recv(4096)
+    assert head.startswith(f"HTTP/1.1 {status} ".encode()), head[:100]
+    assert b'{"error": ' in head
+    assert _request(shared_api, "GET", "/v2/health/live")[0].status == 200
+
+
+def test_http10_and_connection_close_end_the_connection(shared_api):
+    for raw in (b"GET /v2/health/live HTTP/1.0\r\n\r\n", b"GET /v2/health/live HTTP/1.1\r\nConnection: close\r\n\r\n"):
+        with socket.create_connection(("127.0.0.1", shared_api.port), timeout=10) as s:
+            s.sendall(raw)
+            data = b""
+            while chunk := s.recv(4096):  # the server closes: recv returns b"" instead of blocking
+                data += chunk
+        assert data.startswith(b"HTTP/1.1 200 ") and b"Connection: close" in data
+
+
 def test_keep_alive_and_prometheus_metrics(api, service, bundles):
     conn = http.client.HTTPConnection("127.0.0.1", api.port, timeout=10)
     for _ in range(5):  # one connection, five requests

@@ -1,0 +1,409 @@
+"""Agent benchmark: what the agent costs on top of bare onnxruntime, measured in one run.
+
+Against bare ``onnxruntime.InferenceSession.run`` on the same model file, with the same
+threads, on this host:
+
+* in-process overhead per call of ``AgentService.infer`` for a ~1 ms model (target ≤ 5% at p50);
+* HTTP round-trip overhead for a small tensor, agent in its own process, client on a
+  keep-alive connection sending Triton-style binary tensors (target ≤ 300 µs at p50);
+* inference throughput with telemetry on vs off (target: no measurable loss), through
+  ``benchmarks/_agent_telemetry.py`` against the local Mosquitto;
+* agent RSS with the model loaded vs a bare Python process holding the same session
+  (target ≤ 1.3x), each in a fresh child process;
+* requests failed during 20 back-to-back hot swaps under HTTP load (target 0);
+* telemetry records lost across a 30 s broker outage (target 0), through
+  ``benchmarks/_agent_telemetry.py``.
+
+Models: a MobileNetV2-like net (random weights) at the input size whose bare FP32 latency
+is nearest 1 ms here, and the digits CNN (8x8 input: the small tensor). Both go through
+``lepton_edge.converters.convert`` into signed bundles, as on a device.
+
+Run: ``.venv/bin/python benchmarks/agent_bench.py [--quick]``. Prints a table and writes
+``benchmarks/results/agent_bench.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import http.client
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from _agent_telemetry import measure_outage_loss, measure_throughput_with_telemetry  # noqa: E402
+
+from lepton_edge.console import info, print_table  # noqa: E402
+
+RESULTS = Path(__file__).resolve().parent / "results" / "agent_bench.json"
+PROFILE = "x86-avx2"
+HEADER_LENGTH = "Inference-Header-Content-Length"
+
+
+# --------------------------------------------------------------------------- models
+
+
+def _export(model: Any, example: np.ndarray, path: Path) -> Path:
+    import torch
+
+    model.eval()
+    torch.onnx.export(model, (torch.from_numpy(example),), str(path), input_names=["input"], output_names=["logits"],
+                      dynamic_axes={"input": {0: "batch"}, "logits": {0: "batch"}}, opset_version=17, dynamo=False)
+    return path
+
+
+def _bare_session(path: Path, threads: int) -> Any:
+    import onnxruntime as ort
+
+    so = ort.SessionOptions()
+    so.intra_op_num_threads = threads
+    so.inter_op_num_threads = 1
+    so.log_severity_level = 3
+    return ort.InferenceSession(str(path), sess_options=so, providers=["CPUExecutionProvider"])
+
+
+def _p50(fn: Callable[[], Any], n: int) -> float:
+    times = []
+    for _ in range(n):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def pick_mobilenet_size(work: Path, threads: int, target_s: float = 1e-3) -> tuple[Path, int, float]:
+    """The MobileNetV2-like input size whose bare latency is nearest ``target_s``."""
+    from lepton_edge.converters.zoo import mobilenet_v2_like
+
+    model = mobilenet_v2_like(num_classes=100, width=0.5)
+    best: tuple[float, Path, int, float] | None = None
+    for size in (48, 64, 80, 96, 128):
+        x = np.random.default_rng(0).random((2, 3, size, size), dtype=np.float32)
+        path = _export(model, x, work / f"mobilenet-{size}.onnx")
+        sess = _bare_session(path, threads)
+        feed = {"input": x[:1]}
+        _p50(lambda: sess.run(None, feed), 20)
+        lat = _p50(lambda: sess.run(None, feed), 100)
+        info(f"  mobilenet-like {size}x{size}: {lat * 1e3:.2f} ms")
+        if best is None or abs(np.log(lat / target_s)) < abs(np.log(best[0] / target_s)):
+            best = (lat, path, size, lat)
+        if lat > target_s * 2:
+            break
+    assert best is not None
+    return best[1], best[2], best[3]
+
+
+def make_bundles(work: Path, sign_key: Path, mobilenet_onnx: Path, size: int) -> dict[str, Path]:
+    from lepton_edge.converters import convert
+    from lepton_edge.converters.zoo import digits_cnn
+
+    rng = np.random.default_rng(1)
+    out: dict[str, Path] = {}
+    calib = rng.random((64, 3, size, size), dtype=np.float32)
+    for version in ("1.0.0", "2.0.0"):
+        out[f"mobilenet-{version}"] = convert(mobilenet_onnx, PROFILE, output_dir=work / "bundles", calib=(calib, None),
+                                              sign_key=sign_key, name="mobilenet", version=version,
+                                              latency_runs=20).bundle_dir
+    tiny = _export(digits_cnn(), rng.random((2, 1, 8, 8), dtype=np.float32), work / "digits.onnx")
+    out["digits"] = convert(tiny, PROFILE, output_dir=work / "bundles", calib=(rng.random((64, 1, 8, 8), dtype=np.float32), None),
+                            sign_key=sign_key, name="digits", version="1.0.0", latency_runs=20).bundle_dir
+    return out
+
+
+# --------------------------------------------------------------------------- measurements
+
+
+def in_process_overhead(service: Any, model_file: Path, model: str, x: np.ndarray, threads: int,
+                        rounds: int, per_round: int) -> dict[str, Any]:
+    """p50 of bare ``sess.run`` vs ``service.infer`` in alternating rounds (drift hits both alike)."""
+    bare = _bare_session(model_file, threads)
+    feeds = {"input": x}
+    _p50(lambda: bare.run(None, feeds), 50)
+    _p50(lambda: service.infer(model, feeds), 50)
+    bare_r, agent_r = [], []
+    for r in range(rounds):
+        pair = [("bare", lambda: bare.run(None, feeds)), ("agent", lambda: service.infer(model, feeds))]
+        for name, fn in pair if r % 2 == 0 else pair[::-1]:
+            (bare_r if name == "bare" else agent_r).append(_p50(fn, per_round))
+    ratios = [a / b for a, b in zip(agent_r, bare_r)]
+    return {"bare_p50_us": round(statistics.median(bare_r) * 1e6, 1), "agent_p50_us": round(statistics.median(agent_r) * 1e6, 1),
+            "overhead_pct": round((statistics.median(ratios) - 1) * 100, 2), "round_ratios": [round(x, 4) for x in ratios]}
+
+
+def _binary_request(x: np.ndarray) -> tuple[bytes, dict[str, str]]:
+    header = json.dumps({"inputs": [{"name": "input", "shape": list(x.shape), "datatype": "FP32",
+                                     "parameters": {"binary_data_size": x.nbytes}}],
+                         "parameters": {"binary_data_output": True}}).encode()
+    return header + x.tobytes(), {HEADER_LENGTH: str(len(header)), "Content-Type": "application/octet-stream"}
+
+
+def _json_request(x: np.ndarray) -> tuple[bytes, dict[str, str]]:
+    body = json.dumps({"inputs": [{"name": "input", "shape": list(x.shape), "datatype": "FP32", "data": x.ravel().tolist()}]})
+    return body.encode(), {"Content-Type": "application/json"}
+
+
+def _http_p50(port: int, path: str, body: bytes, headers: dict[str, str], n: int) -> float:
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+    times = []
+    for i in range(n + 50):
+        t0 = time.perf_counter()
+        conn.request("POST", path, body, headers)
+        r = conn.getresponse()
+        r.read()
+        if r.status != 200:
+            raise RuntimeError(f"HTTP {r.status}")
+        if i >= 50:
+            times.append(time.perf_counter() - t0)
+    conn.close()
+    return statistics.median(times)
+
+
+def http_overhead(port: int, model_file: Path, x: np.ndarray, threads: int, rounds: int, per_round: int) -> dict[str, Any]:
+    bare = _bare_session(model_file, threads)
+    feeds = {"input": x}
+    bin_body, bin_headers = _binary_request(x)
+    json_body, json_headers = _json_request(x)
+    bare_r, bin_r, json_r = [], [], []
+    for _ in range(rounds):
+        bare_r.append(_p50(lambda: bare.run(None, feeds), per_round))
+        bin_r.append(_http_p50(port, "/v2/models/digits/infer", bin_body, bin_headers, per_round))
+        json_r.append(_http_p50(port, "/v2/models/digits/infer", json_body, json_headers, per_round))
+    bare_p50, bin_p50, json_p50 = (statistics.median(v) for v in (bare_r, bin_r, json_r))
+    return {"bare_p50_us": round(bare_p50 * 1e6, 1), "binary_p50_us": round(bin_p50 * 1e6, 1),
+            "json_p50_us": round(json_p50 * 1e6, 1), "binary_overhead_us": round((bin_p50 - bare_p50) * 1e6, 1),
+            "json_overhead_us": round((json_p50 - bare_p50) * 1e6, 1), "tensor_bytes": x.nbytes}
+
+
+_RSS_AGENT = """
+import sys, time, numpy as np
+from pathlib import Path
+from lepton_edge.agent.config import load_config
+from lepton_edge.agent.daemon import AgentDaemon
+d = AgentDaemon(load_config(sys.argv[1])).start()
+x = np.random.default_rng(0).random(tuple(int(v) for v in sys.argv[2].split(",")), dtype=np.float32)
+for _ in range(200):
+    d.service.infer("mobilenet", {"input": x})
+print(int(open("/proc/self/status").read().split("VmRSS:")[1].split()[0]) * 1024)
+d.stop()
+"""
+
+_RSS_BARE = """
+import sys, numpy as np, onnxruntime as ort
+so = ort.SessionOptions(); so.intra_op_num_threads = int(sys.argv[3]); so.inter_op_num_threads = 1
+sess = ort.InferenceSession(sys.argv[1], sess_options=so, providers=["CPUExecutionProvider"])
+x = np.random.default_rng(0).random(tuple(int(v) for v in sys.argv[2].split(",")), dtype=np.float32)
+for _ in range(200):
+    sess.run(None, {"input": x})
+print(int(open("/proc/self/status").read().split("VmRSS:")[1].split()[0]) * 1024)
+"""
+
+
+def rss_ratio(config_path: Path, model_file: Path, shape: tuple[int, ...], threads: int, repeats: int) -> dict[str, Any]:
+    dims = ",".join(map(str, shape))
+    agent, bare = [], []
+    for _ in range(repeats):
+        agent.append(int(subprocess.run([sys.executable, "-c", _RSS_AGENT, str(config_path), dims], check=True,
+                                        capture_output=True, text=True, timeout=300).stdout.split()[-1]))
+        bare.append(int(subprocess.run([sys.executable, "-c", _RSS_BARE, str(model_file), dims, str(threads)], check=True,
+                                       capture_output=True, text=True, timeout=300).stdout.split()[-1]))
+    a, b = statistics.median(agent), statistics.median(bare)
+    return {"agent_rss_mb": round(a / 2**20, 1), "bare_rss_mb": round(b / 2**20, 1), "ratio": round(a / b, 3)}
+
+
+def hot_swaps(service: Any, port: int, bundles: list[Path], swaps: int, x: np.ndarray, clients: int) -> dict[str, Any]:
+    """Back-to-back activations while HTTP clients keep the model busy; count every non-200 and exception."""
+    body, headers = _binary_request(x)
+    stop = threading.Event()
+    lock = threading.Lock()
+    counts = {"ok": 0, "failed": 0}
+    versions: set[str] = set()
+    failures: list[str] = []
+
+    def client() -> None:
+        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
+        while not stop.is_set():
+            try:
+                conn.request("POST", "/v2/models/mobilenet/infer", body, headers)
+                r = conn.getresponse()
+                data = r.read()
+                ok = r.status == 200
+                if ok:
+                    n = int(r.getheader(HEADER_LENGTH))
+                    versions.add(json.loads(data[:n])["model_version"])
+                else:
+                    failures.append(f"HTTP {r.status}: {data[:200]!r}")
+            except (OSError, http.client.HTTPException) as e:
+                ok = False
+                failures.append(repr(e))
+                conn.close()
+                conn = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
+            with lock:
+                counts["ok" if ok else "failed"] += 1
+        conn.close()
+
+    threads = [threading.Thread(target=client) for _ in range(clients)]
+    for t in threads:
+        t.start()
+    time.sleep(0.3)
+    t0 = time.perf_counter()
+    activation_failures = []
+    for i in range(swaps):
+        r = service.activate(bundles[i % len(bundles)])
+        if not r.ok:
+            activation_failures.append(r.reason)
+    swap_s = time.perf_counter() - t0
+    time.sleep(0.3)
+    stop.set()
+    for t in threads:
+        t.join()
+    return {"swaps": swaps, "swap_failures": len(activation_failures), "requests": counts["ok"] + counts["failed"],
+            "failed": counts["failed"], "versions_served": sorted(versions), "seconds": round(swap_s, 2),
+            "first_failures": failures[:3] + activation_failures[:3]}
+
+
+# --------------------------------------------------------------------------- main
+
+
+def _start_daemon(config_path: Path, work: Path) -> tuple[subprocess.Popen, int]:
+    ready = work / "ready"
+    log = open(work / "agent.log", "wb")
+    proc = subprocess.Popen([sys.executable, "-m", "lepton_edge.cli", "agent", "run", "--config", str(config_path),
+                             "--ready-file", str(ready), "--log-level", "warning"], stdout=log, stderr=subprocess.STDOUT)
+    deadline = time.monotonic() + 120
+    while not ready.exists():
+        if proc.poll() is not None or time.monotonic() > deadline:
+            proc.kill()
+            raise RuntimeError(f"agent did not start: {(work / 'agent.log').read_text()[-2000:]}")
+        time.sleep(0.05)
+    return proc, int(ready.read_text())
+
+
+def _write_config(path: Path, state: Path, pub: Path, models: list[Path], **extra: Any) -> Path:
+    import yaml
+
+    data = {"device_id": "bench-01", "fleet": "bench", "profile": PROFILE, "state_dir": str(state),
+            "api": {"host": "127.0.0.1", "port": 0}, "trusted_keys": [str(pub)], "models": [str(m) for m in models],
+            "watchdog": {"enabled": False}, **extra}
+    path.write_text(yaml.safe_dump(data))
+    return path
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--quick", action="store_true", help="fewer rounds and a 5 s outage (a smoke run, not the numbers)")
+    ap.add_argument("--broker", default="mqtt://127.0.0.1:1883", help="broker for the telemetry throughput runs")
+    args = ap.parse_args()
+    rounds, per_round = (3, 200) if args.quick else (7, 1000)
+    outage_s = 5.0 if args.quick else 30.0
+
+    from lepton_edge.agent.config import load_config
+    from lepton_edge.agent.http_api import InferenceServer
+    from lepton_edge.agent.service import AgentService
+    from lepton_edge.profiles import load_profile
+    from lepton_edge.signing import generate_keypair
+
+    threads = load_profile(PROFILE).threads
+    results: dict[str, Any] = {"host": {"machine": platform.machine(), "cpus": os.cpu_count(), "python": platform.python_version(),
+                                        "profile": PROFILE, "threads": threads, "load_avg_start": os.getloadavg()[0]}}
+    with tempfile.TemporaryDirectory(prefix="lepton-agent-bench-") as tmp:
+        work = Path(tmp)
+        priv, pub = generate_keypair(work / "keys")
+        info("choosing a ~1 ms model ...")
+        mobilenet_onnx, size, bare_lat = pick_mobilenet_size(work, threads)
+        info("converting bundles ...")
+        b = make_bundles(work, priv, mobilenet_onnx, size)
+        x_mobile = np.random.default_rng(2).random((1, 3, size, size), dtype=np.float32)
+        x_small = np.random.default_rng(3).random((1, 1, 8, 8), dtype=np.float32)
+        results["models"] = {"mobilenet": {"input": [1, 3, size, size], "bare_fp32_ms_at_pick": round(bare_lat * 1e3, 3)},
+                             "digits": {"input": [1, 1, 8, 8]}}
+
+        service = AgentService(load_config(_write_config(work / "inproc.yaml", work / "state-inproc", pub,
+                                                         [b["mobilenet-1.0.0"], b["digits"]])))
+        loaded = service.loaded("mobilenet")
+        results["models"]["mobilenet"]["precision"] = loaded.manifest.precision
+        info("in-process overhead ...")
+        results["in_process"] = in_process_overhead(service, loaded.root / loaded.manifest.model_file, "mobilenet",
+                                                    x_mobile, threads, rounds, per_round)
+
+        info("throughput with telemetry off / on ...")
+        mobile_feeds = {"input": x_mobile}
+        results["telemetry_throughput"] = measure_throughput_with_telemetry(
+            lambda: service.infer("mobilenet", mobile_feeds), service.metrics, args.broker, work_dir=work / "tput",
+            duration_s=0.5 if args.quick else 1.0, rounds=4 if args.quick else 8)
+
+        info("20 hot swaps under HTTP load ...")
+        server = InferenceServer(service, service.config.api).start()
+        results["hot_swaps"] = hot_swaps(service, server.port, [b["mobilenet-2.0.0"], b["mobilenet-1.0.0"]], 20, x_mobile,
+                                         clients=2)
+        server.close()
+        service.close()
+
+        info("HTTP round trip (agent in its own process) ...")
+        proc, port = _start_daemon(_write_config(work / "daemon.yaml", work / "state-daemon", pub, [b["digits"]]), work)
+        try:
+            digits_model = next((work / "state-daemon" / "models" / "digits").glob("*/model.onnx"))
+            results["http"] = http_overhead(port, digits_model, x_small, threads, rounds, per_round)
+        finally:
+            proc.terminate()
+            proc.wait(30)
+
+        info("RSS: agent vs bare onnxruntime, each in a fresh process ...")
+        rss_cfg = _write_config(work / "rss.yaml", work / "state-rss", pub, [b["mobilenet-1.0.0"]])
+        model_file = next(Path(b["mobilenet-1.0.0"]).glob("model.onnx"))
+        results["rss"] = rss_ratio(rss_cfg, model_file, x_mobile.shape, threads, repeats=1 if args.quick else 3)
+
+        info(f"telemetry across a {outage_s:.0f} s broker outage ...")
+        results["outage"] = measure_outage_loss(work_dir=work / "outage", outage_s=outage_s, progress=info)
+    results["host"]["load_avg_end"] = os.getloadavg()[0]
+    results["quick"] = args.quick
+    report(results)
+    if not args.quick:
+        RESULTS.parent.mkdir(parents=True, exist_ok=True)
+        RESULTS.write_text(json.dumps(results, indent=2) + "\n")
+        info(f"wrote {RESULTS}")
+
+
+def report(r: dict[str, Any]) -> None:
+    ip, h, t, rss, hs, o = r["in_process"], r["http"], r["telemetry_throughput"], r["rss"], r["hot_swaps"], r["outage"]
+    m = r["models"]["mobilenet"]
+
+    def verdict(ok: bool) -> str:
+        return "met" if ok else "MISSED"
+
+    rows = [
+        ["in-process overhead, p50", f"{ip['overhead_pct']:+.2f}%",
+         f"agent {ip['agent_p50_us']} µs vs bare {ip['bare_p50_us']} µs (mobilenet-like {m['input'][2]}², {m['precision']})",
+         "≤ 5%", verdict(ip["overhead_pct"] <= 5)],
+        ["HTTP overhead, p50 (binary)", f"{h['binary_overhead_us']:.0f} µs",
+         f"round trip {h['binary_p50_us']} µs vs bare run {h['bare_p50_us']} µs, {h['tensor_bytes']} B tensor",
+         "≤ 300 µs", verdict(h["binary_overhead_us"] <= 300)],
+        ["HTTP overhead, p50 (JSON)", f"{h['json_overhead_us']:.0f} µs", f"round trip {h['json_p50_us']} µs", "(info)", ""],
+        ["throughput telemetry on/off", f"{t['ratio_on_off']:.3f}",
+         f"{t['on_per_s']:.0f}/s vs {t['off_per_s']:.0f}/s, report every {t['interval_s']} s; pairs {t['pair_ratios']}",
+         "no loss (≥ 0.98)", verdict(t["ratio_on_off"] >= 0.98)],
+        ["RSS agent / bare", f"{rss['ratio']:.2f}x", f"{rss['agent_rss_mb']} MB vs {rss['bare_rss_mb']} MB",
+         "≤ 1.3x", verdict(rss["ratio"] <= 1.3)],
+        ["failed requests over 20 hot swaps", str(hs["failed"]),
+         f"{hs['requests']} requests, versions {hs['versions_served']}, {hs['swap_failures']} swaps refused, {hs['seconds']} s",
+         "0", verdict(hs["failed"] == 0 and hs["swap_failures"] == 0)],
+        ["telemetry lost over outage", str(o["lost"]),
+         f"{o['outage_s']:.0f} s down; {o['produced']} produced, {o['received_unique']} received, in order {o['in_order']}",
+         "0", verdict(o["lost"] == 0)],
+    ]
+    title = f"Agent benchmark ({r['host']['cpus']} CPUs, profile {r['host']['profile']}, load {r['host']['load_avg_start']:.1f})"
+    print_table(title, ["metric", "value", "detail", "target", ""], rows)
+
+
+if __name__ == "__main__":
+    main()
