@@ -440,3 +440,26 @@ def test_deploy_command_over_mqtt_end_to_end(service, bundles, server, private_b
         handler[0].close()
         link.stop(flush_timeout=2)
         obs.close()
+
+
+def test_garbage_in_the_command_log_and_crash_loops(server, ota, tmp_path):
+    from lepton_edge.agent.ota import _CommandLog
+
+    commands = tmp_path / "state" / "ota" / "commands"
+    commands.mkdir(parents=True)
+    (commands / "junk.json").write_bytes(b"\xff\x00not json")
+    (commands / "list.json").write_text("[1, 2, 3]")
+    (commands / "huge.json").write_text('{"status": "running", "command": "' + "x" * 300_000 + '"}')
+    (commands / "badcmd.json").write_text('{"cmd_id": "b", "status": "running", "command": {"type": "nuke"}}')
+    srv = server()
+    looping = _deploy(srv.url, cmd_id="c-loop")
+    # a command that has already taken the agent down three times is given up, not run again
+    _CommandLog(commands).put({"cmd_id": "c-loop", "status": "running", "resumes": 3,
+                               "command": looping.model_dump(mode="json")})
+    h, svc, link = ota()
+    assert h.wait_idle(30)
+    assert svc.activated == [] and srv.requests == []
+    last = link.events[-1]
+    assert last.cmd_id == "c-loop" and last.type == "activation_failed" and "gave up" in last.detail
+    _run(h, _deploy(srv.url, cmd_id="c-fresh"))  # and the handler works normally
+    assert svc.activated == [(BLOB, "c-fresh")]
