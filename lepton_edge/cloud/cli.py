@@ -76,13 +76,15 @@ def cloud() -> None:
 @click.option("--public-url", default=None, help="The URL devices download bundles from (default: this server's).")
 @click.option("--public-broker-url", default=None, help="The broker URL written into agent configs.")
 @click.option("--replica-id", default=None, help="Stable name of this replica (default: host-pid-random).")
+@click.option("--shared-group", default="lepton-cloud", show_default=True,
+              help="MQTT shared-subscription group; replicas of one service share it.")
 @click.option("--tick", "tick_s", default="1s", show_default=True, help="How often the leader steps rollouts.")
 @click.option("--lease-ttl", default="10s", show_default=True, help="How long a dead leader holds the lease.")
 @click.option("--resend", default="30s", show_default=True, help="Re-send unanswered commands after this long.")
 @click.option("--baseline-window", default="10m", show_default=True, help="Telemetry before a deployment that forms its baseline.")
 def serve(db: str, broker: str | None, broker_username: str, broker_password: str | None, auth_dir: Path | None, host: str,
           port: int, artifacts: str, token: str | None, trusted_keys: tuple[Path, ...], allow_unsigned: bool, state_dir: Path,
-          public_url: str | None, public_broker_url: str | None, replica_id: str | None, tick_s: str, lease_ttl: str,
+          public_url: str | None, public_broker_url: str | None, replica_id: str | None, shared_group: str, tick_s: str, lease_ttl: str,
           resend: str, baseline_window: str) -> None:
     """Run the service: HTTP API, MQTT ingestion, rollout engine. Prints `ready {json}` once up."""
     import logging
@@ -99,6 +101,7 @@ def serve(db: str, broker: str | None, broker_username: str, broker_password: st
                         allow_unsigned=allow_unsigned, host=host, port=port, public_url=public_url,
                         public_broker_url=public_broker_url, state_dir=state_dir, auth_dir=auth_dir,
                         broker_username=broker_username, broker_password=broker_password, replica_id=replica_id,
+                        shared_group=shared_group,
                         tick_s=parse_duration(tick_s), lease_ttl_s=parse_duration(lease_ttl), resend_s=parse_duration(resend),
                         baseline_window_s=parse_duration(baseline_window))
     svc = CloudService(cfg).start()

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import logging
 import queue
+import re
 import threading
 import time
 from collections import Counter
@@ -28,6 +29,7 @@ from sqlalchemy.exc import SQLAlchemyError
 from ..errors import ProtocolError
 from ..protocol import decode_event, decode_state, decode_telemetry, encode, parse_topic, subscription, topic
 from . import broker_auth, db
+from .errors import CloudConfigError
 from .mqtt import connect_and_wait, new_client, parse_broker_url
 
 __all__ = ["Ingestor"]
@@ -54,6 +56,8 @@ class Ingestor:
                  password: str | None = None, shared_group: str = "lepton-cloud", connect_timeout: float = 10.0) -> None:
         self._engine = engine
         self._address = parse_broker_url(broker_url)
+        if not re.fullmatch(r"[A-Za-z0-9._-]{1,64}", shared_group):
+            raise CloudConfigError(f"shared subscription group {shared_group[:64]!r} must be 1-64 of A-Z a-z 0-9 . _ -")
         self._shared_group = shared_group
         self._queue: queue.Queue[tuple[str, bytes, float]] = queue.Queue(_QUEUE_MAX)
         self._stop = threading.Event()

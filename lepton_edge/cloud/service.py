@@ -76,6 +76,8 @@ class ServiceConfig:
     resend_s: float = 30.0
     baseline_window_s: float = 600.0
     telemetry_retention_s: float = 7 * 86400
+    # Replicas of one deployment share a group; unrelated services on one broker must not.
+    shared_group: str = "lepton-cloud"
 
 
 class CloudService:
@@ -119,7 +121,7 @@ class CloudService:
                 self.broker_url = self.broker.url
                 self.fleet._public_broker_url = cfg.public_broker_url or self.broker_url
             self.ingestor = Ingestor(self.engine, self.broker_url, replica_id=self.replica_id,
-                                     username=cfg.broker_username, password=self._service_password)
+                                     username=cfg.broker_username, password=self._service_password, shared_group=cfg.shared_group)
             try:
                 self.ingestor.start()
             except ConnectionError as e:

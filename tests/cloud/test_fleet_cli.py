@@ -101,3 +101,6 @@ def test_cli_push_list_deploy_and_steer(start_service, private_broker, sim_fleet
     assert "completed" in status and "no_bundle" in status and "activated" in status
     assert dep_id in _cli(svc, "deploy", "list").output
     assert _cli(svc, "deploy", "create", "digits", "--to", "all", ok=False).exit_code == 2
+    # --wait follows the rollout to its end and exits 0 only when it completed.
+    r = _cli(svc, "deploy", "create", "digits@1", "--to", "profile:rpi5", "--soak", "0.2s", "--timeout", "20s", "--wait")
+    assert "completed" in r.output and all(s.active["digits"] == "1" for s in fleet.devices.values())
