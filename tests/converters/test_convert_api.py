@@ -194,3 +194,16 @@ def test_pruning_shrinks_and_keeps_accuracy(digits, tmp_path):
 
     with pytest.raises(PruningError, match="PyTorch source"):
         convert(r.bundle_dir / "model.onnx", "x86-avx2", output_dir=tmp_path / "x", calib=(data.x_train, data.y_train), prune=0.3)
+
+
+@pytest.mark.slow
+def test_tflite_profile_makes_a_tflite_bundle_that_replays(digits, tmp_path):
+    model, data, _ = digits
+    r = convert(model, "rpi4", output_dir=tmp_path, calib=(data.x_train[:300], data.y_train[:300]),
+                eval_data=(data.x_test[:150], data.y_test[:150]), latency_runs=FAST)
+    m = r.manifest
+    assert m.runtime.name == "tflite" and m.model_file == "model.tflite" and m.precision == "int8"
+    assert {c["runtime"] for c in r.report["candidates"]} == {"tflite"}
+    assert "proxy" in r.report["latency_note"]
+    b = read_bundle(r.archive, allow_unsigned=True)
+    assert check_golden(*_replay(b), b.manifest.golden)[0]
