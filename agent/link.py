@@ -62,6 +62,7 @@ SEND_WINDOW = 100
 # keeps an idle agent at a few wake-ups a second.
 _POLL_S = 0.05
 _IDLE_POLL_S = 0.25
+_BAD_COMMAND_EVENTS = 20
 # A connection must survive this long before the backoff starts again from its minimum,
 # so a broker that accepts and then kicks the client (duplicate id, ACL) is not hammered.
 _STABLE_S = 10.0
@@ -136,6 +137,9 @@ class MqttLink:
         self._offline_sent_at = 0.0
         self._connect_started = 0.0
         self._refused = False
+        self._bad_window_start = float("-inf")
+        self._bad_in_window = 0
+        self._bad_suppressed = 0
         # mid -> outbox record id; touched by the network thread only
         self._inflight: dict[int, int] = {}
         self._acked: list[int] = []
@@ -406,6 +410,21 @@ class MqttLink:
             log.error("broker refused record %d: %s; dropped", rid, reason)
             self._rejected += 1
 
+    def _report_bad_command(self, detail: str) -> None:
+        # A flood of junk on the cmd topic must not push real telemetry out of the queue
+        # (oldest-first drop): at most _BAD_COMMAND_EVENTS reports a minute, the rest counted.
+        now = time.monotonic()
+        if now - self._bad_window_start >= 60.0:
+            self._bad_window_start, self._bad_in_window = now, 0
+        if self._bad_in_window >= _BAD_COMMAND_EVENTS:
+            self._bad_suppressed += 1
+            return
+        self._bad_in_window += 1
+        data: dict[str, Any] = {"stage": "command"}
+        if self._bad_suppressed:
+            data["suppressed"], self._bad_suppressed = self._bad_suppressed, 0
+        self.publish_event(EventMessage(type="error", detail=detail[:4096], data=data))
+
     def _on_message(self, client: Any, userdata: Any, message: Any) -> None:
         if message.topic != self._topics["cmd"]:
             log.warning("ignored a message on unexpected topic %r", message.topic[:120])
@@ -414,8 +433,7 @@ class MqttLink:
             cmd = decode_command(message.payload)
         except ProtocolError as e:
             log.warning("ignored a bad command: %s", e)
-            self.publish_event(EventMessage(type="error", detail=f"ignored a bad command: {e}"[:4096],
-                                            data={"stage": "command"}))
+            self._report_bad_command(f"ignored a bad command: {e}")
             return
         try:
             self._on_command(cmd)

@@ -238,6 +238,17 @@ def test_hostile_commands_are_reported_and_never_crash_the_link(private_broker, 
     # the oversized one never reached the agent (over the packet size it announced), and the
     # link stayed up on its first connection throughout
     assert link.connected and link.connects == 1
+    # a flood of junk is reported at most 20 times a minute, so it cannot push telemetry out of the queue
+    publish_raw(private_broker.url, cmd_topic, [b"junk %d" % i for i in range(100)] + [encode(PingCommand(cmd_id="after"))])
+    assert wait_until(lambda: received[-1].cmd_id == "after")
+    assert wait_until(lambda: link.outbox.pending_count == 0)
+
+    def bad_reports(o):
+        return sum("bad command" in decode_event(p).detail for p in o.on("events"))
+
+    assert obs.wait_for(lambda o: bad_reports(o) >= 20)
+    publish_raw(private_broker.url, cmd_topic, [encode(PingCommand(cmd_id="last"))])
+    assert wait_until(lambda: received[-1].cmd_id == "last") and bad_reports(obs) == 20
     link.stop(flush_timeout=2)
     obs.close()
 
