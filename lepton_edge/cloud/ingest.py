@@ -169,8 +169,14 @@ class Ingestor:
                         continue
                     if channel == "state":
                         s = decode_state(payload)
-                        states.append({"b_id": device_id, "status": s.status, "status_ts": s.ts, "agent_version": s.agent_version or None,
-                                       "active": db.dumps({m: a.version for m, a in s.models.items()}), "last_seen": received})
+                        if s.status == "offline" and not s.models:
+                            # A Last Will, published by the broker: the device was not seen, and its
+                            # models are whatever it last reported.
+                            states.append({"b_id": device_id, "status": s.status, "status_ts": s.ts, "lwt": True})
+                        else:
+                            states.append({"b_id": device_id, "status": s.status, "status_ts": s.ts,
+                                           "agent_version": s.agent_version or None,
+                                           "active": db.dumps({m: a.version for m, a in s.models.items()}), "last_seen": received})
                     elif channel == "telemetry":
                         tm = decode_telemetry(payload)
                         if any(len(m) > 128 for m in tm.models):
@@ -202,9 +208,14 @@ class Ingestor:
                     self.stats["rejected"] += 1
                     log.info("ignored a message on %.80s: %s", t, e.message)
             for s in states:
-                conn.execute(update(db.devices).where(db.devices.c.device_id == bindparam("b_id"))
-                             .values(status=bindparam("status"), status_ts=bindparam("status_ts"), agent_version=bindparam("agent_version"),
-                                     active=bindparam("active"), last_seen=bindparam("last_seen")), s)
+                if s.pop("lwt", False):
+                    conn.execute(update(db.devices).where(db.devices.c.device_id == bindparam("b_id"))
+                                 .values(status=bindparam("status"), status_ts=bindparam("status_ts")), s)
+                else:
+                    conn.execute(update(db.devices).where(db.devices.c.device_id == bindparam("b_id"))
+                                 .values(status=bindparam("status"), status_ts=bindparam("status_ts"),
+                                         agent_version=bindparam("agent_version"), active=bindparam("active"),
+                                         last_seen=bindparam("last_seen")), s)
             if tel_rows:
                 conn.execute(db.telemetry.insert(), tel_rows)
             if tel_devices:

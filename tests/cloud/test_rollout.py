@@ -94,16 +94,24 @@ def test_p95_regression_gate_pauses_when_asked(start_service, private_broker, si
     assert all(sim.active["digits"] == "1" for sim in fleet.devices.values())
 
 
-def test_failed_activation_and_offline_device_count_as_failed_not_in_progress(start_service, private_broker, sim_fleet, cloud_bundles):
+def test_failed_activation_and_device_lost_mid_rollout_count_as_failed_not_in_progress(start_service, private_broker, sim_fleet,
+                                                                                         cloud_bundles):
     svc = start_service(broker_url=private_broker.url)
-    client, fleet = _setup(svc, sim_fleet, cloud_bundles, 5)
-    fleet.devices["pi-01"].behaviour.fail_activation.add("2")
-    fleet.devices["pi-02"].crash()  # its Last Will marks it offline
-    wait_for(lambda: client.device("pi-02")["status"] == "offline", 10, "pi-02 offline via its Last Will")
-    d = client.deploy("digits", "2", ["all"], soak="0.3s", timeout="3s", min_healthy="50%")
+    client, fleet = _setup(svc, sim_fleet, cloud_bundles, 6)
+    d = client.deploy("digits", "2", ["all"], waves="50%,100%", soak="0.5s", timeout="3s", min_healthy="60%")
+    first = [x["device_id"] for x in d["devices"] if x["wave"] == 0]
+    second = [x["device_id"] for x in d["devices"] if x["wave"] == 1]
+    # One device of wave 1 refuses the new version; one device of wave 2 dies once the rollout is under way.
+    fleet.devices[first[0]].behaviour.fail_activation.add("2")
+    wait_for(lambda: client.deployment(d["id"])["devices"][0]["status"] != "pending", 10, "wave 1 sent")
+    fleet.devices[second[0]].crash()  # its Last Will marks it offline
+    wait_for(lambda: client.device(second[0])["status"] == "offline", 10, "the lost device offline via its Last Will")
     final = wait_deployment(client, d["id"])
     by_id = {x["device_id"]: x for x in final["devices"]}
-    assert by_id["pi-01"]["status"] == "failed" and "activation_failed" in by_id["pi-01"]["detail"]
-    assert by_id["pi-02"]["status"] == "timed_out"
-    assert final["status"] == "completed"  # 3 of 5 healthy ≥ 50%
-    assert final["wave_results"][0]["healthy"] == pytest.approx(0.6)
+    assert by_id[first[0]]["status"] == "failed" and "activation_failed" in by_id[first[0]]["detail"]
+    assert by_id[second[0]]["status"] == "timed_out" and "no confirmation within 3s" in by_id[second[0]]["detail"]
+    assert final["status"] == "completed"  # 2 of 3 healthy in each wave ≥ 60%
+    assert [round(g["healthy"], 2) for g in final["wave_results"]] == [0.67, 0.67]
+    assert fleet.devices[first[0]].active["digits"] == "1"  # it kept its working version
+    listing = {x["device_id"]: x for x in client.devices()}
+    assert listing[second[0]]["status"] == "offline" and listing[second[0]]["active"] == {"digits": "1"}
