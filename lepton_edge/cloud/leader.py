@@ -2,7 +2,9 @@
 
 A lease works on SQLite and PostgreSQL alike. The holder renews it every tick; when the
 holder dies the lease runs out after ``ttl_s`` and another replica takes it. The
-conditional UPDATE is atomic on both backends, so two replicas never both win.
+conditional UPDATE is atomic on both backends, so two replicas never both win. Expiry is
+judged by each replica's wall clock, so replicas on different hosts need clocks that
+agree (NTP) to well within ``ttl_s``.
 
 Public API: :class:`Lease`.
 """
