@@ -151,3 +151,14 @@ def test_interrupted_device_download_resumes_with_range(svc, client, cloud_bundl
     served = client.metrics()["downloads"]
     assert served["responses_206"] == 1
     assert hashlib.sha256(cloud_bundles("2").read_bytes()).hexdigest() == client.models()[1]["bundles"][0]["sha256"]
+
+
+def test_bundle_uploads_are_capped_declared_or_streamed(svc, monkeypatch):
+    import lepton_edge.cloud.api as api
+
+    monkeypatch.setattr(api, "MAX_BUNDLE_BYTES", 4096)
+    h = {"Authorization": f"Bearer {svc.token}", "Content-Type": "application/octet-stream"}
+    assert httpx.post(f"{svc.url}/v1/models", content=b"x" * 5000, headers=h).status_code == 413
+    r = httpx.post(f"{svc.url}/v1/models", content=iter([b"x" * 3000, b"x" * 3000]), headers=h)
+    assert r.status_code == 413 and "4096-byte limit" in r.json()["error"]
+    assert httpx.get(f"{svc.url}/v1/health").json()["ok"]
