@@ -223,8 +223,6 @@ class MqttLink:
             client.username_pw_set(self.config.username, self.config.password)
         if self._tls:
             self._configure_tls(client)
-        will = StateMessage(status="offline", ts=time.time(), profile=self.config.profile, agent_version=__version__)
-        client.will_set(self._topics["state"], encode(will), qos=1, retain=True)
         client.on_connect = self._on_connect
         client.on_disconnect = self._on_disconnect
         client.on_publish = self._on_publish
@@ -257,6 +255,8 @@ class MqttLink:
         client = self._client
         while not self._stop.is_set():
             self._connect_started = time.monotonic()
+            # Set anew before each connect, so the will carries the models active by then.
+            client.will_set(self._topics["state"], self._offline_state(), qos=1, retain=True)
             try:
                 client.connect(self._host, self._port, keepalive=KEEPALIVE_S, clean_start=False,
                                properties=self._connect_props)
@@ -288,6 +288,14 @@ class MqttLink:
             client.disconnect()
         except Exception:  # noqa: BLE001 - already stopping; nothing left to tell anyone
             pass
+
+    def _offline_state(self) -> bytes:
+        """``offline``, with the last known active models, so the fleet still sees what the device runs."""
+        with self._lock:
+            last = self._latest_state
+        if last is None:
+            last = StateMessage(status="offline", ts=0.0, profile=self.config.profile, agent_version=__version__)
+        return encode(last.model_copy(update={"status": "offline", "ts": time.time()}))
 
     def _busy(self) -> bool:
         return (not self._connected or self._stop.is_set() or self._state_dirty or bool(self._inflight)
@@ -339,9 +347,7 @@ class MqttLink:
             return False
         if self._connected:
             if self._offline_mid is None:
-                goodbye = StateMessage(status="offline", ts=time.time(), profile=self.config.profile,
-                                       agent_version=__version__)
-                self._offline_mid = client.publish(self._topics["state"], encode(goodbye), qos=1, retain=True).mid
+                self._offline_mid = client.publish(self._topics["state"], self._offline_state(), qos=1, retain=True).mid
                 self._offline_sent_at = time.monotonic()
                 return False
             if not self._offline_acked.is_set() and time.monotonic() - self._offline_sent_at < _OFFLINE_ACK_WAIT_S:

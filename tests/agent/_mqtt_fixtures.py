@@ -1,8 +1,8 @@
 """Helpers for the MQTT-side agent tests: configs, a paho observer, and an agent-link child process.
 
 Run as a script it is the child: ``python _mqtt_fixtures.py CONFIG_JSON QUEUE_FILE N_EVENTS``
-starts an Outbox + MqttLink, queues N events, prints ``queued`` and then ``connected`` (if it
-gets there) and waits to be killed.
+starts an Outbox + MqttLink, queues N events, publishes an online state with digits 1.0.0
+active, prints ``queued`` and then ``connected`` (if it gets there) and waits to be killed.
 """
 
 from __future__ import annotations
@@ -121,7 +121,7 @@ def _child_main(config_json: str, queue_file: str, n_events: int) -> None:
     from lepton_edge.agent.config import AgentConfig
     from lepton_edge.agent.link import MqttLink
     from lepton_edge.agent.outbox import Outbox
-    from lepton_edge.protocol import EventMessage
+    from lepton_edge.protocol import EventMessage, StateMessage
 
     cfg = AgentConfig(**json.loads(config_json))
     link = MqttLink(cfg, Outbox(Path(queue_file), cfg.queue_max_bytes), lambda cmd: None,
@@ -129,6 +129,8 @@ def _child_main(config_json: str, queue_file: str, n_events: int) -> None:
     for i in range(n_events):
         link.publish_event(EventMessage(type="error", detail=f"child event {i}", data={"i": i}))
     print("queued", flush=True)
+    link.publish_state(StateMessage.model_validate({"status": "online", "ts": time.time(), "profile": cfg.profile,
+                                                    "agent_version": "0.1.0", "models": {"digits": {"version": "1.0.0"}}}))
     link.start()
     if wait_until(lambda: link.connected, 30):
         print("connected", flush=True)

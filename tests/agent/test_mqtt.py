@@ -98,6 +98,7 @@ def test_retained_online_state_then_offline_will_when_the_agent_is_killed(privat
         assert late.wait_for(lambda o: o.messages, 10)
         t, payload, retained = late.messages[-1]
         assert retained and decode_state(payload).status == "offline"
+        assert decode_state(payload).models["digits"].version == "1.0.0"  # the will keeps what it ran
         late.close()
     finally:
         if child.poll() is None:
