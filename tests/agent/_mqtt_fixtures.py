@@ -117,6 +117,39 @@ def start_child(config_fields: dict[str, Any], queue_file: Path, n_events: int) 
     return proc
 
 
+def tls_files(d: Path) -> Path:
+    """A private CA and, signed by it, a server (CN/SAN localhost) and a client certificate in ``d``; returns the CA file."""
+    import datetime as dt
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    def name(cn):
+        return x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, cn)])
+
+    now = dt.datetime.now(dt.timezone.utc)
+    ca_key = ec.generate_private_key(ec.SECP256R1())
+    ca = (x509.CertificateBuilder().subject_name(name("lepton test CA")).issuer_name(name("lepton test CA"))
+          .public_key(ca_key.public_key()).serial_number(1).not_valid_before(now - dt.timedelta(hours=1))
+          .not_valid_after(now + dt.timedelta(days=1))
+          .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True).sign(ca_key, hashes.SHA256()))
+    pem = serialization.Encoding.PEM
+    (d / "ca.pem").write_bytes(ca.public_bytes(pem))
+    for serial, who in ((2, "server"), (3, "client")):
+        key = ec.generate_private_key(ec.SECP256R1())
+        cert = (x509.CertificateBuilder().subject_name(name("localhost" if who == "server" else "dev-01"))
+                .issuer_name(ca.subject).public_key(key.public_key()).serial_number(serial)
+                .not_valid_before(now - dt.timedelta(hours=1)).not_valid_after(now + dt.timedelta(days=1))
+                .add_extension(x509.SubjectAlternativeName([x509.DNSName("localhost")]), critical=False)
+                .sign(ca_key, hashes.SHA256()))
+        (d / f"{who}.pem").write_bytes(cert.public_bytes(pem))
+        (d / f"{who}.key").write_bytes(key.private_bytes(pem, serialization.PrivateFormat.TraditionalOpenSSL,
+                                                         serialization.NoEncryption()))
+    return d / "ca.pem"
+
+
 def _child_main(config_json: str, queue_file: str, n_events: int) -> None:
     from lepton_edge.agent.config import AgentConfig
     from lepton_edge.agent.link import MqttLink

@@ -10,7 +10,7 @@ import subprocess
 import time
 
 import pytest
-from _mqtt_fixtures import Observer, make_config, publish_raw, start_child, wait_until
+from _mqtt_fixtures import Observer, make_config, publish_raw, start_child, tls_files, wait_until
 
 from lepton_edge.agent.link import Backoff, LinkError, MqttLink
 from lepton_edge.agent.outbox import Outbox
@@ -287,42 +287,10 @@ def test_wrong_password_is_refused_and_the_right_one_works(private_broker, tmp_p
         broker.stop()
 
 
-def _tls_files(d):
-    import datetime as dt
-
-    from cryptography import x509
-    from cryptography.hazmat.primitives import hashes, serialization
-    from cryptography.hazmat.primitives.asymmetric import ec
-    from cryptography.x509.oid import NameOID
-
-    def name(cn):
-        return x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, cn)])
-
-    now = dt.datetime.now(dt.timezone.utc)
-    ca_key = ec.generate_private_key(ec.SECP256R1())
-    ca = (x509.CertificateBuilder().subject_name(name("lepton test CA")).issuer_name(name("lepton test CA"))
-          .public_key(ca_key.public_key()).serial_number(1).not_valid_before(now - dt.timedelta(hours=1))
-          .not_valid_after(now + dt.timedelta(days=1))
-          .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True).sign(ca_key, hashes.SHA256()))
-    pem = serialization.Encoding.PEM
-    (d / "ca.pem").write_bytes(ca.public_bytes(pem))
-    for serial, who in ((2, "server"), (3, "client")):
-        key = ec.generate_private_key(ec.SECP256R1())
-        cert = (x509.CertificateBuilder().subject_name(name("localhost" if who == "server" else "dev-01"))
-                .issuer_name(ca.subject).public_key(key.public_key()).serial_number(serial)
-                .not_valid_before(now - dt.timedelta(hours=1)).not_valid_after(now + dt.timedelta(days=1))
-                .add_extension(x509.SubjectAlternativeName([x509.DNSName("localhost")]), critical=False)
-                .sign(ca_key, hashes.SHA256()))
-        (d / f"{who}.pem").write_bytes(cert.public_bytes(pem))
-        (d / f"{who}.key").write_bytes(key.private_bytes(pem, serialization.PrivateFormat.TraditionalOpenSSL,
-                                                         serialization.NoEncryption()))
-    return d / "ca.pem"
-
-
 def test_mutual_tls_with_the_device_ca_and_client_certificate(private_broker, tmp_path):
     workdir = tmp_path / "tlsbroker"
     workdir.mkdir()
-    ca = _tls_files(workdir)
+    ca = tls_files(workdir)
     tls_port = _free_port()
     broker = type(private_broker)(workdir, extra_conf=(
         f"user root\nlistener {tls_port} 127.0.0.1\ncafile {ca}\ncertfile {workdir / 'server.pem'}\n"

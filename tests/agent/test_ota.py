@@ -36,7 +36,7 @@ class Behaviour:
 class BlobServer:
     """A stdlib HTTP server for one file that speaks Range and misbehaves on request."""
 
-    def __init__(self, blob: bytes, behaviour: Behaviour | None = None) -> None:
+    def __init__(self, blob: bytes, behaviour: Behaviour | None = None, tls: tuple[Path, Path] | None = None) -> None:
         self.blob = blob
         self.behaviour = behaviour or Behaviour()
         self.requests: list[dict[str, str | None]] = []
@@ -95,8 +95,16 @@ class BlobServer:
 
         self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
         self.httpd.daemon_threads = True
+        scheme, host = "http", "127.0.0.1"
+        if tls:
+            import ssl
+
+            ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+            ctx.load_cert_chain(str(tls[0]), str(tls[1]))
+            self.httpd.socket = ctx.wrap_socket(self.httpd.socket, server_side=True)
+            scheme, host = "https", "localhost"
         threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
-        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}/bundles/b.lepton?sig=secret"
+        self.url = f"{scheme}://{host}:{self.httpd.server_address[1]}/bundles/b.lepton?sig=secret"
 
     def close(self):
         self.stall.set()
@@ -157,8 +165,8 @@ def _deploy(url, blob=BLOB, cmd_id="c-1", **kw):
 def server():
     servers = []
 
-    def make(blob=BLOB, **behaviour):
-        s = BlobServer(blob, Behaviour(**behaviour))
+    def make(blob=BLOB, tls=None, **behaviour):
+        s = BlobServer(blob, Behaviour(**behaviour), tls=tls)
         servers.append(s)
         return s
 
@@ -318,6 +326,22 @@ def test_a_stalled_server_times_out_and_a_repeat_resumes(server, ota):
     srv.stall.set()
     _run(h, cmd)  # transient failures are not final: the same command goes through now
     assert svc.activated == [(BLOB, "c-1")] and link.events[-1].type == "activated"
+
+
+def test_https_download_trusts_the_configured_ca_only(server, ota, tmp_path):
+    from _mqtt_fixtures import tls_files
+
+    certs = tmp_path / "certs"
+    certs.mkdir()
+    ca = tls_files(certs)
+    srv = server(tls=(certs / "server.pem", certs / "server.key"), drop_first_after=70_000)
+    h, svc, link = ota(downloader=HttpDownloader(io_timeout_s=5, deadline_s=60, ca_file=ca))
+    _run(h, _deploy(srv.url))
+    assert svc.activated == [(BLOB, "c-1")] and [r["range"] for r in srv.requests] == [None, "bytes=70000-"]
+    stranger, _, strange_link = ota(downloader=HttpDownloader(io_timeout_s=5, deadline_s=60, max_stalls=1))
+    _run(stranger, _deploy(srv.url, cmd_id="c-untrusted"))
+    last = strange_link.events[-1]
+    assert last.type == "activation_failed" and "certificate" in last.detail.lower()
 
 
 def test_rollback_and_ping(ota):
