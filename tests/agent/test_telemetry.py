@@ -144,3 +144,36 @@ def test_a_failing_sampler_or_broker_never_stops_reports(tmp_path):
     reporter.stop()  # idempotent
     rec = link.outbox.peek(limit=1)[0]
     assert decode_telemetry(rec.payload).system.cpu_percent is None
+
+
+def test_the_mqtt_side_of_the_agent_imports_no_torch_or_onnx(tmp_path):
+    import subprocess
+    import sys
+
+    probe = f"""
+import sys, time
+from pathlib import Path
+from lepton_edge.agent.config import AgentConfig
+from lepton_edge.agent.link import MqttLink
+from lepton_edge.agent.ota import OtaHandler
+from lepton_edge.agent.outbox import Outbox
+from lepton_edge.agent.sysinfo import SystemSampler
+from lepton_edge.agent.telemetry import TelemetryReporter
+cfg = AgentConfig(device_id="d", profile="rpi5", state_dir=Path({str(tmp_path)!r}), broker="mqtt://127.0.0.1:1",
+                  allow_unsigned_bundles=True)
+link = MqttLink(cfg, Outbox(cfg.state_dir / "q.db", 1 << 20), lambda c: None)
+link.start()
+class Metrics:
+    def window_stats(self):
+        return {{}}
+class Service:
+    def add_event_listener(self, fn):
+        pass
+TelemetryReporter(link, Metrics(), 1).report_now()
+OtaHandler(Service(), link, cfg).close()
+link.stop(flush_timeout=0)
+print("HEAVY:" + ",".join(m for m in ("torch", "onnx", "onnxruntime", "numpy") if m in sys.modules))
+"""
+    r = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert r.stdout.strip().endswith("HEAVY:"), r.stdout
