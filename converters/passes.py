@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Any, TypeVar
+from typing import Any, Literal, TypeVar, get_args, get_origin
 
 from pydantic import BaseModel, ConfigDict, ValidationError
 
@@ -39,10 +39,21 @@ class PassInfo:
         """(field, type, default, description) for each config field."""
         rows = []
         for fname, f in self.config.model_fields.items():
-            ann = getattr(f.annotation, "__name__", None) or str(f.annotation).replace("typing.", "")
+            ann = _type_name(f.annotation)
             default = "required" if f.is_required() else repr(f.get_default(call_default_factory=True))
             rows.append((fname, ann, default, f.description or ""))
         return rows
+
+
+def _type_name(t: Any) -> str:
+    origin, args = get_origin(t), get_args(t)
+    if origin is Literal:
+        return "|".join(str(a) for a in args)
+    if origin is not None and args:
+        inner = ", ".join("..." if a is Ellipsis else _type_name(a) for a in args if a is not type(None))
+        base = getattr(origin, "__name__", str(origin))
+        return f"{inner} or none" if type(None) in args and base in ("Union", "UnionType") else f"{base}[{inner}]"
+    return getattr(t, "__name__", str(t))
 
 
 _PASSES: dict[str, PassInfo] = {}

@@ -472,7 +472,7 @@ class _Conversion:
         idx = pick_golden(outs_all[0], self.budget.task, _GOLDEN_COUNT)
         g_in = [np.ascontiguousarray(self.eval_ds.x[idx])]
         g_out = [np.ascontiguousarray(o[idx]) for o in outs_all]
-        tol = golden_tolerances(g_out[0], self.ref[idx], self.budget.task)
+        tol = golden_tolerances(g_out[0], self.ref[idx], self.budget.task, quantized=winner.precision.startswith("int8"))
         layout = {4: "NCHW", 3: "NLC", 2: "NC"}.get(len(self.info.input_shape), "")
         pre = Preprocessing(layout=layout, description="as the source model expects; calibration data was given in that form")
         batch = self.info.input_shape[0] if sess.inputs[0].shape and sess.inputs[0].shape[0] else None

@@ -1,4 +1,8 @@
-"""Render a conversion report (report.json) as tables; used by `convert` and `bundle inspect`."""
+"""Render a conversion report (report.json) as tables; used by `convert` and `bundle inspect`.
+
+The report is read from a bundle, so every field is treated as optional: an older or
+partial report still renders, with "-" where a value is missing.
+"""
 
 from __future__ import annotations
 
@@ -6,24 +10,55 @@ from typing import Any
 
 from .console import out, print_table
 
+__all__ = ["print_report"]
+
 
 def _f(v: Any, fmt: str) -> str:
-    return "-" if v is None else format(v, fmt)
+    return "-" if not isinstance(v, (int, float)) or isinstance(v, bool) else format(v, fmt)
+
+
+def _mb(v: Any) -> str:
+    return _f(v / 1e6 if isinstance(v, (int, float)) else None, ".3f")
+
+
+def _ops(c: dict[str, Any]) -> str:
+    q, t = c.get("quantized_ops"), c.get("compute_ops")
+    return f"{q}/{t}" if isinstance(q, int) and isinstance(t, int) and t else "-"
 
 
 def print_report(report: dict[str, Any]) -> None:
     rows = []
     for c in report.get("candidates", []):
-        mark = "★" if c.get("chosen") else ("✓" if c.get("within_budget") else "✗")
+        mark = "★" if c.get("chosen") else ("✓" if c.get("within_budget") and c.get("fits_limits", True) else "✗")
         rows.append((
-            mark, c.get("name"), _f(c.get("size_bytes", 0) / 1e6 if c.get("size_bytes") is not None else None, ".2f"),
+            mark, c.get("name"), c.get("precision", ""), _mb(c.get("size_bytes")), _ops(c),
             _f(c.get("latency_p50_ms"), ".3f"), _f(c.get("latency_p95_ms"), ".3f"),
             _f(c.get("accuracy"), ".4f"), _f(c.get("top1_agreement"), ".4f"), _f(c.get("cosine_min"), ".4f"),
-            c.get("note", ""),
+            _f(c.get("max_abs_error"), ".3g"), c.get("note", ""),
         ))
-    print_table("conversion candidates (★ chosen, ✓ within budget, ✗ rejected)",
-                ["", "candidate", "MB", "p50 ms", "p95 ms", "accuracy", "top-1 agree", "min cos", "note"], rows)
+    title = "conversion candidates (★ chosen, ✓ within budget and limits, ✗ rejected)"
+    if report.get("profile"):
+        title += f" — profile {report['profile']}, {report.get('runtime', '')}, {report.get('threads', '?')} threads, batch 1"
+    print_table(title, ["", "candidate", "precision", "MB", "INT8 ops", "p50 ms", "p95 ms", "accuracy", "top-1 agree",
+                        "min cos", "max abs err", "note"], rows)
+    summary = report.get("summary") or {}
+    if summary.get("fp32") and summary.get("converted"):
+        fp, cv = summary["fp32"], summary["converted"]
+        ratio = summary.get("latency_ratio")
+        print_table("FP32 vs converted", ["", "FP32 (optimised)", f"converted ({cv.get('name')})", "ratio"], [
+            ("size MB", _mb(fp.get("size_bytes")), _mb(cv.get("size_bytes")), _f(summary.get("size_ratio"), ".3f")),
+            ("INT8 ops", _ops(fp), _ops(cv), ""),
+            ("host p50 ms", _f(fp.get("latency_p50_ms"), ".3f"), _f(cv.get("latency_p50_ms"), ".3f"), _f(ratio, ".2f")),
+            ("host p95 ms", _f(fp.get("latency_p95_ms"), ".3f"), _f(cv.get("latency_p95_ms"), ".3f"), ""),
+            ("accuracy", _f(fp.get("accuracy"), ".4f"), _f(cv.get("accuracy"), ".4f"), ""),
+            ("top-1 agreement", _f(fp.get("top1_agreement"), ".4f"), _f(cv.get("top1_agreement"), ".4f"), ""),
+        ])
+    budget = report.get("budget") or {}
+    if budget.get("rule"):
+        out.print(f"[bold]budget:[/] {budget['rule']}")
     if report.get("why"):
         out.print(f"[bold]chosen:[/] {report.get('winner')} — {report['why']}")
     if report.get("latency_note"):
         out.print(f"[dim]{report['latency_note']}[/]")
+    for note in report.get("notes") or []:
+        out.print(f"[dim]· {note}[/]")
