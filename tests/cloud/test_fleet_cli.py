@@ -104,3 +104,16 @@ def test_cli_push_list_deploy_and_steer(start_service, private_broker, sim_fleet
     # --wait follows the rollout to its end and exits 0 only when it completed.
     r = _cli(svc, "deploy", "create", "digits@1", "--to", "profile:rpi5", "--soak", "0.2s", "--timeout", "20s", "--wait")
     assert "completed" in r.output and all(s.active["digits"] == "1" for s in fleet.devices.values())
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--db", "mysql://root@h/x"], "unsupported database URL"),
+    (["--broker", "nonsense"], "must look like mqtt://host:port"),
+    (["--tick", "forever"], "bad duration"),
+    (["--trusted-key", "/nonexistent.pub"], "cannot read key"),
+])
+def test_serve_refuses_bad_options_with_one_line(args, message, tmp_path, keypair):
+    base = ["cloud", "serve", "--db", str(tmp_path / "c.db"), "--broker", "mqtt://127.0.0.1:1883", "--port", "0",
+            "--state-dir", str(tmp_path / "s"), "--trusted-key", str(keypair[1])]
+    r = CliRunner().invoke(main, base + args)
+    assert r.exit_code == 2 and message in r.output and "Traceback" not in r.output
