@@ -108,12 +108,12 @@ class _Children:
         self.procs[name] = proc
         return proc
 
-    def stop_all(self) -> list[str]:
-        """SIGTERM everyone, wait, SIGKILL stragglers; returns the names that needed a kill."""
+    def stop_all(self, grace_s: float = _CHILD_STOP_S) -> list[str]:
+        """SIGTERM everyone, wait up to ``grace_s``, SIGKILL stragglers; returns the names that needed a kill."""
         for proc in self.procs.values():
             _signal_group(proc, signal.SIGTERM)
         killed = []
-        deadline = time.monotonic() + _CHILD_STOP_S
+        deadline = time.monotonic() + grace_s
         for name, proc in self.procs.items():
             try:
                 proc.wait(max(0.1, deadline - time.monotonic()))

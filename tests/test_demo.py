@@ -98,7 +98,7 @@ def test_children_that_ignore_sigterm_are_killed(tmp_path):
     while "up" not in (tmp_path / "log").read_text():
         assert time.monotonic() < deadline
         time.sleep(0.05)
-    assert children.stop_all() == ["stubborn"]
+    assert children.stop_all(grace_s=1.0) == ["stubborn"]
     assert proc.poll() is not None and polite.poll() is not None
 
 
