@@ -71,7 +71,12 @@ def connect_and_wait(client: paho.Client, address: BrokerAddress, *, timeout: fl
 
     client.on_connect = on_connect
     try:
-        client.connect_async(address.host, address.port, keepalive=keepalive, clean_start=clean_start, properties=properties)
+        try:
+            # A synchronous first connect fails at once on a refused or unresolvable address;
+            # later reconnects are the network loop's business.
+            client.connect(address.host, address.port, keepalive=keepalive, clean_start=clean_start, properties=properties)
+        except OSError as e:
+            raise ConnectionError(f"cannot reach {address.url}: {e.strerror or e}") from None
         client.loop_start()
         if not done.wait(timeout):
             client.loop_stop()
