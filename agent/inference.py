@@ -120,9 +120,11 @@ def load_model(bundle: Bundle, profile: DeviceProfile) -> LoadedModel:
     )
 
 
-def _batch_size(model: LoadedModel, count: int) -> int:
+def _batch_size(model: LoadedModel) -> int:
+    # One sample at a time where the batch is free: onnxruntime's arena keeps its peak, so a
+    # big golden batch would cost the device memory for as long as the model stays loaded.
     fixed = [i.shape[0] for i in model.inputs if i.shape and i.shape[0] is not None]
-    return min(fixed) if fixed else count
+    return min(fixed) if fixed else 1
 
 
 def replay_golden(model: LoadedModel, bundle: Bundle) -> dict[str, float]:
@@ -135,7 +137,7 @@ def replay_golden(model: LoadedModel, bundle: Bundle) -> dict[str, float]:
         raise ActivationError(f"bundle {bundle.manifest.bundle_id} has no golden test vectors to verify it with",
                               hint="convert it again with lepton-edge convert, which writes them")
     g_in, g_out = bundle.golden_vectors()
-    step = _batch_size(model, g.count)
+    step = _batch_size(model)
     parts: list[list[np.ndarray]] = []
     for start in range(0, g.count, step):
         feeds = {spec.name: arr[start : start + step] for spec, arr in zip(model.inputs, g_in)}
