@@ -44,7 +44,10 @@ class MosquittoProcess:
         self.workdir = workdir
         self.conf = workdir / "mosquitto.conf"
         # The default max_queued_messages (1000) silently drops QoS 1 messages to slow subscribers.
-        self.conf.write_text(
+        # Run as root, mosquitto drops to its own user, which cannot write pytest's tmp dirs:
+        # persistence would then be lost silently.
+        user = "user root\n" if os.geteuid() == 0 else ""
+        self.conf.write_text(user +
             f"listener {self.port} 127.0.0.1\nallow_anonymous true\nmax_queued_messages 100000\n"
             f"persistence true\npersistence_location {workdir}/\nautosave_interval 1\n{extra_conf}\n"
         )
