@@ -38,7 +38,6 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -559,8 +558,9 @@ def _interrupt(signum: int, frame: Any) -> None:
               help="Keep every file here (logs, configs, bundles, database, summary.json). Default: a temp dir, removed.")
 @click.option("--profiles", default=",".join(DEFAULT_PROFILES), show_default=True,
               help="One device profile per agent, comma-separated.")
-@click.option("--timeout", "budget_s", type=click.FloatRange(30, 3600), default=170.0, show_default=True,
-              help="Give up on steps that have not finished after this many seconds.")
+@click.option("--timeout", "budget_s", type=click.FloatRange(30, 3600), default=600.0, show_default=True,
+              help="Give up on steps still waiting after this many seconds in all (a bound, not a target: "
+                   "the demo takes about two minutes on an idle 2-core machine).")
 def demo(workdir: Path | None, profiles: str, budget_s: float) -> None:
     """Run the end-to-end demo: broker, cloud, agents, conversion, rollouts, gate-driven rollback."""
     wanted = [p.strip() for p in profiles.split(",") if p.strip()]

@@ -39,9 +39,9 @@ def _demo(workdir: Path, *extra: str) -> subprocess.Popen:
 @pytest.mark.timeout(600)
 def test_demo_rolls_out_v1_v2_rolls_back_v3_and_leaves_nothing_running(tmp_path):
     workdir = tmp_path / "demo"
-    proc = _demo(workdir)
+    proc = _demo(workdir, "--timeout", "480")  # a bound on waiting, so the demo reports before pytest gives up
     try:
-        output, _ = proc.communicate(timeout=540)
+        output, _ = proc.communicate(timeout=560)
     finally:
         if proc.poll() is None:
             proc.kill()
