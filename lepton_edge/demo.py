@@ -103,7 +103,8 @@ class _Children:
     def spawn(self, name: str, argv: list[str], log_path: Path) -> subprocess.Popen:
         with open(log_path, "ab") as log:
             proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
-                                    start_new_session=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+                                    start_new_session=True, env={**os.environ, "PYTHONUNBUFFERED": "1"},
+                                    preexec_fn=_die_with_parent if sys.platform == "linux" else None)
         self.procs[name] = proc
         return proc
 
@@ -122,6 +123,14 @@ class _Children:
                 proc.wait(5)
         self.procs.clear()
         return killed
+
+
+def _die_with_parent() -> None:
+    """In the child: SIGTERM when the demo dies, even by SIGKILL, where no finally block runs."""
+    import ctypes
+
+    pr_set_pdeathsig = 1
+    ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, signal.SIGTERM)
 
 
 def _signal_group(proc: subprocess.Popen, sig: int) -> None:

@@ -107,3 +107,29 @@ def test_bad_profiles_option_is_one_line(tmp_path):
                        capture_output=True, text=True, timeout=60)
     assert r.returncode == 2 and "Traceback" not in r.stderr
     assert "--profiles needs between 1 and 8" in r.stderr
+
+
+def test_children_die_with_the_demo_even_on_sigkill(tmp_path):
+    marker = f"lepton-orphan-check-{os.getpid()}"
+    parent = subprocess.Popen([sys.executable, "-c", f"""
+import sys, time
+from pathlib import Path
+from lepton_edge.demo import _Children
+c = _Children()
+c.spawn("child", [sys.executable, "-c", "import time; time.sleep(600)", {marker!r}], Path({str(tmp_path / 'log')!r}))
+print("spawned", flush=True)
+time.sleep(600)
+"""], stdout=subprocess.PIPE, text=True)
+    try:
+        assert parent.stdout.readline().strip() == "spawned"
+        child = f"time.sleep(600) {marker}"  # the child's argv, not the parent's source
+        assert _processes_mentioning(child)
+        parent.kill()
+        parent.wait(10)
+        deadline = time.monotonic() + 10
+        while _processes_mentioning(child) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert _processes_mentioning(child) == []
+    finally:
+        if parent.poll() is None:
+            parent.kill()
