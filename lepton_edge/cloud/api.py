@@ -74,6 +74,7 @@ class DeployRequest(_Body):
     max_p95_regression: str | float = "20%"
     min_healthy: str | float = "95%"
     on_failure: str = "rollback"
+    p95_floor: str | float = Field(default="1ms", description="p95 rises up to this much always pass (a duration).")
 
 
 class _BodyLimit:
@@ -210,6 +211,7 @@ def create_app(service: Any) -> FastAPI:
             waves=tuple(parse_waves(body.waves)), soak_s=parse_duration(body.soak), timeout_s=parse_duration(body.timeout),
             max_error_rate=parse_fraction(body.max_error_rate), max_p95_regression=parse_fraction(body.max_p95_regression),
             min_healthy=parse_fraction(body.min_healthy), on_failure=body.on_failure,
+            p95_floor_ms=parse_duration(body.p95_floor) * 1000,
         )
         return service.rollouts.create(body.model, body.version, body.to, policy)
 

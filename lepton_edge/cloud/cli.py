@@ -274,12 +274,13 @@ def deploy() -> None:
 @click.option("--max-error-rate", default="1%", show_default=True)
 @click.option("--max-p95-regression", default="20%", show_default=True)
 @click.option("--min-healthy", default="95%", show_default=True)
+@click.option("--p95-floor", default="1ms", show_default=True, help="A p95 rise up to this much always passes (jitter on fast models).")
 @click.option("--timeout", default="10m", show_default=True, help="A device that neither confirms nor fails by then counts as failed.")
 @click.option("--on-failure", type=click.Choice(["rollback", "pause"]), default="rollback", show_default=True)
 @click.option("--wait", is_flag=True, help="Follow the rollout until it ends; exit 1 if it was rolled back.")
 @_client_options
 def deploy_create(target: str, selectors: tuple[str, ...], waves: str, soak: str, max_error_rate: str, max_p95_regression: str,
-                  min_healthy: str, timeout: str, on_failure: str, wait: bool, server: str, token: str | None) -> None:
+                  min_healthy: str, p95_floor: str, timeout: str, on_failure: str, wait: bool, server: str, token: str | None) -> None:
     """Roll MODEL@VERSION out in waves."""
     from .errors import InvalidRequestError
 
@@ -288,7 +289,7 @@ def deploy_create(target: str, selectors: tuple[str, ...], waves: str, soak: str
         raise InvalidRequestError(f"{target!r} must look like MODEL@VERSION", hint="e.g. digits@2")
     with _client(server, token) as c:
         d = c.deploy(model, version, list(selectors), waves=waves, soak=soak, timeout=timeout, max_error_rate=max_error_rate,
-                     max_p95_regression=max_p95_regression, min_healthy=min_healthy, on_failure=on_failure)
+                     max_p95_regression=max_p95_regression, min_healthy=min_healthy, on_failure=on_failure, p95_floor=p95_floor)
         out.print(f"deployment {d['id']}: {model}@{version} to {len(d['devices']) - len(d['missing_bundles'])} devices in {len(d['waves_detail'])} waves")
         if d["missing_bundles"]:
             warn(f"{len(d['missing_bundles'])} targeted devices have no bundle for their profile and are not updated: "

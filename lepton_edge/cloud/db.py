@@ -149,6 +149,7 @@ deployments = Table(
     Column("max_error_rate", Float, nullable=False),
     Column("max_p95_regression", Float, nullable=False),
     Column("min_healthy", Float, nullable=False),
+    Column("p95_floor_ms", Float, nullable=False, default=1.0, server_default="1.0"),
     Column("on_failure", String(16), nullable=False),
     Column("status", String(16), nullable=False),
     Column("current_wave", Integer, nullable=False, default=0),

@@ -12,7 +12,9 @@ waves (``5%,25%,100%``). The leader's :meth:`Rollouts.tick` moves each deploymen
    healthy fraction (activated, online, still on the version) ≥ ``min_healthy``; error
    rate of the new version's telemetry since the soak began ≤ ``max_error_rate``; the
    median p95 of the new version ≤ (1 + ``max_p95_regression``) × the median p95 the
-   same model's other versions reported since ``baseline_window_s`` before the deployment;
+   same model's other versions reported since ``baseline_window_s`` before the deployment
+   (a rise of at most ``p95_floor_ms`` always passes: on sub-millisecond models scheduler
+   jitter alone moves p95 by large percentages);
 4. go on to the next wave, or on a failed gate pause (``on_failure=pause``) or send a
    :class:`~lepton_edge.protocol.RollbackCommand` to every device that moved.
 
@@ -113,6 +115,7 @@ class RolloutPolicy:
     max_p95_regression: float = 0.2
     min_healthy: float = 0.95
     on_failure: str = "rollback"
+    p95_floor_ms: float = 1.0
 
     def __post_init__(self) -> None:
         parse_waves(list(self.waves))
@@ -122,6 +125,8 @@ class RolloutPolicy:
             raise InvalidRequestError("min_healthy and max_error_rate must lie between 0% and 100%")
         if self.timeout_s <= 0:
             raise InvalidRequestError("timeout must be positive")
+        if not 0 <= self.p95_floor_ms <= 60_000:
+            raise InvalidRequestError("the p95 floor must lie between 0 and 60 s")
 
 
 def _parse_selectors(selectors: Sequence[str]) -> dict[str, list[str]]:
@@ -223,7 +228,7 @@ class Rollouts:
                 id=dep_id, model=model, version=version, selectors=db.dumps(list(selectors)), waves=db.dumps(list(policy.waves)),
                 soak_s=policy.soak_s, timeout_s=policy.timeout_s, max_error_rate=policy.max_error_rate,
                 max_p95_regression=policy.max_p95_regression, min_healthy=policy.min_healthy, on_failure=policy.on_failure,
-                status="running", current_wave=0, created_at=now, updated_at=now, reason="", wave_results="[]",
+                p95_floor_ms=policy.p95_floor_ms, status="running", current_wave=0, created_at=now, updated_at=now, reason="", wave_results="[]",
             ))
             conn.execute(db.deployment_devices.insert(), rows)
         return self.get(dep_id)
@@ -451,9 +456,10 @@ class Rollouts:
             res["p95_regression"] = None
         else:
             res["p95_regression"] = res["p95_new_ms"] / res["p95_old_ms"] - 1 if res["p95_old_ms"] > 0 else 0.0
-            if res["p95_regression"] > d["max_p95_regression"]:
+            if res["p95_regression"] > d["max_p95_regression"] and res["p95_new_ms"] - res["p95_old_ms"] > d["p95_floor_ms"]:
                 res["reasons"].append(f"p95 {res['p95_new_ms']:.2f} ms vs {res['p95_old_ms']:.2f} ms before: "
-                                      f"+{res['p95_regression']:.0%} > +{d['max_p95_regression']:.0%}")
+                                      f"+{res['p95_regression']:.0%} > +{d['max_p95_regression']:.0%} "
+                                      f"(and +{res['p95_new_ms'] - res['p95_old_ms']:.2f} ms > the {d['p95_floor_ms']:g} ms floor)")
         res["passed"] = not res["reasons"]
         return res
 
@@ -497,7 +503,7 @@ def _deployment_view(d: Any) -> dict[str, Any]:
         "id": d["id"], "model": d["model"], "version": d["version"], "selectors": db.loads(d["selectors"], []),
         "policy": asdict(RolloutPolicy(waves=tuple(db.loads(d["waves"], [100.0])), soak_s=d["soak_s"], timeout_s=d["timeout_s"],
                                        max_error_rate=d["max_error_rate"], max_p95_regression=d["max_p95_regression"],
-                                       min_healthy=d["min_healthy"], on_failure=d["on_failure"])),
+                                       min_healthy=d["min_healthy"], on_failure=d["on_failure"], p95_floor_ms=d["p95_floor_ms"])),
         "status": d["status"], "current_wave": d["current_wave"], "created_at": d["created_at"], "updated_at": d["updated_at"],
         "finished_at": d["finished_at"], "reason": d["reason"], "wave_results": db.loads(d["wave_results"], []),
     }
