@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import sys
 import tempfile
@@ -44,8 +45,6 @@ def timed(paths: dict[str, Path], sample: np.ndarray, threads: int, runs: int) -
 
 def naive_quantize(fp32: Path, out: Path, calib_x: np.ndarray, input_name: str) -> float:
     """onnxruntime's quantize_static with every default (QDQ, s8 activations and weights, per-tensor, MinMax)."""
-    import os
-
     from onnxruntime.quantization import quantize_static
 
     class Reader:
@@ -64,6 +63,20 @@ def naive_quantize(fp32: Path, out: Path, calib_x: np.ndarray, input_name: str) 
         finally:
             os.chdir(cwd)
     return time.perf_counter() - t0
+
+
+def size_breakdown(path: Path) -> dict[str, int]:
+    """Bytes of an ONNX file by initializer dtype, plus the rest (graph, names): where the size goes."""
+    import onnx
+    from onnx import numpy_helper
+
+    model = onnx.load(str(path))
+    out: dict[str, int] = {}
+    for t in model.graph.initializer:
+        a = numpy_helper.to_array(t)
+        out[str(a.dtype)] = out.get(str(a.dtype), 0) + a.nbytes
+    out["graph_and_names"] = path.stat().st_size - sum(out.values())
+    return out
 
 
 def accuracy_of(path: Path, x: np.ndarray, y: np.ndarray | None, ref: np.ndarray, threads: int) -> float:
@@ -118,7 +131,7 @@ def bench_model(label: str, model, calib, evalset, profile_id: str, runs: int, w
         "metric": "accuracy" if y_ev is not None else "top-1 agreement with FP32",
         "reference": ref_acc, "fp32_metric": acc["fp32"], "int8_metric": acc["int8"], "naive_metric": acc["naive"],
         "int8_drop_points": 100 * (ref_acc - acc["int8"]), "naive_drop_points": 100 * (ref_acc - acc["naive"]),
-        "int8_settings": settings, "convert_wall_s": wall, "int8_quantize_s": int8_time, "naive_quantize_s": naive_time,
+        "int8_settings": settings, "int8_size_breakdown": size_breakdown(int8), "fp32_size_breakdown": size_breakdown(fp32), "convert_wall_s": wall, "int8_quantize_s": int8_time, "naive_quantize_s": naive_time,
         "winner": rep["winner"], "why": rep["why"], "candidates": rep["candidates"],
     }
     return row
@@ -209,7 +222,7 @@ def main() -> None:
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
     RESULTS.write_text(json.dumps({
         "host": {"machine": platform.machine(), "processor": _cpu_model(), "note": "AVX2, no VNNI"},
-        "profile": args.profile, "quick": args.quick, "models": rows, "sweep": sweep_rows, "targets": targets,
+        "profile": args.profile, "quick": args.quick, "load_average_at_end": os.getloadavg(), "cores": os.cpu_count(), "models": rows, "sweep": sweep_rows, "targets": targets,
         "seconds": time.perf_counter() - t_all,
     }, indent=2, default=str))
     print(f"wrote {RESULTS}", file=sys.stderr)

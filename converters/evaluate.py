@@ -30,7 +30,11 @@ def run_batched(path: Path, runtime: str, x: np.ndarray, *, threads: int | None,
     name = sess.inputs[0].name
     chunks: list[list[np.ndarray]] = []
     for i in range(0, len(x), step):
-        chunks.append(sess.run({name: np.ascontiguousarray(x[i : i + step])}))
+        chunk = x[i : i + step]
+        n = len(chunk)
+        if fixed and n < step:  # pad to the model's static batch, keep the real rows
+            chunk = np.concatenate([chunk, np.repeat(chunk[-1:], step - n, axis=0)])
+        chunks.append([o[:n] for o in sess.run({name: np.ascontiguousarray(chunk)})])
     return [np.concatenate([c[j] for c in chunks]) for j in range(len(chunks[0]))]
 
 
@@ -79,7 +83,10 @@ class Latency:
 
 def measure_latency(session: Session, sample: np.ndarray, *, threads: int, runs: int, max_seconds: float = 5.0, warmup: int = 3) -> Latency:
     """Batch-1 latency of ``session``: ``runs`` timed calls after warm-up, cut short after ``max_seconds``."""
-    feed = {session.inputs[0].name: np.ascontiguousarray(sample[:1])}
+    # Batch 1, unless the model was built for a static batch (then that batch, the smallest it runs).
+    batch = session.inputs[0].shape[0] if session.inputs[0].shape and session.inputs[0].shape[0] else 1
+    rows = sample[:batch] if len(sample) >= batch else np.repeat(sample[:1], batch, axis=0)
+    feed = {session.inputs[0].name: np.ascontiguousarray(rows)}
     for _ in range(warmup):
         session.run(feed)
     times = []

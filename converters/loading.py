@@ -44,6 +44,7 @@ class LoadedSource:
     onnx_path: Path | None = None  # for ONNX sources
     sample_shape: tuple[int, ...] | None = None  # one input sample, without the batch axis
     notes: list[str] = field(default_factory=list)
+    fixed_batch: int | None = None  # a torch.export program traced without a dynamic batch takes only this
 
     @property
     def is_torch(self) -> bool:
@@ -160,8 +161,17 @@ def _load_torch_archive(p: Path, digest: str, shape: tuple[int, ...] | None) -> 
         example = [a for a in ep.example_inputs[0] if isinstance(a, torch.Tensor)] if ep.example_inputs else []
         if shape is None and len(example) == 1:
             shape = tuple(int(d) for d in example[0].shape[1:])
-        return LoadedSource("torch.export", p.stem, digest, module=ep.module(), sample_shape=shape,
-                            notes=["torch.export program: exported with the dynamo exporter"])
+        module = ep.module()
+        fixed = None
+        if len(example) == 1 and example[0].ndim:
+            try:
+                with torch.no_grad():
+                    module(torch.zeros((int(example[0].shape[0]) + 1, *example[0].shape[1:]), dtype=example[0].dtype))
+            except Exception:  # guards of a program traced with a static batch
+                fixed = int(example[0].shape[0])
+        return LoadedSource("torch.export", p.stem, digest, module=module, sample_shape=shape, fixed_batch=fixed,
+                            notes=["torch.export program: exported with the dynamo exporter"]
+                            + ([f"the program was traced with a static batch of {fixed}; the bundle keeps that batch"] if fixed else []))
     if any(n.endswith("/code/__torch__.py") or "/code/" in n for n in names) and any(n.endswith("constants.pkl") for n in names):
         try:
             module = torch.jit.load(str(p), map_location="cpu")
@@ -214,7 +224,7 @@ def export_onnx(config: ExportConfig, src: LoadedSource, out_path: Path, *, opse
     if src.sample_shape is None:
         raise InputShapeError(f"the input shape of {src.name} is unknown",
                               hint="pass --input-shape like 1x3x224x224 (or calibration data, whose samples give it)")
-    example = torch.zeros((config.example_batch, *src.sample_shape), dtype=torch.float32)
+    example = torch.zeros((src.fixed_batch or config.example_batch, *src.sample_shape), dtype=torch.float32)
     # Random data, not zeros: exporters constant-fold on example values in some paths.
     example.normal_(generator=torch.Generator().manual_seed(0))
     try:
@@ -231,14 +241,14 @@ def export_onnx(config: ExportConfig, src: LoadedSource, out_path: Path, *, opse
             errors.append("dynamo exporter needs opset >= 18, the profile allows at most %d" % opset_max)
             continue
         try:
-            _export(torch, src.module, example, out_path, exporter, opset if exporter == "legacy" else max(opset, 18))
+            _export(torch, src.module, example, out_path, exporter, opset if exporter == "legacy" else max(opset, 18), src.fixed_batch)
             return out_path, exporter
         except Exception as e:  # exporters raise a zoo of types
             errors.append(f"{exporter}: {_first(e)}")
     raise UnsupportedModelError(f"cannot export {src.name} to ONNX: {'; '.join(errors)}")
 
 
-def _export(torch: Any, module: Any, example: Any, out: Path, exporter: str, opset: int) -> None:
+def _export(torch: Any, module: Any, example: Any, out: Path, exporter: str, opset: int, fixed_batch: int | None) -> None:
     import warnings
 
     names = dict(input_names=["input"], output_names=["output"])
@@ -248,9 +258,9 @@ def _export(torch: Any, module: Any, example: Any, out: Path, exporter: str, ops
             torch.onnx.export(module, (example,), str(out), opset_version=opset, dynamo=False,
                               dynamic_axes={"input": {0: "batch"}, "output": {0: "batch"}}, do_constant_folding=True, **names)
         else:
-            batch = torch.export.Dim("batch", min=1, max=4096)
+            dynamic = None if fixed_batch else ({0: torch.export.Dim("batch", min=1, max=4096)},)
             torch.onnx.export(module, (example,), str(out), opset_version=opset, dynamo=True, external_data=False,
-                              dynamic_shapes=({0: batch},), verbose=False, **names)
+                              dynamic_shapes=dynamic, verbose=False, **names)
 
 
 def fit_opset(src_path: Path, out_path: Path, *, opset_min: int, opset_max: int) -> tuple[Path, list[str]]:
@@ -322,11 +332,16 @@ def reference_outputs(src: LoadedSource, onnx_fp32: Path, x: np.ndarray, batch: 
         import torch
 
         outs = []
+        step = src.fixed_batch or batch
         with torch.no_grad():
-            for i in range(0, len(x), batch):
-                y = src.module(torch.from_numpy(np.ascontiguousarray(x[i : i + batch])))
+            for i in range(0, len(x), step):
+                chunk = x[i : i + step]
+                n = len(chunk)
+                if src.fixed_batch and n < step:  # pad to the static batch, keep the real rows
+                    chunk = np.concatenate([chunk, np.repeat(chunk[-1:], step - n, axis=0)])
+                y = src.module(torch.from_numpy(np.ascontiguousarray(chunk)))
                 y = y[0] if isinstance(y, (tuple, list)) else y
-                outs.append(y.detach().float().numpy())
+                outs.append(y.detach().float().numpy()[:n])
         return np.concatenate(outs)
     from .evaluate import run_batched
 

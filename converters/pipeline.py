@@ -135,6 +135,7 @@ class _Conversion:
             name: str | None, version: str, input_shape: tuple[int, ...] | None, prune: float | None, allow_synthetic: bool) -> ConversionResult:
         t_start = time.perf_counter()
         src: LoadedSource = self.step("load", {"input_shape": input_shape}, source)
+        self.notes += src.notes
         out_dir = output_dir / f"{_safe_name(name or src.name)}-{version}-{self.profile.id}"
         if out_dir.exists():
             raise ConversionError(f"{out_dir} already exists", hint="choose another -o directory, --version, or remove it")

@@ -189,6 +189,25 @@ def test_torchscript_and_factory_sources(digits, tmp_path):
     assert r.manifest.source.format == "factory" and r.manifest.name == "digits_cnn"
 
 
+def test_torch_export_program_with_a_static_batch(tmp_path, random_images):
+    import torch
+
+    from lepton_edge.converters.zoo import digits_cnn
+
+    ep = torch.export.export(digits_cnn().eval(), (torch.zeros(2, 1, 8, 8),))
+    p = tmp_path / "m.pt2"
+    torch.export.save(ep, str(p))
+    r = convert(p, "x86-avx2", output_dir=tmp_path, calib=(random_images[:66], None), latency_runs=FAST, max_drop=1.0)
+    assert r.manifest.source.format == "torch.export" and r.manifest.source.sha256 == sha256_file(p)
+    assert r.manifest.inputs[0].shape == [2, 1, 8, 8]  # the program's static batch, stated in the manifest
+    assert any("static batch of 2" in n for n in r.report["notes"])
+    # jetson-nano stops at opset 17, below what the torch.export exporter writes: one clear error.
+    from lepton_edge.converters import UnsupportedModelError
+
+    with pytest.raises(UnsupportedModelError, match="opset"):
+        convert(p, "jetson-nano", output_dir=tmp_path / "j", calib=(random_images[:66], None), latency_runs=FAST)
+
+
 @pytest.mark.slow
 def test_pruning_shrinks_and_keeps_accuracy(digits, tmp_path):
     model, data, _ = digits
