@@ -39,6 +39,7 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.requests import ClientDisconnect
 from pydantic import BaseModel, ConfigDict, Field
 from sqlalchemy import select
+from sqlalchemy.exc import SQLAlchemyError
 
 from . import db
 from .errors import AuthError, CloudError, InvalidRequestError, NotFoundError
@@ -135,6 +136,11 @@ def create_app(service: Any) -> FastAPI:
     @app.exception_handler(CloudError)
     async def _cloud_error(_r: Request, e: CloudError) -> JSONResponse:
         return JSONResponse({"error": e.message, "hint": e.hint}, status_code=e.status_code)
+
+    @app.exception_handler(SQLAlchemyError)
+    async def _db_error(_r: Request, e: SQLAlchemyError) -> JSONResponse:
+        detail = str(getattr(e, "orig", None) or e).strip().splitlines()[0][:200]
+        return JSONResponse({"error": f"database unavailable: {detail}", "hint": "retry; check the database server"}, status_code=503)
 
     @app.exception_handler(ClientDisconnect)
     async def _gone(_r: Request, _e: ClientDisconnect) -> Response:

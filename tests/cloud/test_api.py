@@ -162,3 +162,15 @@ def test_bundle_uploads_are_capped_declared_or_streamed(svc, monkeypatch):
     r = httpx.post(f"{svc.url}/v1/models", content=iter([b"x" * 3000, b"x" * 3000]), headers=h)
     assert r.status_code == 413 and "4096-byte limit" in r.json()["error"]
     assert httpx.get(f"{svc.url}/v1/health").json()["ok"]
+
+
+def test_a_lost_database_is_a_503_with_one_line_not_a_crash(svc, client, tmp_path):
+    from sqlalchemy import text
+
+    with svc.engine.begin() as conn:  # a real failure: the table the request needs is gone
+        conn.execute(text("ALTER TABLE devices RENAME TO devices_gone"))
+    r = httpx.get(f"{svc.url}/v1/devices", headers={"Authorization": f"Bearer {svc.token}"})
+    assert r.status_code == 503 and r.json()["error"].startswith("database unavailable") and "\n" not in r.json()["error"]
+    with svc.engine.begin() as conn:
+        conn.execute(text("ALTER TABLE devices_gone RENAME TO devices"))
+    assert client.devices() == []
