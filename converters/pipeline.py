@@ -41,6 +41,7 @@ MAX_CANDIDATES = 12  # the bound on the search: builds + evaluations
 _SENSITIVITY_ROUNDS = (1, 3, 8)  # nodes kept in float per retry
 _SYNTHETIC_SAMPLES = 64
 _GOLDEN_COUNT = 8
+_MAX_EVAL = 2000  # every candidate runs on all of them; more adds time, not information
 _LATENCY_SECONDS = 6.0  # per candidate, over all rounds
 
 Progress = Callable[[str, str], None]
@@ -171,6 +172,7 @@ class _Conversion:
 
         if calib_ds is None:
             calib_ds = self._no_calibration(eval_data, allow_synthetic, sample_shape, info.input_dtype)
+        calib_given = calib_ds  # the manifest hashes the set as the user gave it, before any cast or held-out split
         calib_ds = calib_ds.fit_to(sample_shape, info.input_dtype, "calibration")
         if eval_data is not None:
             eval_ds = self._load_data(eval_data, "evaluation", sample_shape)
@@ -179,8 +181,9 @@ class _Conversion:
         else:
             calib_ds, eval_ds = split_holdout(calib_ds)
             self.notes.append(f"evaluation uses a held-out split of the calibration data ({len(eval_ds)} samples)")
-        if eval_ds.y is None and calib_ds.y is not None and eval_data is None:
-            pass
+        if len(eval_ds) > _MAX_EVAL:
+            eval_ds = eval_ds.take(_MAX_EVAL)
+            self.notes.append(f"evaluation uses the first {_MAX_EVAL} samples of the evaluation data")
         fp32 = self.work / "fp32.onnx"
         try:
             opt = self.step("optimize", {}, onnx_src, fp32)
@@ -209,7 +212,7 @@ class _Conversion:
         assert winner is not None
         winner.chosen = True
         report = self._report(src, original, winner, why, calib_ds, eval_ds, time.perf_counter() - t_start)
-        return self._package(original, winner, report, output_dir=output_dir, name=name, version=version, sign_key=sign_key, calib_ds=calib_ds)
+        return self._package(original, winner, report, output_dir=output_dir, name=name, version=version, sign_key=sign_key, calib_ds=calib_given)
 
     # ------------------------------------------------------------------ data
 

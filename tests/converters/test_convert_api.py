@@ -136,6 +136,8 @@ def test_tight_budget_falls_back_to_fp32(tmp_path):
     rep = r.report
     assert r.manifest.precision == "fp32" and rep["winner"] == "fp32-optimized" and rep["task"] == "regression"
     assert r.manifest.task == "regression"
+    # Part of the calibration set was held out for evaluation; the manifest still hashes the set as given.
+    assert r.manifest.calibration.sha256 == sha256_arrays([x]) and r.manifest.calibration.samples == len(x)
     tried = [c["name"] for c in rep["candidates"]]
     assert len(tried) >= 5 and len(tried) <= 12  # the search is bounded
     assert any(c["settings"].get("nodes_to_exclude") for c in rep["candidates"])
