@@ -10,11 +10,14 @@ version. Commands are idempotent by ``cmd_id``. What a version does is set by
 benchmark can stage good and bad releases without inference.
 
 A :class:`SimFleet` runs many devices in one process: one telemetry thread for all of
-them and a small worker pool for commands, so 500 devices cost 500 paho network threads
-and little else::
+them and a small worker pool for commands, so N devices cost N paho network threads and
+little else. One process tops out near 330 devices: paho waits with ``select()``, which
+cannot watch descriptors numbered 1024 or more, and each client holds three (its socket
+and a wake-up pipe); spread larger fleets over processes (``benchmarks/fleet_bench.py``
+does)::
 
     fleet = SimFleet(broker_url, telemetry_interval_s=1.0)
-    fleet.enroll(cloud_client, [f"sim-{i:03d}" for i in range(500)], profile="rpi5", tags={"site": "berlin"})
+    fleet.enroll(cloud_client, [f"sim-{i:03d}" for i in range(300)], profile="rpi5", tags={"site": "berlin"})
     fleet.start(initial={"digits": "1"})
     ...
     fleet.stop()
