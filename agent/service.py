@@ -29,7 +29,7 @@ from lepton_edge.protocol import ActiveModel, EventMessage, StateMessage
 from lepton_edge.signing import load_public_key
 
 from .config import AgentConfig
-from .errors import ActivationError, InferenceFailed, ModelNotLoaded
+from .errors import ActivationError, InferenceFailed, ModelNotLoaded, StoreError
 from .inference import LoadedModel, load_model, replay_golden
 from .metrics import InferenceMetrics
 from .store import ModelStore
@@ -104,17 +104,33 @@ class AgentService:
     def _load_store(self) -> None:
         """Load each model's committed version (falling back to its previous one if it is unusable)."""
         for name in self.store.names():
-            ptr = self.store.pointer(name)
-            assert ptr is not None
-            for version in [ptr.version] + ([ptr.previous] if ptr.previous else []):
+            try:
+                ptr = self.store.pointer(name)
+                assert ptr is not None
+                candidates = [ptr.version] + ([ptr.previous] if ptr.previous else [])
+            except StoreError as e:
+                # Only a hand edit or a failing disk gets here (writes are atomic): serve the newest
+                # installed version that verifies rather than nothing, and say so.
+                candidates = self.store.versions_newest_first(name)
+                ptr = None
+                log.error("%s; trying the installed versions %s", e, candidates)
+                self._emit(EventMessage(type="error", model=name, detail=f"{e}; falling back to installed versions"))
+            for version in candidates:
                 try:
                     bundle = self._verify(self.store.version_dir(name, version))
                     self._active[name] = load_model(bundle, self.profile)
-                    self._previous[name] = ptr.previous if version == ptr.version else None
+                    self._previous[name] = ptr.previous if ptr is not None and version == ptr.version else None
                     break
                 except LeptonEdgeError as e:
                     log.error("cannot load %s %s from the store: %s", name, version, e)
                     self._emit(EventMessage(type="error", model=name, version=version, detail=f"store load failed: {e}"))
+
+    def _pointer_or_none(self, name: str):
+        try:
+            return self.store.pointer(name)
+        except StoreError as e:
+            log.error("%s", e)
+            return None
 
     def activate_configured(self) -> list[ActivationResult]:
         """Activate the config's ``models`` that this device has not activated (or rolled back) before."""
@@ -126,7 +142,7 @@ class AgentService:
                 results.append(self._failed(None, None, f"{path}: {e}", None, None))
                 continue
             m = bundle.manifest
-            ptr = self.store.pointer(m.name)
+            ptr = self._pointer_or_none(m.name)
             if ptr is not None and (m.version in ptr.history or m.version in ptr.blocked):
                 continue  # the store knows this version; its pointer is the truth after a restart
             results.append(self.activate(path))
@@ -256,7 +272,7 @@ class AgentService:
         """Switch ``model`` back to ``to_version`` (default: the previous one), re-verifying it first."""
         with self._change_lock:
             current = self._active.get(model)
-            ptr = self.store.pointer(model)
+            ptr = self._pointer_or_none(model)
             target = to_version or (ptr.previous if ptr else None)
             if current is None or ptr is None:
                 return self._rollback_failed(model, target, f"model {model} is not installed", cmd_id, deployment_id)

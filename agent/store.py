@@ -118,7 +118,10 @@ class ModelStore:
         """Make ``version`` the active one: the single atomic step of an activation."""
         if not (self.root / name / version / MANIFEST_NAME).is_file():
             raise StoreError(f"{name} {version} is not in the store")
-        old = self.pointer(name)
+        try:
+            old = self.pointer(name)
+        except StoreError:
+            old = None  # a corrupt pointer is replaced, not a reason to stay stuck
         history = [v for v in (old.history if old else []) if v != version] + [version]
         blocked = [v for v in (old.blocked if old else []) if v != version]
         if block and block not in blocked:
@@ -147,6 +150,11 @@ class ModelStore:
     def versions(self, name: str) -> list[str]:
         d = self.root / name
         return sorted(p.name for p in d.iterdir() if p.is_dir() and not p.name.startswith(".")) if d.is_dir() else []
+
+    def versions_newest_first(self, name: str) -> list[str]:
+        """Installed versions by the time they entered the store, newest first."""
+        d = self.root / name
+        return sorted(self.versions(name), key=lambda v: (d / v).stat().st_mtime, reverse=True)
 
     def stage(self, source: Path, verified: Bundle | None, limits: ReadLimits) -> Path:
         """Copy a bundle (directory, already verified) or extract an archive into a new staging dir."""
@@ -192,7 +200,10 @@ class ModelStore:
 
     def discard(self, name: str, version: str) -> None:
         """Remove a version unless the pointer still names it (as active or previous)."""
-        ptr = self.pointer(name)
+        try:
+            ptr = self.pointer(name)
+        except StoreError:
+            return  # without a readable pointer nothing is provably unused
         if ptr and version in (ptr.version, ptr.previous):
             return
         self._remove(self.version_dir(name, version))

@@ -257,3 +257,21 @@ def test_watchdog_rolls_back_on_p95_limit_and_passes_healthy_versions(agent_conf
         assert healthy.watchdog.watching() == [] and healthy.loaded("digits").version == "3.0.0"
     finally:
         healthy.close()
+
+
+@pytest.mark.parametrize("garbage", [b"", b"{", b"[]", b'{"version": 7}', b"\xff" * 100, b'{"version": "x"}' + b" " * 70_000])
+def test_corrupt_pointer_falls_back_to_an_installed_version(agent_config, bundles, garbage):
+    cfg = agent_config(models=[str(bundles.v1)])
+    svc = AgentService(cfg)
+    assert svc.activate(bundles.v2).ok
+    svc.close()
+    (cfg.models_dir / "digits" / POINTER_NAME).write_bytes(garbage)
+    again = AgentService(cfg)
+    try:
+        assert again.loaded("digits").version in ("1.0.0", "2.0.0")
+        assert again.infer("digits", {"input": bundles.sample(1)})["logits"].shape == (1, 10)
+        r = again.activate(bundles.v3)  # the next activation writes a good pointer again
+        assert r.ok, r.reason
+        assert json.loads((cfg.models_dir / "digits" / POINTER_NAME).read_text())["version"] == "3.0.0"
+    finally:
+        again.close()
