@@ -172,8 +172,14 @@ def test_data_dependent_control_flow_is_one_clear_error(tmp_path):
         def forward(self, x):
             return x * 2 if x.sum() > 0 else x
 
+    class NonZero(torch.nn.Module):
+        def forward(self, x):
+            return torch.nonzero(x).float()
+
     with pytest.raises(TfliteUnsupportedError, match="data-dependent"):
         export_tflite_candidates(Branchy().eval(), np.ones((1, 4), np.float32), None, ["fp32"], tmp_path)
+    with pytest.raises(TfliteUnsupportedError, match="op nonzero has an output shape that depends on the data"):
+        export_tflite_candidates(NonZero().eval(), np.ones((1, 4), np.float32), None, ["fp32"], tmp_path)
 
 
 def test_bad_arguments_are_clear_errors(digits, tmp_path):
