@@ -10,8 +10,8 @@ header is ``Inference-Header-Content-Length`` bytes long, and each input with a
 what follows. Outputs go back as binary when the output asks for ``binary_data`` or the
 request for ``binary_data_output`` (Triton's client does by default), else as JSON.
 
-Built on the standard library's threading HTTP server with keep-alive: no framework to
-install on a Pi, and each response leaves in one ``sendall``. Every request body is
+Built on the standard library's ``socketserver`` with a small HTTP/1.1 keep-alive loop:
+no framework to install on a Pi, and each response leaves in one ``sendall``. Every request body is
 untrusted: bounded by ``api.max_body_bytes`` (before and after decompression), parsed
 strictly, and any mistake is a 4xx with ``{"error": "<one line>"}``.
 
@@ -31,7 +31,6 @@ import sys
 import threading
 import zlib
 from http import HTTPStatus
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 from urllib.parse import unquote
@@ -176,18 +175,42 @@ _MAX_LINE = 65536
 _MAX_HEADERS = 100
 
 
-class _Handler(BaseHTTPRequestHandler):
-    protocol_version = "HTTP/1.1"
-    server_version = f"lepton-edge/{__version__}"
+class _Handler(socketserver.StreamRequestHandler):
+    """HTTP/1.1 with keep-alive on one connection. Not http.server: its header parsing (the email
+    package) cost more than a small model's inference, and its imports a few MB of a Pi's RAM."""
+
     timeout = _IDLE_TIMEOUT_S
     disable_nagle_algorithm = True
     server: "_Servers"  # type: ignore[assignment]
+    close_connection = True
 
-    def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - the stdlib's name
-        log.debug("%s " + format, self.address_string(), *args)
+    def handle(self) -> None:
+        self.close_connection = True
+        self.handle_one_request()
+        while not self.close_connection:
+            self.handle_one_request()
 
-    def address_string(self) -> str:
-        return str(self.client_address[0]) if isinstance(self.client_address, tuple) else "unix"
+    def handle_one_request(self) -> None:
+        try:
+            self.raw_requestline = self.rfile.readline(_MAX_LINE + 1)
+            if len(self.raw_requestline) > _MAX_LINE:
+                self.requestline = ""
+                self.send_error(414, "request line is longer than 64 KiB")
+                return
+            if not self.raw_requestline:
+                self.close_connection = True
+                return
+            if not self.parse_request():
+                return
+            method = getattr(self, f"do_{self.command}", None)
+            if method is None:
+                self.send_error(501, f"method {str(self.command)[:16]} is not supported")
+                return
+            method()
+        except TimeoutError:  # an idle keep-alive connection: end it quietly
+            self.close_connection = True
+        except (ConnectionResetError, BrokenPipeError):
+            self.close_connection = True
 
     def setup(self) -> None:
         super().setup()
@@ -251,8 +274,7 @@ class _Handler(BaseHTTPRequestHandler):
             lines.append("Connection: close")
         self.wfile.write(("\r\n".join(lines) + "\r\n\r\n").encode("latin-1") + body)
 
-    def send_error(self, code: int, message: str | None = None, explain: str | None = None) -> None:
-        # The stdlib's HTML page (and no status line for garbage) becomes the API's JSON error.
+    def send_error(self, code: int, message: str | None = None) -> None:
         self.close_connection = True
         self._error(code, message or HTTPStatus(code).phrase)
 
@@ -411,7 +433,7 @@ class _Servers:
         log.warning("connection from %s ended with an error", client_address or "unix socket", exc_info=True)
 
 
-class _TcpServer(_Servers, ThreadingHTTPServer):
+class _TcpServer(_Servers, socketserver.ThreadingTCPServer):
     daemon_threads = True
     allow_reuse_address = True
     request_queue_size = 64

@@ -136,24 +136,29 @@ def make_large_bundle(work: Path, sign_key: Path) -> Path:
 
 
 def _paired(a: Callable[[], Any], b: Callable[[], Any], n: int) -> tuple[float, float, float]:
-    """Alternate ``a`` and ``b`` call by call: ``(p50 a, p50 b, p50 of the per-pair differences b - a)``.
+    """Alternate ``a`` and ``b`` call by call: ``(p50 a, p50 b, cost of b over a)``.
 
     On a shared machine load comes and goes within seconds; pairing each call with its
-    neighbour makes both sides see the same load, so the difference is the cost itself.
+    neighbour makes both sides see the same load. The second call of a pair runs warmer
+    than the first, so the cost is the mean of the median differences with ``a`` first
+    and with ``b`` first, which cancels that position bias.
     """
-    ta, tb, diff = [], [], []
+    ta, tb = [], []
+    diff_a_first, diff_b_first = [], []
     for i in range(n):
-        first, second = (a, b) if i % 2 == 0 else (b, a)
+        a_first = i % 2 == 0
+        first, second = (a, b) if a_first else (b, a)
         t0 = time.perf_counter()
         first()
         t1 = time.perf_counter()
         second()
         t2 = time.perf_counter()
-        da, db = (t1 - t0, t2 - t1) if i % 2 == 0 else (t2 - t1, t1 - t0)
+        da, db = (t1 - t0, t2 - t1) if a_first else (t2 - t1, t1 - t0)
         ta.append(da)
         tb.append(db)
-        diff.append(db - da)
-    return statistics.median(ta), statistics.median(tb), statistics.median(diff)
+        (diff_a_first if a_first else diff_b_first).append(db - da)
+    cost = (statistics.median(diff_a_first) + statistics.median(diff_b_first)) / 2
+    return statistics.median(ta), statistics.median(tb), cost
 
 
 def in_process_overhead(service: Any, model_file: Path, model: str, x: np.ndarray, threads: int, n: int) -> dict[str, Any]:

@@ -190,6 +190,8 @@ def test_missing_length_chunked_and_wrong_methods(shared_api):
         (b"GET v2/health/live HTTP/1.1\r\n\r\n", 400),
         (b"GET /v2/health/live SPDY/3\r\n\r\n", 400),
         (b"GET /v2/health/live HTTP/1.1\r\n" + b"a" * 70_000 + b"\r\n\r\n", 431),
+        (b"GET /" + b"a" * 70_000 + b" HTTP/1.1\r\n\r\n", 414),
+        (b"BREW /v2/health/live HTTP/1.1\r\n\r\n", 501),
     ],
 )
 def test_hostile_request_heads(shared_api, raw, status):
