@@ -363,9 +363,9 @@ def main() -> int:
          f"{r.get('telemetry_ingested')}/{r.get('telemetry_expected')} in {r.get('telemetry_ingest_s')} s", ""),
         ("bare paho subscriber, same burst", f"{r.get('bare_drain_per_s')} msg/s",
          f"{r.get('bare_received')}/{r.get('telemetry_expected')} in {r.get('bare_drain_s')} s", "baseline"),
-        ("devices publishing the burst", f"{round(r['telemetry_published'] / r['telemetry_publish_s'], 1) if r.get('telemetry_publish_s') else None} msg/s",
-         f"{r.get('telemetry_published')} handed to paho in {r.get('telemetry_publish_s')} s ({-(-r['devices'] // r['devices_per_process'])} processes)",
-         "when both rates match it, both kept pace"),
+        ("burst handed to the devices' paho clients", f"{round(r['telemetry_published'] / r['telemetry_publish_s'], 1) if r.get('telemetry_publish_s') else None} msg/s",
+         f"{r.get('telemetry_published')} in {r.get('telemetry_publish_s')} s by {-(-r['devices'] // r['devices_per_process'])} processes; "
+         "their network threads and the broker deliver it", ""),
         ("ingestion / bare subscriber", f"{r.get('ingest_fraction_of_bare')}", "same broker, same burst, same run", f">= {TARGET_INGEST_FRACTION}"),
     ]
     print_table(f"Fleet benchmark: {r['devices']} simulated devices ({r['wall_s']} s)", ["metric", "value", "detail", "target"], rows)
