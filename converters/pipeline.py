@@ -359,7 +359,8 @@ class _Conversion:
                 "weight_type": q.weight_type, "calibration": q.calibration, "calibration_samples": q.calibration_samples}
         kw = {"input_name": self.info.input_name, "calib_x": self.calib_ds.x, "fixed_batch": self.info.input_shape[0]}
         first = self._build(f"int8-{q.format}-{q.calibration}", "int8", "int8-static", base, **kw)
-        if first.eligible or first.path is None:
+        # Retries trade size or speed for accuracy: they cannot help a candidate that was accurate but too big.
+        if first.eligible or first.path is None or first.within_budget:
             return
         # Retry 1: keep the nodes that add the most error in float.
         self.say("sensitivity", "finding the nodes most sensitive to quantization")
