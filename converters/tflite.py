@@ -207,11 +207,14 @@ def _export_int8(config: TfliteInt8Config, module: Any, x1: np.ndarray, calib: n
         graph, batched = _export_for_calibration(module, x1)
         prepared = quantize_pt2e.prepare_pt2e(graph, quantizer)
         step = config.calibration_batch if batched else 1
+        quarter = max(step, len(samples) // 4)
+        next_report = quarter
         with torch.no_grad():
             for i in range(0, len(samples), step):
                 prepared(torch.from_numpy(samples[i : i + step]))
-                if i and i % (step * 8) == 0:
-                    say(f"int8: calibrated {i}/{len(samples)} samples")
+                if i + step >= next_report and i + step < len(samples):
+                    say(f"int8: calibrated {i + step}/{len(samples)} samples")
+                    next_report += quarter
         quantized = quantize_pt2e.convert_pt2e(prepared, fold_quantize=False)
         model_bytes = _litert_convert(quantized, (torch.from_numpy(x1),), quant_config=QuantConfig(pt2e_quantizer=quantizer))
     rewritten = 0
