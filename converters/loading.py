@@ -23,7 +23,7 @@ from pydantic import Field
 
 from lepton_edge.bundle import sha256_file
 
-from .errors import ConversionError, InputShapeError, NotAModelError, UnsupportedModelError
+from .errors import InputShapeError, NotAModelError, UnsupportedModelError
 from .passes import PassConfig, register_pass
 
 __all__ = ["LoadedSource", "OnnxModelInfo", "LoadConfig", "ExportConfig", "load_source", "parse_input_shape",

@@ -24,6 +24,9 @@ def test_convert_cli_signs_and_prints_the_table(digits_onnx, digits_files, keypa
                      "-o", tmp_path, "--sign-key", keypair[0], "--name", "digits", "--latency-runs", "5")
     assert res.exit_code == 0, text
     assert "conversion candidates" in text and "fp32-optimized" in text and "chosen:" in text
+    assert "FP32 vs converted" in text
+    for stage in ("load", "optimize", "int8-static", "latency", "package"):  # progress, one line per pass
+        assert stage in text
     assert (tmp_path / "digits-1.0.0-x86-vnni").is_dir() and (tmp_path / "digits-1.0.0-x86-vnni.lepton").is_file()
     res2 = CliRunner().invoke(main, ["bundle", "verify", str(tmp_path / "digits-1.0.0-x86-vnni.lepton"), "--pub", str(keypair[1])])
     assert res2.exit_code == 0, res2.output
