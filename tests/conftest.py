@@ -46,7 +46,7 @@ class MosquittoProcess:
         # The default max_queued_messages (1000) silently drops QoS 1 messages to slow subscribers.
         # Run as root, mosquitto drops to its own user, which cannot write pytest's tmp dirs:
         # persistence would then be lost silently.
-        user = "user root\n" if os.geteuid() == 0 else ""
+        user = "user root\n" if os.geteuid() == 0 and "user " not in extra_conf else ""
         self.conf.write_text(user +
             f"listener {self.port} 127.0.0.1\nallow_anonymous true\nmax_queued_messages 100000\n"
             f"persistence true\npersistence_location {workdir}/\nautosave_interval 1\n{extra_conf}\n"
