@@ -8,7 +8,7 @@ from pathlib import Path
 import click
 import yaml
 
-from .console import out, print_table
+from .console import out, print_table, warn
 from .profiles import ProfileRegistry, validate_profile_file
 
 profiles_dir_option = click.option(
@@ -35,6 +35,8 @@ def profiles_list(profiles_dir: Path | None) -> None:
         rt = p.runtime.name + (f" ({'>'.join(e.replace('ExecutionProvider', '') for e in p.runtime.execution_providers)})" if p.runtime.name == "onnxruntime" else f" ({'+'.join(p.runtime.delegates) or 'cpu'})")
         rows.append((p.id, ", ".join(p.aliases), p.device, p.arch, acc, rt, p.precision.default))
     print_table("device profiles", ["id", "aliases", "device", "arch", "accelerator", "runtime", "default precision"], rows)
+    for path, why in reg.broken.items():
+        warn(f"skipped {path}: {why}")
 
 
 @profiles.command("show")
@@ -142,10 +144,11 @@ def bundle_verify(path: Path, pubs: tuple[Path, ...], allow_unsigned: bool) -> N
 @bundle.command("pack")
 @click.argument("path", type=click.Path(exists=True, file_okay=False, path_type=Path))
 @click.option("-o", "--output", type=click.Path(dir_okay=False, path_type=Path), default=None)
-def bundle_pack(path: Path, output: Path | None) -> None:
-    """Pack a bundle directory into one .lepton archive (after checking it)."""
+@click.option("--force", is_flag=True, help="Replace an existing archive.")
+def bundle_pack(path: Path, output: Path | None, force: bool) -> None:
+    """Pack a bundle directory into one .lepton archive (after checking it); the same bundle packs to the same bytes."""
     from .bundle import pack_bundle, read_bundle
 
     read_bundle(path, allow_unsigned=True)
-    dest = pack_bundle(path, output)
+    dest = pack_bundle(path, output, overwrite=force)
     out.print(f"wrote {dest} ({_fmt_size(dest.stat().st_size)})")

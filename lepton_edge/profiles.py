@@ -236,6 +236,8 @@ def _read_yaml(path: Path) -> dict[str, Any]:
         mark = getattr(e, "problem_mark", None)
         where = f" at line {mark.line + 1}" if mark else ""
         raise ProfileError(f"profile {path} is not valid YAML{where}: {getattr(e, 'problem', e)}") from None
+    if data is None:
+        raise ProfileError(f"profile {path} is empty", hint="a profile needs at least id, device, arch, cpu, memory_mb, runtime, precision, limits, sources")
     if not isinstance(data, dict):
         raise ProfileError(f"profile {path} must be a YAML mapping, got {type(data).__name__}")
     return data
@@ -270,8 +272,12 @@ def _profile_dirs(extra: list[Path] | None) -> list[Path]:
 class ProfileRegistry:
     """All profiles visible from the built-ins plus user directories, resolved and validated."""
 
-    def __init__(self, extra_dirs: list[Path] | None = None) -> None:
+    def __init__(self, extra_dirs: list[Path] | None = None, *, extra_files: list[Path] | None = None) -> None:
         self._raw: dict[str, tuple[dict[str, Any], str]] = {}
+        self._user_paths: set[str] = set()
+        # A broken user file must not take every other profile down with it: it is
+        # remembered here and reported when it matters (listing, or asking for it).
+        self.broken: dict[str, str] = {}
         builtin = resources.files("lepton_edge.device_profiles")
         for entry in sorted(builtin.iterdir(), key=lambda e: e.name):
             if entry.name.endswith((".yaml", ".yml")):
@@ -280,15 +286,32 @@ class ProfileRegistry:
             if not d.is_dir():
                 raise ProfileError(f"profiles directory {d} does not exist", hint="check --profiles-dir or LEPTON_EDGE_PROFILES")
             for p in sorted(d.glob("*.y*ml")):
-                self._add(p)
+                self._add_user(p)
+        for p in extra_files or []:
+            self._add(p)
+            self._user_paths.add(str(p))
         self._resolved: dict[str, DeviceProfile] = {}
         self._aliases: dict[str, str] = {}
-        for pid in self._raw:
-            prof = self._resolve(pid)
+        for pid in list(self._raw):
+            try:
+                prof = self._resolve(pid)
+            except ProfileError as e:
+                if self._raw[pid][1] not in self._user_paths:
+                    raise
+                self.broken[self._raw.pop(pid)[1]] = e.message
+                continue
             for a in prof.aliases:
                 if a in self._raw:
                     raise ProfileError(f"alias {a!r} of profile {pid!r} collides with a profile id")
                 self._aliases[a] = pid
+
+    def _add_user(self, path: Path) -> None:
+        try:
+            self._add(path)
+        except ProfileError as e:
+            self.broken[str(path)] = e.message
+            return
+        self._user_paths.add(str(path))
 
     def _add(self, path: Path) -> None:
         data = _read_yaml(path)
@@ -330,6 +353,9 @@ class ProfileRegistry:
         pid = self._aliases.get(name, name)
         if pid not in self._resolved:
             known = ", ".join(sorted(p.id for p in self.devices()))
+            if self.broken:
+                path, why = next(iter(self.broken.items()))
+                raise ProfileError(f"unknown device profile {name!r}; {len(self.broken)} profile file(s) could not be read, e.g. {why}")
             raise ProfileError(f"unknown device profile {name!r}", hint=f"known: {known}")
         prof = self._resolved[pid]
         if prof.abstract:
@@ -354,13 +380,24 @@ def list_profiles(profiles_dir: Path | str | None = None) -> list[DeviceProfile]
 
 
 def validate_profile_file(path: Path | str) -> DeviceProfile:
-    """Validate one file, resolving extends: against the built-ins and its own directory."""
+    """Validate one file; extends: resolves against the built-ins and same-directory files it names."""
     path = Path(path)
     data = _read_yaml(path)
-    reg = ProfileRegistry([path.parent]) if data.get("extends") else None
-    if reg is not None:
-        return reg._resolve(data["id"])
-    try:
-        return DeviceProfile.model_validate(data)
-    except ValidationError as e:
-        raise ProfileError(_format_validation(str(path), e)) from None
+    if not data.get("extends"):
+        try:
+            return DeviceProfile.model_validate(data)
+        except ValidationError as e:
+            raise ProfileError(_format_validation(str(path), e)) from None
+    chain, seen, parent = [path], {data.get("id")}, data.get("extends")
+    builtin_ids = {p.id for p in ProfileRegistry().devices()} | {"jetson-base", "rpi-base"}
+    while isinstance(parent, str) and parent not in builtin_ids and parent not in seen:
+        sibling = next((c for c in (path.parent / f"{parent}.yaml", path.parent / f"{parent}.yml") if c.is_file()), None)
+        if sibling is None:
+            break  # the registry reports the unknown parent
+        seen.add(parent)
+        chain.append(sibling)
+        parent = _read_yaml(sibling).get("extends")
+    reg = ProfileRegistry(extra_files=chain)
+    if str(path) in reg.broken:
+        raise ProfileError(reg.broken[str(path)])
+    return reg._resolve(data["id"])

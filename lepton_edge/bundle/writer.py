@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gzip
 import hashlib
 import json
 import os
@@ -131,22 +132,30 @@ def _json_default(o: Any) -> Any:
     raise TypeError(f"not JSON serialisable: {type(o).__name__}")
 
 
-def pack_bundle(bundle_dir: Path | str, archive: Path | str | None = None) -> Path:
-    """Pack a bundle directory into one gzip'd tar (``.lepton``): regular files only, fixed metadata."""
+def pack_bundle(bundle_dir: Path | str, archive: Path | str | None = None, *, overwrite: bool = True) -> Path:
+    """Pack a bundle directory into one gzip'd tar (``.lepton``): regular files only.
+
+    Member order, modes, times and the gzip header are fixed, so the same bundle always
+    packs to the same bytes (and the same sha256) and a re-push is recognised as a re-push.
+    """
     src = Path(bundle_dir)
     dest = Path(archive) if archive else src.with_name(src.name + ARCHIVE_SUFFIX)
+    if dest.exists() and not overwrite:
+        raise BundleError(f"{dest} already exists", hint="pass --force to replace it, or -o another path")
     tmp = dest.with_name(f".{dest.name}.tmp-{os.getpid()}")
     members = sorted(p for p in src.rglob("*") if p.is_file())
-    with tarfile.open(tmp, "w:gz", format=tarfile.PAX_FORMAT) as tar:
-        for p in members:
-            rel = p.relative_to(src).as_posix()
-            info = tarfile.TarInfo(rel)
-            info.size = p.stat().st_size
-            info.mode = 0o644
-            info.mtime = 0
-            with open(p, "rb") as f:
-                tar.addfile(info, f)
-    os.replace(tmp, dest)
+    try:
+        with open(tmp, "wb") as raw, gzip.GzipFile(filename="", mode="wb", fileobj=raw, mtime=0) as gz:
+            with tarfile.open(fileobj=gz, mode="w", format=tarfile.PAX_FORMAT) as tar:
+                for p in members:
+                    info = tarfile.TarInfo(p.relative_to(src).as_posix())
+                    info.size = p.stat().st_size
+                    info.mode = 0o644
+                    info.mtime = 0
+                    with open(p, "rb") as f:
+                        tar.addfile(info, f)
+        os.replace(tmp, dest)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
     return dest
-
-

@@ -99,8 +99,12 @@ def test_oversized_profile_refused(tmp_path: Path):
 def test_extends_cycle_detected(tmp_path: Path):
     (tmp_path / "a.yaml").write_text("id: a\nextends: b\n")
     (tmp_path / "b.yaml").write_text("id: b\nextends: a\n")
+    reg = ProfileRegistry([tmp_path])
+    assert any("cycle" in why for why in reg.broken.values())
     with pytest.raises(ProfileError, match="cycle"):
-        ProfileRegistry([tmp_path])
+        validate_profile_file(tmp_path / "a.yaml")
+    with pytest.raises(ProfileError, match="could not be read"):
+        reg.get("a")
 
 
 def test_inconsistent_profile_refused(tmp_path: Path):
@@ -114,4 +118,23 @@ def test_inconsistent_profile_refused(tmp_path: Path):
     )
     (tmp_path / "weird.yaml").write_text(bad)
     with pytest.raises(ProfileError, match="default precision"):
-        ProfileRegistry([tmp_path])
+        validate_profile_file(tmp_path / "weird.yaml")
+
+
+def test_a_broken_user_file_does_not_break_other_profiles(tmp_path: Path, monkeypatch):
+    (tmp_path / "broken.yaml").write_text("id: [")
+    (tmp_path / "my-box.yaml").write_text(GOOD)
+    (tmp_path / "child.yaml").write_text("id: child\nextends: my-box\ndevice: child box\n")
+    assert validate_profile_file(tmp_path / "my-box.yaml").id == "my-box"
+    assert validate_profile_file(tmp_path / "child.yaml").cpu.threads == 1  # parent found beside it
+    monkeypatch.setenv("LEPTON_EDGE_PROFILES", str(tmp_path))
+    assert load_profile("rpi5").id == "rpi5"
+    reg = ProfileRegistry()
+    assert list(reg.broken) == [str(tmp_path / "broken.yaml")]
+
+
+def test_empty_profile_says_what_it_needs(tmp_path: Path):
+    (tmp_path / "e.yaml").write_text("")
+    with pytest.raises(ProfileError, match="empty") as e:
+        validate_profile_file(tmp_path / "e.yaml")
+    assert "sources" in (e.value.hint or "")
