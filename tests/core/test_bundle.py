@@ -286,3 +286,13 @@ def test_writer_refuses_to_overwrite_and_leaves_nothing_half_written(tmp_path: P
         write_bundle(tmp_path / "c", manifest_fields=_fields(precision="int4"), files={"model.onnx": model_file})
     assert not (tmp_path / "c").exists()
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".c.tmp")]
+
+
+def test_pack_is_reproducible_and_refuses_silent_overwrite(signed: Path, tmp_path: Path):
+    from lepton_edge.errors import BundleError
+
+    a = pack_bundle(signed, tmp_path / "a.lepton")
+    b = pack_bundle(signed, tmp_path / "b.lepton")
+    assert a.read_bytes() == b.read_bytes()
+    with pytest.raises(BundleError, match="exists"):
+        pack_bundle(signed, a, overwrite=False)
