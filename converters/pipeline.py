@@ -472,7 +472,13 @@ class _Conversion:
         bundle_name = _safe_name(name or original.name)
         suffix = ".tflite" if winner.runtime == "tflite" else ".onnx"
         model_file = f"model{suffix}"
-        sess = open_session(winner.path, winner.runtime, threads=self.threads)
+        try:
+            # Every bundle of one source speaks the source's tensor names, whatever the runtime calls them.
+            sess = open_session(winner.path, winner.runtime, threads=self.threads,
+                                input_names=[self.info.input_name], output_names=list(self.info.output_names))
+        except RuntimeLoadError as e:
+            raise ConversionError(f"candidate {winner.name} does not keep the source model's signature: {e.message}",
+                                  hint="this is a bug; please report it") from None
         outs_all = run_batched(winner.path, winner.runtime, self.eval_ds.x, threads=self.threads, session=sess)
         idx = pick_golden(outs_all[0], self.budget.task, _GOLDEN_COUNT)
         g_in = [np.ascontiguousarray(self.eval_ds.x[idx])]
@@ -509,7 +515,8 @@ class _Conversion:
         """Replay the golden vectors from the written bundle, as a device will, before handing it out."""
         g_in, g_out = bundle.golden_vectors()
         m = bundle.manifest
-        sess = open_session(bundle.model_path, m.runtime.name, threads=self.threads)
+        sess = open_session(bundle.model_path, m.runtime.name, threads=self.threads,
+                            input_names=[t.name for t in m.inputs], output_names=[t.name for t in m.outputs])
         got = run_batched(bundle.model_path, m.runtime.name, g_in[0], threads=self.threads, session=sess)
         ok, why = check_golden(got, g_out, m.golden)
         if not ok:

@@ -71,7 +71,8 @@ def resolve_providers(wanted: Sequence[str]) -> tuple[list[str], list[str]]:
 class _OrtSession:
     runtime = "onnxruntime"
 
-    def __init__(self, path: Path, providers: Sequence[str], threads: int) -> None:
+    def __init__(self, path: Path, providers: Sequence[str], threads: int,
+                 input_names: Sequence[str] | None = None, output_names: Sequence[str] | None = None) -> None:
         import onnxruntime as ort
 
         usable, missing = resolve_providers(providers or ["CPUExecutionProvider"])
@@ -90,6 +91,12 @@ class _OrtSession:
         self.inputs = [TensorInfo(i.name, _ORT_TYPES.get(i.type, i.type), _dims(i.shape)) for i in self._sess.get_inputs()]
         self.outputs = [TensorInfo(o.name, _ORT_TYPES.get(o.type, o.type), _dims(o.shape)) for o in self._sess.get_outputs()]
         self._out_names = [o.name for o in self.outputs]
+        # ONNX keeps the source model's names, so names given by a manifest must be the model's own.
+        for kind, given, actual in (("input", input_names, self.inputs), ("output", output_names, self.outputs)):
+            if given is not None and sorted(given) != sorted(t.name for t in actual):
+                raise RuntimeLoadError(
+                    f"{path.name} has {kind}s {[t.name for t in actual]}, but {list(given)} were expected",
+                    hint="the bundle's manifest does not describe its model; convert it again")
 
     def run(self, feeds: Mapping[str, np.ndarray]) -> list[np.ndarray]:
         try:
@@ -128,7 +135,8 @@ def tflite_interpreter_class() -> Any:
 class _TfliteSession:
     runtime = "tflite"
 
-    def __init__(self, path: Path, threads: int, delegates: Sequence[str]) -> None:
+    def __init__(self, path: Path, threads: int, delegates: Sequence[str],
+                 input_names: Sequence[str] | None = None, output_names: Sequence[str] | None = None) -> None:
         Interpreter = tflite_interpreter_class()
         for d in delegates:
             if d != "xnnpack":  # XNNPACK is built in and on by default for float and int8
@@ -143,12 +151,16 @@ class _TfliteSession:
                                    hint="pip install ai-edge-litert (tflite-runtime works only with numpy<2)") from None
         self.providers = ["xnnpack"]
         ins, outs = self._interp.get_input_details(), self._interp.get_output_details()
-        self._in = {d["name"]: d for d in ins}
-        self._in_order = [d["name"] for d in ins]
+        # TFLite converters rename tensors (serving_default_args_0); the source model's names,
+        # when given, replace them position by position (the subgraph keeps the source order).
+        in_names = _public_names(path, "input", input_names, [d["name"] for d in ins])
+        out_names = _public_names(path, "output", output_names, [d["name"] for d in outs])
+        self._in = dict(zip(in_names, ins))
+        self._in_order = in_names
         self._out_idx = [d["index"] for d in outs]
-        self.inputs = [TensorInfo(d["name"], np.dtype(d["dtype"]).name, tuple(int(x) for x in d["shape"])) for d in ins]
-        self.outputs = [TensorInfo(d["name"], np.dtype(d["dtype"]).name, tuple(int(x) for x in d["shape"])) for d in outs]
-        self._batch = {d["name"]: int(d["shape"][0]) if len(d["shape"]) else 1 for d in ins}
+        self.inputs = [TensorInfo(n, np.dtype(d["dtype"]).name, tuple(int(x) for x in d["shape"])) for n, d in zip(in_names, ins)]
+        self.outputs = [TensorInfo(n, np.dtype(d["dtype"]).name, tuple(int(x) for x in d["shape"])) for n, d in zip(out_names, outs)]
+        self._batch = {n: int(d["shape"][0]) if len(d["shape"]) else 1 for n, d in zip(in_names, ins)}
 
     def run(self, feeds: Mapping[str, np.ndarray]) -> list[np.ndarray]:
         unknown = sorted(set(feeds) - set(self._in))
@@ -179,6 +191,18 @@ class _TfliteSession:
             raise RuntimeLoadError(f"TFLite run failed: {_first_line(e)}") from None
 
 
+def _public_names(path: Path, kind: str, given: Sequence[str] | None, actual: list[str]) -> list[str]:
+    if given is None:
+        return actual
+    given = [str(g) for g in given]
+    if len(given) != len(actual):
+        raise RuntimeLoadError(f"{path.name} has {len(actual)} {kind}(s) {actual}, but {len(given)} names were given: {given}",
+                               hint="the bundle's manifest does not describe its model; convert it again")
+    if len(set(given)) != len(given):
+        raise RuntimeLoadError(f"{kind} names {given} for {path.name} are not unique")
+    return given
+
+
 def open_session(
     path: Path | str,
     runtime: str,
@@ -186,12 +210,20 @@ def open_session(
     providers: Sequence[str] = ("CPUExecutionProvider",),
     threads: int | None = None,
     delegates: Sequence[str] = (),
+    input_names: Sequence[str] | None = None,
+    output_names: Sequence[str] | None = None,
 ) -> Session:
-    """Load a model file into ``runtime`` ("onnxruntime" or "tflite")."""
+    """Load a model file into ``runtime`` ("onnxruntime" or "tflite").
+
+    ``input_names`` / ``output_names``: the names the model is known by (a bundle's
+    manifest, i.e. the source model's). A TFLite session takes them in place of the
+    converter's tensor names, matched by position; an onnxruntime session checks that
+    they are the model's own. A count or name mismatch raises :class:`RuntimeLoadError`.
+    """
     p = Path(path)
     n = threads or max(1, min(4, os.cpu_count() or 1))
     if runtime == "onnxruntime":
-        return _OrtSession(p, providers, n)
+        return _OrtSession(p, providers, n, input_names, output_names)
     if runtime == "tflite":
-        return _TfliteSession(p, n, delegates)
+        return _TfliteSession(p, n, delegates, input_names, output_names)
     raise RuntimeLoadError(f"unknown runtime {runtime!r}", hint="use onnxruntime or tflite")

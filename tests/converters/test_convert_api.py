@@ -226,11 +226,44 @@ def test_pruning_shrinks_and_keeps_accuracy(digits, tmp_path):
         convert(r.bundle_dir / "model.onnx", "x86-avx2", output_dir=tmp_path / "x", calib=(data.x_train, data.y_train), prune=0.3)
 
 
+def _agent(tmp_path, profile, public_key):
+    import yaml
+
+    from lepton_edge.agent.config import load_config
+    from lepton_edge.agent.service import AgentService
+
+    d = tmp_path / profile
+    d.mkdir()
+    (d / "agent.yaml").write_text(yaml.safe_dump({
+        "device_id": f"dev-{profile}", "fleet": "test", "profile": profile, "state_dir": str(d / "state"),
+        "api": {"host": "127.0.0.1", "port": 0}, "trusted_keys": [str(public_key)]}))
+    return AgentService(load_config(d / "agent.yaml"))
+
+
 @pytest.mark.slow
-def test_tflite_profile_makes_a_tflite_bundle_that_replays(digits, tmp_path):
+def test_tflite_profile_makes_a_tflite_bundle_that_replays(digits, digits_bundle, keypair, tmp_path):
     model, data, _ = digits
     r = convert(model, "rpi4", output_dir=tmp_path, calib=(data.x_train[:300], data.y_train[:300]),
-                eval_data=(data.x_test[:150], data.y_test[:150]), latency_runs=FAST)
+                eval_data=(data.x_test[:150], data.y_test[:150]), latency_runs=FAST, sign_key=keypair[0], name="digits")
+    # One model version, one signature: the Pi's bundle speaks the source's tensor names like the x86 one,
+    # so a client written against one device works against the other.
+    onnx_m = digits_bundle.manifest
+    assert [t.name for t in r.manifest.inputs] == [t.name for t in onnx_m.inputs]
+    assert [t.name for t in r.manifest.outputs] == [t.name for t in onnx_m.outputs]
+    assert not any(t.name.startswith("serving_default") for t in [*r.manifest.inputs, *r.manifest.outputs])
+    x = data.x_test[:4]
+    answers = {}
+    for profile, bundle in (("x86-avx2", digits_bundle.bundle_dir), ("rpi4", r.bundle_dir)):
+        svc = _agent(tmp_path, profile, keypair[1])
+        try:
+            activation = svc.activate(bundle)
+            assert activation.ok, activation.reason
+            answers[profile] = svc.infer("digits", {onnx_m.inputs[0].name: x})
+        finally:
+            svc.close()
+    assert set(answers["rpi4"]) == set(answers["x86-avx2"]) == {onnx_m.outputs[0].name}
+    name = onnx_m.outputs[0].name
+    assert (answers["rpi4"][name].argmax(1) == answers["x86-avx2"][name].argmax(1)).mean() >= 0.75
     m = r.manifest
     assert m.runtime.name == "tflite" and m.model_file == "model.tflite" and m.precision == "int8"
     assert {c["runtime"] for c in r.report["candidates"]} == {"tflite"}

@@ -288,3 +288,30 @@ def test_hostile_tflite_files_are_rejected_cleanly(tmp_path, content):
     path.write_bytes(content)
     with pytest.raises(RuntimeLoadError, match="TFLite cannot load"):
         open_session(path, "tflite")
+
+
+def test_tflite_session_takes_the_source_names_by_position(digits, digits_tflite):
+    _, data, _ = digits
+    arts, _ = digits_tflite
+    plain = open_session(arts["fp32"].path, "tflite", threads=1)
+    assert plain.inputs[0].name.startswith("serving_default")  # what the converter calls it
+    named = open_session(arts["fp32"].path, "tflite", threads=1, input_names=["input"], output_names=["logits"])
+    assert [t.name for t in named.inputs] == ["input"] and [t.name for t in named.outputs] == ["logits"]
+    assert named.inputs[0].shape == plain.inputs[0].shape
+    x = data.x_test[:3]
+    np.testing.assert_array_equal(named.run({"input": x})[0], plain.run({plain.inputs[0].name: x})[0])
+    with pytest.raises(RuntimeLoadError, match=r"takes inputs \['input'\]"):
+        named.run({plain.inputs[0].name: x})  # the converter's name is no longer accepted
+    with pytest.raises(RuntimeLoadError, match=r"1 input\(s\).*2 names were given"):
+        open_session(arts["fp32"].path, "tflite", input_names=["a", "b"])
+    with pytest.raises(RuntimeLoadError, match="1 output"):
+        open_session(arts["fp32"].path, "tflite", output_names=[])
+
+
+def test_onnxruntime_session_checks_the_given_names(digits_onnx):
+    sess = open_session(digits_onnx, "onnxruntime", input_names=["input"], output_names=["logits"])
+    assert [t.name for t in sess.inputs] == ["input"]
+    with pytest.raises(RuntimeLoadError, match=r"inputs \['input'\], but \['args_0'\] were expected"):
+        open_session(digits_onnx, "onnxruntime", input_names=["args_0"])
+    with pytest.raises(RuntimeLoadError, match="outputs"):
+        open_session(digits_onnx, "onnxruntime", output_names=["logits", "extra"])
