@@ -105,7 +105,8 @@ def load_model(bundle: Bundle, profile: DeviceProfile) -> LoadedModel:
         raise ActivationError(f"bundle runs on {m.runtime.name} but this device ({profile.id}) runs {profile.runtime.name}")
     try:
         session = open_session(bundle.model_path, m.runtime.name, providers=profile.runtime.execution_providers,
-                               threads=profile.threads, delegates=profile.runtime.delegates)
+                               threads=profile.threads, delegates=profile.runtime.delegates,
+                               input_names=[s.name for s in m.inputs], output_names=[s.name for s in m.outputs])
     except RuntimeLoadError as e:
         raise ActivationError(e.message, hint=e.hint) from None
     if len(session.outputs) != len(m.outputs):
