@@ -38,6 +38,7 @@ import sys
 import tempfile
 import threading
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -377,10 +378,11 @@ def _watch(client: Any, deployments: dict[str, str], clock: _Clock, budget_s: fl
 
 
 def _deploy(client: Any, version: str, selector: str, waves: str, soak: str, clock: _Clock) -> str:
-    # The p95 gate allows +100%: two cores shared by the agents, the service and this traffic
-    # make sub-millisecond p95s jump by tens of percent between versions of the same network.
+    # The p95 gate allows +100% and any rise under 4 ms: two cores shared by four agents, the
+    # service and this traffic make a sub-millisecond p95 (from ~36 samples a soak) jump by
+    # milliseconds between versions of the same network. The bad v3 adds ~10 ms of real compute.
     dep = client.deploy(MODEL, version, [selector], waves=waves, soak=soak, timeout="60s",
-                        max_error_rate="2%", max_p95_regression="100%", min_healthy="100%")
+                        max_error_rate="2%", max_p95_regression="100%", min_healthy="100%", p95_floor="4ms")
     clock.say(f"deploy {MODEL}@{version} --to {selector} --waves {waves} --soak {soak} (deployment {dep['id'][:8]})")
     if dep.get("missing_bundles"):
         warn(f"no bundle of {MODEL}@{version} for: {', '.join(dep['missing_bundles'])}")
@@ -588,6 +590,9 @@ def demo(workdir: Path | None, profiles: str, budget_s: float) -> None:
         raise DemoFailure("the demo needs the mosquitto binary", hint="apt-get install mosquitto")
     # SIGTERM unwinds like Ctrl-C, so the finally blocks stop every child.
     signal.signal(signal.SIGTERM, _interrupt)
+    # litert-torch loads JAX, whose fork warning would fire for every agent we start; the
+    # children exec a fresh interpreter at once, so the deadlock it warns of cannot happen.
+    warnings.filterwarnings("ignore", message=r"os\.fork\(\) was called", category=RuntimeWarning)
     keep = workdir is not None
     work = workdir.resolve() if workdir else Path(tempfile.mkdtemp(prefix="lepton-demo-"))
     work.mkdir(parents=True, exist_ok=True)
