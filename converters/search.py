@@ -30,6 +30,29 @@ class Budget:
     reference_accuracy: float | None
     task: str
 
+    @property
+    def criterion(self) -> str:
+        """Which test the gate applies: ``accuracy`` (labels), ``top1`` (classifier, no labels) or ``cosine-abs``."""
+        if self.task == "classification":
+            return "accuracy" if self.reference_accuracy is not None else "top1"
+        return "cosine-abs"
+
+    def applied(self) -> dict[str, float]:
+        """The limits the gate checks; the others of the profile do not decide anything for this model."""
+        if self.criterion == "cosine-abs":
+            return {"min_cosine": self.min_cosine, "max_abs_error": self.max_abs_error}
+        return {"max_drop": self.max_drop}
+
+    def as_report(self) -> dict[str, object]:
+        """The budget as the report shows it: the applied limits, and apart from them the ones not applied and why."""
+        every = {"max_drop": self.max_drop, "min_cosine": self.min_cosine, "max_abs_error": self.max_abs_error}
+        applied = self.applied()
+        why = {"accuracy": "the evaluation data is labelled, so the gate is the accuracy drop; cosine and abs error are shown, not checked",
+               "top1": "classifier without labels, so the gate is top-1 disagreement with the original; cosine and abs error are shown, not checked",
+               "cosine-abs": "not a classifier, so the gate is output cosine and abs error; max_drop does not apply"}[self.criterion]
+        return {"criterion": self.criterion, "rule": self.describe(), "applied": applied,
+                "not_applied": {k: v for k, v in every.items() if k not in applied}, "not_applied_why": why}
+
     def describe(self) -> str:
         if self.task == "classification" and self.reference_accuracy is not None:
             return f"accuracy drop <= {self.max_drop:.4f} (original {self.reference_accuracy:.4f})"

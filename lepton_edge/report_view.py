@@ -26,21 +26,42 @@ def _ops(c: dict[str, Any]) -> str:
     return f"{q}/{t}" if isinstance(q, int) and isinstance(t, int) and t else "-"
 
 
+_GATE_LABEL = {"accuracy": "accuracy drop (labels)", "top1": "top-1 disagreement (no labels)",
+               "cosine-abs": "min cosine + max abs error (not a classifier)"}
+
+
+def _gate_value(c: dict[str, Any], criterion: str | None, reference_accuracy: Any) -> str:
+    """The candidate's figure for the criterion the gate applied."""
+    if criterion == "accuracy" and isinstance(c.get("accuracy"), (int, float)) and isinstance(reference_accuracy, (int, float)):
+        return f"drop {reference_accuracy - c['accuracy']:.4f}"
+    if criterion == "top1" and isinstance(c.get("top1_agreement"), (int, float)):
+        return f"disagree {1 - c['top1_agreement']:.4f}"
+    if criterion == "cosine-abs" and isinstance(c.get("cosine_min"), (int, float)):
+        return f"cos {c['cosine_min']:.4f}, abs {_f(c.get('max_abs_error'), '.3g')}"
+    return "-"
+
+
 def print_report(report: dict[str, Any]) -> None:
+    budget = report.get("budget") or {}
+    criterion = budget.get("criterion")
+    ref_acc = (report.get("reference") or {}).get("accuracy")
+    # Figures the gate did not check are marked, so none looks like a limit that was passed.
+    unchecked = "" if criterion in (None, "cosine-abs") else " (info)"
     rows = []
     for c in report.get("candidates", []):
         mark = "★" if c.get("chosen") else ("✓" if c.get("within_budget") and c.get("fits_limits", True) else "✗")
         rows.append((
             mark, c.get("name"), c.get("precision", ""), _mb(c.get("size_bytes")), _ops(c),
-            _f(c.get("latency_p50_ms"), ".3f"), _f(c.get("latency_p95_ms"), ".3f"),
+            _f(c.get("latency_p50_ms"), ".3f"), _f(c.get("latency_p95_ms"), ".3f"), _gate_value(c, criterion, ref_acc),
             _f(c.get("accuracy"), ".4f"), _f(c.get("top1_agreement"), ".4f"), _f(c.get("cosine_min"), ".4f"),
             _f(c.get("max_abs_error"), ".3g"), c.get("note", ""),
         ))
-    title = "conversion candidates (★ chosen, ✓ within budget and limits, ✗ rejected)"
+    gate = f"gate: {_GATE_LABEL[criterion]}" if criterion in _GATE_LABEL else "gate: see budget"
+    title = f"conversion candidates (★ chosen, ✓ within budget and limits, ✗ rejected; {gate})"
     if report.get("profile"):
         title += f" — profile {report['profile']}, {report.get('runtime', '')}, {report.get('threads', '?')} threads, batch 1"
-    print_table(title, ["", "candidate", "precision", "MB", "INT8 ops", "p50 ms", "p95 ms", "accuracy", "top-1 agree",
-                        "min cos", "max abs err", "note"], rows)
+    print_table(title, ["", "candidate", "precision", "MB", "INT8 ops", "p50 ms", "p95 ms", "gated", "accuracy", "top-1 agree",
+                        f"min cos{unchecked}", f"max abs err{unchecked}", "note"], rows)
     summary = report.get("summary") or {}
     if summary.get("fp32") and summary.get("converted"):
         fp, cv = summary["fp32"], summary["converted"]
@@ -53,9 +74,12 @@ def print_report(report: dict[str, Any]) -> None:
             ("accuracy", _f(fp.get("accuracy"), ".4f"), _f(cv.get("accuracy"), ".4f"), ""),
             ("top-1 agreement", _f(fp.get("top1_agreement"), ".4f"), _f(cv.get("top1_agreement"), ".4f"), ""),
         ])
-    budget = report.get("budget") or {}
     if budget.get("rule"):
-        out.print(f"[bold]budget:[/] {budget['rule']}")
+        out.print(f"[bold]budget (gate):[/] {budget['rule']}")
+    not_applied = budget.get("not_applied") or {}
+    if not_applied:
+        limits = ", ".join(f"{k} {v:g}" if isinstance(v, (int, float)) else f"{k} {v}" for k, v in not_applied.items())
+        out.print(f"[dim]not applied: {limits} — {budget.get('not_applied_why', '')}[/]")
     if report.get("why"):
         out.print(f"[bold]chosen:[/] {report.get('winner')} — {report['why']}")
     if report.get("latency_note"):
