@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import io
 import json
+import os
+import sys
 import time
 from pathlib import Path
+from typing import TextIO
 
 import click
 
@@ -21,13 +25,29 @@ def _print_passes() -> None:
         print_table(None, ["field", "type", "default", "description"], p.fields())
 
 
+def _progress_stream() -> TextIO:
+    """The terminal's stderr through a file descriptor of its own.
+
+    Noisy converter calls point fd 2 at a scratch file for their duration; progress written
+    through a duplicate of the terminal's descriptor still reaches the user meanwhile. Where
+    stderr is no file (click's test runner) it is used as it is.
+    """
+    try:
+        fd = sys.stderr.fileno()
+    except (AttributeError, OSError, io.UnsupportedOperation):
+        return sys.stderr
+    return open(os.dup(fd), "w", buffering=1, encoding="utf-8", errors="replace")
+
+
 class _Progress:
     """One stderr line per pass step, with the time since the conversion started."""
 
     def __init__(self) -> None:
-        from lepton_edge.console import err
+        from rich.console import Console
 
-        self._err = err
+        stream = _progress_stream()
+        wide = stream.isatty() or bool(os.environ.get("COLUMNS"))
+        self._err = Console(file=stream, highlight=False, width=None if wide else 150)
         self._t0 = time.perf_counter()
 
     def __call__(self, stage: str, message: str) -> None:

@@ -25,6 +25,7 @@ from lepton_edge.console import warn
 from lepton_edge.profiles import DeviceProfile, host_matches, load_profile
 from lepton_edge.runtimes import RuntimeLoadError, open_session
 
+from ._progress import ticking
 from .candidates import keep_float, count_quantized_ops, preprocess_for_quantization, sensitive_nodes
 from .data import Dataset, load_dataset, split_holdout, synthetic_dataset
 from .errors import CalibrationDataError, ConversionError, InputShapeError, ModelTooLargeError, NoCandidateError, PruningError, UnsupportedModelError
@@ -350,7 +351,9 @@ class _Conversion:
         """The FP32 model after onnxruntime's quantization pre-processing, made once."""
         path = self.work / "fp32-preprocessed.onnx"
         if not path.exists():
-            self.notes += preprocess_for_quantization(self.fp32, path)
+            self.say("int8-prep", "shape inference for the quantizer (loads onnxruntime.quantization)")
+            with ticking(lambda m: self.say("int8-prep", m), "shape inference"):
+                self.notes += preprocess_for_quantization(self.fp32, path)
         return path
 
     def _int8_static_search(self) -> None:
@@ -405,7 +408,9 @@ class _Conversion:
         except ImportError as e:
             raise ConversionError(f"profile {self.profile.id} runs TFLite, but TFLite export is not available: {e}",
                                   hint="pip install 'lepton-edge[convert-tflite]'") from None
-        ok, why = tflite.tflite_available()
+        self.say("tflite", "loading the TFLite converter (litert-torch, torch.export)")
+        with ticking(lambda m: self.say("tflite", m), "loading the TFLite converter"):
+            ok, why = tflite.tflite_available()
         if not ok:
             raise ConversionError(f"profile {self.profile.id} runs TFLite, but TFLite export is not available here: {why}",
                                   hint="pip install 'lepton-edge[convert-tflite]'")

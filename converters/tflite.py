@@ -44,6 +44,7 @@ from pydantic import Field
 from lepton_edge.console import warn
 from lepton_edge.runtimes import RuntimeLoadError, open_session, tflite_interpreter_class
 
+from ._progress import ticking
 from .errors import CalibrationDataError, ConversionError, InputShapeError, NotAModelError, UnsupportedModelError
 from .passes import PassConfig, register_pass, run_pass
 
@@ -100,9 +101,10 @@ class TfliteInt8Config(PassConfig):
 def tflite_available() -> tuple[bool, str]:
     """``(True, "litert-torch X")`` when .tflite files can be produced and run here, else ``(False, why)``."""
     try:
-        import litert_torch  # noqa: F401
-        from ai_edge_litert import schema_py_generated  # noqa: F401
-        from torchao.quantization.pt2e import quantize_pt2e  # noqa: F401
+        with _quiet():  # torch logs a deprecation (W... torch/utils/_pytree.py) on importing torchao
+            import litert_torch  # noqa: F401
+            from ai_edge_litert import schema_py_generated  # noqa: F401
+            from torchao.quantization.pt2e import quantize_pt2e  # noqa: F401
     except ImportError as e:
         return False, f"{e.name or 'litert-torch'} is not installed"
     except Exception as e:  # a broken install (e.g. a torch litert-torch does not support) fails oddly
@@ -184,7 +186,7 @@ def _export_fp32(config: TfliteFloatConfig, module: Any, x1: np.ndarray, calib: 
 
     sample = (torch.from_numpy(x1),)
     with _converter_errors("fp32"):
-        out.write_bytes(_litert_convert(module, sample))
+        out.write_bytes(_litert_convert(module, sample, say=say, label="fp32"))
     return out, {"io": "float32"}
 
 
@@ -204,9 +206,11 @@ def _export_int8(config: TfliteInt8Config, module: Any, x1: np.ndarray, calib: n
     quantizer = pt2e_quantizer.PT2EQuantizer().set_global(
         pt2e_quantizer.get_symmetric_quantization_config(is_per_channel=config.per_channel))
     with _converter_errors("int8"):
+        say("int8: tracing the model with torch.export")
         graph, batched = _export_for_calibration(module, x1)
         prepared = quantize_pt2e.prepare_pt2e(graph, quantizer)
         step = config.calibration_batch if batched else 1
+        say(f"int8: calibrating on {len(samples)} samples")
         quarter = max(step, len(samples) // 4)
         next_report = quarter
         with torch.no_grad():
@@ -215,8 +219,11 @@ def _export_int8(config: TfliteInt8Config, module: Any, x1: np.ndarray, calib: n
                 if i + step >= next_report and i + step < len(samples):
                     say(f"int8: calibrated {i + step}/{len(samples)} samples")
                     next_report += quarter
-        quantized = quantize_pt2e.convert_pt2e(prepared, fold_quantize=False)
-        model_bytes = _litert_convert(quantized, (torch.from_numpy(x1),), quant_config=QuantConfig(pt2e_quantizer=quantizer))
+        say("int8: quantizing the traced graph (convert_pt2e)")
+        with ticking(say, "int8: quantizing"), _quiet():
+            quantized = quantize_pt2e.convert_pt2e(prepared, fold_quantize=False)
+        model_bytes = _litert_convert(quantized, (torch.from_numpy(x1),), say=say, label="int8",
+                                      quant_config=QuantConfig(pt2e_quantizer=quantizer))
     rewritten = 0
     if config.float_io:
         from ._tflite_io import FloatIoError, with_float_io
@@ -325,12 +332,13 @@ def _export_for_calibration(module: Any, x1: np.ndarray) -> tuple[Any, bool]:
             return torch.export.export(module, (torch.from_numpy(x1),)).module(), False
 
 
-def _litert_convert(module: Any, sample: tuple[Any, ...], **kwargs: Any) -> bytes:
+def _litert_convert(module: Any, sample: tuple[Any, ...], *, say: Callable[[str], None], label: str, **kwargs: Any) -> bytes:
     """The flatbuffer bytes of ``module`` converted by litert-torch."""
     import litert_torch
 
     litert_torch.config.show_progress = False  # we report progress ourselves
-    with _quiet():
+    say(f"{label}: lowering to TFLite (litert-torch)")
+    with ticking(say, f"{label}: lowering to TFLite"), _quiet():
         return bytes(litert_torch.convert(module, sample, **kwargs).model_content())
 
 

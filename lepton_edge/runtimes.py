@@ -11,9 +11,13 @@ Nothing here imports torch or onnx; onnxruntime and the TFLite interpreter load 
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
-from collections.abc import Mapping, Sequence
+import sys
+import tempfile
+import threading
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
@@ -132,6 +136,34 @@ def tflite_interpreter_class() -> Any:
         ) from None
 
 
+_STDERR_LOCK = threading.Lock()
+
+
+@contextlib.contextmanager
+def _native_stderr_to_log() -> Iterator[None]:
+    """Route what native code writes to fd 2 into this module's log, dropping its INFO lines.
+
+    The TFLite runtime prints "INFO: Created TensorFlow Lite XNNPACK delegate for CPU." on
+    every first load and honours no environment variable for it (TF_CPP_MIN_LOG_LEVEL and
+    TFLITE_LOG_SEVERITY were measured to have no effect), so the fd is redirected for the
+    few milliseconds of a load; warnings and errors are passed on through ``logging``.
+    """
+    with _STDERR_LOCK, tempfile.TemporaryFile() as sink:
+        sys.stderr.flush()
+        saved = os.dup(2)
+        try:
+            os.dup2(sink.fileno(), 2)
+            yield
+        finally:
+            sys.stderr.flush()
+            os.dup2(saved, 2)
+            os.close(saved)
+            sink.seek(0)
+            for line in sink.read(64 * 1024).decode("utf-8", "replace").splitlines():
+                if line.strip() and not line.startswith("INFO:"):
+                    log.warning("%s", line.strip()[:500])
+
+
 class _TfliteSession:
     runtime = "tflite"
 
@@ -142,8 +174,9 @@ class _TfliteSession:
             if d != "xnnpack":  # XNNPACK is built in and on by default for float and int8
                 log.warning("TFLite delegate %s is not available here; running on the CPU with XNNPACK", d)
         try:
-            self._interp = Interpreter(model_path=str(path), num_threads=threads)
-            self._interp.allocate_tensors()
+            with _native_stderr_to_log():
+                self._interp = Interpreter(model_path=str(path), num_threads=threads)
+                self._interp.allocate_tensors()
         except (ValueError, RuntimeError) as e:
             raise RuntimeLoadError(f"TFLite cannot load {path.name}: {_first_line(e)}") from None
         except Exception as e:  # tflite_runtime 2.14 under numpy 2 fails here with AttributeError: _ARRAY_API
