@@ -19,7 +19,8 @@ from lepton_edge.bundle import sha256_arrays
 
 from .errors import CalibrationDataError
 
-__all__ = ["Dataset", "load_dataset", "split_holdout", "synthetic_dataset", "MAX_DATA_BYTES", "MAX_DATA_FILES"]
+__all__ = ["Dataset", "load_dataset", "split_holdout", "synthetic_dataset", "input_mismatch", "range_mismatch",
+           "MAX_DATA_BYTES", "MAX_DATA_FILES"]
 
 MAX_DATA_BYTES = 4 << 30
 MAX_DATA_FILES = 100_000
@@ -60,6 +61,44 @@ class Dataset:
         if np.issubdtype(np.dtype(dtype), np.floating) != np.issubdtype(self.x.dtype, np.floating) and not np.issubdtype(self.x.dtype, np.integer):
             raise CalibrationDataError(f"{what} data {self.origin} is {self.x.dtype}; the model takes {dtype}")
         return Dataset(self.x.astype(dtype), self.y, self.origin, self.synthetic)
+
+
+def _value_span(x: np.ndarray) -> tuple[float, float]:
+    """(0.5th, 99.5th percentile) of the values: the range the data really covers, a few outliers aside."""
+    flat = x.reshape(-1)
+    if flat.size > 1_000_000:  # a strided subsample is enough for a range
+        flat = flat[:: flat.size // 1_000_000 + 1]
+    lo, hi = np.percentile(flat.astype(np.float64), [0.5, 99.5])
+    return float(lo), float(hi)
+
+
+def input_mismatch(data: Dataset, dtype: str, what: str) -> str | None:
+    """A warning when ``data`` (as given) does not look like inputs of a model taking ``dtype``, else None.
+
+    Integers for a float input are cast as they are, not scaled: data saved straight from a
+    source (pixel 0..255, sklearn digits 0..16) for a model trained on scaled inputs would
+    calibrate INT8 ranges and judge accuracy on the wrong scale without a word.
+    """
+    x = data.x
+    if not np.issubdtype(np.dtype(dtype), np.floating) or np.issubdtype(x.dtype, np.floating):
+        return None
+    lo, hi = float(x.min()), float(x.max())
+    return (f"{what} data {data.origin} holds integers ({x.dtype}, values {lo:g}..{hi:g}) but the model takes {dtype}; "
+            f"they are used as they are, not scaled. If the model was trained on scaled inputs (e.g. divided by 255 or by {hi:g}), "
+            f"scale this data the same way, or the INT8 ranges and the accuracy gate are computed on the wrong scale.")
+
+
+def range_mismatch(calib: Dataset, evaluation: Dataset, factor: float = 4.0) -> str | None:
+    """A warning when calibration and evaluation values span ranges ``factor`` apart (preprocessed differently)."""
+    (c_lo, c_hi), (e_lo, e_hi) = _value_span(calib.x), _value_span(evaluation.x)
+    c_span, e_span = c_hi - c_lo, e_hi - e_lo
+    if min(c_span, e_span) <= 0:
+        return None if c_span == e_span else (
+            f"calibration values span {c_lo:.4g}..{c_hi:.4g} and evaluation values {e_lo:.4g}..{e_hi:.4g}: one of them is constant")
+    if max(c_span, e_span) / min(c_span, e_span) < factor:
+        return None
+    return (f"calibration values span {c_lo:.4g}..{c_hi:.4g} but evaluation values {e_lo:.4g}..{e_hi:.4g}: "
+            "are both preprocessed the same way (scaling, normalisation) as the model's real inputs?")
 
 
 def _fmt(shape: Sequence[int]) -> str:

@@ -27,7 +27,7 @@ from lepton_edge.runtimes import RuntimeLoadError, open_session
 
 from ._progress import ticking
 from .candidates import keep_float, count_quantized_ops, preprocess_for_quantization, sensitive_nodes
-from .data import Dataset, load_dataset, split_holdout, synthetic_dataset
+from .data import Dataset, input_mismatch, load_dataset, range_mismatch, split_holdout, synthetic_dataset
 from .errors import CalibrationDataError, ConversionError, InputShapeError, ModelTooLargeError, NoCandidateError, PruningError, UnsupportedModelError
 from .evaluate import compare, interleaved_latency, rss_bytes, run_batched, task_of
 from .golden import check_golden, golden_tolerances, pick_golden
@@ -174,11 +174,15 @@ class _Conversion:
         if calib_ds is None:
             calib_ds = self._no_calibration(eval_data, allow_synthetic, sample_shape, info.input_dtype)
         calib_given = calib_ds  # the manifest hashes the set as the user gave it, before any cast or held-out split
+        self._check_values(calib_ds, info.input_dtype, "calibration")
         calib_ds = calib_ds.fit_to(sample_shape, info.input_dtype, "calibration")
         if eval_data is not None:
             eval_ds = self._load_data(eval_data, "evaluation", sample_shape)
             assert eval_ds is not None
+            self._check_values(eval_ds, info.input_dtype, "evaluation")
             eval_ds = eval_ds.fit_to(sample_shape, info.input_dtype, "evaluation")
+            if not calib_ds.synthetic and (why := range_mismatch(calib_ds, eval_ds)):
+                self.warn(why)
         else:
             calib_ds, eval_ds = split_holdout(calib_ds)
             self.notes.append(f"evaluation uses a held-out split of the calibration data ({len(eval_ds)} samples)")
@@ -225,6 +229,10 @@ class _Conversion:
             channels, size = sample_shape[0], (sample_shape[1], sample_shape[2])
         self.say("data", f"reading {what} data")
         return load_dataset(spec, what, image_size=size, channels=channels)
+
+    def _check_values(self, data: Dataset, dtype: str, what: str) -> None:
+        if not data.synthetic and (why := input_mismatch(data, dtype, what)):
+            self.warn(why)
 
     def _no_calibration(self, eval_data: Any, allow_synthetic: bool, shape: tuple[int, ...], dtype: str) -> Dataset:
         if not allow_synthetic:

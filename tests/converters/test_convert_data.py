@@ -110,3 +110,38 @@ def test_good_input_shapes():
     assert parse_input_shape("1x3x224x224") == (1, 3, 224, 224)
     assert parse_input_shape((4, 16)) == (4, 16)
     assert parse_input_shape(None) is None
+
+
+def test_integer_data_for_a_float_model_is_called_out():
+    from lepton_edge.converters.data import input_mismatch
+
+    ints = load_dataset(np.random.default_rng(0).integers(0, 17, (20, 1, 8, 8)), "calibration")
+    why = input_mismatch(ints, "float32", "calibration")
+    assert why is not None and "int64" in why and "values 0..16" in why and "scale" in why and "float32" in why
+    floats = load_dataset(np.random.default_rng(0).random((20, 1, 8, 8), dtype=np.float32), "calibration")
+    assert input_mismatch(floats, "float32", "calibration") is None
+    assert input_mismatch(ints, "int64", "calibration") is None  # token ids for an integer input are right
+
+
+def test_calibration_and_evaluation_on_different_scales_are_called_out():
+    from lepton_edge.converters.data import range_mismatch
+
+    rng = np.random.default_rng(0)
+    unit = load_dataset(rng.random((50, 1, 8, 8), dtype=np.float32), "evaluation")
+    also_unit = load_dataset(rng.random((50, 1, 8, 8), dtype=np.float32), "calibration")
+    raw = load_dataset((rng.random((50, 1, 8, 8)) * 16).astype(np.float32), "calibration")
+    assert range_mismatch(also_unit, unit) is None
+    why = range_mismatch(raw, unit)
+    assert why is not None and "preprocessed the same way" in why
+
+
+def test_convert_warns_about_integer_calibration_data(digits, digits_onnx, tmp_path):
+    from lepton_edge.converters import convert
+
+    _, data, _ = digits
+    raw = np.rint(data.x_train * 16).astype(np.int64)  # sklearn digits as shipped: integers 0..16
+    r = convert(digits_onnx, "x86-avx2", output_dir=tmp_path, calib=(raw, data.y_train), eval_data=(data.x_test, data.y_test),
+                latency_runs=2, name="digits")
+    warnings = " ".join(r.report["warnings"])
+    assert "holds integers (int64, values 0..16)" in warnings
+    assert "calibration values span 0..16 but evaluation values 0..1" in warnings
