@@ -37,9 +37,11 @@ def _check_key(key: str) -> str:
 
 
 class ArtifactStore(Protocol):
-    """Blobs by key. ``put`` copies a file in; ``read_range`` streams bytes [start, end)."""
+    """Blobs by key. ``put`` copies a file in; ``read_range`` streams bytes [start, end); ``delete`` forgets one (no error if absent)."""
 
     def put(self, key: str, source: Path) -> int: ...
+
+    def delete(self, key: str) -> None: ...
 
     def size(self, key: str) -> int: ...
 
@@ -69,6 +71,12 @@ class LocalArtifactStore:
             tmp.unlink(missing_ok=True)
             raise StoreError(f"cannot store artifact {key}: {e.strerror}") from None
         return dest.stat().st_size
+
+    def delete(self, key: str) -> None:
+        try:
+            self._path(key).unlink(missing_ok=True)
+        except OSError as e:
+            raise StoreError(f"cannot delete artifact {key}: {e.strerror}") from None
 
     def size(self, key: str) -> int:
         try:
@@ -108,6 +116,10 @@ class MemoryArtifactStore:
         with self._lock:
             self._blobs[_check_key(key)] = data
         return len(data)
+
+    def delete(self, key: str) -> None:
+        with self._lock:
+            self._blobs.pop(_check_key(key), None)
 
     def size(self, key: str) -> int:
         try:
@@ -151,6 +163,12 @@ class S3ArtifactStore:
         except self._errors as e:
             raise self._fail(key, e) from None
         return Path(source).stat().st_size
+
+    def delete(self, key: str) -> None:
+        try:
+            self._s3.delete_object(Bucket=self.bucket, Key=self._name(key))  # type: ignore[attr-defined]
+        except self._errors as e:
+            raise self._fail(key, e) from None
 
     def size(self, key: str) -> int:
         try:

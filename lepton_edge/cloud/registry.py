@@ -45,8 +45,12 @@ class Registry:
         if not self._keys and not allow_unsigned:
             raise CloudConfigError("the registry has no trusted keys", hint="pass --trusted-key KEY.pub (from `lepton-edge keys generate`)")
 
-    def push(self, archive: Path) -> dict[str, Any]:
-        """Verify a ``.lepton`` archive completely, then store it; returns the bundle's summary."""
+    def push(self, archive: Path, *, shown_as: str = "the uploaded archive") -> dict[str, Any]:
+        """Verify a ``.lepton`` archive completely, then store it; returns the bundle's summary.
+
+        Nothing stays in the artifact store unless the bundle is registered. Error messages
+        name the archive ``shown_as`` (the service's temp path means nothing to a client).
+        """
         size = archive.stat().st_size
         if size > MAX_BUNDLE_BYTES:
             raise InvalidRequestError(f"bundle is {size} bytes; the limit is {MAX_BUNDLE_BYTES}")
@@ -56,11 +60,24 @@ class Registry:
                 bundle = read_bundle(archive, trusted_keys=self._keys, allow_unsigned=self._allow_unsigned,
                                      extract_dir=Path(tmp) / "x", limits=limits)
             except BundleError as e:
-                raise InvalidRequestError(f"bundle refused: {e.message}", hint=e.hint) from None
+                message = e.message.replace(str(archive), shown_as).replace(archive.name, shown_as)
+                raise InvalidRequestError(f"bundle refused: {message}", hint=e.hint) from None
         m = bundle.manifest
         digest = sha256_file(archive)
         key = f"{digest}.lepton"
-        self._store.put(key, archive)
+        try:
+            return self._register(m, bundle.signed_by, archive, digest, key, size)
+        except BaseException:
+            self._forget_unless_referenced(key)
+            raise
+
+    def _forget_unless_referenced(self, key: str) -> None:
+        with self._engine.connect() as conn:
+            used = conn.execute(select(db.bundles.c.id).where(db.bundles.c.artifact_key == key).limit(1)).first()
+        if used is None:
+            self._store.delete(key)
+
+    def _register(self, m: Any, signed_by: str | None, archive: Path, digest: str, key: str, size: int) -> dict[str, Any]:
         now = time.time()
         with self._engine.begin() as conn:
             model_id = conn.execute(select(db.models.c.id).where(db.models.c.name == m.name, db.models.c.version == m.version)).scalar()
@@ -76,11 +93,13 @@ class Registry:
                     f"{m.name}@{m.version} already has a different bundle for profile {m.profile}",
                     hint="versions are immutable: push it as a new version",
                 )
+            # Stored only once the registration can succeed; a failed insert below is cleaned up by push().
+            self._store.put(key, archive)
             try:
                 conn.execute(db.bundles.insert().values(
                     id=uuid.uuid4().hex, model_id=model_id, profile=m.profile, precision=m.precision, runtime=m.runtime.name,
                     sha256=digest, size=size, artifact_key=key, manifest=json.dumps(m.model_dump(mode="json")),
-                    signed_by=bundle.signed_by, created_at=now,
+                    signed_by=signed_by, created_at=now,
                 ))
             except IntegrityError:
                 raise ConflictError(f"{m.name}@{m.version} for {m.profile} was pushed concurrently") from None
