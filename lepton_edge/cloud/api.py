@@ -76,6 +76,8 @@ class DeployRequest(_Body):
     min_healthy: str | float = "95%"
     on_failure: str = "rollback"
     p95_floor: str | float = Field(default="1ms", description="p95 rises up to this much always pass (a duration).")
+    on_no_data: str = Field(default="fail", description="A wave that reported no requests: fail once the timeout passes "
+                                                       "(default), or pass (idle fleets).")
 
 
 class _BodyLimit:
@@ -218,6 +220,7 @@ def create_app(service: Any) -> FastAPI:
             max_error_rate=parse_fraction(body.max_error_rate), max_p95_regression=parse_fraction(body.max_p95_regression),
             min_healthy=parse_fraction(body.min_healthy), on_failure=body.on_failure,
             p95_floor_ms=parse_duration(body.p95_floor) * 1000,
+            on_no_data=body.on_no_data,
         )
         return service.rollouts.create(body.model, body.version, body.to, policy)
 

@@ -100,6 +100,7 @@ devices = Table(
     Column("p95_ms", Float),
     Column("error_rate", Float),
     Column("telemetry_seq", BigInteger),
+    Column("telemetry_interval_s", Float),
 )
 
 telemetry = Table(
@@ -150,6 +151,7 @@ deployments = Table(
     Column("max_p95_regression", Float, nullable=False),
     Column("min_healthy", Float, nullable=False),
     Column("p95_floor_ms", Float, nullable=False, default=1.0, server_default="1.0"),
+    Column("on_no_data", String(8), nullable=False, default="fail", server_default="fail"),
     Column("on_failure", String(16), nullable=False),
     Column("status", String(16), nullable=False),
     Column("current_wave", Integer, nullable=False, default=0),

@@ -14,7 +14,10 @@ waves (``5%,25%,100%``). The leader's :meth:`Rollouts.tick` moves each deploymen
    median p95 of the new version ≤ (1 + ``max_p95_regression``) × the median p95 the
    same model's other versions reported since ``baseline_window_s`` before the deployment
    (a rise of at most ``p95_floor_ms`` always passes: on sub-millisecond models scheduler
-   jitter alone moves p95 by large percentages);
+   jitter alone moves p95 by large percentages). A wave whose devices reported no request
+   on the new version has no data: silence is not health, so by default (``on_no_data=
+   "fail"``) the gate waits for telemetry and fails once ``timeout_s`` passes without any;
+   ``on_no_data="pass"`` lets an idle fleet through, marked ``no_data``;
 4. go on to the next wave, or on a failed gate pause (``on_failure=pause``) or send a
    :class:`~lepton_edge.protocol.RollbackCommand` to every device that moved.
 
@@ -106,6 +109,9 @@ def parse_waves(text: str | Sequence[float]) -> list[float]:
     return waves
 
 
+_ID_PREFIX_RE = re.compile(r"^[0-9a-f]{1,32}$")
+
+
 @dataclass(frozen=True)
 class RolloutPolicy:
     waves: tuple[float, ...] = (100.0,)
@@ -116,9 +122,12 @@ class RolloutPolicy:
     min_healthy: float = 0.95
     on_failure: str = "rollback"
     p95_floor_ms: float = 1.0
+    on_no_data: str = "fail"
 
     def __post_init__(self) -> None:
         parse_waves(list(self.waves))
+        if self.on_no_data not in ("fail", "pass"):
+            raise InvalidRequestError(f"on_no_data must be fail or pass, not {self.on_no_data!r}")
         if self.on_failure not in ("rollback", "pause"):
             raise InvalidRequestError(f"on_failure must be rollback or pause, not {self.on_failure!r}")
         if not 0 <= self.min_healthy <= 1 or not 0 <= self.max_error_rate <= 1:
@@ -228,13 +237,29 @@ class Rollouts:
                 id=dep_id, model=model, version=version, selectors=db.dumps(list(selectors)), waves=db.dumps(list(policy.waves)),
                 soak_s=policy.soak_s, timeout_s=policy.timeout_s, max_error_rate=policy.max_error_rate,
                 max_p95_regression=policy.max_p95_regression, min_healthy=policy.min_healthy, on_failure=policy.on_failure,
-                p95_floor_ms=policy.p95_floor_ms, status="running", current_wave=0, created_at=now, updated_at=now, reason="", wave_results="[]",
+                p95_floor_ms=policy.p95_floor_ms, on_no_data=policy.on_no_data, status="running", current_wave=0, created_at=now, updated_at=now, reason="", wave_results="[]",
             ))
             conn.execute(db.deployment_devices.insert(), rows)
         return self.get(dep_id)
 
+    def resolve(self, dep_id: str) -> str:
+        """A full deployment id from itself or a unique prefix (git-style: the CLI prints 12 characters)."""
+        if not _ID_PREFIX_RE.match(dep_id):
+            raise NotFoundError(f"deployment {dep_id[:40]!r} does not exist", hint="ids are hex; see `lepton-edge deploy list`")
+        with self._engine.connect() as conn:
+            ids = [r.id for r in conn.execute(select(db.deployments.c.id).where(db.deployments.c.id.startswith(dep_id)).limit(6))]
+        if not ids:
+            raise NotFoundError(f"deployment {dep_id} does not exist", hint="see `lepton-edge deploy list`")
+        if dep_id in ids:
+            return dep_id
+        if len(ids) > 1:
+            raise InvalidRequestError(f"deployment id prefix {dep_id} is ambiguous: it matches {', '.join(i[:12] for i in ids[:5])}"
+                                      + (" and more" if len(ids) > 5 else ""), hint="give more characters of the id")
+        return ids[0]
+
     def _transition(self, dep_id: str, allowed: Sequence[str], **values: Any) -> dict[str, Any]:
         d = self.get(dep_id)
+        dep_id = d["id"]
         with self._engine.begin() as conn:
             n = conn.execute(update(db.deployments).where(db.deployments.c.id == dep_id, db.deployments.c.status.in_(allowed))
                              .values(updated_at=time.time(), **values)).rowcount
@@ -264,6 +289,7 @@ class Rollouts:
         return [{**_deployment_view(d), "counts": counts.get(d["id"], {})} for d in deps]
 
     def get(self, dep_id: str) -> dict[str, Any]:
+        dep_id = self.resolve(dep_id)
         with self._engine.connect() as conn:
             d = conn.execute(select(db.deployments).where(db.deployments.c.id == dep_id)).mappings().first()
             if d is None:
@@ -408,6 +434,13 @@ class Rollouts:
         if now - d["soak_started_at"] < d["soak_s"]:
             return
         result = self._gates(conn, d, rows, in_wave, dev, now)
+        if result["no_data"] and result["passed"] and d["on_no_data"] != "pass":
+            # Silence is not health: wait for the wave's telemetry, and fail once the timeout passes without any.
+            if now - d["soak_started_at"] < max(d["soak_s"], d["timeout_s"]):
+                return
+            result["passed"] = False
+            result["reasons"].append(f"no data: no request on {d['model']}@{d['version']} was reported by this wave's devices within the "
+                                     f"{d['timeout_s']:g}s timeout (send traffic, or deploy with --on-no-data pass for idle fleets)")
         if not result["passed"]:
             self._fail(conn, d, result)
             return
@@ -443,7 +476,8 @@ class Rollouts:
                                "healthy": len(healthy) / len(in_wave), "requests": requests,
                                "error_rate": errors / requests if requests else None,
                                "p95_new_ms": statistics.median(new_p95) if new_p95 else None,
-                               "p95_old_ms": statistics.median(old_p95) if old_p95 else None, "reasons": [], "notes": []}
+                               "p95_old_ms": statistics.median(old_p95) if old_p95 else None, "reasons": [], "notes": [],
+                               "no_data": requests == 0}
         if res["healthy"] < d["min_healthy"]:
             unhealthy = sorted(set(r["device_id"] for r in in_wave) - set(healthy))
             res["reasons"].append(f"healthy {res['healthy']:.0%} < {d['min_healthy']:.0%} (not healthy: {', '.join(unhealthy[:5])})")
@@ -503,7 +537,8 @@ def _deployment_view(d: Any) -> dict[str, Any]:
         "id": d["id"], "model": d["model"], "version": d["version"], "selectors": db.loads(d["selectors"], []),
         "policy": asdict(RolloutPolicy(waves=tuple(db.loads(d["waves"], [100.0])), soak_s=d["soak_s"], timeout_s=d["timeout_s"],
                                        max_error_rate=d["max_error_rate"], max_p95_regression=d["max_p95_regression"],
-                                       min_healthy=d["min_healthy"], on_failure=d["on_failure"], p95_floor_ms=d["p95_floor_ms"])),
+                                       min_healthy=d["min_healthy"], on_failure=d["on_failure"], p95_floor_ms=d["p95_floor_ms"],
+                                       on_no_data=d["on_no_data"])),
         "status": d["status"], "current_wave": d["current_wave"], "created_at": d["created_at"], "updated_at": d["updated_at"],
         "finished_at": d["finished_at"], "reason": d["reason"], "wave_results": db.loads(d["wave_results"], []),
     }
