@@ -50,13 +50,27 @@ def _split_tag(pair: str) -> tuple[str, str]:
     return k.strip(), v.strip()
 
 
-def device_view(r: Mapping[str, Any]) -> dict[str, Any]:
-    """A device row as the API shows it (no password hash)."""
+STALE_INTERVALS = 3
+_DEFAULT_INTERVAL_S = 10.0
+
+
+def device_view(r: Mapping[str, Any], now: float | None = None) -> dict[str, Any]:
+    """A device row as the API shows it (no password hash).
+
+    ``stale``: it says it is online but sent nothing (state or telemetry) for more than
+    ``STALE_INTERVALS`` telemetry intervals; a crashed or unplugged device whose last will
+    never reached the broker looks like this.
+    """
+    interval = r.get("telemetry_interval_s") or _DEFAULT_INTERVAL_S
+    heard = max(r["last_seen"] or 0.0, r["status_ts"] or 0.0) or r["enrolled_at"]
+    stale_after = STALE_INTERVALS * interval
+    stale = r["revoked_at"] is None and r["status"] == "online" and (now or time.time()) - heard > stale_after
     return {
         "device_id": r["device_id"], "fleet": r["fleet"], "profile": r["profile"], "tags": db.loads(r["tags"], {}),
         "enrolled_at": r["enrolled_at"], "revoked": r["revoked_at"] is not None, "status": r["status"],
         "status_ts": r["status_ts"], "agent_version": r["agent_version"], "active": db.loads(r["active"], {}),
         "last_seen": r["last_seen"], "p95_ms": r["p95_ms"], "error_rate": r["error_rate"],
+        "telemetry_interval_s": interval, "stale_after_s": stale_after, "stale": stale,
     }
 
 
@@ -98,12 +112,15 @@ class Fleet:
         now = time.time()
         with self._engine.begin() as conn:
             row = conn.execute(select(db.devices.c.revoked_at).where(db.devices.c.device_id == device_id)).first()
+            # A re-enrolled device starts blank: what the old one last reported is not this one's state.
             values = dict(fleet=fleet, profile=profile_id, tags=db.dumps(checked_tags),
-                          password_hash=broker_auth.hash_password(password), enrolled_at=now, revoked_at=None)
+                          password_hash=broker_auth.hash_password(password), enrolled_at=now, revoked_at=None,
+                          telemetry_interval_s=telemetry_interval_s, status="unknown", status_ts=None, active="{}",
+                          agent_version=None, last_seen=None, p95_ms=None, error_rate=None, telemetry_seq=None)
             if row is None:
-                conn.execute(db.devices.insert().values(device_id=device_id, status="unknown", active="{}", **values))
+                conn.execute(db.devices.insert().values(device_id=device_id, **values))
             elif row.revoked_at is not None:
-                # Re-enrolling a revoked device issues new credentials; its history stays.
+                # New credentials and a fresh record; its telemetry history stays in the telemetry table.
                 conn.execute(update(db.devices).where(db.devices.c.device_id == device_id).values(**values))
             else:
                 raise ConflictError(f"device {device_id} is already enrolled", hint="revoke it first to issue new credentials")
@@ -124,7 +141,16 @@ class Fleet:
             self.get(device_id)  # raises NotFound for unknown ids
             raise ConflictError(f"device {device_id} is already revoked")
         self.sync_auth()
-        return self.get(device_id)
+        return {**self.get(device_id), "broker_auth": self.broker_auth()}
+
+    def broker_auth(self) -> dict[str, Any]:
+        """How far the broker enforces this service's credentials: ``managed`` (reloaded on every change),
+        ``files`` (written to ``auth_dir``; the operator installs them and reloads the broker) or ``none``."""
+        if self._auth_dir is not None and self._on_auth_change is not None:
+            return {"mode": "managed", "auth_dir": str(self._auth_dir)}
+        if self._auth_dir is not None:
+            return {"mode": "files", "auth_dir": str(self._auth_dir)}
+        return {"mode": "none", "auth_dir": None}
 
     def sync_auth(self) -> None:
         """Rewrite the broker's passwd/acl from the database and reload a managed broker."""
