@@ -19,7 +19,7 @@ from typing import Any
 import click
 import yaml
 
-from ..console import err, info, out, print_table, table, warn
+from ..console import err, fail_line, info, out, print_table, table, warn
 from .client import DEFAULT_URL, CloudClient, default_token
 
 __all__ = ["cloud", "devices", "models", "deploy"]
@@ -42,6 +42,27 @@ def _ago(ts: float | None) -> str:
         return "never"
     s = max(0.0, time.time() - ts)
     return f"{s:.0f}s ago" if s < 120 else f"{s / 60:.0f}m ago" if s < 7200 else f"{s / 3600:.0f}h ago"
+
+
+def _when(ts: float | None) -> str:
+    """An epoch time as local ISO-8601 to the second, with how long ago."""
+    if not ts:
+        return "never"
+    from datetime import datetime
+
+    return f"{datetime.fromtimestamp(ts).astimezone().isoformat(timespec='seconds')} ({_ago(ts)})"
+
+
+def _plural(n: int, noun: str) -> str:
+    return f"{n} {noun}" if n == 1 else f"{n} {noun}s"
+
+
+def _pairs(value: Any) -> str:
+    if isinstance(value, dict):
+        return ", ".join(f"{k}={_pairs(v)}" for k, v in sorted(value.items())) or "-"
+    if isinstance(value, list):
+        return ", ".join(_pairs(v) for v in value) or "-"
+    return "-" if value is None else str(value)
 
 
 def _pct(v: float | None) -> str:
@@ -109,18 +130,34 @@ def serve(db: str, broker: str | None, broker_username: str, broker_password: st
         fd = os.open(token_file, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
         with os.fdopen(fd, "w") as f:
             f.write(svc.token)
+        os.chmod(token_file, 0o600)  # an older file keeps its mode through O_CREAT
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     signal.signal(signal.SIGINT, lambda *_: stop.set())
-    ready = {"url": svc.url, "token": svc.token, "replica": svc.replica_id, "broker": svc.broker_url, "pid": os.getpid()}
+    # Never the token itself: stdout ends up in journald. Whoever needs it reads the 0600 file.
+    ready = {"url": svc.url, "token_file": str(token_file.resolve()) if generated else None, "replica": svc.replica_id,
+             "broker": svc.broker_url, "pid": os.getpid()}
     click.echo("ready " + json.dumps(ready), nl=True)
     info(f"lepton-edge cloud: API {svc.url} (docs {svc.url}/docs), broker {svc.broker_url}, replica {svc.replica_id}"
-         + (f", token in {token_file}" if generated else ""))
+         + (f", operator token in {token_file} (mode 0600)" if generated else ""))
+    _warn_broker_auth(broker, auth_dir)
     try:
         while not stop.wait(0.5):
             pass
     finally:
         svc.stop()
+
+
+def _warn_broker_auth(broker: str | None, auth_dir: Path | None) -> None:
+    if broker is None:
+        return
+    if auth_dir is None:
+        warn(f"per-device credentials and ACLs are NOT enforced: the external broker {broker} knows nothing of this service's "
+             "enrolments, so a revoked device can still connect. Restart with --auth-dir DIR: the service then keeps DIR/passwd "
+             "and DIR/acl current; point Mosquitto's password_file/acl_file at them and reload it (SIGHUP) after each enrol/revoke.")
+    else:
+        warn(f"the external broker {broker} enforces per-device credentials only once it uses {auth_dir / 'passwd'} and "
+             f"{auth_dir / 'acl'} (password_file/acl_file) and is reloaded (SIGHUP) after each enrol/revoke.")
 
 
 # ============================================================================ devices
@@ -170,11 +207,21 @@ def write_agent_config(enrolment: dict[str, Any], path: Path, state_dir: str | N
     return path
 
 
-def _device_rows(items: list[dict[str, Any]]) -> list[tuple[Any, ...]]:
+def _status(d: dict[str, Any], stale_after: float | None = None) -> str:
+    if d["revoked"]:
+        return "revoked"
+    if d["status"] == "online":
+        heard = max(d["last_seen"] or 0.0, d.get("status_ts") or 0.0)
+        if d.get("stale") if stale_after is None else time.time() - heard > stale_after:
+            return "stale (offline?)"
+    return d["status"]
+
+
+def _device_rows(items: list[dict[str, Any]], stale_after: float | None = None) -> list[tuple[Any, ...]]:
     rows = []
     for d in items:
         active = ", ".join(f"{m}@{v}" for m, v in sorted(d["active"].items())) or "-"
-        status = "revoked" if d["revoked"] else d["status"]
+        status = _status(d, stale_after)
         rows.append((d["device_id"], d["fleet"], d["profile"], status, active, _ms(d["p95_ms"]), _pct(d["error_rate"]),
                      _ago(d["last_seen"]), ", ".join(f"{k}={v}" for k, v in sorted(d["tags"].items()))))
     return rows
@@ -185,21 +232,26 @@ _DEVICE_COLUMNS = ["device", "fleet", "profile", "status", "active model", "p95 
 
 @devices.command("list")
 @click.option("--all", "include_revoked", is_flag=True, help="Include revoked devices.")
-@click.option("--watch", type=float, default=None, help="Refresh every N seconds (Ctrl-C to stop).")
+@click.option("--watch", type=click.FloatRange(min=0, min_open=True), default=None, metavar="SECONDS",
+              help="Refresh every N seconds (Ctrl-C to stop).")
+@click.option("--stale-after", type=click.FloatRange(min=0, min_open=True), default=None, metavar="SECONDS",
+              help="Show an online device as stale after this long without a message "
+                   "(default: 3 of its telemetry intervals).")
 @_client_options
-def devices_list(include_revoked: bool, watch: float | None, server: str, token: str | None) -> None:
-    """Live table of the fleet: online/offline, active model, p95, error rate, last seen."""
+def devices_list(include_revoked: bool, watch: float | None, stale_after: float | None, server: str, token: str | None) -> None:
+    """Live table of the fleet: online/stale/offline, active model, p95, error rate, last seen."""
     with _client(server, token) as c:
         if watch is None:
             items = c.devices(include_revoked)
-            print_table(f"{len(items)} devices", _DEVICE_COLUMNS, _device_rows(items))
+            print_table(_plural(len(items), "device"), _DEVICE_COLUMNS, _device_rows(items, stale_after))
             return
         from rich.live import Live
 
         with Live(console=out, auto_refresh=False) as live:
             while True:
                 items = c.devices(include_revoked)
-                live.update(table(f"{len(items)} devices ({time.strftime('%H:%M:%S')})", _DEVICE_COLUMNS, _device_rows(items)), refresh=True)
+                live.update(table(f"{_plural(len(items), 'device')} ({time.strftime('%H:%M:%S')})", _DEVICE_COLUMNS,
+                                  _device_rows(items, stale_after)), refresh=True)
                 time.sleep(watch)
 
 
@@ -210,8 +262,13 @@ def devices_show(device_id: str, server: str, token: str | None) -> None:
     """One device in detail."""
     with _client(server, token) as c:
         d = c.device(device_id)
-    rows = [(k, json.dumps(v) if isinstance(v, (dict, list)) else v) for k, v in d.items()]
-    rows += [("last seen (ago)", _ago(d["last_seen"]))]
+    times = ("enrolled_at", "status_ts", "last_seen")
+    rows = [("status", _status(d))]
+    for k, v in d.items():
+        if k in ("status", "stale"):
+            continue
+        rows.append((k.replace("_", " "), _when(v) if k in times else _ms(v) if k == "p95_ms" else _pct(v) if k == "error_rate"
+                     else _pairs(v)))
     print_table(device_id, ["field", "value"], rows)
 
 
@@ -221,8 +278,17 @@ def devices_show(device_id: str, server: str, token: str | None) -> None:
 def devices_revoke(device_id: str, server: str, token: str | None) -> None:
     """Cut a device off: its credentials stop working at the broker."""
     with _client(server, token) as c:
-        c.revoke(device_id)
-    out.print(f"revoked {device_id}: its broker credentials are removed")
+        res = c.revoke(device_id)
+    auth = res.get("broker_auth") or {}
+    if auth.get("mode") == "managed":
+        out.print(f"revoked {device_id}: its broker credentials are removed and the broker was reloaded")
+    elif auth.get("mode") == "files":
+        out.print(f"revoked {device_id} in the registry; the broker refuses it only once it uses the regenerated "
+                  f"{auth['auth_dir']}/passwd and acl and is reloaded (SIGHUP)")
+    else:
+        out.print(f"revoked {device_id} in the registry only")
+        warn("the service's broker is external and runs without --auth-dir: the broker does not know about this revocation "
+             f"and {device_id} can still connect until you remove its user from the broker yourself")
 
 
 # ============================================================================ models
@@ -238,15 +304,32 @@ def models_push(bundles: tuple[Path, ...], server: str, token: str | None) -> No
     """Push bundles (.lepton archives or bundle directories); the service verifies each before storing it."""
     from ..bundle import pack_bundle
 
+    from ..errors import LeptonEdgeError
+    from .errors import ServerUnreachableError
+
     rows = []
+    refused: list[tuple[Path, LeptonEdgeError]] = []
     with _client(server, token) as c:
         for b in bundles:
-            with tempfile.TemporaryDirectory(prefix="lepton-pack-") as tmp:
-                archive = pack_bundle(b, Path(tmp) / f"{b.name}.lepton") if b.is_dir() else b
-                info(f"pushing {b} ({archive.stat().st_size} bytes)")
-                r = c.push(archive)
-            rows.append((r["model"], r["version"], r["profile"], r["precision"], r["size"], r["sha256"][:12], r["signed_by"] or "-"))
-    print_table("pushed", ["model", "version", "profile", "precision", "bytes", "sha256", "signed by"], rows)
+            try:
+                with tempfile.TemporaryDirectory(prefix="lepton-pack-") as tmp:
+                    archive = pack_bundle(b, Path(tmp) / f"{b.name}.lepton") if b.is_dir() else b
+                    info(f"pushing {b} ({archive.stat().st_size} bytes)")
+                    r = c.push(archive)
+            except ServerUnreachableError:
+                raise
+            except LeptonEdgeError as e:
+                refused.append((b, e))
+                rows.append((str(b), "REFUSED", "-", "-", "-", "-", "-", "-", "-"))
+                continue
+            rows.append((str(b), "pushed", r["model"], r["version"], r["profile"], r["precision"], r["size"], r["sha256"][:12],
+                         r["signed_by"] or "-"))
+    print_table(f"{len(bundles) - len(refused)} of {_plural(len(bundles), 'bundle')} pushed",
+                ["bundle", "result", "model", "version", "profile", "precision", "bytes", "sha256", "signed by"], rows)
+    for b, e in refused:
+        fail_line(f"{b}: {e.message}", e.hint)
+    if refused:
+        raise SystemExit(2)
 
 
 @models.command("list")
@@ -257,7 +340,7 @@ def models_list(server: str, token: str | None) -> None:
         items = c.models()
     rows = [(m["name"], m["version"], b["profile"], b["precision"], b["runtime"], b["size"], b["sha256"][:12], b["signed_by"] or "-")
             for m in items for b in m["bundles"]]
-    print_table(f"{len(items)} model versions", ["model", "version", "profile", "precision", "runtime", "bytes", "sha256", "signed by"], rows)
+    print_table(_plural(len(items), "model version"), ["model", "version", "profile", "precision", "runtime", "bytes", "sha256", "signed by"], rows)
 
 
 # ============================================================================ deploy
@@ -277,10 +360,13 @@ def deploy() -> None:
 @click.option("--p95-floor", default="1ms", show_default=True, help="A p95 rise up to this much always passes (jitter on fast models).")
 @click.option("--timeout", default="10m", show_default=True, help="A device that neither confirms nor fails by then counts as failed.")
 @click.option("--on-failure", type=click.Choice(["rollback", "pause"]), default="rollback", show_default=True)
+@click.option("--on-no-data", type=click.Choice(["fail", "pass"]), default="fail", show_default=True,
+              help="A wave whose devices report no requests: wait for data and fail at the timeout, or pass (idle fleets).")
 @click.option("--wait", is_flag=True, help="Follow the rollout until it ends; exit 1 if it was rolled back.")
 @_client_options
 def deploy_create(target: str, selectors: tuple[str, ...], waves: str, soak: str, max_error_rate: str, max_p95_regression: str,
-                  min_healthy: str, p95_floor: str, timeout: str, on_failure: str, wait: bool, server: str, token: str | None) -> None:
+                  min_healthy: str, p95_floor: str, timeout: str, on_failure: str, on_no_data: str, wait: bool, server: str,
+                  token: str | None) -> None:
     """Roll MODEL@VERSION out in waves."""
     from .errors import InvalidRequestError
 
@@ -289,8 +375,10 @@ def deploy_create(target: str, selectors: tuple[str, ...], waves: str, soak: str
         raise InvalidRequestError(f"{target!r} must look like MODEL@VERSION", hint="e.g. digits@2")
     with _client(server, token) as c:
         d = c.deploy(model, version, list(selectors), waves=waves, soak=soak, timeout=timeout, max_error_rate=max_error_rate,
-                     max_p95_regression=max_p95_regression, min_healthy=min_healthy, on_failure=on_failure, p95_floor=p95_floor)
-        out.print(f"deployment {d['id']}: {model}@{version} to {len(d['devices']) - len(d['missing_bundles'])} devices in {len(d['waves_detail'])} waves")
+                     max_p95_regression=max_p95_regression, min_healthy=min_healthy, on_failure=on_failure, p95_floor=p95_floor,
+                     on_no_data=on_no_data)
+        out.print(f"deployment {d['id'][:12]}: {model}@{version} to "
+                  f"{_plural(len(d['devices']) - len(d['missing_bundles']), 'device')} in {_plural(len(d['waves_detail']), 'wave')}")
         if d["missing_bundles"]:
             warn(f"{len(d['missing_bundles'])} targeted devices have no bundle for their profile and are not updated: "
                  f"{', '.join(d['missing_bundles'][:10])}")
@@ -314,12 +402,20 @@ def _follow(c: CloudClient, dep_id: str, interval: float = 1.0) -> dict[str, Any
     return d
 
 
+def _gate_text(g: dict[str, Any]) -> str:
+    if not g:
+        return "-"
+    if g["passed"]:
+        return "passed (no data)" if g.get("no_data") else "passed"
+    return "FAILED: " + "; ".join(g["reasons"])
+
+
 def _wave_table(d: dict[str, Any]) -> Any:
     rows = []
     for w in d["waves_detail"]:
         g = w["gate"] or {}
         counts = ", ".join(f"{k} {v}" for k, v in sorted(w["counts"].items()))
-        gate = "-" if not g else ("passed" if g["passed"] else "FAILED: " + "; ".join(g["reasons"]))
+        gate = _gate_text(g)
         rows.append((w["wave"] + 1, w["devices"], counts, _pct(g.get("healthy")), _pct(g.get("error_rate")),
                      _ms(g.get("p95_old_ms")), _ms(g.get("p95_new_ms")), gate))
     title = f"deployment {d['id'][:12]} {d['model']}@{d['version']}: {d['status']}" + (f" ({d['reason']})" if d["reason"] else "")
@@ -353,9 +449,9 @@ def deploy_list(server: str, token: str | None) -> None:
     """Recent deployments."""
     with _client(server, token) as c:
         items = c.deployments()
-    rows = [(d["id"], f"{d['model']}@{d['version']}", d["status"], d["current_wave"] + 1, " ".join(d["selectors"]),
+    rows = [(d["id"][:12], f"{d['model']}@{d['version']}", d["status"], d["current_wave"] + 1, " ".join(d["selectors"]),
              ", ".join(f"{k} {v}" for k, v in sorted(d["counts"].items())), _ago(d["created_at"]), d["reason"]) for d in items]
-    print_table(f"{len(items)} deployments", ["id", "model", "status", "wave", "to", "devices", "created", "reason"], rows)
+    print_table(_plural(len(items), "deployment"), ["id", "model", "status", "wave", "to", "devices", "created", "reason"], rows)
 
 
 def _steer_command(action: str, doc: str) -> None:
@@ -365,7 +461,7 @@ def _steer_command(action: str, doc: str) -> None:
     def _cmd(dep_id: str, server: str, token: str | None) -> None:
         with _client(server, token) as c:
             d = c.steer(dep_id, action)
-        out.print(f"deployment {dep_id}: {d['status']}")
+        out.print(f"deployment {d['id'][:12]}: {d['status']}")
 
 
 _steer_command("pause", "Stop sending new waves (devices already updated stay).")

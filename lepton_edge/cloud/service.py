@@ -242,9 +242,9 @@ def _free_port() -> int:
 class ServiceProcess:
     """A ``lepton-edge cloud serve`` child process."""
 
-    def __init__(self, proc: subprocess.Popen, info: dict[str, Any]) -> None:
+    def __init__(self, proc: subprocess.Popen, info: dict[str, Any], token: str | None = None) -> None:
         self.proc, self.info = proc, info
-        self.url, self.token, self.replica_id = info["url"], info["token"], info["replica"]
+        self.url, self.token, self.replica_id = info["url"], token, info["replica"]
 
     def stop(self, timeout: float = 15.0) -> None:
         if self.proc.poll() is None:
@@ -290,4 +290,16 @@ def spawn_service(args: list[str], *, timeout: float = 60.0, env: dict[str, str]
             raise CloudError(f"`lepton-edge cloud serve` did not become ready (exit code {proc.poll()})",
                              hint=f"see {log_path}" if log_path else None)
         time.sleep(0.05)
-    return ServiceProcess(proc, result)
+    return ServiceProcess(proc, result, _operator_token(args, result, env))
+
+
+def _operator_token(args: list[str], ready: dict[str, Any], env: dict[str, str] | None) -> str | None:
+    """The token the child uses: the 0600 file its ready line names, else the one it was given."""
+    if ready.get("token_file"):
+        return Path(ready["token_file"]).read_text().strip()
+    for i, a in enumerate(args):
+        if a == "--token" and i + 1 < len(args):
+            return args[i + 1]
+        if a.startswith("--token="):
+            return a.split("=", 1)[1]
+    return {**os.environ, **(env or {})}.get("LEPTON_CLOUD_TOKEN")
