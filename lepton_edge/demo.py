@@ -4,8 +4,8 @@
    Mosquitto child (per-device passwords and ACL, :mod:`lepton_edge.cloud.broker`);
 2. trains the digits CNN on scikit-learn's bundled digits and converts it, signed, for
    every profile in the fleet (``--profiles``): v1 = the trained net, v2 = v1 fine-tuned,
-   and, for the canary device class (x86-avx2 when present), v3 = v2 plus a 16-layer
-   96-channel convolution branch whose result is multiplied by zero: the same answers
+   and, for the canary device class (x86-avx2 when present), v3 = v2 plus a 24-layer
+   128-channel convolution branch whose result is multiplied by zero: the same answers
    for ~60x the compute, the kind of release a latency gate exists for;
 3. enrols the devices and starts one real agent child per device
    (``lepton-edge agent run --config ...``) on mixed profiles, and drives inference
@@ -154,7 +154,7 @@ def _free_port() -> int:
 
 
 # ---------------------------------------------------------------------------- models
-def _with_dead_branch(net: Any, width: int = 96, depth: int = 16) -> Any:
+def _with_dead_branch(net: Any, width: int = 128, depth: int = 24) -> Any:
     """``net`` plus real work that cannot change its answers: a deliberately slow release."""
     import torch.nn as nn
 
@@ -194,7 +194,7 @@ def _train_versions(clock: _Clock) -> tuple[dict[str, Any], Any, dict[str, float
 
     v3 = _with_dead_branch(copy.deepcopy(v2)).eval()
     acc3 = accuracy(v3, data.x_test, data.y_test)
-    clock.say(f"built v3 (v2 + a 16-layer convolution branch times zero): test accuracy {acc3:.4f}")
+    clock.say(f"built v3 (v2 + a 24-layer convolution branch times zero): test accuracy {acc3:.4f}")
     return {VERSIONS[0]: v1, VERSIONS[1]: v2, VERSIONS[2]: v3}, data, {VERSIONS[0]: acc1, VERSIONS[1]: acc2, VERSIONS[2]: acc3}
 
 
@@ -380,7 +380,7 @@ def _watch(client: Any, deployments: dict[str, str], clock: _Clock, budget_s: fl
 def _deploy(client: Any, version: str, selector: str, waves: str, soak: str, clock: _Clock) -> str:
     # The p95 gate allows +100% and any rise under 4 ms: two cores shared by four agents, the
     # service and this traffic make a sub-millisecond p95 (from ~36 samples a soak) jump by
-    # milliseconds between versions of the same network. The bad v3 adds ~10 ms of real compute.
+    # milliseconds between versions of the same network. The bad v3 adds well over 10 ms of real compute.
     dep = client.deploy(MODEL, version, [selector], waves=waves, soak=soak, timeout="60s",
                         max_error_rate="2%", max_p95_regression="100%", min_healthy="100%", p95_floor="4ms")
     clock.say(f"deploy {MODEL}@{version} --to {selector} --waves {waves} --soak {soak} (deployment {dep['id'][:8]})")
