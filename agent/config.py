@@ -12,10 +12,10 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from lepton_edge.errors import ConfigError
+from lepton_edge.safe_yaml import describe_validation_error, read_yaml_mapping
 
 __all__ = ["AgentConfig", "ApiConfig", "TlsConfig", "WatchdogConfig", "load_config", "MAX_CONFIG_BYTES"]
 
@@ -134,27 +134,8 @@ def _resolve_paths(data: dict[str, Any], base: Path) -> dict[str, Any]:
 
 
 def _read_yaml(path: Path) -> dict[str, Any]:
-    try:
-        raw = path.read_bytes() if path.stat().st_size <= MAX_CONFIG_BYTES else None
-    except OSError as e:
-        raise ConfigError(f"cannot read agent config {path}: {e.strerror}", hint="pass --config with the file's path") from None
-    if raw is None:
-        raise ConfigError(f"agent config {path} is larger than {MAX_CONFIG_BYTES} bytes", hint="a config is a page of YAML")
-    try:
-        text = raw.decode("utf-8")
-        # Anchors/aliases expand without bound (billion laughs); a config never needs them.
-        if any(isinstance(t, (yaml.AliasToken, yaml.AnchorToken)) for t in yaml.scan(text)):
-            raise ConfigError(f"agent config {path} uses YAML anchors/aliases, which it does not allow")
-        data = yaml.safe_load(text)
-    except UnicodeDecodeError:
-        raise ConfigError(f"agent config {path} is not UTF-8 text") from None
-    except yaml.YAMLError as e:
-        mark = getattr(e, "problem_mark", None)
-        where = f" at line {mark.line + 1}" if mark else ""
-        raise ConfigError(f"agent config {path} is not valid YAML{where}: {getattr(e, 'problem', None) or e}") from None
-    if not isinstance(data, dict):
-        raise ConfigError(f"agent config {path} must be a YAML mapping, got {type(data).__name__}")
-    return data
+    return read_yaml_mapping(path, what="agent config", max_bytes=MAX_CONFIG_BYTES, error=ConfigError,
+                             read_hint="pass --config with the file's path")
 
 
 def load_config(path: Path | str) -> AgentConfig:
@@ -164,10 +145,4 @@ def load_config(path: Path | str) -> AgentConfig:
     try:
         return AgentConfig.model_validate(data)
     except ValidationError as e:
-        first = e.errors()[0]
-        loc = ".".join(str(x) for x in first["loc"]) or "(top level)"
-        msg = first["msg"].removeprefix("Value error, ")
-        if first["type"] == "extra_forbidden":
-            msg = "unknown key (check its spelling)"
-        more = f" (+{e.error_count() - 1} more)" if e.error_count() > 1 else ""
-        raise ConfigError(f"agent config {p}: {loc}: {msg}{more}") from None
+        raise ConfigError(describe_validation_error(f"agent config {p}", e)) from None

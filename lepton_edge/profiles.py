@@ -18,10 +18,10 @@ from importlib import resources
 from pathlib import Path
 from typing import Any, Literal
 
-import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from .errors import ProfileError
+from .safe_yaml import describe_validation_error, read_yaml_mapping
 
 __all__ = [
     "DeviceProfile",
@@ -215,32 +215,10 @@ def _host_cpu_features() -> set[str]:
 
 
 def _read_yaml(path: Path) -> dict[str, Any]:
-    try:
-        size = path.stat().st_size
-    except OSError as e:
-        raise ProfileError(f"cannot read profile {path}: {e.strerror}") from None
-    if size > MAX_PROFILE_BYTES:
-        raise ProfileError(f"profile {path} is {size} bytes; the limit is {MAX_PROFILE_BYTES}", hint="a profile is a page of YAML")
-    raw = path.read_bytes()
-    try:
-        text = raw.decode("utf-8")
-    except UnicodeDecodeError:
-        raise ProfileError(f"profile {path} is not UTF-8 text") from None
-    try:
-        # The safe loader builds no objects; aliases are still expanded, so refuse them
-        # outright rather than risk exponential expansion.
-        if any(isinstance(t, (yaml.AliasToken, yaml.AnchorToken)) for t in yaml.scan(text)):
-            raise ProfileError(f"profile {path} uses YAML anchors/aliases, which profiles do not allow", hint="use extends: instead")
-        data = yaml.safe_load(text)
-    except yaml.YAMLError as e:
-        mark = getattr(e, "problem_mark", None)
-        where = f" at line {mark.line + 1}" if mark else ""
-        raise ProfileError(f"profile {path} is not valid YAML{where}: {getattr(e, 'problem', e)}") from None
-    if data is None:
-        raise ProfileError(f"profile {path} is empty", hint="a profile needs at least id, device, arch, cpu, memory_mb, runtime, precision, limits, sources")
-    if not isinstance(data, dict):
-        raise ProfileError(f"profile {path} must be a YAML mapping, got {type(data).__name__}")
-    return data
+    return read_yaml_mapping(
+        path, what="profile", max_bytes=MAX_PROFILE_BYTES, error=ProfileError, alias_hint="use extends: instead",
+        empty_hint="a profile needs at least id, device, arch, cpu, memory_mb, runtime, precision, limits, sources",
+    )
 
 
 def _deep_merge(base: dict[str, Any], child: dict[str, Any]) -> dict[str, Any]:
@@ -254,10 +232,7 @@ def _deep_merge(base: dict[str, Any], child: dict[str, Any]) -> dict[str, Any]:
 
 
 def _format_validation(path: str, err: ValidationError) -> str:
-    first = err.errors()[0]
-    loc = ".".join(str(p) for p in first["loc"]) or "(top level)"
-    more = f" (+{err.error_count() - 1} more)" if err.error_count() > 1 else ""
-    return f"profile {path}: {loc}: {first['msg']}{more}"
+    return describe_validation_error(f"profile {path}", err)
 
 
 def _profile_dirs(extra: list[Path] | None) -> list[Path]:

@@ -92,7 +92,7 @@ def test_hostile_profile_yaml_gets_one_clear_error(tmp_path: Path, text: str, ma
 def test_oversized_profile_refused(tmp_path: Path):
     p = tmp_path / "big.yaml"
     p.write_text("id: big\nnotes: " + "x" * MAX_PROFILE_BYTES)
-    with pytest.raises(ProfileError, match="limit"):
+    with pytest.raises(ProfileError, match="larger than"):
         validate_profile_file(p)
 
 
