@@ -37,6 +37,8 @@ def onnx_to_torch(path: Path, input_shape: tuple[int, ...]) -> Any:
     """Return an eval-mode ``torch.nn.Module`` computing what ``path`` computes on inputs of ``input_shape``."""
     import onnx
     from onnx import version_converter
+
+    _ensure_torchvision_importable()
     from onnx2torch import convert
 
     model = _folded(path, input_shape)
@@ -56,6 +58,39 @@ def onnx_to_torch(path: Path, input_shape: tuple[int, ...]) -> Any:
         raise OnnxImportError(f"onnx2torch failed on {path.name}: {_first_line(e)}") from None
     _static_reshapes(module)
     return module.eval()
+
+
+def _ensure_torchvision_importable() -> None:
+    """Let onnx2torch import without a working torchvision.
+
+    onnx2torch imports torchvision at import time, for two detection ops only
+    (NonMaxSuppression and RoiAlign). PyPI's torchvision wheels are built against PyPI's
+    CUDA torch and fail to import beside the CPU torch build (``operator torchvision::nms
+    does not exist``). Rather than pull a multi-GB CUDA torch into a converter, stand in a
+    module whose two functions say what is missing: every other op converts as before, and
+    a model that really uses those ops gets a clear error naming them.
+    """
+    import sys
+    import types
+
+    try:
+        import torchvision.ops  # noqa: F401
+
+        return
+    except (ImportError, RuntimeError):
+        for name in [m for m in sys.modules if m == "torchvision" or m.startswith("torchvision.")]:
+            del sys.modules[name]
+
+    def _missing(*_args: Any, **_kwargs: Any) -> Any:
+        raise OnnxImportError("this model uses NonMaxSuppression or RoiAlign, which need a torchvision that matches "
+                              "the installed torch build", unsupported_op=True)
+
+    ops = types.ModuleType("torchvision.ops")
+    ops.nms = ops.roi_align = ops.box_convert = _missing  # type: ignore[attr-defined]
+    vision = types.ModuleType("torchvision")
+    vision.ops = ops  # type: ignore[attr-defined]
+    vision.__lepton_placeholder__ = True  # type: ignore[attr-defined]
+    sys.modules["torchvision"], sys.modules["torchvision.ops"] = vision, ops
 
 
 def _static_reshapes(gm: Any) -> int:
