@@ -11,9 +11,10 @@
    (``lepton-edge agent run --config ...``) on mixed profiles, and drives inference
    traffic at each agent's KServe v2 API, checking every answer against its label;
 4. pushes the bundles and rolls out v1 to the fleet in waves, then v2 in waves with one
-   deployment per device class, one class after the other (a Pi's p95 is compared with
-   its own history, not with an x86 box's), each wave gated on the devices' telemetry:
-   error rate, p95 latency against the previous version, health;
+   deployment per device class, one class after the other (four agents share two cores
+   here, so one class's model loads would land in another's soak as latency it did not
+   cause), each wave gated on the devices' telemetry: error rate, p95 latency against the
+   previous version on the same profile, health;
 5. rolls out v3 to the canary class; its first wave breaks the p95 gate and the service
    rolls back every device that moved;
 6. prints progress throughout, then the fleet table and a table of checks.

@@ -410,6 +410,14 @@ def _gate_text(g: dict[str, Any]) -> str:
     return "FAILED: " + "; ".join(g["reasons"])
 
 
+def _p95_cell(g: dict[str, Any], key: str) -> str:
+    """One figure for a one-profile wave; one per profile in a mixed one (the gate compares per profile)."""
+    per_profile = g.get("p95_by_profile") or []
+    if len(per_profile) <= 1:
+        return _ms(g.get(key))
+    return ", ".join(f"{p['profile']} {_ms(p[key])}" for p in per_profile)
+
+
 def _wave_table(d: dict[str, Any]) -> Any:
     rows = []
     for w in d["waves_detail"]:
@@ -417,7 +425,7 @@ def _wave_table(d: dict[str, Any]) -> Any:
         counts = ", ".join(f"{k} {v}" for k, v in sorted(w["counts"].items()))
         gate = _gate_text(g)
         rows.append((w["wave"] + 1, w["devices"], counts, _pct(g.get("healthy")), _pct(g.get("error_rate")),
-                     _ms(g.get("p95_old_ms")), _ms(g.get("p95_new_ms")), gate))
+                     _p95_cell(g, "p95_old_ms"), _p95_cell(g, "p95_new_ms"), gate))
     title = f"deployment {d['id'][:12]} {d['model']}@{d['version']}: {d['status']}" + (f" ({d['reason']})" if d["reason"] else "")
     return table(title, ["wave", "devices", "status", "healthy", "error rate", "p95 before", "p95 after", "gate"], rows)
 

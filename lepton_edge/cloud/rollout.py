@@ -10,11 +10,14 @@ waves (``5%,25%,100%``). The leader's :meth:`Rollouts.tick` moves each deploymen
    a device that neither confirms nor fails within ``timeout_s`` is ``timed_out``;
 3. once every device of the wave has settled, soak for ``soak_s``, then check the gates:
    healthy fraction (activated, online, still on the version) ≥ ``min_healthy``; error
-   rate of the new version's telemetry since the soak began ≤ ``max_error_rate``; the
-   median p95 of the new version ≤ (1 + ``max_p95_regression``) × the median p95 the
-   same model's other versions reported since ``baseline_window_s`` before the deployment
-   (a rise of at most ``p95_floor_ms`` always passes: on sub-millisecond models scheduler
-   jitter alone moves p95 by large percentages). A wave whose devices reported no request
+   rate of the new version's telemetry since the soak began ≤ ``max_error_rate``; and,
+   **per device profile**, the median p95 of the new version on the wave's devices of that
+   profile ≤ (1 + ``max_p95_regression``) × the median p95 the same model's other versions
+   reported on the targeted devices of that profile since ``baseline_window_s`` before the
+   deployment. Comparing like with like matters: in a mixed fleet a wave of Pis measured
+   against a baseline of x86 boxes would fail a good release, and a wave of x86 boxes would
+   hide a regression. A rise of at most ``p95_floor_ms`` always passes: on sub-millisecond
+   models scheduler jitter alone moves p95 by large percentages. A wave whose devices reported no request
    on the new version has no data: silence is not health, so by default (``on_no_data=
    "fail"``) the gate waits for telemetry and fails once ``timeout_s`` passes without any;
    ``on_no_data="pass"`` lets an idle fleet through, marked ``no_data``;
@@ -329,7 +332,7 @@ class Rollouts:
             d = dict(conn.execute(select(db.deployments).where(db.deployments.c.id == dep_id)).mappings().one())
             rows = [dict(r) for r in conn.execute(select(db.deployment_devices).where(db.deployment_devices.c.deployment_id == dep_id)).mappings()]
             dev = {r["device_id"]: dict(r) for r in conn.execute(
-                select(db.devices.c.device_id, db.devices.c.fleet, db.devices.c.status, db.devices.c.active)
+                select(db.devices.c.device_id, db.devices.c.fleet, db.devices.c.profile, db.devices.c.status, db.devices.c.active)
                 .where(db.devices.c.device_id.in_([r["device_id"] for r in rows]))).mappings()}
             self._fold(conn, d, rows, dev, now)
             outbox: list[tuple[str, str, Any]] = []
@@ -460,24 +463,21 @@ class Rollouts:
         new_rows = []
         activated = [r["device_id"] for r in in_wave if r["status"] == "activated"]
         for i in range(0, len(activated), 500):
-            new_rows += conn.execute(select(t.c.count, t.c.errors, t.c.p95_ms).where(
+            new_rows += conn.execute(select(t.c.device_id, t.c.count, t.c.errors, t.c.p95_ms).where(
                 t.c.model == model, t.c.version == version, t.c.received_at >= d["soak_started_at"],
                 t.c.device_id.in_(activated[i:i + 500]))).all()
         targets = [r["device_id"] for r in rows if r["wave"] >= 0]
-        old_p95: list[float] = []
+        old_rows = []
         for i in range(0, len(targets), 500):
-            old_p95 += [x.p95_ms for x in conn.execute(select(t.c.p95_ms).where(
+            old_rows += conn.execute(select(t.c.device_id, t.c.p95_ms).where(
                 t.c.model == model, t.c.version != version, t.c.p95_ms.is_not(None), t.c.count > 0,
-                t.c.received_at >= d["created_at"] - self._baseline_window_s, t.c.device_id.in_(targets[i:i + 500])))]
+                t.c.received_at >= d["created_at"] - self._baseline_window_s, t.c.device_id.in_(targets[i:i + 500]))).all()
         requests = sum(x.count for x in new_rows)
         errors = sum(x.errors for x in new_rows)
-        new_p95 = [x.p95_ms for x in new_rows if x.p95_ms is not None and x.count > 0]
         res: dict[str, Any] = {"wave": d["current_wave"], "devices": len(in_wave), "passed": True, "at": now,
                                "healthy": len(healthy) / len(in_wave), "requests": requests,
                                "error_rate": errors / requests if requests else None,
-                               "p95_new_ms": statistics.median(new_p95) if new_p95 else None,
-                               "p95_old_ms": statistics.median(old_p95) if old_p95 else None, "reasons": [], "notes": [],
-                               "no_data": requests == 0}
+                               "reasons": [], "notes": [], "no_data": requests == 0}
         if res["healthy"] < d["min_healthy"]:
             unhealthy = sorted(set(r["device_id"] for r in in_wave) - set(healthy))
             res["reasons"].append(f"healthy {res['healthy']:.0%} < {d['min_healthy']:.0%} (not healthy: {', '.join(unhealthy[:5])})")
@@ -485,17 +485,43 @@ class Rollouts:
             res["notes"].append("no requests on the new version during the soak: error-rate gate not measurable")
         elif res["error_rate"] > d["max_error_rate"]:
             res["reasons"].append(f"error rate {res['error_rate']:.2%} > {d['max_error_rate']:.2%} ({errors} of {requests} requests)")
-        if res["p95_new_ms"] is None or res["p95_old_ms"] is None:
-            res["notes"].append("no p95 baseline or no new p95: latency gate not measurable")
-            res["p95_regression"] = None
-        else:
-            res["p95_regression"] = res["p95_new_ms"] / res["p95_old_ms"] - 1 if res["p95_old_ms"] > 0 else 0.0
-            if res["p95_regression"] > d["max_p95_regression"] and res["p95_new_ms"] - res["p95_old_ms"] > d["p95_floor_ms"]:
-                res["reasons"].append(f"p95 {res['p95_new_ms']:.2f} ms vs {res['p95_old_ms']:.2f} ms before: "
-                                      f"+{res['p95_regression']:.0%} > +{d['max_p95_regression']:.0%} "
-                                      f"(and +{res['p95_new_ms'] - res['p95_old_ms']:.2f} ms > the {d['p95_floor_ms']:g} ms floor)")
+        self._p95_gate(d, res, new_rows, old_rows, {k: v.get("profile") for k, v in dev.items()})
         res["passed"] = not res["reasons"]
         return res
+
+    @staticmethod
+    def _p95_gate(d: dict[str, Any], res: dict[str, Any], new_rows: Sequence[Any], old_rows: Sequence[Any],
+                  profile_of: dict[str, str | None]) -> None:
+        """The latency gate, one comparison per device profile; the worst one is the wave's headline."""
+        new_by: dict[str, list[float]] = {}
+        old_by: dict[str, list[float]] = {}
+        for x in new_rows:
+            if x.p95_ms is not None and x.count > 0:
+                new_by.setdefault(profile_of.get(x.device_id) or "?", []).append(x.p95_ms)
+        for x in old_rows:
+            old_by.setdefault(profile_of.get(x.device_id) or "?", []).append(x.p95_ms)
+        per_profile = []
+        for profile in sorted(new_by):
+            new_ms = statistics.median(new_by[profile])
+            old_ms = statistics.median(old_by[profile]) if profile in old_by else None
+            regression = None if old_ms is None else (new_ms / old_ms - 1 if old_ms > 0 else 0.0)
+            failed = regression is not None and regression > d["max_p95_regression"] and new_ms - old_ms > d["p95_floor_ms"]
+            per_profile.append({"profile": profile, "p95_new_ms": new_ms, "p95_old_ms": old_ms, "p95_regression": regression,
+                                "passed": not failed})
+            if old_ms is None:
+                res["notes"].append(f"{profile}: no p95 baseline from the old version, latency gate not measurable")
+            elif failed:
+                res["reasons"].append(f"p95 on {profile} {new_ms:.2f} ms vs {old_ms:.2f} ms before: +{regression:.0%} > "
+                                      f"+{d['max_p95_regression']:.0%} (and +{new_ms - old_ms:.2f} ms > the {d['p95_floor_ms']:g} ms floor)")
+        res["p95_by_profile"] = per_profile
+        measured = [p for p in per_profile if p["p95_regression"] is not None]
+        worst = max(measured, key=lambda p: p["p95_regression"]) if measured else None
+        res["p95_new_ms"] = worst["p95_new_ms"] if worst else None
+        res["p95_old_ms"] = worst["p95_old_ms"] if worst else None
+        res["p95_regression"] = worst["p95_regression"] if worst else None
+        res["p95_profile"] = worst["profile"] if worst else None
+        if not per_profile:
+            res["notes"].append("no p95 from the new version: latency gate not measurable")
 
     def _fail(self, conn: Connection, d: dict[str, Any], result: dict[str, Any]) -> None:
         results = db.loads(d["wave_results"], []) + [result]

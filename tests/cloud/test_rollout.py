@@ -121,3 +121,50 @@ def test_failed_activation_and_device_lost_mid_rollout_count_as_failed_not_in_pr
     assert fleet.devices[first[0]].active["digits"] == "1"  # it kept its working version
     listing = {x["device_id"]: x for x in client.devices()}
     assert listing[second[0]]["status"] == "offline" and listing[second[0]]["active"] == {"digits": "1"}
+
+
+def _mixed_fleet(svc, sim_fleet, cloud_bundles, pi: SimBehaviour, x86: SimBehaviour):
+    client = CloudClient(svc.url, svc.token)
+    for v in ("1", "2"):
+        for p in ("rpi5", "x86-avx2"):
+            client.push(cloud_bundles(v, p))
+    fleet = sim_fleet(svc.broker_url)
+    fleet.enroll(client, [f"pi-{i}" for i in range(3)], profile="rpi5", behaviour=pi)
+    fleet.enroll(client, [f"x86-{i}" for i in range(3)], profile="x86-avx2", behaviour=x86)
+    fleet.start(initial={"digits": "1"})
+    wait_for(lambda: all(d["status"] == "online" and d["p95_ms"] is not None for d in client.devices()), 15, "baseline telemetry")
+    return client, fleet
+
+
+def test_p95_gate_compares_each_profile_with_itself(start_service, private_broker, sim_fleet, cloud_bundles):
+    """A Pi is slower than an x86 box on every version; that is no regression of the new one."""
+    svc = start_service(broker_url=private_broker.url)
+    client, _ = _mixed_fleet(svc, sim_fleet, cloud_bundles, pi=SimBehaviour(default_p95_ms=12.0), x86=SimBehaviour(default_p95_ms=1.5))
+    # The first wave is 2 of 6 devices in a random order: pooled medians would fail a wave of Pis
+    # (12 ms against a mixed baseline) whatever the release; per profile, 12 is compared with 12.
+    d = client.deploy("digits", "2", ["all"], waves="34%,100%", soak="0.3s", timeout="20s", max_p95_regression="20%")
+    final = wait_deployment(client, d["id"])
+    assert final["status"] == "completed", final["reason"]
+    for gate in final["wave_results"]:
+        for p in gate["p95_by_profile"]:
+            assert p["passed"] and p["p95_new_ms"] == pytest.approx(p["p95_old_ms"]), gate
+    last = final["wave_results"][-1]
+    assert {p["profile"] for p in last["p95_by_profile"]} == {"rpi5", "x86-avx2"}
+
+
+def test_p95_gate_catches_a_regression_on_one_profile_that_a_pooled_median_hides(start_service, private_broker, sim_fleet,
+                                                                                   cloud_bundles):
+    svc = start_service(broker_url=private_broker.url)
+    # v2 triples the x86 p95 (1.5 -> 4.5 ms) and leaves the Pis alone. Pooled, the median over all
+    # six devices moves from (1.5+12)/2 = 6.75 to (4.5+12)/2 = 8.25 ms: +22%, +1.5 ms, a marginal call.
+    client, fleet = _mixed_fleet(svc, sim_fleet, cloud_bundles, pi=SimBehaviour(default_p95_ms=12.0),
+                                 x86=SimBehaviour(p95_ms={"1": 1.5, "2": 4.5}))
+    d = client.deploy("digits", "2", ["all"], soak="0.3s", timeout="20s", max_p95_regression="50%")
+    final = wait_deployment(client, d["id"])
+    assert final["status"] == "rolled_back", final["reason"]
+    gate = final["wave_results"][0]
+    by_profile = {p["profile"]: p for p in gate["p95_by_profile"]}
+    assert by_profile["rpi5"]["passed"] and by_profile["rpi5"]["p95_regression"] == pytest.approx(0.0)
+    assert not by_profile["x86-avx2"]["passed"] and by_profile["x86-avx2"]["p95_regression"] == pytest.approx(2.0)
+    assert gate["p95_profile"] == "x86-avx2" and "p95 on x86-avx2 4.50 ms vs 1.50 ms" in final["reason"]
+    assert all(sim.active["digits"] == "1" for sim in fleet.devices.values())
