@@ -208,6 +208,13 @@ class Outbox:
                 self._db.execute("UPDATE counters SET value = 0 WHERE name = 'dropped'")
             return value
 
+    def dropped_total(self) -> int:
+        """Records dropped since the queue was created; never reset, so a lost report loses no count."""
+        with self._lock:
+            self._check_open()
+            row = self._db.execute("SELECT value FROM counters WHERE name = 'dropped_total'").fetchone()
+            return int(row[0]) if row else 0
+
     def next_sequence(self, name: str) -> int:
         """A persistent counter (0, 1, 2, ... across restarts), e.g. the telemetry ``seq``."""
         with self._lock:
@@ -260,8 +267,10 @@ class Outbox:
             log.warning("could not count %d dropped records: %s", n, e)
 
     def _add_counter(self, name: str, n: int) -> None:
-        self._db.execute("INSERT INTO counters (name, value) VALUES (?, ?) "
-                         "ON CONFLICT(name) DO UPDATE SET value = value + excluded.value", (name, n))
+        names = (name, "dropped_total") if name == "dropped" else (name,)
+        for counter in names:
+            self._db.execute("INSERT INTO counters (name, value) VALUES (?, ?) "
+                             "ON CONFLICT(name) DO UPDATE SET value = value + excluded.value", (counter, n))
 
     def _rollback(self) -> None:
         try:

@@ -2,7 +2,8 @@
 
 It holds per-model inference stats since the previous report, CPU %, RSS and temperature,
 the per-device ``seq`` (persistent across restarts, so gaps show loss) and the number of
-queued records the outbox dropped since the last report. The message goes through the
+queued records the outbox dropped since the last report and since the queue was created
+(the total survives the loss of the report that carried a count). The message goes through the
 link's outbox, so a broker outage neither blocks this thread nor loses the report; the
 inference path is never touched (the metrics object is read, not locked against).
 
@@ -82,4 +83,4 @@ class TelemetryReporter:
             log.exception("could not sample system stats")
             system = SystemStats()
         return TelemetryMessage(ts=time.time(), seq=outbox.next_sequence("telemetry"), interval_s=self.interval_s,
-                                models=models, system=system, dropped=outbox.take_dropped())
+                                models=models, system=system, dropped=outbox.take_dropped(), dropped_total=outbox.dropped_total())

@@ -147,6 +147,8 @@ class TelemetryMessage(_Msg):
     models: dict[str, ModelStats] = Field(default_factory=dict, max_length=64)
     system: SystemStats = SystemStats()
     dropped: int = Field(default=0, ge=0, description="Records dropped from the offline queue since the last report.")
+    # A report can itself be dropped, taking its ``dropped`` with it; the running total cannot be lost that way.
+    dropped_total: int = Field(default=0, ge=0, description="Records dropped from the offline queue since the queue was created.")
 
 
 EventType = Literal[

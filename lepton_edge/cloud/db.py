@@ -101,6 +101,7 @@ devices = Table(
     Column("error_rate", Float),
     Column("telemetry_seq", BigInteger),
     Column("telemetry_interval_s", Float),
+    Column("queue_dropped_total", BigInteger),
 )
 
 telemetry = Table(

@@ -181,7 +181,7 @@ class Ingestor:
                         tm = decode_telemetry(payload)
                         if any(len(m) > 128 for m in tm.models):
                             raise ProtocolError("telemetry names a model longer than 128 characters")
-                        if tm.seq > _INT64 or any(st.count > _INT32 or st.errors > _INT32 for st in tm.models.values()):
+                        if tm.seq > _INT64 or tm.dropped_total > _INT64 or any(st.count > _INT32 or st.errors > _INT32 for st in tm.models.values()):
                             raise ProtocolError("telemetry counters are out of range")
                         total = errors = 0
                         p95 = None
@@ -193,7 +193,8 @@ class Ingestor:
                             if st.p95_ms is not None:
                                 p95 = st.p95_ms if p95 is None else max(p95, st.p95_ms)
                         tel_devices[device_id] = {"b_id": device_id, "last_seen": received, "p95_ms": p95,
-                                                  "error_rate": errors / total if total else None, "telemetry_seq": tm.seq}
+                                                  "error_rate": errors / total if total else None, "telemetry_seq": tm.seq,
+                                                  "queue_dropped_total": tm.dropped_total}
                     elif channel == "events":
                         ev = decode_event(payload)
                         event_rows.append({"device_id": device_id, "event_id": ev.event_id, "ts": ev.ts, "received_at": received,
@@ -221,7 +222,8 @@ class Ingestor:
             if tel_devices:
                 conn.execute(update(db.devices).where(db.devices.c.device_id == bindparam("b_id"))
                              .values(last_seen=bindparam("last_seen"), p95_ms=bindparam("p95_ms"), error_rate=bindparam("error_rate"),
-                                     telemetry_seq=bindparam("telemetry_seq")), list(tel_devices.values()))
+                                     telemetry_seq=bindparam("telemetry_seq"), queue_dropped_total=bindparam("queue_dropped_total")),
+                             list(tel_devices.values()))
             if event_rows:
                 ins = (pg_insert if conn.dialect.name == "postgresql" else sqlite_insert)(db.events)
                 conn.execute(ins.on_conflict_do_nothing(index_elements=["device_id", "event_id"]), event_rows)

@@ -43,6 +43,9 @@ def test_byte_cap_drops_oldest_first_and_counts_drops(tmp_path):
     assert [r.payload[-2:] for r in ob.peek(limit=100)] == [b"07", b"08", b"09", b"10", b"11"]
     assert ob.take_dropped() == 7
     assert ob.take_dropped() == 0  # reset by the read
+    assert ob.dropped_total() == 7  # never reset: a lost report that carried the 7 loses no count
+    ob.count_dropped(2)  # refused by the broker
+    assert (ob.take_dropped(), ob.dropped_total()) == (2, 9)
     # a record bigger than the whole queue is dropped (and counted), not stored
     small = Outbox(tmp_path / "small.db", 200)
     small.put(T, b"y" * 300)
@@ -64,6 +67,7 @@ def test_survives_restart_with_records_counters_and_sequence(tmp_path):
     assert again.pending_bytes == 3 * _size(b"abc")
     assert again.take_dropped() == 2
     assert again.next_sequence("telemetry") == 3
+    assert again.dropped_total() == 2
 
 
 def test_refuses_what_it_must_not_store(tmp_path):

@@ -34,6 +34,8 @@ def test_hostile_payloads_are_rejected_and_the_service_keeps_ingesting(start_ser
         (t + "telemetry", encode(TelemetryMessage(ts=1, seq=1, interval_s=1, models={"m" * 300: ModelStats(version="1", count=1, errors=0)}))),
         (t + "telemetry", encode(TelemetryMessage(ts=1, seq=1, interval_s=1, models={"m": ModelStats(version="1", count=2**40, errors=0)}))),
         (t + "telemetry", encode(TelemetryMessage(ts=1, seq=2**70, interval_s=1))),
+        (t + "telemetry", encode(TelemetryMessage(ts=1, seq=3, interval_s=1, dropped_total=2**70))),
+        (t + "telemetry", json.dumps({"ts": 1, "seq": 3, "interval_s": 1, "dropped_total": -1}).encode()),
     ]
     for topic, payload in junk:
         pub.publish(topic, payload, qos=1).wait_for_publish(5)
@@ -43,9 +45,11 @@ def test_hostile_payloads_are_rejected_and_the_service_keeps_ingesting(start_ser
     # Then the real thing.
     pub.publish(t + "state", encode(StateMessage(status="online", ts=time.time(), profile="rpi5", models={})), qos=1, retain=True)
     pub.publish(t + "telemetry", encode(TelemetryMessage(ts=time.time(), seq=2, interval_s=1,
-                                                         models={"digits": ModelStats(version="1", count=200, errors=2, p95_ms=3.5)})), qos=1)
+                                                         models={"digits": ModelStats(version="1", count=200, errors=2, p95_ms=3.5)},
+                                                         dropped=4, dropped_total=17)), qos=1)
     dev = wait_for(lambda: (d := client.device("dev-1"))["p95_ms"] and d, 10, "the good telemetry to land")
     assert dev["status"] == "online" and dev["p95_ms"] == 3.5 and dev["error_rate"] == 0.01
+    assert dev["queue_dropped_total"] == 17
     stats = client.metrics()["ingest"]
     assert stats["rejected"] == len(junk)
     assert stats["unknown_device"] == 1
