@@ -9,7 +9,11 @@ worker thread carries commands out in order:
   connect/read timeouts and an overall deadline; check its sha256 against the command;
   then hand it to the service's safe activation, which verifies the signature and the
   golden vectors and emits the activation events.
-* **rollback**: the service's rollback.
+* **rollback**: the service's rollback. A rollback of a model first supersedes every deploy
+  of that model queued or downloading before it: the download stops at its next chunk
+  (not after the whole bundle), the deploy ends ``activation_failed`` naming the rollback,
+  and the rollback then finds the device on the version it asks for. Otherwise a rolled-back
+  deployment would still download, and briefly activate, the release it rolled back.
 * **ping**: answered with a ``command_received`` event carrying ``pong``.
 
 Each step is reported as an :class:`~lepton_edge.protocol.EventMessage` through the link.
@@ -63,6 +67,10 @@ class DownloadError(AgentError):
 
 class TransientDownloadError(DownloadError):
     """The download failed for a reason that may pass (network, timeout, server error)."""
+
+
+class _Superseded(DownloadError):
+    """A rollback of the same model arrived: this deploy must not go on."""
 
 
 class _RangeRefused(TransientDownloadError):
@@ -309,6 +317,8 @@ class OtaHandler:
         self._queue: queue.Queue[Command | None] = queue.Queue(maxsize=_MAX_PENDING_COMMANDS)
         self._pending: set[str] = set()
         self._pending_lock = threading.Lock()
+        self._deploys_queued: dict[str, str] = {}  # cmd_id -> model, for deploys queued or running
+        self._superseded: dict[str, str] = {}  # deploy cmd_id -> the rollback cmd_id that supersedes it
         self._terminal_seen: set[str] = set()
         self._stop = threading.Event()
         self._idle = threading.Event()
@@ -329,13 +339,24 @@ class OtaHandler:
             if cmd.cmd_id in self._pending:
                 log.info("command %s is already queued or running; ignoring the repeat", cmd.cmd_id)
                 return
-            try:
-                self._queue.put_nowait(cmd)
-            except queue.Full:
+            if not self._enqueue(cmd, cmd):
                 self._event("error", cmd, f"too many pending commands ({_MAX_PENDING_COMMANDS}); send it again later")
-                return
-            self._pending.add(cmd.cmd_id)
-            self._idle.clear()
+
+    def _enqueue(self, item: Any, cmd: Command) -> bool:
+        """Queue under ``_pending_lock``; a rollback supersedes the deploys of its model ahead of it."""
+        try:
+            self._queue.put_nowait(item)
+        except queue.Full:
+            return False
+        self._pending.add(cmd.cmd_id)
+        self._idle.clear()
+        if isinstance(cmd, DeployCommand):
+            self._deploys_queued[cmd.cmd_id] = cmd.model
+        elif isinstance(cmd, RollbackCommand):
+            for deploy_id, model in self._deploys_queued.items():
+                if model == cmd.model:
+                    self._superseded.setdefault(deploy_id, cmd.cmd_id)
+        return True
 
     def wait_idle(self, timeout: float) -> bool:
         """True once every queued command is finished (for tests and an orderly shutdown)."""
@@ -366,6 +387,8 @@ class OtaHandler:
             finally:
                 with self._pending_lock:
                     self._pending.discard(cmd.cmd_id)
+                    self._deploys_queued.pop(cmd.cmd_id, None)
+                    self._superseded.pop(cmd.cmd_id, None)
                     if not self._pending:
                         self._idle.set()
 
@@ -401,6 +424,7 @@ class OtaHandler:
         part = self.downloads / f"{cmd.sha256}.lepton.part"
         self._discard_other_parts(keep=part)
         try:
+            self._check_superseded(cmd)
             if final.exists():  # left by an agent that stopped before activating: checked again below
                 os.replace(final, part)
             for attempt in (1, 2):
@@ -419,6 +443,11 @@ class OtaHandler:
                            "command": cmd.model_dump(mode="json")})
             self._event("activation_failed", cmd, f"download failed: {e}", data={"stage": "download", "retryable": True})
             return
+        except _Superseded as e:
+            part.unlink(missing_ok=True)
+            final.unlink(missing_ok=True)
+            self._finish(cmd, ok=False, stage="download", reason=str(e))
+            return
         except DownloadError as e:
             part.unlink(missing_ok=True)
             self._finish(cmd, ok=False, stage="download", reason=f"download failed: {e}")
@@ -427,7 +456,11 @@ class OtaHandler:
             self._finish(cmd, ok=False, stage="download", reason=f"cannot write {self.downloads}: {e.strerror or e}")
             return
         try:
+            self._check_superseded(cmd)
             result = self.service.activate(final, cmd_id=cmd.cmd_id, deployment_id=cmd.deployment_id)
+        except _Superseded as e:
+            self._finish(cmd, ok=False, stage="download", reason=str(e))
+            return
         finally:
             final.unlink(missing_ok=True)
         self._finish(cmd, ok=result.ok, reason=result.reason, stage="activate", result=result)
@@ -441,6 +474,7 @@ class OtaHandler:
         last_report = [time.monotonic(), 0]
 
         def on_attempt(offset: int) -> None:
+            self._check_superseded(cmd)
             nonlocal started
             if not started:
                 started = True
@@ -448,6 +482,7 @@ class OtaHandler:
                             data={"size": cmd.size, "resume_from": offset})
 
         def progress(done: int, total: int) -> None:
+            self._check_superseded(cmd)
             now = time.monotonic()
             tenth = done * 10 // total
             if done < total and tenth > last_report[1] and now - last_report[0] >= self.progress_every_s:
@@ -460,6 +495,11 @@ class OtaHandler:
         self._event("download_complete", cmd, f"{cmd.size} bytes",
                     data={"size": cmd.size, "transferred": transferred, "resumed_from": have,
                           "seconds": round(time.monotonic() - t0, 3)})
+
+    def _check_superseded(self, cmd: DeployCommand) -> None:
+        rollback_id = self._superseded.get(cmd.cmd_id)
+        if rollback_id is not None:
+            raise _Superseded(f"superseded by rollback command {rollback_id} before activation; not applied")
 
     def _verify(self, cmd: DeployCommand, part: Path, final: Path) -> None:
         digest = _sha256(part)
@@ -543,13 +583,9 @@ class OtaHandler:
                 continue
             log.info("resuming command %s, interrupted when the agent stopped", cmd.cmd_id)
             with self._pending_lock:
-                try:
-                    self._queue.put_nowait(_Resumed(cmd))  # type: ignore[arg-type]
-                except queue.Full:
+                if not self._enqueue(_Resumed(cmd), cmd):
                     log.warning("too many interrupted commands; %s waits for the cloud to send it again", cmd.cmd_id)
                     return
-                self._pending.add(cmd.cmd_id)
-                self._idle.clear()
 
 
 class _Resumed:

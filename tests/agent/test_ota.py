@@ -7,6 +7,7 @@ from __future__ import annotations
 import hashlib
 import http.server
 import threading
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -31,6 +32,7 @@ class Behaviour:
     token: str | None = None
     shift_resume: int = 0  # answer a Range request from the wrong offset
     redirect_loop: bool = False
+    dribble_s: float = 0.0  # send the body 4 KiB at a time with this pause in between (a slow link)
 
 
 class BlobServer:
@@ -85,6 +87,15 @@ class BlobServer:
                     self.wfile.write(body[:b.drop_first_after])
                     self.wfile.flush()
                     self.close_connection = True
+                    return
+                if b.dribble_s:
+                    try:
+                        for i in range(0, len(body), 4096):
+                            self.wfile.write(body[i:i + 4096])
+                            self.wfile.flush()
+                            time.sleep(b.dribble_s)
+                    except OSError:
+                        pass  # the client hung up: what a cancelled download does
                     return
                 self.wfile.write(body)
 
@@ -353,6 +364,45 @@ def test_rollback_and_ping(ota):
     _run(h, PingCommand(cmd_id="p-1"))
     pong = link.events[-1]
     assert pong.type == "command_received" and pong.data["pong"] is True and pong.cmd_id == "p-1"
+
+
+def test_a_rollback_stops_the_download_of_the_deploy_it_supersedes(server, ota, tmp_path):
+    srv = server(dribble_s=0.02)  # 256 KiB in 64 slices: seconds, so the rollback lands mid-download
+    h, svc, link = ota()
+    h.handle(_deploy(srv.url, cmd_id="c-1"))
+    deadline = time.monotonic() + 20
+    while "download_started" not in link.types("c-1") and time.monotonic() < deadline:
+        time.sleep(0.01)
+    h.handle(RollbackCommand(cmd_id="r-1", deployment_id="d-1", model="digits", to_version="1.0.0"))
+    assert h.wait_idle(60)
+    assert svc.activated == []  # the rolled-back release never went live, not even briefly
+    assert "download_complete" not in link.types("c-1")  # stopped mid-way, not after the whole bundle
+    failed = [e for e in link.events if e.cmd_id == "c-1"][-1]
+    assert failed.type == "activation_failed" and "superseded by rollback command r-1" in failed.detail
+    assert link.types("r-1") == ["command_received", "rolled_back"] and svc.rollbacks == [("digits", "1.0.0")]
+    assert not list((tmp_path / "state" / "downloads").iterdir())  # no partial file left on the SD card
+    # The cloud re-sending the deploy gets the recorded outcome again; nothing is applied.
+    _run(h, _deploy(srv.url, cmd_id="c-1"))
+    assert svc.activated == [] and link.events[-1].data["repeat"] is True
+
+
+def test_a_rollback_supersedes_only_its_own_model_and_only_earlier_deploys(server, ota):
+    srv = server()
+    h, svc, link = ota()
+    h.handle(RollbackCommand(cmd_id="r-other", model="other-model", to_version="1.0.0"))
+    h.handle(_deploy(srv.url, cmd_id="c-after"))  # queued after a rollback: a new release, applied
+    assert h.wait_idle(60)
+    assert [cmd for _, cmd in svc.activated] == ["c-after"]
+    # A deploy still queued behind a running one is superseded before it starts downloading.
+    slow = server(stall_first=True)
+    h2, svc2, link2 = ota(downloader=HttpDownloader(io_timeout_s=2, deadline_s=60, max_stalls=1))
+    h2.handle(_deploy(slow.url, cmd_id="c-stuck", model="other-model"))
+    h2.handle(_deploy(srv.url, cmd_id="c-queued"))
+    h2.handle(RollbackCommand(cmd_id="r-2", model="digits", to_version="1.0.0"))
+    slow.stall.set()
+    assert h2.wait_idle(60)
+    assert "c-queued" not in [cmd for _, cmd in svc2.activated] and "download_started" not in link2.types("c-queued")
+    assert "superseded by rollback command r-2" in [e for e in link2.events if e.cmd_id == "c-queued"][-1].detail
 
 
 def test_handle_never_blocks_and_a_duplicate_in_flight_is_ignored(server, ota):
