@@ -1,7 +1,9 @@
 """``lepton-edge demo``: the whole loop on one machine, on embedded defaults, in about two minutes.
 
 1. starts the cloud service in-process (SQLite, local artifact store) with its own
-   Mosquitto child (per-device passwords and ACL, :mod:`lepton_edge.cloud.broker`);
+   broker child: Mosquitto when installed, else the embedded Python MQTT 5 broker
+   (``LEPTON_EDGE_BROKER=embedded|mosquitto`` forces one; per-device passwords and ACL,
+   :mod:`lepton_edge.cloud.broker`);
 2. trains the digits CNN on scikit-learn's bundled digits and converts it, signed, for
    every profile in the fleet (``--profiles``): v1 = the trained net, v2 = v1 fine-tuned,
    and, for the canary device class (x86-avx2 when present), v3 = v2 plus a 24-layer
@@ -487,7 +489,7 @@ def run_demo(workdir: Path, profiles: list[str], budget_s: float) -> bool:
         service = CloudService(ServiceConfig(db=str(workdir / "cloud" / "cloud.db"), broker_url=None,
                                              artifacts=str(workdir / "cloud" / "artifacts"), trusted_keys=[pub],
                                              state_dir=workdir / "cloud", tick_s=0.5, resend_s=10.0)).start()
-        clock.say(f"cloud service on {service.url}, its own Mosquitto on {service.broker_url} "
+        clock.say(f"cloud service on {service.url}, its own {service.broker.kind} broker on {service.broker_url} "
                   f"(passwords + ACL in {service.broker.workdir})")
         client = CloudClient(service.url, service.token)
         checks.add("broker and cloud service started", client.health().get("replica") == service.replica_id,
@@ -587,8 +589,6 @@ def demo(workdir: Path | None, profiles: str, budget_s: float) -> None:
     wanted = [p.strip() for p in profiles.split(",") if p.strip()]
     if not wanted or len(wanted) > 8:
         raise DemoFailure("--profiles needs between 1 and 8 profiles", hint="e.g. --profiles x86-avx2,x86-avx2,rpi5,rpi4")
-    if shutil.which("mosquitto") is None and not Path("/usr/sbin/mosquitto").exists():
-        raise DemoFailure("the demo needs the mosquitto binary", hint="apt-get install mosquitto")
     # SIGTERM unwinds like Ctrl-C, so the finally blocks stop every child.
     signal.signal(signal.SIGTERM, _interrupt)
     # litert-torch loads JAX, whose fork warning would fire for every agent we start; the

@@ -1,4 +1,4 @@
-"""A Mosquitto the demo and ``cloud serve`` start when no ``--broker`` is given.
+"""The broker the demo and ``cloud serve`` start when no ``--broker`` is given: Mosquitto, or our own.
 
 :class:`ManagedMosquitto` runs ``mosquitto`` as a child process on 127.0.0.1 with its
 config, log and auth files in one working directory. With ``auth=True`` (the default) it
@@ -18,15 +18,26 @@ What a reload does to clients already connected (measured on Mosquitto 2.0.11, s
 ``tests/cloud/test_acl_enforcement.py``): the broker re-checks every connected client
 against the new password file and disconnects those whose credentials no longer
 match, so a revoked device is cut off at once, and its reconnect is refused (CONNACK
-reason 135, "not authorized"). ACL changes apply to connected clients from their next
+reason 135, "not authorized"). The embedded broker does the same. ACL changes apply to connected clients from their next
 publish or delivered message on.
 
-**No mosquitto binary**: :func:`start_broker` raises :class:`~.broker_auth.BrokerError`
-with the command that installs one (``apt-get install mosquitto``) or the hint to pass
-``--broker mqtt://host:port``. There is deliberately no embedded Python fallback: the
-only maintained pure-Python broker, amqtt, speaks MQTT 3.1.1 only and refuses the MQTT 5
-CONNECT that the agent and the service send (and it drops QoS 1 messages under load),
-so it would fail later and more confusingly than a clear error now.
+**Which broker**: :func:`managed_broker` (used by :func:`start_broker` and ``cloud serve``)
+returns a :class:`ManagedMosquitto` when :func:`find_mosquitto` finds the binary, and
+otherwise a :class:`ManagedEmbeddedBroker`: lepton-edge's own MQTT 5 broker in pure Python
+(:mod:`.embedded_broker`), run as a child process behind the same interface, reading the
+same password and ACL files and applying a reload the same way. It logs one line saying
+which it picked and why. The environment variable ``LEPTON_EDGE_BROKER`` forces the choice:
+
+``auto`` (default)
+    mosquitto when installed, else the embedded broker;
+``mosquitto``
+    mosquitto, or :class:`~.broker_auth.BrokerError` with the command that installs it;
+``embedded``
+    the embedded broker even where mosquitto exists (tests, benchmarks, the demo).
+
+The embedded broker suits a demo, tests and small fleets (see ``benchmarks/broker_bench.py``
+for its throughput next to mosquitto's); a production deployment runs Mosquitto (or any
+MQTT 5 broker, ``--broker mqtt://host:port``).
 """
 
 from __future__ import annotations
@@ -37,12 +48,21 @@ import shutil
 import signal
 import socket
 import subprocess
+import sys
 import time
 from pathlib import Path
 
+import logging
+
 from .broker_auth import ACL_FILE, PASSWORD_FILE, BrokerError, mosquitto_auth_conf
 
-__all__ = ["ManagedMosquitto", "start_broker", "find_mosquitto", "BrokerError"]
+__all__ = ["ManagedMosquitto", "ManagedEmbeddedBroker", "managed_broker", "start_broker", "find_mosquitto",
+           "broker_choice", "BROKER_ENV", "BrokerError"]
+
+log = logging.getLogger(__name__)
+
+BROKER_ENV = "LEPTON_EDGE_BROKER"
+_BROKER_CHOICES = ("auto", "mosquitto", "embedded")
 
 _START_TIMEOUT_S = 10.0
 _RELOAD_TIMEOUT_S = 10.0
@@ -87,14 +107,18 @@ def _connack_probe(port: int, timeout: float) -> None:
 class ManagedMosquitto:
     """A ``mosquitto`` child process on 127.0.0.1, its files in ``workdir``."""
 
+    kind = "mosquitto"
+    _NAME = "mosquitto"
+    _FILE_STEM = "mosquitto"
+
     def __init__(self, workdir: Path, port: int | None = None, *, auth: bool = True,
                  binary: str | None = None) -> None:
         self.workdir = Path(workdir).resolve()
         self.port = port or _free_port()
         self.auth = auth
         self.binary = binary or find_mosquitto()
-        self.conf_path = self.workdir / "mosquitto.conf"
-        self.log_path = self.workdir / "mosquitto.log"
+        self.conf_path = self.workdir / f"{self._FILE_STEM}.conf"
+        self.log_path = self.workdir / f"{self._FILE_STEM}.log"
         self.password_file = self.workdir / PASSWORD_FILE
         self.acl_file = self.workdir / ACL_FILE
         self._proc: subprocess.Popen | None = None
@@ -111,8 +135,8 @@ class ManagedMosquitto:
     def running(self) -> bool:
         return self._proc is not None and self._proc.poll() is None
 
-    def _write_conf(self) -> None:
-        lines = [
+    def _conf_lines(self) -> list[str]:
+        return [
             # Started as root, mosquitto would drop to the "mosquitto" user and lose access
             # to our private files; a child broker keeps its parent's rights instead.
             f"user {pwd.getpwuid(os.geteuid()).pw_name}",
@@ -127,6 +151,9 @@ class ManagedMosquitto:
             "connection_messages true",
             "log_timestamp true",
         ]
+
+    def _write_conf(self) -> None:
+        lines = self._conf_lines()
         if self.auth:
             for path in (self.password_file, self.acl_file):
                 if not path.exists():
@@ -137,14 +164,21 @@ class ManagedMosquitto:
             lines.append("allow_anonymous true")
         self.conf_path.write_text("\n".join(lines) + "\n")
 
-    def start(self) -> None:
-        if self.running():
-            return
+    def _command(self) -> list[str]:
+        return [self.binary, "-c", str(self.conf_path)]  # type: ignore[list-item]
+
+    def _check_binary(self) -> None:
         if not self.binary:
             raise BrokerError(
                 "no mosquitto binary found (looked on PATH and in /usr/sbin)",
-                hint="install it (apt-get install mosquitto) or pass --broker mqtt://HOST:PORT of a running MQTT 5 broker",
+                hint=f"install it (apt-get install mosquitto), unset {BROKER_ENV} to use the embedded broker, "
+                     "or pass --broker mqtt://HOST:PORT of a running MQTT 5 broker",
             )
+
+    def start(self) -> None:
+        if self.running():
+            return
+        self._check_binary()
         self.workdir.mkdir(parents=True, exist_ok=True)
         attempts = 1 if self._fixed_port else 3
         for attempt in range(attempts):
@@ -153,17 +187,17 @@ class ManagedMosquitto:
             self._write_conf()
             if self._launch():
                 return
-        raise BrokerError(f"mosquitto did not start: {self._last_log_line()}",
+        raise BrokerError(f"{self._NAME} did not start: {self._last_log_line()}",
                           hint=f"see {self.log_path}")
 
     def _launch(self) -> bool:
         log_offset = self.log_path.stat().st_size if self.log_path.exists() else 0
-        stderr = open(self.workdir / "mosquitto.stderr", "ab")
+        stderr = open(self.workdir / f"{self._FILE_STEM}.stderr", "ab")
+        command = self._command()
         try:
-            self._proc = subprocess.Popen([self.binary, "-c", str(self.conf_path)], stdin=subprocess.DEVNULL,
-                                          stdout=subprocess.DEVNULL, stderr=stderr)
+            self._proc = subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=stderr)
         except OSError as e:
-            raise BrokerError(f"cannot run {self.binary}: {e.strerror or e}") from None
+            raise BrokerError(f"cannot run {command[0]}: {e.strerror or e}") from None
         finally:
             stderr.close()
         deadline = time.monotonic() + _START_TIMEOUT_S
@@ -179,7 +213,7 @@ class ManagedMosquitto:
                     pass
             time.sleep(0.05)
         self.stop()
-        raise BrokerError(f"mosquitto did not listen on port {self.port} within {_START_TIMEOUT_S:.0f}s",
+        raise BrokerError(f"{self._NAME} did not listen on port {self.port} within {_START_TIMEOUT_S:.0f}s",
                           hint=f"see {self.log_path}")
 
     def _log_since(self, offset: int) -> str:
@@ -191,7 +225,7 @@ class ManagedMosquitto:
             return ""
 
     def _last_log_line(self) -> str:
-        text = self._log_since(0).strip() or (self.workdir / "mosquitto.stderr").read_text(errors="replace").strip()
+        text = self._log_since(0).strip() or (self.workdir / f"{self._FILE_STEM}.stderr").read_text(errors="replace").strip()
         return text.splitlines()[-1] if text else "no log output"
 
     def reload(self) -> None:
@@ -203,14 +237,14 @@ class ManagedMosquitto:
         if self._proc is None:
             return
         if self._proc.poll() is not None:
-            raise BrokerError(f"cannot reload the broker: mosquitto exited with code {self._proc.returncode}",
+            raise BrokerError(f"cannot reload the broker: {self._NAME} exited with code {self._proc.returncode}",
                               hint=f"see {self.log_path}")
         offset = self.log_path.stat().st_size if self.log_path.exists() else 0
         self._proc.send_signal(signal.SIGHUP)
         deadline = time.monotonic() + _RELOAD_TIMEOUT_S
         while "Reloading config" not in self._log_since(offset):
             if time.monotonic() > deadline or not self.running():
-                raise BrokerError("mosquitto did not confirm the reload", hint=f"see {self.log_path}")
+                raise BrokerError(f"{self._NAME} did not confirm the reload", hint=f"see {self.log_path}")
             time.sleep(0.02)
         _connack_probe(self.port, timeout=max(0.1, deadline - time.monotonic()))
 
@@ -225,7 +259,7 @@ class ManagedMosquitto:
             proc.kill()
             proc.wait(_STOP_TIMEOUT_S)
 
-    def __enter__(self) -> "ManagedMosquitto":
+    def __enter__(self) -> "ManagedMosquitto":  # also ManagedEmbeddedBroker
         self.start()
         return self
 
@@ -233,11 +267,67 @@ class ManagedMosquitto:
         self.stop()
 
     def __repr__(self) -> str:
-        return f"ManagedMosquitto({self.url}, auth={self.auth}, pid={self.pid})"
+        return f"{type(self).__name__}({self.url}, auth={self.auth}, pid={self.pid})"
+
+
+class ManagedEmbeddedBroker(ManagedMosquitto):
+    """:mod:`.embedded_broker` as a child process (its own GIL), with :class:`ManagedMosquitto`'s interface.
+
+    Its config file uses Mosquitto's syntax, so the auth lines and limits read the same;
+    it adds the bounds Mosquitto lacks or leaves unlimited (packet size, clients, CONNECT wait).
+    """
+
+    kind = "embedded"
+    _NAME = "the embedded broker"
+    _FILE_STEM = "embedded-broker"
+
+    def __init__(self, workdir: Path, port: int | None = None, *, auth: bool = True,
+                 max_packet_size: int = 1 << 20, max_connections: int = 5000) -> None:
+        super().__init__(workdir, port, auth=auth, binary=sys.executable)
+        self.max_packet_size = max_packet_size
+        self.max_connections = max_connections
+
+    def _command(self) -> list[str]:
+        return [sys.executable, "-m", "lepton_edge.cloud.embedded_broker", "-c", str(self.conf_path)]
+
+    def _check_binary(self) -> None:
+        pass
+
+    def _conf_lines(self) -> list[str]:
+        return super()._conf_lines()[1:] + [  # "user" is Mosquitto's privilege drop; a Python child has none
+            f"max_packet_size {self.max_packet_size}",
+            f"max_connections {self.max_connections}",
+            "connect_timeout 10",
+        ]
+
+
+def broker_choice() -> str:
+    """``auto``, ``mosquitto`` or ``embedded`` from :data:`BROKER_ENV`; BrokerError on anything else."""
+    choice = os.environ.get(BROKER_ENV, "auto").strip().lower() or "auto"
+    if choice not in _BROKER_CHOICES:
+        raise BrokerError(f"{BROKER_ENV}={choice!r} is not one of {', '.join(_BROKER_CHOICES)}",
+                          hint=f"unset {BROKER_ENV} to pick mosquitto when installed, else the embedded broker")
+    return choice
+
+
+def managed_broker(workdir: Path, port: int | None = None, *, auth: bool = True) -> ManagedMosquitto:
+    """A not yet started broker: mosquitto when installed, else the embedded one (see the module docstring)."""
+    choice = broker_choice()
+    binary = find_mosquitto()
+    if choice == "mosquitto" or (choice == "auto" and binary):
+        log.info("broker: mosquitto (%s)%s", binary or "not installed",
+                 f", forced by {BROKER_ENV}" if choice == "mosquitto" else "")
+        return ManagedMosquitto(workdir, port, auth=auth, binary=binary)
+    if choice == "embedded":
+        log.info("broker: the embedded Python MQTT 5 broker, forced by %s=embedded", BROKER_ENV)
+    else:
+        log.warning("broker: no mosquitto binary found (PATH, /usr/sbin); using the embedded Python MQTT 5 broker "
+                    "(fine for a demo or a small fleet; apt-get install mosquitto for more)")
+    return ManagedEmbeddedBroker(workdir, port, auth=auth)
 
 
 def start_broker(workdir: Path, port: int | None = None, *, auth: bool = True) -> ManagedMosquitto:
-    """Start and return a :class:`ManagedMosquitto`; :class:`BrokerError` with an install hint when none exists."""
-    broker = ManagedMosquitto(workdir, port, auth=auth)
+    """Start and return :func:`managed_broker`'s pick; :class:`BrokerError` when it cannot run."""
+    broker = managed_broker(workdir, port, auth=auth)
     broker.start()
     return broker

@@ -9,7 +9,7 @@ In-process (the demo, the fleet benchmark, tests)::
     svc.url, svc.token          # the HTTP API; also svc.registry / svc.fleet / svc.rollouts
     svc.stop()
 
-With ``broker_url=None`` the service starts its own Mosquitto (``lepton_edge.cloud.broker``)
+With ``broker_url=None`` the service starts its own broker (``lepton_edge.cloud.broker``: Mosquitto, else the embedded one)
 with per-device passwords and ACL under ``state_dir/broker``. As a child process::
 
     proc = spawn_service(["--db", "...", "--broker", "mqtt://...", "--trusted-key", "k.pub"])
@@ -139,12 +139,13 @@ class CloudService:
     def _start_broker_side(self) -> None:
         cfg = self.config
         if cfg.broker_url is None:
-            from .broker import ManagedMosquitto
+            from .broker import managed_broker
 
             self._service_password = self._setting("service_mqtt_password", broker_auth.new_password)
             # Agent configs name the broker's port, so a restarted service must come back on the same one.
             port = int(self._setting("managed_broker_port", lambda: str(_free_port())))
-            self.broker = ManagedMosquitto(Path(cfg.state_dir) / "broker", port, auth=True)
+            # Mosquitto when installed, else the embedded broker (LEPTON_EDGE_BROKER forces either); one log line says which.
+            self.broker = managed_broker(Path(cfg.state_dir) / "broker", port, auth=True)
             self._auth_dir: Path | None = self.broker.workdir
             self.broker_url = self.broker.url
         else:

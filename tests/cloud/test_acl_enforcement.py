@@ -1,4 +1,4 @@
-"""A real Mosquitto enforces the per-device ACL and revocation that broker_auth writes.
+"""A real Mosquitto, and the embedded broker, enforce the per-device ACL and revocation that broker_auth writes.
 
 Mosquitto drops an unauthorised publish or delivery silently, so every "never arrives"
 below is paired with a positive control sent after it on the same path: QoS 1 keeps one
@@ -14,7 +14,7 @@ import paho.mqtt.client as mqtt
 import pytest
 from paho.mqtt.reasoncodes import ReasonCode
 
-from lepton_edge.cloud.broker import ManagedMosquitto
+from lepton_edge.cloud.broker import ManagedEmbeddedBroker, ManagedMosquitto
 from lepton_edge.cloud.broker_auth import SERVICE_USER, hash_password, write_auth_files
 from lepton_edge.protocol import subscription, topic
 
@@ -81,9 +81,10 @@ def _write(broker: ManagedMosquitto, passwords: dict[str, str]) -> None:
     write_auth_files(broker.workdir, {u: hash_password(p) for u, p in passwords.items()}, devices)
 
 
-@pytest.fixture(scope="module")
-def broker(tmp_path_factory):
-    b = ManagedMosquitto(tmp_path_factory.mktemp("acl-broker"))
+@pytest.fixture(scope="module", params=["mosquitto", "embedded"])
+def broker(request, tmp_path_factory):
+    kind = {"mosquitto": ManagedMosquitto, "embedded": ManagedEmbeddedBroker}[request.param]
+    b = kind(tmp_path_factory.mktemp(f"acl-broker-{request.param}"))
     _write(b, PASSWORDS)
     b.start()
     yield b

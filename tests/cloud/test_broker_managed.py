@@ -1,4 +1,4 @@
-"""ManagedMosquitto: start, reload, stop, and one clear error when it cannot run."""
+"""ManagedMosquitto and ManagedEmbeddedBroker: start, reload, stop, and one clear error when they cannot run."""
 
 from __future__ import annotations
 
@@ -8,8 +8,17 @@ import threading
 import paho.mqtt.client as mqtt
 import pytest
 
-from lepton_edge.cloud.broker import ManagedMosquitto, start_broker
+from lepton_edge.cloud.broker import BROKER_ENV, ManagedEmbeddedBroker, ManagedMosquitto, start_broker
 from lepton_edge.cloud.broker_auth import BrokerError
+
+BROKERS = {"mosquitto": ManagedMosquitto, "embedded": ManagedEmbeddedBroker}
+
+
+@pytest.fixture(params=sorted(BROKERS))
+def broker_kind(request, monkeypatch) -> str:
+    """Each test runs against both brokers; start_broker() picks the same one through the environment."""
+    monkeypatch.setenv(BROKER_ENV, request.param)
+    return request.param
 
 
 def _anonymous_connect(port: int) -> bool:
@@ -28,10 +37,10 @@ def _anonymous_connect(port: int) -> bool:
         c.loop_stop()
 
 
-def test_start_reload_stop_with_auth(tmp_path):
+def test_start_reload_stop_with_auth(tmp_path, broker_kind):
     broker = start_broker(tmp_path / "b")
     try:
-        assert broker.running() and broker.url == f"mqtt://127.0.0.1:{broker.port}"
+        assert isinstance(broker, BROKERS[broker_kind]) and broker.running() and broker.url == f"mqtt://127.0.0.1:{broker.port}"
         conf = broker.conf_path.read_text()
         assert "allow_anonymous false" in conf and "max_queued_messages 100000" in conf
         assert broker.password_file.exists() and broker.acl_file.exists()
@@ -48,17 +57,17 @@ def test_start_reload_stop_with_auth(tmp_path):
     broker.stop()  # idempotent
 
 
-def test_without_auth_lets_anonymous_clients_in(tmp_path):
-    with ManagedMosquitto(tmp_path, auth=False) as broker:
+def test_without_auth_lets_anonymous_clients_in(tmp_path, broker_kind):
+    with BROKERS[broker_kind](tmp_path, auth=False) as broker:
         assert _anonymous_connect(broker.port)
 
 
-def test_a_taken_port_is_one_clear_error(tmp_path):
+def test_a_taken_port_is_one_clear_error(tmp_path, broker_kind):
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         s.listen()
-        broker = ManagedMosquitto(tmp_path, port=s.getsockname()[1])
-        with pytest.raises(BrokerError, match="mosquitto did not start"):
+        broker = BROKERS[broker_kind](tmp_path, port=s.getsockname()[1])
+        with pytest.raises(BrokerError, match=f"{broker._NAME} did not start"):
             broker.start()
         assert not broker.running()
 
@@ -72,8 +81,8 @@ def test_missing_binary_says_how_to_install(tmp_path, monkeypatch):
     assert "apt-get install mosquitto" in str(e.value) and "--broker" in str(e.value)
 
 
-def test_reload_before_start_is_a_no_op_and_after_a_crash_an_error(tmp_path):
-    broker = ManagedMosquitto(tmp_path)
+def test_reload_before_start_is_a_no_op_and_after_a_crash_an_error(tmp_path, broker_kind):
+    broker = BROKERS[broker_kind](tmp_path)
     broker.reload()  # start() reads the files anyway
     broker.start()
     try:
@@ -83,3 +92,20 @@ def test_reload_before_start_is_a_no_op_and_after_a_crash_an_error(tmp_path):
             broker.reload()
     finally:
         broker.stop()
+
+
+def test_auto_picks_mosquitto_when_installed_else_the_embedded_broker(tmp_path, monkeypatch, caplog):
+    from lepton_edge.cloud import broker as broker_module
+
+    monkeypatch.delenv(BROKER_ENV, raising=False)
+    assert type(broker_module.managed_broker(tmp_path)) is ManagedMosquitto
+    monkeypatch.setattr(broker_module, "find_mosquitto", lambda: None)
+    with caplog.at_level("WARNING", logger=broker_module.__name__):
+        assert type(broker_module.managed_broker(tmp_path)) is ManagedEmbeddedBroker
+    assert "no mosquitto binary found" in caplog.text and "embedded" in caplog.text
+    monkeypatch.setenv(BROKER_ENV, "mosquitto")
+    with pytest.raises(BrokerError, match="no mosquitto binary"):
+        start_broker(tmp_path)
+    monkeypatch.setenv(BROKER_ENV, "rabbitmq")
+    with pytest.raises(BrokerError, match="is not one of auto, mosquitto, embedded"):
+        broker_module.managed_broker(tmp_path)
