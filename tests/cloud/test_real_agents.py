@@ -166,3 +166,112 @@ def test_real_agents_error_rate_gate_rolls_back_a_bad_release(start_service, age
     assert not gate["passed"] and gate["requests"] > 0 and gate["error_rate"] > 0.5, gate
     assert sorted(x["status"] for x in final["devices"]) == ["not_sent", "rolled_back"]
     wait_for(lambda: all(d["active"] == {"digits": "1"} for d in client.devices()), 20, "every agent on v1 again")
+
+
+class _CuttingProxy:
+    """A TCP proxy in front of the service's HTTP port that cuts each of the first ``cuts``
+    bundle downloads after ``after`` response bytes: a flaky link between device and cloud."""
+
+    def __init__(self, upstream_port: int, *, cuts: int, after: int) -> None:
+        import socket
+
+        self.upstream_port, self.cuts_left, self.after = upstream_port, cuts, after
+        self.requests: list[str] = []  # the request line and Range header of each download
+        self._lock = threading.Lock()
+        self._server = socket.create_server(("127.0.0.1", 0))
+        self.port = self._server.getsockname()[1]
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        import socket
+
+        while True:
+            try:
+                client, _ = self._server.accept()
+            except OSError:
+                return
+            upstream = socket.create_connection(("127.0.0.1", self.upstream_port), timeout=10)
+            threading.Thread(target=self._serve, args=(client, upstream), daemon=True).start()
+
+    def _serve(self, client, upstream) -> None:
+        head = client.recv(65536)
+        first_line = head.split(b"\r\n", 1)[0].decode(errors="replace")
+        ranged = next((ln.decode() for ln in head.split(b"\r\n") if ln.lower().startswith(b"range:")), "")
+        cut = False
+        if "/download" in first_line:
+            with self._lock:
+                self.requests.append(f"{first_line} {ranged}".strip())
+                if self.cuts_left > 0:
+                    self.cuts_left -= 1
+                    cut = True
+        upstream.sendall(head)
+        threading.Thread(target=self._pump, args=(client, upstream, None), daemon=True).start()
+        self._pump(upstream, client, self.after if cut else None)
+
+    @staticmethod
+    def _pump(src, dst, limit) -> None:
+        sent = 0
+        try:
+            while limit is None or sent < limit:
+                data = src.recv(65536 if limit is None else min(65536, limit - sent))
+                if not data:
+                    break
+                dst.sendall(data)
+                sent += len(data)
+        except OSError:
+            pass
+        finally:
+            import socket
+
+            for s in (src, dst):
+                try:
+                    # shutdown, not just close: the other pump's thread is blocked in recv on the
+                    # same socket, and a bare close would not send the FIN until that recv returns.
+                    s.shutdown(socket.SHUT_RDWR)
+                except OSError:
+                    pass
+                s.close()
+
+    def close(self) -> None:
+        self._server.close()
+
+
+@pytest.mark.slow
+def test_real_agents_resume_cut_downloads_and_an_agent_lost_mid_rollout_counts_as_failed(start_service, agents, converted_bundles):
+    service_port = free_port()
+    proxy = _CuttingProxy(service_port, cuts=2, after=40_000)
+    try:
+        svc = start_service(broker_url=None, port=service_port, public_url=f"http://127.0.0.1:{proxy.port}")
+        client = CloudClient(svc.url, svc.token)
+        for archive in converted_bundles.values():
+            client.push(archive)
+        fleet = agents(client)
+        for i in range(3):
+            fleet.start(f"agent-{i}")
+        fleet.wait_online()
+        proxy.cuts_left = 0  # v1 goes out whole
+        first = client.deploy("digits", "1", ["all"], soak="0s", timeout="60s", on_no_data="pass")
+        assert wait_deployment(client, first["id"], timeout=90)["status"] == "completed"
+
+        # One device dies without a word (kill -9: no DISCONNECT, so the broker publishes its Last Will).
+        lost = fleet.procs[2]
+        lost.kill()
+        lost.wait(10)
+        wait_for(lambda: client.device("agent-2")["status"] == "offline", 20, "the Last Will to mark agent-2 offline")
+        proxy.cuts_left, proxy.requests = 2, []
+        second = client.deploy("digits", "2", ["all"], soak="0.5s", timeout="15s", min_healthy="60%", on_no_data="pass")
+        final = wait_deployment(client, second["id"], timeout=90)
+    finally:
+        proxy.close()
+    rows = {x["device_id"]: x for x in final["devices"]}
+    assert final["status"] == "completed", (final["reason"], [(k, v["status"], v["detail"]) for k, v in rows.items()], proxy.requests)
+    # Never stuck "in progress": the silent device timed out and counts as failed.
+    assert rows["agent-2"]["status"] == "timed_out" and "no confirmation within 15s" in rows["agent-2"]["detail"]
+    assert final["wave_results"][0]["healthy"] == pytest.approx(2 / 3)
+    assert rows["agent-0"]["status"] == rows["agent-1"]["status"] == "activated"
+    # Both live agents had their download cut at 40,000 bytes, then resumed it from where it broke.
+    resumed = [r for r in proxy.requests if "Range: bytes=" in r]
+    assert len(proxy.requests) == 4 and len(resumed) == 2, proxy.requests
+    assert all(int(r.rsplit("bytes=", 1)[1].rstrip("-")) > 0 for r in resumed)
+    assert {d["device_id"]: d["active"] for d in client.devices()} == {
+        "agent-0": {"digits": "2"}, "agent-1": {"digits": "2"}, "agent-2": {"digits": "1"}}
