@@ -282,10 +282,11 @@ class ManagedEmbeddedBroker(ManagedMosquitto):
     _FILE_STEM = "embedded-broker"
 
     def __init__(self, workdir: Path, port: int | None = None, *, auth: bool = True,
-                 max_packet_size: int = 1 << 20, max_connections: int = 5000) -> None:
+                 max_packet_size: int = 1 << 20, max_connections: int = 5000, connect_timeout_s: float = 10.0) -> None:
         super().__init__(workdir, port, auth=auth, binary=sys.executable)
         self.max_packet_size = max_packet_size
         self.max_connections = max_connections
+        self.connect_timeout_s = connect_timeout_s
 
     def _command(self) -> list[str]:
         return [sys.executable, "-m", "lepton_edge.cloud.embedded_broker", "-c", str(self.conf_path)]
@@ -297,7 +298,7 @@ class ManagedEmbeddedBroker(ManagedMosquitto):
         return super()._conf_lines()[1:] + [  # "user" is Mosquitto's privilege drop; a Python child has none
             f"max_packet_size {self.max_packet_size}",
             f"max_connections {self.max_connections}",
-            "connect_timeout 10",
+            f"connect_timeout {self.connect_timeout_s}",
         ]
 
 

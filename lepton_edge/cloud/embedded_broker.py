@@ -967,6 +967,8 @@ class _Connection(asyncio.Protocol):
             self._on_connect(body)
         elif kind == _AUTH:
             raise _ProtocolViolation(_RC_PROTOCOL_ERROR, "AUTH is not supported")
+        elif kind == 0:
+            raise _ProtocolViolation(_RC_MALFORMED, "reserved packet type 0")
         else:
             raise _ProtocolViolation(_RC_PROTOCOL_ERROR, f"packet type {kind} not allowed from a client")
 
@@ -975,7 +977,7 @@ class _Connection(asyncio.Protocol):
         name = r.binary()
         level = r.byte()
         if name not in (b"MQTT", b"MQIsdp") or level not in (4, 5):
-            self.version = 5 if level == 5 else 4
+            self.version = 5 if level >= 5 else 4
             self.client_id = "(unsupported version)"
             raise _ProtocolViolation(_RC_UNSUPPORTED_VERSION, f"unsupported protocol {name[:10]!r} level {level}")
         self.version = level
