@@ -22,10 +22,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
 from ..errors import BundleFormatError, BundleIntegrityError, SignatureError
-from ..signing import Signature, load_public_key, verify
+from ..signing import Signature, TrustedKey, load_public_key, verify
 from ._paths import check_member_name
 from .manifest import MANIFEST_NAME, SIGNATURE_NAME, Manifest, TensorSpec, parse_manifest
 from .writer import sha256_file
@@ -67,14 +66,14 @@ class Bundle:
         return _load_golden(self.path_of(g.file), self.manifest, max_bytes)
 
 
-def _as_public_keys(keys: Sequence[Ed25519PublicKey | Path | str]) -> list[Ed25519PublicKey]:
-    return [k if isinstance(k, Ed25519PublicKey) else load_public_key(k) for k in keys]
+def _as_public_keys(keys: Sequence[TrustedKey | Path | str]) -> list[TrustedKey]:
+    return [load_public_key(k) if isinstance(k, (str, os.PathLike)) else k for k in keys]
 
 
 def read_bundle(
     path: Path | str,
     *,
-    trusted_keys: Sequence[Ed25519PublicKey | Path | str] = (),
+    trusted_keys: Sequence[TrustedKey | Path | str] = (),
     allow_unsigned: bool = False,
     extract_dir: Path | str | None = None,
     limits: ReadLimits = ReadLimits(),
@@ -101,7 +100,7 @@ def read_bundle(
     return _read_dir(p, _as_public_keys(trusted_keys), allow_unsigned, limits)
 
 
-def _read_dir(root: Path, keys: list[Ed25519PublicKey], allow_unsigned: bool, limits: ReadLimits) -> Bundle:
+def _read_dir(root: Path, keys: list[TrustedKey], allow_unsigned: bool, limits: ReadLimits) -> Bundle:
     present = _scan_layout(root, limits)
     if MANIFEST_NAME not in present:
         raise BundleFormatError(f"{root} has no {MANIFEST_NAME}; is it a bundle?", hint="bundles are made by `lepton-edge convert`")
@@ -135,7 +134,7 @@ def _read_dir(root: Path, keys: list[Ed25519PublicKey], allow_unsigned: bool, li
 
 
 def _check_signature(
-    root: Path, manifest: Manifest, present: dict[str, int], keys: list[Ed25519PublicKey], allow_unsigned: bool
+    root: Path, manifest: Manifest, present: dict[str, int], keys: list[TrustedKey], allow_unsigned: bool
 ) -> tuple[str | None, bool]:
     if SIGNATURE_NAME not in present:
         if allow_unsigned:

@@ -40,3 +40,21 @@ print("HEAVY:" + ",".join(m for m in ("torch", "onnx") if m in sys.modules))
     r = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr
     assert r.stdout.strip().endswith("HEAVY:"), r.stdout
+
+
+def test_serving_a_signed_bundle_keeps_cryptography_out(bundles, tmp_path, agent_keys):
+    """Checking a bundle's signature goes through the system libcrypto hashlib already holds:
+    importing cryptography would add ~9 MB of OpenSSL bindings to the agent's RSS."""
+    probe = f"""
+import sys, numpy as np
+from pathlib import Path
+from lepton_edge.agent.config import AgentConfig
+from lepton_edge.agent.service import AgentService
+svc = AgentService(AgentConfig(device_id="d", profile="x86-avx2", state_dir=Path({str(tmp_path)!r}),
+                               trusted_keys=[Path({str(agent_keys[1])!r})], models=[Path({str(bundles.v1)!r})]))
+assert svc.loaded("digits").version
+print("LOADED:" + ",".join(sorted(m for m in sys.modules if m.split(".")[0] in ("cryptography", "rich"))))
+"""
+    r = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip().endswith("LOADED:"), r.stdout
