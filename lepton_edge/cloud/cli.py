@@ -81,7 +81,8 @@ def cloud() -> None:
 
 @cloud.command("serve")
 @click.option("--db", default="lepton-cloud/cloud.db", show_default=True, help="SQLite file or postgresql://user@host/db.")
-@click.option("--broker", default=None, help="MQTT 5 broker URL; without it the service starts its own Mosquitto.")
+@click.option("--broker", default=None, help="MQTT 5 broker URL; without it the service starts its own: Mosquitto when installed, "
+                                                  "else the embedded Python broker (LEPTON_EDGE_BROKER=embedded|mosquitto forces one).")
 @click.option("--broker-username", default="lepton-cloud", show_default=True)
 @click.option("--broker-password", envvar="LEPTON_BROKER_PASSWORD", default=None, help="(LEPTON_BROKER_PASSWORD)")
 @click.option("--auth-dir", type=click.Path(file_okay=False, path_type=Path), default=None,

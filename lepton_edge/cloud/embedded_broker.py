@@ -111,6 +111,8 @@ _ALLOWED_PROPERTIES = {
 _FORWARDED_PROPERTIES = frozenset({0x01, 0x03, 0x08, 0x09, 0x26})
 
 _PINGRESP_PACKET = b"\xd0\x00"
+# Deliveries gathered for one write; past this the rest wait for the next loop iteration.
+_WRITE_BATCH_BYTES = 256 * 1024
 _SESSION_NEVER_EXPIRES = 0xFFFFFFFF
 
 
@@ -754,6 +756,9 @@ class _Connection(asyncio.Protocol):
         self.peer = "?"
         self._timer: asyncio.TimerHandle | None = None
         self._loop = asyncio.get_running_loop()
+        self._out: list[bytes] = []
+        self._out_bytes = 0
+        self._flush_pending = False
 
     # -- transport callbacks
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -853,7 +858,24 @@ class _Connection(asyncio.Protocol):
     # -- sending
     def send(self, data: bytes) -> None:
         if not self.closing:
-            self.transport.write(data)  # type: ignore[union-attr]
+            self._out.append(data)
+            self._out_bytes += len(data)
+            if not self._flush_pending:
+                self._flush_pending = True
+                self._loop.call_soon(self._flush)
+
+    def _flush(self) -> None:
+        # One write per loop iteration: replies and deliveries made while handling a burst of
+        # packets leave in one segment instead of one syscall (and one TCP segment) each.
+        self._flush_pending = False
+        if self._out and self.transport is not None and not self.transport.is_closing():
+            data = b"".join(self._out) if len(self._out) > 1 else self._out[0]
+            self._out.clear()
+            self._out_bytes = 0
+            self.transport.write(data)
+            session = self.session
+            if session is not None and session.queue:
+                self.pump()  # it stopped at the batch limit
 
     def close(self, reason: int, message: str = "") -> None:
         """Say why (CONNACK before the session exists, DISCONNECT after, MQTT 5 only) and close."""
@@ -865,6 +887,7 @@ class _Connection(asyncio.Protocol):
             elif self.session is not None and self.version == 5:
                 props = [(_P_REASON_STRING, message[:200])] if message else []
                 self.send(_packet(0xE0, bytes((reason,)) + _encode_properties(props)))
+        self._flush()
         self.closing = True
         self.transport.close()
         # close() waits for the write buffer to drain; a client that never reads must not keep it forever.
@@ -883,8 +906,8 @@ class _Connection(asyncio.Protocol):
             return
         queue, inflight = session.queue, session.inflight
         stats = self.broker.stats
-        write = self.transport.write  # type: ignore[union-attr]
-        while queue and not self.paused and not self.closing:
+        send = self.send
+        while queue and not self.paused and not self.closing and self._out_bytes < _WRITE_BATCH_BYTES:
             msg, qos, retain, sub_ids = queue[0]
             if qos and len(inflight) >= self.send_quota:
                 return
@@ -898,7 +921,7 @@ class _Connection(asyncio.Protocol):
             if qos:
                 pid = session.next_packet_id()
                 inflight[pid] = [msg, qos, retain, sub_ids, False]
-            write(self._encode_publish(msg, qos, retain, pid, sub_ids, False))
+            send(self._encode_publish(msg, qos, retain, pid, sub_ids, False))
             stats["sent"] += 1
 
     def _encode_publish(self, msg: _Message, qos: int, retain: bool, pid: int, sub_ids: list | None, dup: bool) -> bytes:

@@ -22,6 +22,8 @@ from paho.mqtt.subscribeoptions import SubscribeOptions
 from lepton_edge.cloud.broker import ManagedEmbeddedBroker
 from lepton_edge.cloud.broker_auth import hash_password, write_auth_files
 
+from test_real_agents import agents  # noqa: F401  (a fixture: real agent child processes)
+
 WAIT_S = 10.0
 MAX_PACKET = 64 * 1024
 CONNECT_TIMEOUT_S = 1.0
@@ -478,3 +480,29 @@ def test_many_idle_sockets_do_not_stop_a_normal_client(broker, clients):
     finally:
         for s in idle:
             s.close()
+
+
+# ------------------------------------------------------------------------------- the whole service
+
+@pytest.mark.slow
+def test_cloud_service_on_the_embedded_broker_rolls_out_to_a_real_agent(monkeypatch, start_service, agents,
+                                                                          converted_bundles):
+    from lepton_edge.cloud.broker import BROKER_ENV
+    from lepton_edge.cloud.client import CloudClient
+
+    from cloud_helpers import wait_deployment
+
+    monkeypatch.setenv(BROKER_ENV, "embedded")
+    svc = start_service(broker_url=None)  # per-device passwords and ACL, enforced by the embedded broker
+    assert isinstance(svc.broker, ManagedEmbeddedBroker), svc.broker
+    client = CloudClient(svc.url, svc.token)
+    for archive in converted_bundles.values():
+        client.push(archive)
+    fleet = agents(client)
+    fleet.start("agent-0")
+    fleet.wait_online()
+    for version in ("1", "2"):
+        dep = client.deploy("digits", version, ["tag:site=lab"], soak="0.5s", timeout="60s", on_no_data="pass")
+        done = wait_deployment(client, dep["id"], timeout=90)
+        assert done["status"] == "completed", (done["reason"], done["devices"])
+        assert [d["active"] for d in client.devices()] == [{"digits": version}]
