@@ -71,6 +71,8 @@ class StaticInt8Config(PassConfig):
     calibration: Literal["minmax", "entropy", "percentile"] = Field(default="minmax", description="How activation ranges are chosen from the calibration data.")
     calibration_samples: int = Field(default=256, ge=1, le=100_000, description="Calibration samples used (the first N).")
     nodes_to_exclude: tuple[str, ...] = Field(default=(), description="Node names kept in float.")
+    compact: bool = Field(default=True, description="Lean encoding (no all-zero constant zero points, shared scalars, short names), "
+                          "kept only when onnxruntime fuses it into the same kernels with bit-identical outputs.")
 
 
 class DynamicInt8Config(PassConfig):
@@ -143,10 +145,11 @@ def quantize_static_int8(config: StaticInt8Config, src: Path, out: Path, *, inpu
     batch = min(batch, len(x))
     method = {"minmax": CalibrationMethod.MinMax, "entropy": CalibrationMethod.Entropy, "percentile": CalibrationMethod.Percentile}[config.calibration]
     extra = {"CalibMaxIntermediateOutputs": 64} if config.calibration != "minmax" else {}
+    written = out.with_name(out.stem + "-quantizer.onnx") if config.compact else out
     with _in_temp_dir() as log, contextlib.redirect_stdout(io.StringIO()):
         try:
             quantize_static(
-                str(src), str(out), _Reader(input_name, x, batch),
+                str(src), str(written), _Reader(input_name, x, batch),
                 quant_format=QuantFormat.QDQ if config.format == "qdq" else QuantFormat.QOperator,
                 per_channel=config.per_channel, reduce_range=config.reduce_range,
                 activation_type=_qtype(config.activation_type), weight_type=_qtype(config.weight_type),
@@ -154,7 +157,13 @@ def quantize_static_int8(config: StaticInt8Config, src: Path, out: Path, *, inpu
             )
         except Exception as e:  # the quantizer's failures are untyped
             raise ConversionError(f"static INT8 quantization failed: {str(e).splitlines()[0][:200]}") from None
-    return _settings(config, log)
+    settings = _settings(config, log)
+    if config.compact:
+        from .compact import compact_quantized
+
+        settings["encoding"] = compact_quantized(written, out, sample=x[:8])
+        written.unlink()
+    return settings
 
 
 @register_pass("int8-dynamic", stage="precision", description="INT8 weights, activations quantized at run time (transformers).", config=DynamicInt8Config)
