@@ -80,6 +80,14 @@ class Latency:
     threads: int
     times_ms: tuple[float, ...] = ()
 
+    @property
+    def se_ms(self) -> float:
+        """Standard error of the p50, from the interquartile range of the runs (robust to a few stalls)."""
+        if len(self.times_ms) < 4:
+            return 0.0
+        q1, q3 = np.percentile(self.times_ms, [25, 75])
+        return float(1.2533 * (q3 - q1) / 1.349 / np.sqrt(len(self.times_ms)))
+
 
 def measure_latency(session: Session, sample: np.ndarray, *, threads: int, runs: int, max_seconds: float = 5.0, warmup: int = 3) -> Latency:
     """Batch-1 latency of ``session``: ``runs`` timed calls after warm-up, cut short after ``max_seconds``."""

@@ -3,10 +3,15 @@
 Gate: with labels, the accuracy drop against the original; without labels, the share of
 top-1 disagreement; for non-classifiers, the profile's min cosine and max abs error.
 
-Winner: when the profile matches this host, the fastest measured candidate inside the
-budget and the limits, never one slower than the optimised FP32 model; otherwise the
-first such candidate in the profile's ``precision.allowed`` order (host latency is then
-only a proxy, and the report says so).
+Winner: when the profile matches this host, among the candidates inside the budget and the
+limits, never one slower than the optimised FP32 model, those whose p50 latency is within
+the measurement noise of the fastest (:func:`tie_band_ms`) tie on speed, and of them the
+most accurate wins (accuracy or top-1 agreement, then output cosine with the original; then
+the smaller, then the faster). A candidate measurably faster than all others wins outright.
+So no candidate the search tried, the naive configuration included, is both at least as
+fast (within noise) and more accurate than the winner. Otherwise (host does not match) the
+first such candidate in the profile's ``precision.allowed`` order wins (host latency is
+then only a proxy, and the report says so).
 
 Public API: :class:`Candidate`, :class:`Budget`, :func:`gate`, :func:`choose_winner`.
 """
@@ -19,7 +24,9 @@ from typing import Any
 
 from .evaluate import Agreement
 
-__all__ = ["Budget", "Candidate", "gate", "choose_winner"]
+__all__ = ["Budget", "Candidate", "gate", "choose_winner", "tie_band_ms", "speed_ties", "fidelity", "TIE_FLOOR"]
+
+TIE_FLOOR = 0.05  # p50s within 5 % of each other are not told apart (run-to-run noise on a shared host)
 
 
 @dataclass(frozen=True)
@@ -88,6 +95,7 @@ class Candidate:
     memory_bytes: int | None = None
     latency_p50_ms: float | None = None
     latency_p95_ms: float | None = None
+    latency_se_ms: float | None = None  # standard error of the p50, from the spread of the timed runs
     agreement: Agreement | None = None
     quantized_ops: int | None = None
     compute_ops: int | None = None
@@ -105,7 +113,7 @@ class Candidate:
         row: dict[str, Any] = {
             "name": self.name, "precision": self.precision, "runtime": self.runtime, "settings": self.settings,
             "size_bytes": self.size_bytes, "memory_bytes": self.memory_bytes,
-            "latency_p50_ms": self.latency_p50_ms, "latency_p95_ms": self.latency_p95_ms,
+            "latency_p50_ms": self.latency_p50_ms, "latency_p95_ms": self.latency_p95_ms, "latency_se_ms": self.latency_se_ms,
             "quantized_ops": self.quantized_ops, "compute_ops": self.compute_ops,
             "within_budget": self.within_budget, "fits_limits": self.fits_limits, "chosen": self.chosen,
             "note": self.note, "seconds": round(self.seconds, 3),
@@ -113,6 +121,53 @@ class Candidate:
         if self.agreement is not None:
             row.update(self.agreement.as_dict())
         return row
+
+
+def tie_band_ms(fastest: Candidate) -> float:
+    """How much slower than ``fastest`` a candidate may measure and still tie with it on speed.
+
+    The larger of :data:`TIE_FLOOR` of its p50 and two standard errors of that p50: on a
+    quiet host the floor decides, on a loaded one the measured spread does.
+    """
+    p50 = fastest.latency_p50_ms or 0.0
+    return max(TIE_FLOOR * p50, 2.0 * (fastest.latency_se_ms or 0.0))
+
+
+def fidelity(c: Candidate) -> tuple[float, ...]:
+    """How close a candidate is to the original, higher is better: the gate's metric first, then output cosine."""
+    a = c.agreement
+    if a is None:
+        return (float("-inf"),)
+    first = a.accuracy if a.accuracy is not None else a.top1_agreement
+    return (first if first is not None else a.cosine_mean, a.cosine_mean, a.cosine_min, -a.max_abs_error)
+
+
+def _metric(c: Candidate) -> str:
+    a = c.agreement
+    if a is None:
+        return "-"
+    if a.accuracy is not None:
+        return f"accuracy {a.accuracy:.4f}"
+    if a.top1_agreement is not None:
+        return f"top-1 agreement {a.top1_agreement:.4f}, cosine {a.cosine_mean:.6f}"
+    return f"cosine {a.cosine_mean:.6f}"
+
+
+def speed_ties(cands: list[Candidate]) -> tuple[Candidate | None, float, list[Candidate]]:
+    """(fastest, tie band in ms, the candidates tied with it on speed) among the timed eligible ones.
+
+    Candidates slower than the optimised FP32 model never take part (unless FP32 alone is left).
+    """
+    timed = [c for c in cands if c.eligible and c.latency_p50_ms is not None]
+    if not timed:
+        return None, 0.0, []
+    fp32 = next((c for c in timed if c.precision == "fp32"), None)
+    pool = timed
+    if fp32 is not None:
+        pool = [c for c in pool if c.latency_p50_ms <= fp32.latency_p50_ms] or [fp32]  # type: ignore[operator]
+    fastest = min(pool, key=lambda c: (c.latency_p50_ms, c.size_bytes or 0))
+    band = tie_band_ms(fastest)
+    return fastest, band, [c for c in pool if c.latency_p50_ms <= fastest.latency_p50_ms + band]  # type: ignore[operator]
 
 
 def choose_winner(cands: list[Candidate], *, host_matches: bool, allowed: list[str]) -> tuple[Candidate | None, str]:
@@ -123,22 +178,48 @@ def choose_winner(cands: list[Candidate], *, host_matches: bool, allowed: list[s
     fp32 = next((c for c in cands if c.precision == "fp32" and c.eligible), None)
     if host_matches:
         timed = [c for c in eligible if c.latency_p50_ms is not None]
-        pool = timed or eligible
-        if fp32 is not None and fp32.latency_p50_ms is not None:
-            pool = [c for c in pool if c.latency_p50_ms is not None and c.latency_p50_ms <= fp32.latency_p50_ms] or [fp32]
-        best = min(pool, key=lambda c: (c.latency_p50_ms if c.latency_p50_ms is not None else float("inf"), c.size_bytes or 0))
-        if fp32 is not None and best is not fp32 and fp32.latency_p50_ms:
-            why = (f"fastest measured candidate inside the budget: p50 {best.latency_p50_ms:.3f} ms vs FP32 "
-                   f"{fp32.latency_p50_ms:.3f} ms ({best.latency_p50_ms / fp32.latency_p50_ms:.2f}x), "
-                   f"{(best.size_bytes or 0) / max(1, fp32.size_bytes or 1):.2f}x the size")
-        elif best is fp32:
-            slower = [c.name for c in eligible if c is not fp32]
-            why = ("optimised FP32: " + (f"every other candidate inside the budget ({', '.join(slower)}) measured slower on this host"
-                                         if slower else "no quantized candidate stayed inside the accuracy budget"))
-        else:
-            why = f"fastest measured candidate inside the budget (p50 {best.latency_p50_ms} ms)"
-        return best, why
+        if not timed:
+            best = max(eligible, key=lambda c: (fidelity(c), -(c.size_bytes or 0)))
+            return best, "no candidate could be timed; the most accurate inside the budget"
+        fastest, band, tied = speed_ties(cands)
+        assert fastest is not None
+        best = max(tied, key=lambda c: (fidelity(c), -(c.size_bytes or 0), -(c.latency_p50_ms or 0.0)))
+        return best, _why(best, fastest, tied, band, fp32, eligible)
     order = {p: i for i, p in enumerate(allowed)}
     best = min(eligible, key=lambda c: (order.get(c.precision, len(order)), cands.index(c)))
     return best, (f"first candidate inside the budget in the profile's precision order {allowed}; "
                   "this host does not match the profile, so latency here is only a proxy and does not decide")
+
+
+def _why(best: Candidate, fastest: Candidate, tied: list[Candidate], band: float, fp32: Candidate | None, eligible: list[Candidate]) -> str:
+    if best is fp32:
+        slower = [c.name for c in eligible if c is not fp32]
+        if len(tied) > 1:
+            return (f"optimised FP32: {', '.join(c.name for c in tied if c is not fp32)} measured within the noise "
+                    f"({band:.3f} ms) of it, so the most accurate of them wins, and that is the original precision")
+        return ("optimised FP32: " + (f"every other candidate inside the budget ({', '.join(slower)}) measured slower on this host"
+                                      if slower else "no quantized candidate stayed inside the accuracy budget"))
+    assert best.latency_p50_ms is not None
+    speed = f"p50 {best.latency_p50_ms:.3f} ms"
+    if fp32 is not None and fp32.latency_p50_ms:
+        speed += (f" vs FP32 {fp32.latency_p50_ms:.3f} ms ({best.latency_p50_ms / fp32.latency_p50_ms:.2f}x), "
+                  f"{(best.size_bytes or 0) / max(1, fp32.size_bytes or 1):.2f}x the size")
+    if len(tied) == 1:
+        return f"fastest measured candidate inside the budget, faster than the others by more than the noise: {speed}"
+    beats = "; ".join(f"{c.name} (p50 {c.latency_p50_ms:.3f} ms, {_metric(c)}, {c.size_bytes} B) on {_decided_by(best, c)}"
+                      for c in tied if c is not best)
+    lead = "fastest measured candidate inside the budget" if best is fastest else f"tied on speed with the fastest ({fastest.name})"
+    return (f"{lead}: {speed}, {_metric(best)}, {best.size_bytes} B; candidates within the noise of the fastest "
+            f"(p50 within {band:.3f} ms of {fastest.latency_p50_ms:.3f} ms) are ranked by accuracy, then output cosine, "
+            f"then size, then speed; it beats {beats}")
+
+
+def _decided_by(best: Candidate, other: Candidate) -> str:
+    fb, fo = fidelity(best), fidelity(other)
+    if fb[0] != fo[0]:
+        return "accuracy"
+    if fb != fo:
+        return "output cosine"
+    if (best.size_bytes or 0) != (other.size_bytes or 0):
+        return "size"
+    return "speed"
