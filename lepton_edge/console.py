@@ -8,6 +8,7 @@ from collections.abc import Iterable, Sequence
 from typing import Any
 
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 # Piped output (CI logs, files) gets a wide page rather than rich's 80-column default.
@@ -23,7 +24,8 @@ def table(title: str | None, columns: Sequence[str], rows: Iterable[Sequence[Any
     for c in columns:
         t.add_column(c, overflow="fold")
     for r in rows:
-        t.add_row(*("" if v is None else str(v) for v in r))
+        # Our text is plain: a "[a-z0-9]" in an error or a name must not be taken for markup.
+        t.add_row(*("" if v is None else escape(str(v)) for v in r))
     return t
 
 
@@ -32,16 +34,16 @@ def print_table(title: str | None, columns: Sequence[str], rows: Iterable[Sequen
 
 
 def warn(msg: str) -> None:
-    err.print(f"[bold yellow]warning:[/] {msg}")
+    err.print(f"[bold yellow]warning:[/] {escape(msg)}")
 
 
 def info(msg: str) -> None:
-    err.print(msg)
+    err.print(msg, markup=False)
 
 
 def fail_line(msg: str, hint: str | None) -> None:
-    err.print(f"[bold red]error:[/] {msg}", markup=True, highlight=False)
+    err.print(f"[bold red]error:[/] {escape(msg)}", markup=True, highlight=False)
     if hint:
-        err.print(f"  hint: {hint}")
+        err.print(f"  hint: {hint}", markup=False)
 
 

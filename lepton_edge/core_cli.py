@@ -8,7 +8,8 @@ from pathlib import Path
 import click
 import yaml
 
-from .console import out, print_table, warn
+from .console import fail_line, out, print_table, warn
+from .errors import ProfileError
 from .profiles import ProfileRegistry, validate_profile_file
 
 profiles_dir_option = click.option(
@@ -53,11 +54,20 @@ def profiles_show(profile_id: str, profiles_dir: Path | None) -> None:
 
 @profiles.command("validate")
 @click.argument("files", nargs=-1, required=True, type=click.Path(dir_okay=False, path_type=Path))
-def profiles_validate(files: tuple[Path, ...]) -> None:
-    """Validate profile YAML files; exits non-zero on the first bad one."""
+@profiles_dir_option
+def profiles_validate(files: tuple[Path, ...], profiles_dir: Path | None) -> None:
+    """Validate profile YAML files together (one may extend another); a line for each, non-zero exit if any is bad."""
+    bad = 0
     for f in files:
-        prof = validate_profile_file(f)
+        try:
+            prof = validate_profile_file(f, alongside=[p for p in files if p != f], profiles_dir=profiles_dir)
+        except ProfileError as e:
+            bad += 1
+            fail_line(f"{f}: {e.message}" if str(f) not in e.message else e.message, e.hint)
+            continue
         out.print(f"ok  {f}: {prof.id} ({prof.device})")
+    if bad:
+        raise SystemExit(2)  # the exit code of every other CLI error
 
 
 @click.group()

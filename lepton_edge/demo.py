@@ -48,6 +48,8 @@ from typing import Any
 
 import click
 
+from rich.markup import escape
+
 from .console import err, info, print_table, warn
 from .errors import LeptonEdgeError
 
@@ -84,7 +86,7 @@ class _Clock:
         return self.deadline - time.monotonic()
 
     def say(self, msg: str) -> None:
-        info(f"[dim]{self.elapsed():6.1f}s[/] {msg}")
+        err.print(f"[dim]{self.elapsed():6.1f}s[/] {escape(msg)}")
 
 
 @dataclass

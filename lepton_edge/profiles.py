@@ -16,6 +16,7 @@ import os
 import platform
 from importlib import resources
 from pathlib import Path
+from collections.abc import Sequence
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -253,6 +254,7 @@ class ProfileRegistry:
         # A broken user file must not take every other profile down with it: it is
         # remembered here and reported when it matters (listing, or asking for it).
         self.broken: dict[str, str] = {}
+        self._broken_hints: dict[str, str | None] = {}
         builtin = resources.files("lepton_edge.device_profiles")
         for entry in sorted(builtin.iterdir(), key=lambda e: e.name):
             if entry.name.endswith((".yaml", ".yml")):
@@ -263,8 +265,7 @@ class ProfileRegistry:
             for p in sorted(d.glob("*.y*ml")):
                 self._add_user(p)
         for p in extra_files or []:
-            self._add(p)
-            self._user_paths.add(str(p))
+            self._add_user(p)
         self._resolved: dict[str, DeviceProfile] = {}
         self._aliases: dict[str, str] = {}
         for pid in list(self._raw):
@@ -273,7 +274,8 @@ class ProfileRegistry:
             except ProfileError as e:
                 if self._raw[pid][1] not in self._user_paths:
                     raise
-                self.broken[self._raw.pop(pid)[1]] = e.message
+                path = self._raw.pop(pid)[1]
+                self.broken[path], self._broken_hints[path] = e.message, e.hint
                 continue
             for a in prof.aliases:
                 if a in self._raw:
@@ -284,7 +286,7 @@ class ProfileRegistry:
         try:
             self._add(path)
         except ProfileError as e:
-            self.broken[str(path)] = e.message
+            self.broken[str(path)], self._broken_hints[str(path)] = e.message, e.hint
             return
         self._user_paths.add(str(path))
 
@@ -293,6 +295,13 @@ class ProfileRegistry:
         pid = data.get("id")
         if not isinstance(pid, str) or not pid:
             raise ProfileError(f"profile {path} has no id")
+        if pid in self._raw:
+            other = self._raw[pid][1]
+            if Path(other).resolve() == path.resolve():
+                return  # the same file named twice (a directory and the command line)
+            # Silently replacing a built-in would also change every profile that extends it.
+            raise ProfileError(f"profile id {pid!r} in {path} is already defined by {other}",
+                               hint=f"give it an id of its own; to adjust {pid}, start the file with `extends: {pid}`")
         self._raw[pid] = (data, str(path))
 
     def _resolve(self, pid: str, chain: tuple[str, ...] = ()) -> DeviceProfile:
@@ -354,17 +363,31 @@ def list_profiles(profiles_dir: Path | str | None = None) -> list[DeviceProfile]
     return ProfileRegistry(extra).devices()
 
 
-def validate_profile_file(path: Path | str) -> DeviceProfile:
-    """Validate one file; extends: resolves against the built-ins and same-directory files it names."""
+def _builtin_ids() -> set[str]:
+    """Ids of the profiles shipped in the package (abstract bases included), whatever the user adds."""
+    ids = set()
+    for entry in resources.files("lepton_edge.device_profiles").iterdir():
+        if entry.name.endswith((".yaml", ".yml")):
+            ids.add(str(_read_yaml(Path(str(entry))).get("id")))
+    return ids
+
+
+def validate_profile_file(path: Path | str, *, alongside: Sequence[Path] = (), profiles_dir: Path | None = None) -> DeviceProfile:
+    """Validate one file; extends: resolves against the built-ins, ``profiles_dir``, the files
+    ``alongside`` it (validated together) and same-directory files it names."""
     path = Path(path)
     data = _read_yaml(path)
     if not data.get("extends"):
+        pid = data.get("id")
+        if isinstance(pid, str) and pid in _builtin_ids():
+            raise ProfileError(f"profile id {pid!r} in {path} is already a built-in profile",
+                               hint=f"give it an id of its own; to adjust {pid}, start the file with `extends: {pid}`")
         try:
             return DeviceProfile.model_validate(data)
         except ValidationError as e:
             raise ProfileError(_format_validation(str(path), e)) from None
     chain, seen, parent = [path], {data.get("id")}, data.get("extends")
-    builtin_ids = {p.id for p in ProfileRegistry().devices()} | {"jetson-base", "rpi-base"}
+    builtin_ids = _builtin_ids()
     while isinstance(parent, str) and parent not in builtin_ids and parent not in seen:
         sibling = next((c for c in (path.parent / f"{parent}.yaml", path.parent / f"{parent}.yml") if c.is_file()), None)
         if sibling is None:
@@ -372,7 +395,7 @@ def validate_profile_file(path: Path | str) -> DeviceProfile:
         seen.add(parent)
         chain.append(sibling)
         parent = _read_yaml(sibling).get("extends")
-    reg = ProfileRegistry(extra_files=chain)
+    reg = ProfileRegistry([profiles_dir] if profiles_dir else None, extra_files=[*chain, *alongside])
     if str(path) in reg.broken:
-        raise ProfileError(reg.broken[str(path)])
+        raise ProfileError(reg.broken[str(path)], hint=reg._broken_hints.get(str(path)))
     return reg._resolve(data["id"])

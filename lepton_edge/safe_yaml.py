@@ -1,8 +1,9 @@
 """Reading small YAML files from people and machines we do not trust (profiles, configs).
 
 One reader, bounded in bytes, with no anchors or aliases (their expansion is unbounded:
-billion laughs), no tags that build objects (safe loader), and one clear error line for
-every way the file can be wrong.
+billion laughs), no tags that build objects (safe loader), no duplicate keys (YAML says
+the last one wins, so a second ``api:`` block would silently discard the first one's
+body cap), and one clear error line for every way the file can be wrong.
 """
 
 from __future__ import annotations
@@ -16,6 +17,27 @@ from pydantic import ValidationError
 from .errors import LeptonEdgeError
 
 __all__ = ["read_yaml_mapping", "describe_validation_error"]
+
+
+class _DuplicateKey(yaml.YAMLError):
+    def __init__(self, key: Any, line: int) -> None:
+        super().__init__(f"key {key!r} appears twice (again at line {line + 1}); YAML would keep only the last one")
+        self.problem = str(self)
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        seen: set[Any] = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            try:
+                duplicate = key in seen
+                seen.add(key)
+            except TypeError:  # an unhashable key: the base class reports it
+                continue
+            if duplicate:
+                raise _DuplicateKey(key, key_node.start_mark.line)
+        return super().construct_mapping(node, deep=deep)
 
 
 def read_yaml_mapping(
@@ -43,7 +65,7 @@ def read_yaml_mapping(
     try:
         if any(isinstance(t, (yaml.AliasToken, yaml.AnchorToken)) for t in yaml.scan(text)):
             raise error(f"{what} {path} uses YAML anchors/aliases, which it does not allow", hint=alias_hint)
-        data = yaml.safe_load(text)
+        data = yaml.load(text, Loader=_UniqueKeyLoader)  # noqa: S506 - a SafeLoader subclass
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f" at line {mark.line + 1}" if mark else ""
@@ -55,12 +77,15 @@ def read_yaml_mapping(
     return data
 
 
+_MAX_LISTED_PROBLEMS = 5
+
+
 def describe_validation_error(where: str, err: ValidationError) -> str:
-    """``where: a.b: message (+N more)``: the first problem, and how many others there are."""
-    first = err.errors()[0]
-    loc = ".".join(str(p) for p in first["loc"]) or "(top level)"
-    msg = first["msg"].removeprefix("Value error, ")
-    if first["type"] == "extra_forbidden":
-        msg = "unknown key (check its spelling)"
-    more = f" (+{err.error_count() - 1} more)" if err.error_count() > 1 else ""
-    return f"{where}: {loc}: {msg}{more}"
+    """``where: a.b: message; c: message``: every problem (up to five), so one edit fixes them all."""
+    problems = []
+    for e in err.errors()[:_MAX_LISTED_PROBLEMS]:
+        loc = ".".join(str(p) for p in e["loc"]) or "(top level)"
+        msg = "unknown key (check its spelling)" if e["type"] == "extra_forbidden" else e["msg"].removeprefix("Value error, ")
+        problems.append(f"{loc}: {msg}")
+    more = f" (+{err.error_count() - _MAX_LISTED_PROBLEMS} more)" if err.error_count() > _MAX_LISTED_PROBLEMS else ""
+    return f"{where}: {'; '.join(problems)}{more}"

@@ -58,6 +58,9 @@ def test_bad_values_are_one_line(write_config, overrides, expected):
         ("- a list\n- not a mapping", "must be a YAML mapping"),
         ("a: &x [1]\nb: *x", "anchors/aliases"),
         ("", "must be a YAML mapping, got NoneType"),
+        # A second block would silently replace the first (and its body cap) were the last one to win.
+        ("device_id: d\napi: {max_body_bytes: 65536}\nstate_dir: /tmp/x\napi: {port: 18799}\n",
+         "key 'api' appears twice \\(again at line 4\\)"),
     ],
 )
 def test_hostile_yaml(tmp_path, text, expected):

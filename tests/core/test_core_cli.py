@@ -70,3 +70,19 @@ def test_help_does_not_import_heavy_modules():
     code = "import sys; from lepton_edge.cli import main\ntry:\n main(['--help'])\nexcept SystemExit: pass\nprint(sorted(m for m in ('torch','onnx','fastapi','sqlalchemy') if m in sys.modules))"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip().endswith("[]")
+
+
+def test_profiles_validate_reports_every_file_and_every_problem_verbatim(tmp_path: Path):
+    base = tmp_path / "base.yaml"
+    base.write_text("id: my-box\nextends: x86-avx2\ndevice: box\ncpu: {cores: 2, threads: 1, features: [avx2]}\nsources: lab\n")
+    child = tmp_path / "sub" / "child.yaml"
+    child.parent.mkdir()
+    child.write_text("id: kid\nextends: my-box\ndevice: kid\n")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("id: Big Name\nextends: x86-avx2\ndevice: d\ncpu: {cores: -1}\n")
+    code, out = run("profiles", "validate", str(base), str(child), str(bad))
+    assert code == 2, out
+    assert f"ok  {base}: my-box" in out and f"ok  {child}: kid" in out  # the parent was named beside it
+    flat = " ".join(out.split())
+    # Every problem of the bad file, its regex intact (not eaten as console markup).
+    assert "[a-z0-9]" in flat and "cpu.cores" in flat, out

@@ -138,3 +138,42 @@ def test_empty_profile_says_what_it_needs(tmp_path: Path):
     with pytest.raises(ProfileError, match="empty") as e:
         validate_profile_file(tmp_path / "e.yaml")
     assert "sources" in (e.value.hint or "")
+
+
+def test_duplicate_keys_are_refused_not_last_one_wins(tmp_path: Path):
+    p = tmp_path / "dup.yaml"
+    p.write_text(GOOD + "\nlimits: {max_model_mb: 10}\nlimits: {max_model_mb: 900}\n")
+    with pytest.raises(ProfileError, match="key 'limits' appears twice"):
+        validate_profile_file(p)
+    nested = tmp_path / "nested.yaml"
+    nested.write_text(GOOD.replace("cpu: {cores: 2, threads: 1, features: [avx2]}", "cpu: {cores: 2, threads: 1, cores: 8}"))
+    with pytest.raises(ProfileError, match="key 'cores' appears twice"):
+        validate_profile_file(nested)
+
+
+def test_a_user_file_may_not_silently_replace_a_built_in(tmp_path: Path, monkeypatch):
+    (tmp_path / "mine.yaml").write_text("id: x86-avx2\nextends: x86-avx2\ndevice: mine\n")
+    with pytest.raises(ProfileError, match="'x86-avx2' in .*mine.yaml is already defined by") as e:
+        validate_profile_file(tmp_path / "mine.yaml")
+    assert "extends: x86-avx2" in (e.value.hint or "")
+    (tmp_path / "mine.yaml").write_text(GOOD.replace("id: my-box", "id: rpi4").replace("extends: x86-avx2\n", "arch: x86_64\n"))
+    with pytest.raises(ProfileError, match="already a built-in"):
+        validate_profile_file(tmp_path / "mine.yaml")
+    monkeypatch.setenv("LEPTON_EDGE_PROFILES", str(tmp_path))
+    reg = ProfileRegistry()  # the built-ins stay intact; the clash is reported as a broken user file
+    assert reg.get("rpi4").device != "My test box" and str(tmp_path / "mine.yaml") in reg.broken
+
+
+def test_files_validated_together_may_extend_each_other(tmp_path: Path):
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    parent, child = tmp_path / "a" / "base.yaml", tmp_path / "b" / "child.yaml"
+    parent.write_text(GOOD)
+    child.write_text("id: kid\nextends: my-box\ndevice: kid box\n")
+    assert validate_profile_file(child, alongside=[parent]).cpu.threads == 1
+    with pytest.raises(ProfileError, match="unknown profile 'my-box'"):
+        validate_profile_file(child)
+    (tmp_path / "loop-a.yaml").write_text("id: loop-a\nextends: loop-b\n")
+    (tmp_path / "b" / "loop-b.yaml").write_text("id: loop-b\nextends: loop-a\n")
+    with pytest.raises(ProfileError, match="cycle"):
+        validate_profile_file(tmp_path / "loop-a.yaml", alongside=[tmp_path / "b" / "loop-b.yaml"])
