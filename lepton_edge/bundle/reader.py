@@ -215,6 +215,10 @@ def _extract_stream(stream: io.BufferedIOBase, dest: Path, limits: ReadLimits) -
         raise BundleFormatError(f"extraction directory {dest} is not empty")
     seen: set[str] = set()
     total = 0
+    # Once the manifest is in (pack_bundle writes it first), every later member must be one it
+    # lists, at the size it declares: a stray or inflated member is refused from its header,
+    # before a byte of it reaches the disk. The full checks still run on the extracted tree.
+    declared: dict[str, int] | None = None
     with tarfile.open(fileobj=stream, mode="r|") as tar:
         for member in tar:
             name = check_member_name(member.name.rstrip("/") if member.isdir() else member.name)
@@ -230,6 +234,11 @@ def _extract_stream(stream: io.BufferedIOBase, dest: Path, limits: ReadLimits) -
                 raise BundleFormatError(f"bundle archive has more than {limits.max_files} files")
             if member.size > limits.max_file_bytes:
                 raise BundleFormatError(f"archive member {name} is {member.size} bytes; the limit is {limits.max_file_bytes}")
+            if declared is not None and name != SIGNATURE_NAME:
+                if name not in declared:
+                    raise BundleIntegrityError(f"bundle has files the manifest does not list: {name}")
+                if member.size != declared[name]:
+                    raise BundleIntegrityError(f"{name} is {member.size} bytes; the manifest says {declared[name]}")
             total += member.size
             if total > limits.max_total_bytes:
                 raise BundleFormatError(f"bundle archive is over {limits.max_total_bytes} bytes")
@@ -245,6 +254,19 @@ def _extract_stream(stream: io.BufferedIOBase, dest: Path, limits: ReadLimits) -
                         raise BundleFormatError(f"bundle archive is truncated inside {name}")
                     out.write(chunk)
                     left -= len(chunk)
+            if name == MANIFEST_NAME and member.size <= _MAX_MANIFEST:
+                declared = _declared_sizes(target)
+
+
+def _declared_sizes(manifest_path: Path) -> dict[str, int] | None:
+    """File sizes the manifest claims, for early refusal only (None when it does not parse: the
+    full read reports that properly)."""
+    try:
+        files = json.loads(manifest_path.read_bytes()).get("files")
+        sizes = {str(k): int(v["size"]) for k, v in files.items()}
+    except (ValueError, TypeError, AttributeError, KeyError):
+        return None
+    return sizes
 
 
 def _load_golden(path: Path, manifest: Manifest, max_bytes: int) -> tuple[list[np.ndarray], list[np.ndarray]]:

@@ -143,7 +143,9 @@ def pack_bundle(bundle_dir: Path | str, archive: Path | str | None = None, *, ov
     if dest.exists() and not overwrite:
         raise BundleError(f"{dest} already exists", hint="pass --force to replace it, or -o another path")
     tmp = dest.with_name(f".{dest.name}.tmp-{os.getpid()}")
-    members = sorted(p for p in src.rglob("*") if p.is_file())
+    # The manifest first: a reader can then refuse a member it does not list from its header.
+    members = sorted((p for p in src.rglob("*") if p.is_file()),
+                     key=lambda p: (p.relative_to(src).as_posix() != MANIFEST_NAME, p.relative_to(src).as_posix()))
     try:
         with open(tmp, "wb") as raw, gzip.GzipFile(filename="", mode="wb", fileobj=raw, mtime=0) as gz:
             with tarfile.open(fileobj=gz, mode="w", format=tarfile.PAX_FORMAT) as tar:

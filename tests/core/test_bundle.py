@@ -296,3 +296,25 @@ def test_pack_is_reproducible_and_refuses_silent_overwrite(signed: Path, tmp_pat
     assert a.read_bytes() == b.read_bytes()
     with pytest.raises(BundleError, match="exists"):
         pack_bundle(signed, a, overwrite=False)
+
+
+def test_archive_members_after_the_manifest_are_checked_from_their_headers(signed: Path, tmp_path: Path, keypair):
+    """A stray or inflated member is refused before a byte of it is written (no 2 GiB of zeros on an SD card)."""
+    packed = pack_bundle(signed, tmp_path / "good.lepton")
+    with tarfile.open(packed) as t:
+        names = t.getnames()
+        real = [(t.getmember(n), t.extractfile(n).read()) for n in names]
+    assert names[0] == "manifest.json"  # pack_bundle writes it first
+    stray = tarfile.TarInfo("zeros.bin")
+    stray.size = 1 << 30  # declared, never sent: refusing from the header must not need the bytes
+    arc = tmp_path / "stray.lepton"
+    arc.write_bytes(_tar(real[:1] + [(stray, None)]))
+    written = tmp_path / "x"
+    with pytest.raises(BundleIntegrityError, match="does not list: zeros.bin"):
+        read_bundle(arc, trusted_keys=[keypair[1]], extract_dir=written)
+    assert not (written / "zeros.bin").exists()
+    inflated = tarfile.TarInfo("model.onnx")
+    inflated.size = 1 << 30
+    arc.write_bytes(_tar(real[:1] + [(inflated, None)]))
+    with pytest.raises(BundleIntegrityError, match="model.onnx is 1073741824 bytes; the manifest says"):
+        read_bundle(arc, trusted_keys=[keypair[1]], extract_dir=tmp_path / "y")
