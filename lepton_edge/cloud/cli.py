@@ -383,6 +383,11 @@ def deploy_create(target: str, selectors: tuple[str, ...], waves: str, soak: str
         if d["missing_bundles"]:
             warn(f"{len(d['missing_bundles'])} targeted devices have no bundle for their profile and are not updated: "
                  f"{', '.join(d['missing_bundles'][:10])}")
+        offline, never = d.get("offline_at_create") or [], set(d.get("never_seen") or [])
+        if offline:
+            named = ", ".join(f"{x} (never connected)" if x in never else x for x in offline[:10])
+            warn(f"{_plural(len(offline), 'targeted device')} {'is' if len(offline) == 1 else 'are'} offline: {named}. "
+                 f"Each gets the command when it reconnects, and counts as failed if it has not confirmed within --timeout {timeout}")
         if wait:
             final = _follow(c, d["id"])
             if final["status"] != "completed":

@@ -243,7 +243,12 @@ class Rollouts:
                 p95_floor_ms=policy.p95_floor_ms, on_no_data=policy.on_no_data, status="running", current_wave=0, created_at=now, updated_at=now, reason="", wave_results="[]",
             ))
             conn.execute(db.deployment_devices.insert(), rows)
-        return self.get(dep_id)
+        view = self.get(dep_id)
+        # Said at once, not discovered at the timeout: an offline device gets its command only
+        # when it reconnects (its session keeps it), and counts as failed if that is too late.
+        view["offline_at_create"] = sorted(d["device_id"] for d in with_bundle if d["status"] != "online" or d["stale"])
+        view["never_seen"] = sorted(d["device_id"] for d in with_bundle if d["last_seen"] is None and d["status_ts"] is None)
+        return view
 
     def resolve(self, dep_id: str) -> str:
         """A full deployment id from itself or a unique prefix (git-style: the CLI prints 12 characters)."""

@@ -215,3 +215,16 @@ def test_devices_show_formats_times_and_maps(start_service, private_broker):
     enrolled = next(line for line in out.splitlines() if "enrolled at" in line)
     assert "T" in enrolled and "ago" in enrolled and "." not in enrolled.split("│")[2].split("(")[0]
     assert "never" in next(line for line in out.splitlines() if "last seen" in line)
+
+
+def test_deploying_to_offline_or_never_connected_devices_says_so_at_once(start_service, private_broker, sim_fleet, cloud_bundles):
+    svc = start_service(broker_url=private_broker.url)
+    client, fleet = _fleet(svc, sim_fleet, cloud_bundles, SimBehaviour())
+    client.enroll("ghost-01", "rpi5", tags={"site": "lab"})  # enrolled, never started
+    r = _cli(svc, "deploy", "create", "digits@2", "--to", "tag:site=lab", "--waves", "100%", "--soak", "0.2s",
+             "--timeout", "3s", "--on-no-data", "pass", "--min-healthy", "50%")
+    flat = " ".join(r.output.split())
+    assert "1 targeted device is offline: ghost-01 (never connected)" in flat and "--timeout 3s" in flat
+    final = wait_deployment(client, r.output.split()[1].rstrip(":"), timeout=30)
+    rows = {x["device_id"]: x for x in final["devices"]}
+    assert rows["ghost-01"]["status"] == "timed_out" and final["status"] == "completed", final["reason"]
