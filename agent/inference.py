@@ -11,6 +11,7 @@ import logging
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import NoReturn
 
 import numpy as np
 
@@ -56,26 +57,44 @@ class LoadedModel:
         return list(self.manifest.inputs)
 
     def check_inputs(self, inputs: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
-        """The runtime's feeds for ``inputs``, or :class:`InvalidInput` naming the first mismatch."""
-        if len(inputs) != len(self.inputs) or any(i.name not in inputs for i in self.inputs):
-            want = ", ".join(i.name for i in self.inputs)
-            got = ", ".join(sorted(map(str, inputs))) or "nothing"
-            raise InvalidInput(f"model {self.name} takes inputs [{want}]; got [{got}]")
+        """The runtime's feeds for ``inputs``, or :class:`InvalidInput` naming the first mismatch.
+
+        Runs on every request, so the common case is kept to a few attribute reads and
+        comparisons (dtype objects of builtin types are singletons: ``is`` settles most).
+        """
+        specs = self.inputs
+        if len(inputs) != len(specs):
+            self._wrong_names(inputs)
+        for spec in specs:
+            if spec.name not in inputs:
+                self._wrong_names(inputs)
         feeds: dict[str, np.ndarray] = {}
-        for spec in self.inputs:
+        for spec in specs:
             arr = inputs[spec.name]
             if not isinstance(arr, np.ndarray):
                 raise InvalidInput(f"input {spec.name} must be a numpy array, got {type(arr).__name__}")
-            if arr.dtype != spec.dtype:
+            if arr.dtype is not spec.dtype and arr.dtype != spec.dtype:
                 raise InvalidInput(f"input {spec.name} is {NP_TO_V2.get(arr.dtype.name, arr.dtype.name)}; "
                                    f"model {self.name} takes {NP_TO_V2[spec.dtype.name]}")
-            if arr.ndim != len(spec.shape) or any(w is not None and g != w for g, w in zip(arr.shape, spec.shape)):
-                raise InvalidInput(f"input {spec.name} has shape {list(arr.shape)}; model {self.name} takes "
-                                   f"{[-1 if d is None else d for d in spec.shape]}")
+            shape = arr.shape
+            if len(shape) != len(spec.shape):
+                self._wrong_shape(spec, arr)
+            for got, want in zip(shape, spec.shape):
+                if want is not None and got != want:
+                    self._wrong_shape(spec, arr)
             if arr.size == 0:
                 raise InvalidInput(f"input {spec.name} is empty")
             feeds[spec.feed_name] = arr
         return feeds
+
+    def _wrong_names(self, inputs: Mapping[str, np.ndarray]) -> NoReturn:
+        want = ", ".join(i.name for i in self.inputs)
+        got = ", ".join(sorted(map(str, inputs))) or "nothing"
+        raise InvalidInput(f"model {self.name} takes inputs [{want}]; got [{got}]")
+
+    def _wrong_shape(self, spec: _Input, arr: np.ndarray) -> NoReturn:
+        raise InvalidInput(f"input {spec.name} has shape {list(arr.shape)}; model {self.name} takes "
+                           f"{[-1 if d is None else d for d in spec.shape]}")
 
     def run(self, inputs: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
         feeds = self.check_inputs(inputs)

@@ -327,7 +327,9 @@ class AgentService:
 
     def infer(self, model: str, inputs: Mapping[str, np.ndarray], *, version: str | None = None) -> dict[str, np.ndarray]:
         """Run the active version of ``model``; raises InvalidInput / ModelNotLoaded / InferenceFailed."""
-        loaded = self.loaded(model, version)
+        loaded = self._active.get(model)
+        if loaded is None or (version is not None and version != loaded.version):
+            loaded = self.loaded(model, version)  # raises ModelNotLoaded, worded for the case
         feeds = loaded.check_inputs(inputs)
         t0 = time.perf_counter()
         try:

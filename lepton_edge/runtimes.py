@@ -102,9 +102,14 @@ class _OrtSession:
                     f"{path.name} has {kind}s {[t.name for t in actual]}, but {list(given)} were expected",
                     hint="the bundle's manifest does not describe its model; convert it again")
 
+    @property
+    def native(self) -> Any:
+        """The ``onnxruntime.InferenceSession`` underneath (benchmarks time the agent against it)."""
+        return self._sess
+
     def run(self, feeds: Mapping[str, np.ndarray]) -> list[np.ndarray]:
         try:
-            return self._sess.run(self._out_names, dict(feeds))
+            return self._sess.run(self._out_names, feeds if type(feeds) is dict else dict(feeds))
         except Exception as e:
             raise RuntimeLoadError(f"onnxruntime run failed: {_first_line(e)}") from None
 
