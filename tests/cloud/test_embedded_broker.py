@@ -506,3 +506,77 @@ def test_cloud_service_on_the_embedded_broker_rolls_out_to_a_real_agent(monkeypa
         done = wait_deployment(client, dep["id"], timeout=90)
         assert done["status"] == "completed", (done["reason"], done["devices"])
         assert [d["active"] for d in client.devices()] == [{"digits": version}]
+
+
+# ------------------------------------------------------------------------------- bounds and the ACL, in-process
+
+def test_an_offline_sessions_queue_is_capped_and_drops_are_counted():
+    from lepton_edge.cloud.embedded_broker import Broker, BrokerConfig, _Message, _Session, _Subscription
+
+    cfg = BrokerConfig()
+    cfg.max_queued_messages = 5
+    broker = Broker(cfg)
+    session = broker.sessions["offline"] = _Session("offline")
+    session.expiry = 60
+    broker.subscribe(session, "cap/#", _Subscription(1, False, False, 0, None))
+    for i in range(8):
+        broker.publish(_Message("cap/t", b"%d" % i, 1, False, b"", None, "pub"))
+    broker.publish(_Message("cap/t", b"qos0", 0, False, b"", None, "pub"))
+    assert [m.payload for m, *_ in session.queue] == [b"0", b"1", b"2", b"3", b"4"]
+    assert session.dropped == 3 and broker.stats["dropped"] == 3
+
+
+def test_acl_file_syntax_as_mosquitto_reads_it():
+    from lepton_edge.cloud.embedded_broker import _Acl
+
+    acl = _Acl(textwrap.dedent("""
+        # comment
+        topic read public/#
+
+        user alice
+        topic readwrite alice/#
+        topic deny alice/secret
+        topic shared space/x
+        user bob
+        topic write bob/out
+        pattern read devices/%u/cmd
+        pattern write clients/%c/#
+    """))
+    assert acl.allows(None, "anon", "public/a", "read") and not acl.allows(None, "anon", "public/a", "write")
+    assert acl.allows("alice", "c1", "alice/x/y", "write") and acl.allows("alice", "c1", "alice/x", "read")
+    assert not acl.allows("alice", "c1", "alice/secret", "read"), "deny wins"
+    assert acl.allows("alice", "c1", "shared space/x", "read"), "a topic may contain spaces; no access word = readwrite"
+    assert acl.allows("bob", "c2", "bob/out", "write") and not acl.allows("bob", "c2", "bob/out", "read")
+    assert acl.allows("bob", "c2", "devices/bob/cmd", "read") and not acl.allows("bob", "c2", "devices/alice/cmd", "read")
+    assert acl.allows("bob", "c2", "clients/c2/z", "write") and not acl.allows("bob", "c+", "clients/c+/z", "write")
+    assert not acl.allows("mallory", "c3", "public/a", "read"), "a user without a section may do nothing"
+    assert not acl.allows("alice", "c1", "$SYS/alice", "read")
+
+
+def test_the_acl_broker_auth_writes_is_what_the_embedded_broker_enforces():
+    from lepton_edge.cloud.broker_auth import SERVICE_USER, render_acl_file
+    from lepton_edge.cloud.embedded_broker import _Acl
+    from lepton_edge.protocol import topic
+
+    acl = _Acl(render_acl_file([("acme", "d1", "d1")]))
+    assert acl.allows("d1", "d1", topic("acme", "d1", "telemetry"), "write")
+    assert not acl.allows("d1", "d1", topic("acme", "d2", "telemetry"), "write")
+    assert acl.allows("d1", "d1", topic("acme", "d1", "cmd"), "read") and not acl.allows("d1", "d1", topic("acme", "d1", "cmd"), "write")
+    assert acl.allows(SERVICE_USER, "svc", topic("acme", "d1", "cmd"), "write")
+    assert acl.allows(SERVICE_USER, "svc", topic("acme", "d1", "telemetry"), "read")
+
+
+def test_connections_over_max_connections_are_refused_and_others_served(tmp_path):
+    with ManagedEmbeddedBroker(tmp_path, auth=False, max_connections=3) as b:
+        held = [_raw(b.port, connected=True) for _ in range(3)]
+        try:
+            with _raw(b.port, connected=False) as extra:
+                assert _read_to_eof(extra) == b""
+            held.pop().close()
+            time.sleep(0.2)
+            ok = Client(b.port, "fits-again")
+            assert not ok.reason.is_failure
+            ok.close()
+        finally:
+            for s in held:
+                s.close()
