@@ -74,6 +74,35 @@ def _ms(v: float | None) -> str:
 
 
 # ============================================================================ cloud serve
+def _remembered_trusted_keys(state_dir: Path, named: tuple[Path, ...]) -> list[Path]:
+    """Keys named now become the remembered set (STATE_DIR/trusted_keys/); none named: the remembered ones.
+
+    A restart should not lose what bundles the registry accepts, nor need the operator to
+    find the original .pub files again.
+    """
+    from ..signing import key_id, load_public_key
+
+    keys_dir = state_dir / "trusted_keys"
+    if not named:
+        remembered = sorted(keys_dir.glob("*.pub")) if keys_dir.is_dir() else []
+        if remembered:
+            info(f"trusting the {_plural(len(remembered), 'key')} remembered in {keys_dir}")
+        return remembered
+    keys_dir.mkdir(parents=True, exist_ok=True)
+    kept = []
+    for path in named:
+        pem = Path(path).read_bytes() if Path(path).is_file() else None
+        if pem is None:
+            return list(named)  # the registry reports the unreadable key in its own words
+        target = keys_dir / f"{key_id(load_public_key(path))}.pub"
+        target.write_bytes(pem)
+        kept.append(target)
+    for old in keys_dir.glob("*.pub"):
+        if old not in kept:
+            old.unlink()
+    return kept
+
+
 @click.group()
 def cloud() -> None:
     """Run the cloud sync service."""
@@ -92,7 +121,8 @@ def cloud() -> None:
 @click.option("--artifacts", default="lepton-cloud/artifacts", show_default=True, help="Bundle store: a directory, s3://bucket/prefix, or memory: (tests).")
 @click.option("--token", envvar="LEPTON_CLOUD_TOKEN", default=None, help="Operator token; generated (and written to STATE_DIR/token) if absent.")
 @click.option("--trusted-key", "trusted_keys", multiple=True, type=click.Path(dir_okay=False, path_type=Path),
-              help="Public key that bundles must be signed with (repeatable).")
+              help="Public key that bundles must be signed with (repeatable). Remembered in STATE_DIR/trusted_keys/ "
+                   "for later starts; naming keys again replaces the remembered set.")
 @click.option("--allow-unsigned", is_flag=True, help="Accept unsigned bundles (development only).")
 @click.option("--state-dir", type=click.Path(file_okay=False, path_type=Path), default=Path("lepton-cloud"), show_default=True)
 @click.option("--public-url", default=None, help="The URL devices download bundles from (default: this server's).")
@@ -119,6 +149,7 @@ def serve(db: str, broker: str | None, broker_username: str, broker_password: st
     token_file = state_dir / "token"
     generated = token is None
     token = token or default_token(state_dir) or None
+    trusted_keys = _remembered_trusted_keys(state_dir, trusted_keys)
     cfg = ServiceConfig(db=db, broker_url=broker, artifacts=artifacts, token=token, trusted_keys=list(trusted_keys),
                         allow_unsigned=allow_unsigned, host=host, port=port, public_url=public_url,
                         public_broker_url=public_broker_url, state_dir=state_dir, auth_dir=auth_dir,

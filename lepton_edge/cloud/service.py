@@ -80,6 +80,31 @@ class ServiceConfig:
     shared_group: str = "lepton-cloud"
 
 
+
+def _lock_state_dir(state_dir: Path) -> Any:
+    """Hold ``state_dir/service.lock`` while this service runs its own broker there.
+
+    Two services on one state dir would fight over the broker's port and auth files; the
+    second one is told so in one line instead of failing inside mosquitto.
+    """
+    import fcntl
+
+    state_dir.mkdir(parents=True, exist_ok=True)
+    f = open(state_dir / "service.lock", "a+")
+    try:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        f.seek(0)
+        holder = f.read(32).strip() or "unknown"
+        f.close()
+        raise CloudConfigError(f"state dir {state_dir} is in use by another `lepton-edge cloud serve` (pid {holder})",
+                               hint="stop that one, or give this one its own --state-dir") from None
+    f.seek(0)
+    f.truncate()
+    f.write(str(os.getpid()))
+    f.flush()
+    return f
+
 class CloudService:
     def __init__(self, config: ServiceConfig, *, store: ArtifactStore | None = None) -> None:
         self.config = config
@@ -141,6 +166,7 @@ class CloudService:
         if cfg.broker_url is None:
             from .broker import managed_broker
 
+            self._state_lock = _lock_state_dir(Path(cfg.state_dir))
             self._service_password = self._setting("service_mqtt_password", broker_auth.new_password)
             # Agent configs name the broker's port, so a restarted service must come back on the same one.
             port = int(self._setting("managed_broker_port", lambda: str(_free_port())))
@@ -153,6 +179,8 @@ class CloudService:
             self._auth_dir = cfg.auth_dir
             self.broker_url = cfg.broker_url
         self._service_hash = broker_auth.hash_password(self._service_password) if self._service_password else None
+
+    _state_lock: Any = None
 
     def _setting(self, key: str, make: Any) -> str:
         """A value kept in the database, created on first use (the first replica's value wins)."""
@@ -215,6 +243,9 @@ class CloudService:
             self.broker.stop()
         if getattr(self, "engine", None) is not None:
             self.engine.dispose()
+        lock, self._state_lock = getattr(self, "_state_lock", None), None
+        if lock is not None:
+            lock.close()  # releases the flock
 
     def __enter__(self) -> "CloudService":
         return self.start()

@@ -228,3 +228,32 @@ def test_deploying_to_offline_or_never_connected_devices_says_so_at_once(start_s
     final = wait_deployment(client, r.output.split()[1].rstrip(":"), timeout=30)
     rows = {x["device_id"]: x for x in final["devices"]}
     assert rows["ghost-01"]["status"] == "timed_out" and final["status"] == "completed", final["reason"]
+
+
+def test_serve_remembers_its_trusted_keys_and_refuses_a_second_service_on_its_state_dir(tmp_path, keypair, cloud_bundles):
+    import subprocess
+    import sys
+
+    from lepton_edge.cloud.service import spawn_service
+
+    state = tmp_path / "state"
+    common = ["--db", str(tmp_path / "c.db"), "--port", "0", "--artifacts", str(tmp_path / "a"), "--state-dir", str(state)]
+    first = spawn_service([*common, "--trusted-key", str(keypair[1])], log_path=tmp_path / "first.log")
+    try:
+        # A second service on the same state dir (and so the same broker port and auth files): one line, exit 2.
+        second = subprocess.run([sys.executable, "-m", "lepton_edge.cli", "cloud", "serve", *common], capture_output=True,
+                                text=True, timeout=60, stdin=subprocess.DEVNULL)
+        said = " ".join(second.stderr.split())
+        assert second.returncode == 2 and "is in use by another `lepton-edge cloud serve`" in said
+        assert f"pid {first.info['pid']}" in said and "Traceback" not in said
+    finally:
+        first.stop()
+    # Restarted without --trusted-key, it still accepts the bundles it accepted before.
+    again = spawn_service(common, log_path=tmp_path / "again.log")
+    try:
+        client = CloudClient(again.url, again.token)
+        client.push(cloud_bundles("1"))  # refused, with an error, were the key forgotten
+        assert [m["version"] for m in client.models()] == ["1"]
+        assert "trusting the 1 key remembered in" in " ".join((tmp_path / "again.log").read_text().split())
+    finally:
+        again.stop()
