@@ -33,7 +33,7 @@ from .evaluate import compare, interleaved_latency, rss_bytes, run_batched, task
 from .golden import check_golden, golden_tolerances, pick_golden
 from .loading import LoadedSource, fit_opset, onnx_info, parse_input_shape, reference_outputs
 from .passes import run_pass
-from .search import Budget, Candidate, choose_winner, gate
+from .search import TIE_CAP, TIE_FLOOR, Budget, Candidate, choose_winner, gate, speed_ties
 
 __all__ = ["ConversionResult", "convert", "DEFAULT_LATENCY_RUNS", "MAX_CANDIDATES"]
 
@@ -489,9 +489,19 @@ class _Conversion:
             "calibration": {"samples": len(calib_ds), "synthetic": calib_ds.synthetic, "origin": calib_ds.origin},
             "passes": self.passes, "candidates": [c.as_report() for c in self.candidates],
             "sensitivity": getattr(self, "sensitivity", []), "pruning": getattr(self, "pruning", None),
-            "winner": winner.name if winner else None, "why": why, "summary": summary,
+            "winner": winner.name if winner else None, "why": why, "selection": self._selection(), "summary": summary,
             "notes": self.notes, "warnings": self.warnings, "seconds": round(seconds, 2),
         }
+
+    def _selection(self) -> dict[str, Any]:
+        """The winner rule with this run's figures: which candidates tied on speed, within what band."""
+        if not self.host_matches:
+            return {"rule": "first candidate inside the budget in the profile's precision order (host does not match the profile)"}
+        fastest, band, tied = speed_ties(self.candidates)
+        return {"rule": "fastest inside the budget, never slower than FP32; candidates within the noise of the fastest are ranked by "
+                        "accuracy, then output cosine, then size, then speed",
+                "tie_band_ms": round(band, 4), "tie_floor": TIE_FLOOR, "tie_cap": TIE_CAP,
+                "fastest": fastest.name if fastest else None, "tied_on_speed": [c.name for c in tied]}
 
     def _fail(self, report: dict[str, Any]) -> None:
         built = [c for c in self.candidates if c.path is not None]

@@ -24,9 +24,10 @@ from typing import Any
 
 from .evaluate import Agreement
 
-__all__ = ["Budget", "Candidate", "gate", "choose_winner", "tie_band_ms", "speed_ties", "fidelity", "TIE_FLOOR"]
+__all__ = ["Budget", "Candidate", "gate", "choose_winner", "tie_band_ms", "speed_ties", "fidelity", "TIE_FLOOR", "TIE_CAP"]
 
 TIE_FLOOR = 0.05  # p50s within 5 % of each other are not told apart (run-to-run noise on a shared host)
+TIE_CAP = 0.20  # however noisy the host, a candidate 20 % slower than the fastest is never called a tie
 
 
 @dataclass(frozen=True)
@@ -126,11 +127,12 @@ class Candidate:
 def tie_band_ms(fastest: Candidate) -> float:
     """How much slower than ``fastest`` a candidate may measure and still tie with it on speed.
 
-    The larger of :data:`TIE_FLOOR` of its p50 and two standard errors of that p50: on a
-    quiet host the floor decides, on a loaded one the measured spread does.
+    The larger of :data:`TIE_FLOOR` of its p50 and two standard errors of that p50 (on a
+    quiet host the floor decides, on a loaded one the measured spread does), but never more
+    than :data:`TIE_CAP` of it: past that a noisy host falls back to the fastest winning.
     """
     p50 = fastest.latency_p50_ms or 0.0
-    return max(TIE_FLOOR * p50, 2.0 * (fastest.latency_se_ms or 0.0))
+    return min(TIE_CAP * p50, max(TIE_FLOOR * p50, 2.0 * (fastest.latency_se_ms or 0.0)))
 
 
 def fidelity(c: Candidate) -> tuple[float, ...]:

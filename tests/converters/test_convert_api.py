@@ -7,7 +7,7 @@ import pytest
 
 from lepton_edge.bundle import read_bundle, sha256_arrays, sha256_file
 from lepton_edge.converters import check_golden, convert
-from lepton_edge.converters.search import TIE_FLOOR
+from lepton_edge.converters.search import TIE_CAP, TIE_FLOOR
 from lepton_edge.profiles import load_profile
 from lepton_edge.runtimes import open_session
 
@@ -90,13 +90,15 @@ def test_report_lists_every_candidate_and_the_winner_is_never_slower_than_fp32(d
     assert naive["settings"]["activation_type"] == "int8" and naive["settings"]["per_channel"] is False
     win = chosen[0]
     fastest = min((c for c in cands if c["within_budget"]), key=lambda c: c["latency_p50_ms"])
-    band = max(TIE_FLOOR * fastest["latency_p50_ms"], 2 * fastest["latency_se_ms"])
+    band = min(TIE_CAP * fastest["latency_p50_ms"], max(TIE_FLOOR * fastest["latency_p50_ms"], 2 * fastest["latency_se_ms"]))
     for c in cands:
         if c["within_budget"] and c["latency_p50_ms"] < win["latency_p50_ms"]:
             assert c["latency_p50_ms"] >= fastest["latency_p50_ms"] and win["latency_p50_ms"] <= fastest["latency_p50_ms"] + band
             assert c["accuracy"] <= win["accuracy"]
     if naive["within_budget"] and naive["latency_p50_ms"] <= fastest["latency_p50_ms"] + band:
         assert win["accuracy"] >= naive["accuracy"]
+    sel = rep["selection"]
+    assert sel["fastest"] == fastest["name"] and win["name"] in sel["tied_on_speed"] and sel["tie_band_ms"] == pytest.approx(band, abs=1e-4)
     int8 = next(c for c in cands if c["name"].startswith("int8-qdq"))
     assert int8["size_bytes"] < 0.35 * fp32["size_bytes"] and int8["quantized_ops"] >= 4
     # Both operator formats are measured on a host-matching CPU profile, each in the lean encoding.
