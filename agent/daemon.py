@@ -61,8 +61,11 @@ class AgentDaemon:
             self.server.start()
             log.info("inference API on %s", self.server.url)
         for result in self.service.activate_configured():
-            log.log(logging.INFO if result.ok else logging.ERROR, "startup bundle %s %s: %s",
-                    result.model, result.version or "", result.reason)
+            what = f"{result.model}@{result.version}" if result.model else "refused"
+            log.log(logging.INFO if result.ok else logging.ERROR, "startup bundle %s: %s", what, result.reason)
+        if self.server is not None and not self.service.models():
+            # Not an exit: a device with no model yet is how a fresh one waits for its first OTA.
+            log.warning("no model is active: /v2/health/ready answers 503 until a bundle is activated (config models: or OTA)")
         return self
 
     def _on_command(self, cmd: Any) -> None:

@@ -29,6 +29,7 @@ import socket
 import socketserver
 import sys
 import threading
+import time
 import zlib
 from http import HTTPStatus
 from pathlib import Path
@@ -52,6 +53,9 @@ log = logging.getLogger("lepton_edge.agent.http")
 HEADER_LENGTH = "Inference-Header-Content-Length"
 _PLATFORMS = {"onnxruntime": "onnxruntime_onnx", "tflite": "tensorflow_lite"}
 _IDLE_TIMEOUT_S = 60.0
+# A whole request body must arrive within this: a client trickling one byte a minute would
+# otherwise hold a handler thread for ever.
+_BODY_TIMEOUT_S = 30.0
 _LITTLE_ENDIAN = sys.byteorder == "little"  # the wire format of binary tensors
 
 
@@ -107,6 +111,9 @@ def _decode_inputs(header: dict[str, Any], binary: memoryview) -> dict[str, np.n
                 arr = np.asarray(data, dtype=dtype)
             except (ValueError, TypeError, OverflowError):
                 raise _BadRequest(400, f"input {name}: 'data' is not a list of {datatype} values") from None
+            if dtype.kind == "f" and not np.isfinite(arr).all():
+                raise _BadRequest(400, f"input {name}: 'data' holds an infinite or out-of-range number; JSON has no NaN or "
+                                       f"Infinity (send a binary tensor if the model must see one)")
             if arr.size != count:
                 raise _BadRequest(400, f"input {name}: 'data' holds {arr.size} values; shape {shape} needs {count}")
         inputs[name] = arr.reshape(shape)
@@ -153,7 +160,15 @@ def _encode_outputs(header: dict[str, Any], model: LoadedModel, outputs: dict[st
     response: dict[str, Any] = {"model_name": model.name, "model_version": model.version, "outputs": tensors}
     if isinstance(header.get("id"), str):
         response["id"] = header["id"]
-    return json.dumps(response, separators=(",", ":")).encode(), b"".join(chunks), bool(chunks)
+    try:
+        return json.dumps(response, separators=(",", ":"), allow_nan=False).encode(), b"".join(chunks), bool(chunks)
+    except ValueError:  # bare NaN is not JSON: strict parsers (browsers, Go) would choke on the reply
+        raise _BadRequest(500, f"model {model.name} returned NaN or Infinity, which JSON cannot carry; "
+                               f"ask for the outputs as binary tensors (parameters: binary_data_output: true)") from None
+
+
+def _refuse_json_constant(name: str) -> None:
+    raise ValueError(f"{name} is not a JSON number")
 
 
 def _model_metadata(m: LoadedModel) -> dict[str, Any]:
@@ -278,9 +293,6 @@ class _Handler(socketserver.StreamRequestHandler):
         self.close_connection = True
         self._error(code, message or HTTPStatus(code).phrase)
 
-    def _error(self, status: int, message: str) -> None:
-        self._send(status, json.dumps({"error": message}).encode())
-
     def _read_body(self) -> bytes:
         limit = self.server.owner.config.max_body_bytes
         if self.headers.get("Transfer-Encoding"):
@@ -294,10 +306,8 @@ class _Handler(socketserver.StreamRequestHandler):
         if length > limit:
             self.close_connection = True  # the unread body would otherwise be taken for the next request
             raise _BadRequest(413, f"request body is {length} bytes; this agent accepts at most {limit}")
-        body = self.rfile.read(length)
-        if len(body) != length:
-            self.close_connection = True
-            raise _BadRequest(400, "request body ended early")
+        body = self._read_exactly(length)
+        self._body_read = True
         encoding = (self.headers.get("Content-Encoding") or "identity").lower()
         if encoding in ("gzip", "deflate"):
             body = _inflate(body, encoding, limit)
@@ -305,10 +315,33 @@ class _Handler(socketserver.StreamRequestHandler):
             raise _BadRequest(415, f"Content-Encoding {encoding[:32]} is not supported (use gzip, deflate or none)")
         return body
 
+    def _read_exactly(self, length: int) -> bytes:
+        deadline = time.monotonic() + _BODY_TIMEOUT_S
+        parts, left = [], length
+        try:
+            while left:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    raise TimeoutError
+                self.connection.settimeout(remaining)
+                chunk = self.rfile.read1(min(left, 1 << 20))
+                if not chunk:
+                    self.close_connection = True
+                    raise _BadRequest(400, "request body ended early")
+                parts.append(chunk)
+                left -= len(chunk)
+        except TimeoutError:
+            self.close_connection = True
+            raise _BadRequest(408, f"the {length}-byte request body did not arrive within {_BODY_TIMEOUT_S:g}s") from None
+        finally:
+            self.connection.settimeout(self.timeout)
+        return b"".join(parts)
+
     # ------------------------------------------------------------------ routing
 
     def do_GET(self) -> None:  # noqa: N802 - the stdlib's name
         self.server.owner._enter()
+        self._body_read = True  # a GET has none
         try:
             self._route_get(self.path.split("?", 1)[0])
         except _BadRequest as e:
@@ -320,6 +353,7 @@ class _Handler(socketserver.StreamRequestHandler):
 
     def do_POST(self) -> None:  # noqa: N802
         self.server.owner._enter()
+        self._body_read = False
         try:
             parts = self._model_path(self.path.split("?", 1)[0])
             if parts is None or parts[2] != "infer":
@@ -339,6 +373,14 @@ class _Handler(socketserver.StreamRequestHandler):
             self._error(500, f"internal error: {type(e).__name__}")
         finally:
             self.server.owner._leave()
+
+    def _error(self, status: int, message: str) -> None:
+        if not getattr(self, "_body_read", True):
+            # Refused before its body was read (unknown model...): on a kept-alive connection the
+            # body would be parsed as the next request, so this connection ends here.
+            self.close_connection = True
+        self.server.owner.service.metrics.record_http_error(status)
+        self._send(status, json.dumps({"error": message}).encode())
 
     def do_PUT(self) -> None:  # noqa: N802
         self.close_connection = True
@@ -377,8 +419,10 @@ class _Handler(socketserver.StreamRequestHandler):
             self._send(200, svc.metrics.prometheus_text().encode(), "text/plain; version=0.0.4; charset=utf-8")
         else:
             parts = self._model_path(path)
-            if parts is None or parts[2] == "infer":
+            if parts is None:
                 raise _BadRequest(404, f"no such endpoint: GET {path[:100]}")
+            if parts[2] == "infer":
+                raise _BadRequest(405, "infer takes POST with a JSON (or binary-tensor) body")
             model = svc.loaded(parts[0], parts[1])
             if parts[2] == "ready":
                 self._send(200)
@@ -397,7 +441,7 @@ class _Handler(socketserver.StreamRequestHandler):
         else:
             raise _BadRequest(400, f"{HEADER_LENGTH} must be an integer no larger than the body ({len(body)} bytes)")
         try:
-            header = json.loads(memoryview(body)[:header_len].tobytes())
+            header = json.loads(memoryview(body)[:header_len].tobytes(), parse_constant=_refuse_json_constant)
         except (ValueError, RecursionError) as e:
             raise _BadRequest(400, f"request JSON is malformed: {str(e)[:120]}") from None
         header = _obj(header, "request")

@@ -59,6 +59,7 @@ class InferenceMetrics:
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self._series: dict[tuple[str, str], _Series] = {}
+        self._http_errors: dict[int, int] = {}  # by status code: bounded, whatever the paths asked for
 
     def record(self, model: str, version: str, latency_s: float, ok: bool) -> None:
         now = time.monotonic()
@@ -78,6 +79,11 @@ class InferenceMetrics:
                 s.window_latencies.append(latency_s)
             s.last_seen = now
             s.recent.append((now, latency_s, ok))
+
+    def record_http_error(self, status: int) -> None:
+        """An HTTP request answered with an error status (a 4xx never reached the model)."""
+        with self._lock:
+            self._http_errors[status] = self._http_errors.get(status, 0) + 1
 
     def window_stats(self) -> dict[str, ModelStats]:
         """Per-model stats since the previous call (telemetry calls this once per interval).
@@ -120,6 +126,7 @@ class InferenceMetrics:
         """The Prometheus text exposition format (version 0.0.4)."""
         with self._lock:
             rows = [(m, v, s.total, s.errors, s.latency_sum, list(s.buckets)) for (m, v), s in sorted(self._series.items())]
+            http_errors = sorted(self._http_errors.items())
         lines = [
             "# HELP lepton_inference_requests_total Inference requests served, by model and version.",
             "# TYPE lepton_inference_requests_total counter",
@@ -143,6 +150,11 @@ class InferenceMetrics:
             lines.append(f'lepton_inference_latency_seconds_bucket{{{labels},le="+Inf"}} {total}')
             lines.append(f"lepton_inference_latency_seconds_sum{{{labels}}} {lat_sum:.9g}")
             lines.append(f"lepton_inference_latency_seconds_count{{{labels}}} {total}")
+        lines += [
+            "# HELP lepton_http_errors_total HTTP requests answered with an error status, by code (a 4xx never reached a model).",
+            "# TYPE lepton_http_errors_total counter",
+        ]
+        lines += [f'lepton_http_errors_total{{code="{code}"}} {n}' for code, n in http_errors]
         return "\n".join(lines) + "\n"
 
 

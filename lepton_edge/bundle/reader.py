@@ -140,7 +140,8 @@ def _check_signature(
         if allow_unsigned:
             return None, False
         raise SignatureError(
-            "bundle is unsigned", hint="sign it with `lepton-edge convert --sign-key`, or accept unsigned bundles explicitly"
+            "bundle is unsigned", hint="sign it with `lepton-edge convert --sign-key`; to accept unsigned bundles anyway (development only): "
+                 "`allow_unsigned_bundles: true` in the agent config, --allow-unsigned for `bundle verify` and `cloud serve`"
         )
     if present[SIGNATURE_NAME] > _MAX_SIGNATURE:
         raise SignatureError(f"{SIGNATURE_NAME} is too large")

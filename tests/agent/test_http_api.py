@@ -151,6 +151,11 @@ _BINARY_255, _BINARY_256 = (
         (gzip.compress(b"{" + b" " * 10_000_000 + b"}"), {"Content-Encoding": "gzip"}, 413, "inflates beyond"),
         (b"xx", {"Content-Encoding": "br"}, 415, "not supported"),
         (b"\x1f\x8bnot gzip", {"Content-Encoding": "gzip"}, 400, "not valid gzip"),
+        # Python's json module reads NaN, Infinity and 1e999; no other JSON parser does, and the reply
+        # would carry bare NaN (not JSON) back to a strict client.
+        (_infer_json(_GOOD_X).replace(b"0.0, 0.0", b"NaN, 0.0", 1), {}, 400, "NaN is not a JSON number"),
+        (_infer_json(_GOOD_X).replace(b"0.0, 0.0", b"-Infinity, 0.0", 1), {}, 400, "-Infinity is not a JSON number"),
+        (_infer_json(_GOOD_X).replace(b"0.0, 0.0", b"1e999, 0.0", 1), {}, 400, "infinite or out-of-range"),
     ],
 )
 def test_hostile_bodies_get_one_line_4xx_and_the_agent_keeps_serving(shared_api, body, headers, status, reason):
@@ -174,6 +179,8 @@ def test_missing_length_chunked_and_wrong_methods(shared_api):
     assert r.status == 411 and "Content-Length" in json.loads(r.read())["error"]
     c.close()
     assert _request(api, "PUT", "/v2/models/digits/infer", b"{}")[0].status == 405
+    r, data = _request(api, "GET", "/v2/models/digits/infer")
+    assert r.status == 405 and "POST" in json.loads(data)["error"]
     assert _request(api, "POST", "/v2/models/digits/elsewhere", b"{}")[0].status == 404
     with socket.create_connection(("127.0.0.1", api.port), timeout=10) as s:  # raw garbage on the wire
         s.sendall(b"\x00\x01garbage\r\n\r\n")
@@ -227,6 +234,43 @@ def test_keep_alive_and_prometheus_metrics(api, service, bundles):
     assert 'lepton_inference_latency_seconds_bucket{model="digits",version="1.0.0",le="+Inf"} 5' in text
     assert 'lepton_inference_latency_seconds_count{model="digits",version="1.0.0"} 5' in text
     assert "# TYPE lepton_inference_latency_seconds histogram" in text
+    # Refused requests never reach the model, but an operator still sees them.
+    def http_errors() -> dict[str, int]:
+        found = {}
+        for line in _request(api, "GET", "/metrics")[1].decode().splitlines():
+            if line.startswith("lepton_http_errors_total{"):
+                found[line.split('"')[1]] = int(line.rsplit(" ", 1)[1])
+        return found
+
+    before = http_errors()
+    for _ in range(2):
+        assert _request(api, "POST", "/v2/models/digits/infer", b"{not json")[0].status == 400
+    assert _request(api, "POST", "/v2/models/nope/infer", _infer_json(bundles.sample(1)))[0].status == 404
+    after = http_errors()
+    assert after["400"] - before.get("400", 0) == 2 and after["404"] - before.get("404", 0) == 1
+    text = _request(api, "GET", "/metrics")[1].decode()
+    assert 'lepton_inference_requests_total{model="digits",version="1.0.0"} 5' in text
+
+
+def test_a_request_refused_before_its_body_is_read_does_not_poison_the_keep_alive_connection(shared_api):
+    conn = http.client.HTTPConnection("127.0.0.1", shared_api.port, timeout=10)
+    r, _ = _request(shared_api, "POST", "/v2/models/nope/infer", _infer_json(_GOOD_X), conn=conn)
+    assert r.status == 404 and r.getheader("Connection") == "close"
+    # Were the unread body left on the connection, it would be parsed as this request's line (a 400).
+    r, data = _request(shared_api, "POST", "/v2/models/digits/infer", _infer_json(_GOOD_X), conn=conn)
+    conn.close()
+    assert r.status == 200, data
+
+
+def test_a_body_that_trickles_in_is_cut_off_not_waited_for(shared_api, monkeypatch):
+    import lepton_edge.agent.http_api as http_api
+
+    monkeypatch.setattr(http_api, "_BODY_TIMEOUT_S", 1.0)
+    with socket.create_connection(("127.0.0.1", shared_api.port), timeout=20) as s:
+        s.sendall(b"POST /v2/models/digits/infer HTTP/1.1\r\nContent-Length: 1000\r\n\r\n{")
+        head = s.recv(4096)
+    assert head.startswith(b"HTTP/1.1 408 ") and b"did not arrive within 1s" in head
+    assert _request(shared_api, "POST", "/v2/models/digits/infer", _infer_json(_GOOD_X))[0].status == 200
 
 
 def test_unix_socket(shared_api, bundles):
