@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import json
+import logging
 import os
 import sys
 import time
@@ -51,7 +52,20 @@ class _Progress:
         self._t0 = time.perf_counter()
 
     def __call__(self, stage: str, message: str) -> None:
-        self._err.print(f"[dim]{time.perf_counter() - self._t0:6.1f}s[/] [cyan]{stage:>12}[/] {message}", highlight=False)
+        from rich.markup import escape
+
+        self._err.print(f"[dim]{time.perf_counter() - self._t0:6.1f}s[/] [cyan]{stage:>12}[/] {escape(message)}", highlight=False)
+
+    def log_handler(self) -> logging.Handler:
+        """Our own warnings (a thread count capped, a provider missing) as progress lines, not raw log records."""
+        progress = self
+
+        class _AsProgress(logging.Handler):
+            def emit(self, record: logging.LogRecord) -> None:
+                progress("warning", record.getMessage())
+
+        handler = _AsProgress(logging.WARNING)
+        return handler
 
 
 @click.command("convert")
@@ -90,15 +104,21 @@ def convert(source: str | None, profile: str | None, calib: Path | None, eval_da
     from .errors import NoCandidateError
     from .pipeline import convert as run_convert
 
+    progress = _Progress()
+    ours = logging.getLogger("lepton_edge")
+    handler = progress.log_handler()
+    ours.addHandler(handler)
     try:
         result = run_convert(source, profile, output_dir=output_dir, calib=calib, eval_data=eval_data, max_drop=max_drop,
                              sign_key=sign_key, name=name, version=version, input_shape=input_shape, prune=prune,
                              allow_synthetic_calibration=allow_synthetic_calibration, profiles_dir=profiles_dir,
-                             latency_runs=latency_runs, progress=_Progress())
+                             latency_runs=latency_runs, progress=progress)
     except NoCandidateError as e:
         if e.report:
             print_report(e.report)
         raise
+    finally:
+        ours.removeHandler(handler)
     if as_json:
         click.echo(json.dumps(result.report, indent=2, default=str))
     else:

@@ -12,7 +12,9 @@ from __future__ import annotations
 
 import hashlib
 import importlib
+import os
 import re
+import sys
 import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -186,10 +188,19 @@ def _load_torch_archive(p: Path, digest: str, shape: tuple[int, ...] | None) -> 
 
 def _load_factory(spec: str, shape: tuple[int, ...] | None) -> LoadedSource:
     mod_name, attr = spec.split(":")
+    # As `python -m` does: a factory in a file beside the user is found without PYTHONPATH=.
+    cwd = os.getcwd()
+    added = cwd not in sys.path
+    if added:
+        sys.path.insert(0, cwd)
     try:
         mod = importlib.import_module(mod_name)
     except ImportError as e:
-        raise NotAModelError(f"cannot import {mod_name} for factory {spec}: {e}", hint="is the package installed / on PYTHONPATH?") from None
+        raise NotAModelError(f"cannot import {mod_name} for factory {spec}: {e}",
+                             hint=f"run from the directory that holds {mod_name.split('.')[0]}, or install it / add it to PYTHONPATH") from None
+    finally:
+        if added:
+            sys.path.remove(cwd)
     fn = getattr(mod, attr, None)
     if not callable(fn):
         raise NotAModelError(f"{spec}: {mod_name} has no callable {attr}")
@@ -231,8 +242,9 @@ def export_onnx(config: ExportConfig, src: LoadedSource, out_path: Path, *, opse
         with torch.no_grad():
             src.module(example)
     except Exception as e:
-        raise InputShapeError(f"{src.name} does not accept input of shape {tuple(example.shape)}: {_first(e)}",
-                              hint="check --input-shape") from None
+        raise InputShapeError(f"{src.name} does not accept input of shape {tuple(example.shape)} "
+                              f"(batch {example.shape[0]} for tracing; per-sample shape {tuple(src.sample_shape)}): {_first(e)}",
+                              hint="check --input-shape, or the per-sample shape of --calib") from None
     opset = min(max(config.opset, opset_min), opset_max)
     order = ["dynamo"] if config.exporter == "dynamo" or src.format == "torch.export" else (["legacy"] if config.exporter == "legacy" else ["legacy", "dynamo"])
     errors = []

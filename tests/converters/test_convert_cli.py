@@ -67,6 +67,19 @@ def test_factory_without_input_shape(tmp_path):
     assert "input shape" in text and "--input-shape" in text
 
 
+def test_a_factory_in_a_file_beside_the_user_needs_no_pythonpath(tmp_path, monkeypatch):
+    (tmp_path / "my_net.py").write_text(
+        "import torch\n\ndef build():\n    return torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(64, 10))\n")
+    monkeypatch.chdir(tmp_path)
+    res, text = _run("my_net:build", "--profile", "x86-avx2", "-o", tmp_path / "out", "--input-shape", "1x1x8x8",
+                     "--allow-synthetic-calibration")
+    assert res.exit_code == 0, text
+    assert "cannot import" not in text and (tmp_path / "out").is_dir()
+    res, text = _run("my_net:build", "--profile", "x86-avx2", "-o", tmp_path / "out2", "--input-shape", "1x3x8x8",
+                     "--allow-synthetic-calibration")
+    assert res.exit_code == 2 and "per-sample shape (3, 8, 8)" in text
+
+
 def test_bad_input_shape_string(tmp_path):
     res, text = _run("lepton_edge.converters.zoo:digits_cnn", "--profile", "x86-avx2", "-o", tmp_path, "--input-shape", "1xthree")
     assert res.exit_code == 2 and "not like 1x3x224x224" in text
