@@ -168,6 +168,8 @@ class _Conversion:
             self.say("fit-opset", f"checking opset against {lim.opset_min}..{lim.opset_max}")
             _, notes = fit_opset(src.onnx_path, onnx_src, opset_min=lim.opset_min, opset_max=lim.opset_max)
             self.notes += notes
+        self._source_is_torch = original.is_torch
+        self._refuse_hopeless_size(onnx_src)
         info = onnx_info(onnx_src)
         sample_shape = tuple(info.input_shape[1:])
         if any(d is None for d in sample_shape):
@@ -503,6 +505,30 @@ class _Conversion:
                 "tie_band_ms": round(band, 4), "tie_floor": TIE_FLOOR, "tie_cap": TIE_CAP,
                 "fastest": fastest.name if fastest else None, "tied_on_speed": [c.name for c in tied]}
 
+    # The smallest a precision can make a model, as a fraction of its FP32 file (per-channel
+    # scales and int32 biases keep INT8 a little above a quarter).
+    _SMALLEST_RATIO = {"int8": 0.25, "fp16": 0.5, "fp32": 1.0}
+
+    def _size_hint(self) -> str:
+        if getattr(self, "_source_is_torch", False):
+            return "prune it (--prune 0.5), pick a smaller model, or a profile with more memory"
+        return ("--prune needs the PyTorch model: convert its module:callable factory (or TorchScript) with --prune 0.5; "
+                "or pick a smaller model, or a profile with more memory")
+
+    def _refuse_hopeless_size(self, onnx_path: Path) -> None:
+        """Minutes of work and gigabytes of RAM are not spent on a model no precision can shrink enough."""
+        size = onnx_path.stat().st_size + sum(p.stat().st_size for p in onnx_path.parent.glob(f"{onnx_path.name}.data"))
+        ratios = [self._SMALLEST_RATIO[p] for p in self.profile.precision.allowed if p in self._SMALLEST_RATIO]
+        best = size * min(ratios, default=1.0)
+        limit = self.profile.limits.max_model_mb * 1e6
+        if best > limit:
+            precision = min((p for p in self.profile.precision.allowed if p in self._SMALLEST_RATIO),
+                            key=self._SMALLEST_RATIO.__getitem__, default="fp32")
+            raise ModelTooLargeError(
+                f"the model does not fit profile {self.profile.id}: it is {size / 1e6:.1f} MB as FP32, so at least "
+                f"~{best / 1e6:.1f} MB even as {precision.upper()}, and the profile's max_model_mb is {self.profile.limits.max_model_mb}",
+                hint=self._size_hint())
+
     def _fail(self, report: dict[str, Any]) -> None:
         built = [c for c in self.candidates if c.path is not None]
         if built and not any(c.fits_limits for c in built):
@@ -512,7 +538,7 @@ class _Conversion:
                 f"the model does not fit profile {self.profile.id}: the smallest candidate ({smallest.name}) is "
                 f"{(smallest.size_bytes or 0) / 1e6:.2f} MB and needs ~{(smallest.memory_bytes or 0) / 2**20:.1f} MiB; "
                 f"the limits are {lim.max_model_mb} MB and {lim.memory_mb} MiB",
-                hint="prune it (--prune 0.5), pick a smaller model, or a profile with more memory", report=report)
+                hint=self._size_hint(), report=report)
         raise NoCandidateError(f"no candidate fits the accuracy budget ({self.budget.describe()}) and the limits of profile {self.profile.id}",
                                hint="raise --max-drop, give more/better calibration data, or pick a profile that allows fp32",
                                report=report)

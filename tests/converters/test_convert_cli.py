@@ -128,16 +128,33 @@ def test_calibration_of_the_wrong_shape(digits_onnx, tmp_path):
 
 
 def test_model_that_does_not_fit_the_memory_limit(digits_onnx, digits_files, tmp_path):
+    # Just above a quarter of the FP32 size: not hopeless up front (INT8 weights alone would
+    # fit), but every real candidate, scales and biases included, is larger.
+    limit_mb = round(0.26 * digits_onnx.stat().st_size / 1e6, 4)
     (tmp_path / "tiny.yaml").write_text(
         "id: tiny-mcu\nextends: x86-avx2\ndevice: a very small box\nmemory_mb: 1\n"
-        "limits: {max_model_mb: 0.01, memory_mb: 1}\nsources: test\n")
+        f"limits: {{max_model_mb: {limit_mb}, memory_mb: 1}}\nsources: test\n")
     res, text = _run(digits_onnx, "--profile", "tiny-mcu", "--profiles-dir", tmp_path, "-o", tmp_path,
                      "--calib", digits_files["calib"], "--latency-runs", "3")
     assert res.exit_code == 2
     _one_error_line(text)
-    assert "does not fit profile tiny-mcu" in text and "0.01 MB" in text
+    assert "does not fit profile tiny-mcu" in text and f"{limit_mb} MB" in text
     assert "conversion candidates" in text  # the table of what was tried comes first
     assert not any(tmp_path.glob("*.lepton"))
+
+
+def test_a_model_no_precision_can_shrink_enough_is_refused_before_any_work(digits_onnx, digits_files, tmp_path):
+    (tmp_path / "tiny.yaml").write_text(
+        "id: tiny-flash\nextends: x86-avx2\ndevice: a box with little flash\n"
+        "limits: {max_model_mb: 0.01}\nsources: test\n")
+    res, text = _run(digits_onnx, "--profile", "tiny-flash", "--profiles-dir", tmp_path, "-o", tmp_path,
+                     "--calib", digits_files["calib"])
+    assert res.exit_code == 2
+    _one_error_line(text)
+    flat = " ".join(text.split())
+    assert "at least ~0.1 MB even as INT8" in flat or "even as INT8" in flat, flat
+    assert "max_model_mb is 0.01" in flat and "conversion candidates" not in flat  # nothing was tried
+    assert "--prune needs the PyTorch model" in flat  # an ONNX source cannot be pruned here
 
 
 def test_missing_calibration_says_what_to_do(digits_onnx, tmp_path):
