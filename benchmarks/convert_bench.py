@@ -40,7 +40,8 @@ RESULTS = Path(__file__).parent / "results" / "convert_bench.json"
 def timed(paths: dict[str, Path], sample: np.ndarray, threads: int, runs: int) -> dict[str, tuple[float, float]]:
     """p50/p95 per model, timed in alternating rounds (the converter's own method, with more rounds)."""
     sessions = {k: open_session(p, "onnxruntime", threads=threads) for k, p in paths.items()}
-    lat = interleaved_latency(sessions, sample, threads=threads, runs=runs, rounds=10, max_seconds=60)
+    # Many short rounds: other jobs on the same cores come and go within seconds, and every model must see them alike.
+    lat = interleaved_latency(sessions, sample, threads=threads, runs=runs, rounds=max(5, runs // 10), max_seconds=120)
     return {k: (v.p50_ms, v.p95_ms) for k, v in lat.items()}
 
 
@@ -207,7 +208,7 @@ def main() -> None:
     args = ap.parse_args()
     if args.profile is None:
         args.profile = "x86-vnni" if host_matches(load_profile("x86-vnni")) else "x86-avx2"
-    runs = 30 if args.quick else 100
+    runs = 30 if args.quick else 300
     res = 112 if args.quick else 224
     t_all = time.perf_counter()
     load_start = os.getloadavg()
@@ -228,8 +229,8 @@ def main() -> None:
             return torch.nn.functional.interpolate(small, size=(res, res), mode="bilinear", align_corners=False).numpy()
 
         x_cal, x_ev = images(64), images(64)
-        rows.append(bench_model("mobilenetv2-1.0", net, (x_cal, None), (x_ev, None), args.profile, max(20, runs // 2), work))
-        sweep_rows = sweep(net, x_cal[:32], x_ev[:32], work, max(20, runs // 2))
+        rows.append(bench_model("mobilenetv2-1.0", net, (x_cal, None), (x_ev, None), args.profile, runs, work))
+        sweep_rows = sweep(net, x_cal[:32], x_ev[:32], work, runs)
 
     print_table(f"convert_bench ({args.profile}, host {platform.machine()}, batch 1, load {load_start[0]:.1f} -> {os.getloadavg()[0]:.1f})",
                 ["model", "FP32 MB", "INT8 MB", "size ratio", "FP32 p50 ms", "INT8 p50 ms", "lat ratio", "metric",

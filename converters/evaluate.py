@@ -114,14 +114,20 @@ def interleaved_latency(sessions: dict[str, Session], sample: np.ndarray, *, thr
     """Latency of several models timed in alternating rounds, pooled per model.
 
     Timing models one after another lets a change in machine load pick the winner;
-    alternating rounds spread any drift over all of them.
+    alternating rounds spread any drift over all of them. ``max_seconds`` is per model over
+    all rounds; past it no new round starts once three have run.
     """
     rounds = max(1, min(rounds, runs))
     per_round = max(1, runs // rounds)
     times: dict[str, list[float]] = {k: [] for k in sessions}
-    for _ in range(rounds):
+    deadline = time.perf_counter() + max_seconds * len(sessions)
+    for r in range(rounds):
+        if r >= 3 and time.perf_counter() > deadline:  # slow models: fewer rounds, not more time
+            break
         for k, sess in sessions.items():
-            times[k] += measure_latency(sess, sample, threads=threads, runs=per_round, max_seconds=max_seconds / rounds).times_ms
+            # Full warm-up once; later rounds need one call to bring the model back into the caches.
+            times[k] += measure_latency(sess, sample, threads=threads, runs=per_round, max_seconds=max_seconds / rounds,
+                                        warmup=3 if r == 0 else 1).times_ms
     return {k: Latency(float(np.percentile(t, 50)), float(np.percentile(t, 95)), len(t), threads, tuple(t)) for k, t in times.items()}
 
 

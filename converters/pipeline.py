@@ -37,14 +37,14 @@ from .search import TIE_CAP, TIE_FLOOR, Budget, Candidate, choose_winner, gate, 
 
 __all__ = ["ConversionResult", "convert", "DEFAULT_LATENCY_RUNS", "MAX_CANDIDATES"]
 
-DEFAULT_LATENCY_RUNS = 50
+DEFAULT_LATENCY_RUNS = 100
 MAX_CANDIDATES = 12  # the bound on the search: builds + evaluations
 _SENSITIVITY_ROUNDS = (1, 3, 8)  # nodes kept in float per retry
 _SYNTHETIC_SAMPLES = 64
 _GOLDEN_COUNT = 8
 _MAX_EVAL = 2000  # every candidate runs on all of them; more adds time, not information
 _LATENCY_SECONDS = 6.0  # per candidate, over all rounds
-_LATENCY_ROUNDS = 5  # alternating rounds: load that comes and goes hits every candidate alike
+_LATENCY_ROUNDS = 10  # alternating rounds: load that comes and goes hits every candidate alike
 
 Progress = Callable[[str, str], None]
 
