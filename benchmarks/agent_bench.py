@@ -3,7 +3,10 @@
 Against bare ``onnxruntime.InferenceSession.run`` on the same model file, with the same
 threads, on this host:
 
-* in-process overhead per call of ``AgentService.infer`` for a ~1 ms model (target ≤ 5% at p50);
+* in-process overhead per call of ``AgentService.infer`` for a ~1 ms model (target ≤ 5% at p50),
+  against a bare ``run`` of the agent's own ``InferenceSession`` (its settings checked equal to
+  a bare session's): two sessions in one process contend for the cores (see
+  :func:`in_process_overhead`);
 * HTTP round-trip overhead for a small tensor, agent in its own process, client on a
   keep-alive connection sending Triton-style binary tensors (target ≤ 300 µs at p50);
 * inference throughput with telemetry on vs off (target: no measurable loss), through
@@ -161,15 +164,54 @@ def _paired(a: Callable[[], Any], b: Callable[[], Any], n: int) -> tuple[float, 
     return statistics.median(ta), statistics.median(tb), cost
 
 
+def _session_settings(sess: Any) -> dict[str, str]:
+    """What decides how an onnxruntime session runs: its SessionOptions, providers and their options."""
+    so = sess.get_session_options()
+    out = {k: str(getattr(so, k)) for k in dir(so) if not k.startswith("_") and not callable(getattr(so, k))}
+    for key in ("session.intra_op.allow_spinning", "session.inter_op.allow_spinning", "session.set_denormal_as_zero",
+                "session.intra_op_thread_affinities", "session.dynamic_block_base"):
+        try:
+            out[key] = so.get_session_config_entry(key)
+        except Exception:  # not set: onnxruntime's default
+            out[key] = "(default)"
+    out["providers"] = str(sess.get_providers())
+    out["provider_options"] = str(sess.get_provider_options())
+    return out
+
+
 def in_process_overhead(service: Any, model_file: Path, model: str, x: np.ndarray, threads: int, n: int) -> dict[str, Any]:
-    """``AgentService.infer`` vs bare ``sess.run`` on the same file and threads, call by call."""
+    """``AgentService.infer`` vs bare ``InferenceSession.run`` on the same model and threads, call by call.
+
+    The headline pairs the agent with a bare ``run`` of its own ``InferenceSession``, whose
+    settings are checked equal to those of a session built here the bare way. Two sessions
+    in one process cannot be compared call by call on a 2-core host: each has its own
+    intra-op pool, whose worker spins after a run and competes for a core with the other
+    session's next run, and where the scheduler puts the two workers decides which session
+    loses. Two identical bare sessions paired that way differ by up to ±120 µs on a ~0.5 ms
+    model from one run to the next (measured); that is what the old figure measured. It is
+    still reported, beside the same comparison of two bare sessions as its control.
+    """
     bare = _bare_session(model_file, threads)
+    native = service.loaded(model).session.native
+    ours, theirs = _session_settings(native), _session_settings(bare)
+    differs = sorted(k for k in ours if ours[k] != theirs.get(k))
     feeds = {"input": x}
-    _paired(lambda: bare.run(None, feeds), lambda: service.infer(model, feeds), 100)
-    bare_p50, agent_p50, diff = _paired(lambda: bare.run(None, feeds), lambda: service.infer(model, feeds), n)
-    return {"bare_p50_us": round(bare_p50 * 1e6, 1), "agent_p50_us": round(agent_p50 * 1e6, 1),
-            "paired_diff_us": round(diff * 1e6, 1), "overhead_pct": round(diff / bare_p50 * 100, 2),
-            "overhead_pct_of_p50s": round((agent_p50 / bare_p50 - 1) * 100, 2), "calls": n}
+    agent = lambda: service.infer(model, feeds)  # noqa: E731
+    _paired(lambda: native.run(None, feeds), agent, 100)
+    bare_p50, agent_p50, diff = _paired(lambda: native.run(None, feeds), agent, n)
+    out: dict[str, Any] = {"bare_p50_us": round(bare_p50 * 1e6, 1), "agent_p50_us": round(agent_p50 * 1e6, 1),
+                           "paired_diff_us": round(diff * 1e6, 1), "overhead_pct": round(diff / bare_p50 * 100, 2),
+                           "overhead_pct_of_p50s": round((agent_p50 / bare_p50 - 1) * 100, 2), "calls": n,
+                           "session_settings_differ": {k: [ours[k], theirs.get(k)] for k in differs}}
+    # The old method, and its control: two bare sessions compared the same way.
+    bare2 = _bare_session(model_file, threads)
+    two: dict[str, Any] = {}
+    for name, fn in (("agent_vs_bare", agent), ("bare_vs_bare", lambda: bare2.run(None, feeds))):
+        _paired(lambda: bare.run(None, feeds), fn, 100)
+        b50, o50, d = _paired(lambda: bare.run(None, feeds), fn, n)
+        two[name] = {"bare_p50_us": round(b50 * 1e6, 1), "other_p50_us": round(o50 * 1e6, 1), "paired_diff_us": round(d * 1e6, 1)}
+    out["two_sessions"] = two
+    return out
 
 
 def _binary_request(x: np.ndarray) -> tuple[bytes, dict[str, str]]:
@@ -361,6 +403,11 @@ def _write_config(path: Path, state: Path, pub: Path, models: list[Path], **extr
     return path
 
 
+def _note_load(result: dict[str, Any]) -> None:
+    """The 1-minute load average as a figure was taken: the host is shared, so each figure carries it."""
+    result["load_avg_1m"] = round(os.getloadavg()[0], 2)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--quick", action="store_true", help="fewer rounds and a 5 s outage (a smoke run, not the numbers)")
@@ -397,17 +444,20 @@ def main() -> None:
         info("in-process overhead ...")
         results["in_process"] = in_process_overhead(service, loaded.root / loaded.manifest.model_file, "mobilenet",
                                                     x_mobile, threads, calls)
+        _note_load(results["in_process"])
 
         info("throughput with telemetry off / on ...")
         mobile_feeds = {"input": x_mobile}
         results["telemetry_throughput"] = measure_throughput_with_telemetry(
             lambda: service.infer("mobilenet", mobile_feeds), service.metrics, args.broker, work_dir=work / "tput",
             duration_s=0.5 if args.quick else 1.0, rounds=4 if args.quick else 8)
+        _note_load(results["telemetry_throughput"])
 
         info("20 hot swaps under HTTP load ...")
         server = InferenceServer(service, service.config.api).start()
         results["hot_swaps"] = hot_swaps(service, server.port, [b["mobilenet-2.0.0"], b["mobilenet-1.0.0"]], 20, x_mobile,
                                          clients=2)
+        _note_load(results["hot_swaps"])
         server.close()
         service.close()
 
@@ -416,6 +466,7 @@ def main() -> None:
         try:
             digits_model = next((work / "state-daemon" / "models" / "digits").glob("*/model.onnx"))
             results["http"] = http_overhead(port, digits_model, x_small, threads, calls)
+            _note_load(results["http"])
         finally:
             proc.terminate()
             proc.wait(30)
@@ -424,13 +475,16 @@ def main() -> None:
         rss_cfg = _write_config(work / "rss.yaml", work / "state-rss", pub, [b["mobilenet-1.0.0"]])
         model_file = next(Path(b["mobilenet-1.0.0"]).glob("model.onnx"))
         results["rss"] = rss_ratio(rss_cfg, model_file, x_mobile.shape, threads, repeats=1 if args.quick else 3)
+        _note_load(results["rss"])
         info("RSS with a full-size MobileNetV2-like (224x224, 3.5 M parameters) ...")
         large = make_large_bundle(work, priv)
         large_cfg = _write_config(work / "rss-large.yaml", work / "state-rss-large", pub, [large])
         results["rss_large"] = rss_ratio(large_cfg, large / "model.onnx", (1, 3, 224, 224), threads, repeats=1)
+        _note_load(results["rss_large"])
 
         info(f"telemetry across a {outage_s:.0f} s broker outage ...")
         results["outage"] = measure_outage_loss(work_dir=work / "outage", outage_s=outage_s, progress=info)
+        _note_load(results["outage"])
     results["host"]["load_avg_end"] = os.getloadavg()[0]
     results["quick"] = args.quick
     report(results)
@@ -449,28 +503,38 @@ def report(r: dict[str, Any]) -> None:
         return "met" if ok else "MISSED"
 
     hb, hj, hc = h["binary"], h["json"], h["binary_http_client"]
+    ts = ip["two_sessions"]
     rows = [
         ["in-process overhead, p50", f"{ip['overhead_pct']:+.2f}%",
-         f"paired diff {ip['paired_diff_us']} µs on bare {ip['bare_p50_us']} µs (agent p50 {ip['agent_p50_us']} µs); "
-         f"mobilenet-like {m['input'][2]}², {m['precision']}", "≤ 5%", verdict(ip["overhead_pct"] <= 5)],
+         f"paired diff {ip['paired_diff_us']} µs on bare {ip['bare_p50_us']} µs (agent p50 {ip['agent_p50_us']} µs), "
+         f"bare = the agent's own InferenceSession, settings equal to a bare one: "
+         f"{'yes' if not ip['session_settings_differ'] else 'NO ' + str(sorted(ip['session_settings_differ']))}; "
+         f"mobilenet-like {m['input'][2]}², {m['precision']}; load {ip['load_avg_1m']}", "≤ 5%",
+         verdict(ip["overhead_pct"] <= 5 and not ip["session_settings_differ"])],
+        ["same, two sessions call by call", f"{ts['agent_vs_bare']['paired_diff_us']:+.0f} µs",
+         f"control: two identical bare sessions {ts['bare_vs_bare']['paired_diff_us']:+.0f} µs: their thread pools contend",
+         "(info)", ""],
         ["HTTP overhead, p50 (binary)", f"{hb['overhead_us']:.0f} µs",
          f"round trip {hb['round_trip_p50_us']} µs vs bare run {hb['bare_p50_us']} µs, {h['tensor_bytes']} B tensor, "
-         "raw keep-alive client", "≤ 300 µs", verdict(hb["overhead_us"] <= 300)],
+         f"raw keep-alive client; load {h['load_avg_1m']}", "≤ 300 µs", verdict(hb["overhead_us"] <= 300)],
         ["HTTP overhead, p50 (JSON)", f"{hj['overhead_us']:.0f} µs", f"round trip {hj['round_trip_p50_us']} µs", "(info)", ""],
         ["HTTP overhead, p50 (http.client)", f"{hc['overhead_us']:.0f} µs",
          f"round trip {hc['round_trip_p50_us']} µs: the stdlib client's own parsing included", "(info)", ""],
         ["throughput telemetry on/off", f"{t['ratio_on_off']:.3f}",
-         f"{t['on_per_s']:.0f}/s vs {t['off_per_s']:.0f}/s, report every {t['interval_s']} s; pairs {t['pair_ratios']}",
+         f"{t['on_per_s']:.0f}/s vs {t['off_per_s']:.0f}/s, report every {t['interval_s']} s; pairs {t['pair_ratios']}; "
+         f"load {t['load_avg_1m']}",
          "no loss (≥ 0.98)", verdict(t["ratio_on_off"] >= 0.98)],
-        ["RSS agent / bare", f"{rss['ratio']:.2f}x", f"{rss['agent_rss_mb']} MB vs {rss['bare_rss_mb']} MB",
+        ["RSS agent / bare", f"{rss['ratio']:.2f}x", f"{rss['agent_rss_mb']} MB vs {rss['bare_rss_mb']} MB; load {rss['load_avg_1m']}",
          "≤ 1.3x", verdict(rss["ratio"] <= 1.3)],
         ["RSS agent / bare, MobileNetV2 224²", f"{rl['ratio']:.2f}x", f"{rl['agent_rss_mb']} MB vs {rl['bare_rss_mb']} MB",
          "(info)", ""],
         ["failed requests over 20 hot swaps", str(hs["failed"]),
-         f"{hs['requests']} requests, versions {hs['versions_served']}, {hs['swap_failures']} swaps refused, {hs['seconds']} s",
+         f"{hs['requests']} requests, versions {hs['versions_served']}, {hs['swap_failures']} swaps refused, {hs['seconds']} s; "
+         f"load {hs['load_avg_1m']}",
          "0", verdict(hs["failed"] == 0 and hs["swap_failures"] == 0)],
         ["telemetry lost over outage", str(o["lost"]),
-         f"{o['outage_s']:.0f} s down; {o['produced']} produced, {o['received_unique']} received, in order {o['in_order']}",
+         f"{o['outage_s']:.0f} s down; {o['produced']} produced, {o['received_unique']} received, in order {o['in_order']}; "
+         f"load {o['load_avg_1m']}",
          "0", verdict(o["lost"] == 0)],
     ]
     title = f"Agent benchmark ({r['host']['cpus']} CPUs, profile {r['host']['profile']}, load {r['host']['load_avg_start']:.1f})"
