@@ -220,3 +220,20 @@ print("CRYPTOGRAPHY:" + ",".join(m for m in sys.modules if m.startswith("cryptog
     r = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=60)
     assert r.returncode == 0, r.stderr
     assert r.stdout.splitlines()[-1] == "CRYPTOGRAPHY:", r.stdout
+
+
+def test_without_a_usable_libcrypto_verification_falls_back_to_cryptography(monkeypatch):
+    monkeypatch.setattr(_ed25519, "_impl", None)
+    monkeypatch.setattr(_ed25519, "_libcrypto_impl", lambda: None)
+    key = Ed25519PrivateKey.generate()
+    pub, sig = _raw_pub(key), key.sign(b"m")
+    assert _ed25519.verify(pub, sig, b"m") is True
+    assert _ed25519.verify(pub, sig, b"n") is False
+    assert _ed25519.verify(pub, sig[:32] + _scalar(int.from_bytes(sig[32:], "little") + L), b"m") is False
+    assert _ed25519.backend() == "cryptography"
+
+
+def test_a_binding_that_fails_the_rfc8032_self_test_is_not_used():
+    assert _ed25519._self_test(_reference)
+    assert not _ed25519._self_test(lambda pub, sig, msg: True)  # accepts everything
+    assert not _ed25519._self_test(lambda pub, sig, msg: False)  # refuses everything
