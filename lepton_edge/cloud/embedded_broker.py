@@ -521,7 +521,7 @@ class Broker:
         self.passwords: dict[str, str] | None = None
         self.acl: _Acl | None = None
         self.acl_generation = 0
-        self.stats = {"received": 0, "sent": 0, "dropped": 0, "protocol_errors": 0}
+        self.stats = {"received": 0, "sent": 0, "dropped": 0, "refused": 0, "protocol_errors": 0}
         self._client_ids = itertools.count(1)
         self.load_auth()
 
@@ -784,7 +784,8 @@ class _Connection(asyncio.Protocol):
         try:
             self._parse(buf)
         except _ProtocolViolation as e:
-            self.broker.stats["protocol_errors"] += 1
+            refused = e.reason in (_RC_BAD_CREDENTIALS, _RC_NOT_AUTHORIZED) and self.session is None
+            self.broker.stats["refused" if refused else "protocol_errors"] += 1
             log.info("Client %s (%s) disconnected: %s", self.client_id, self.peer, e)
             self.close(e.reason, str(e))
         except Exception as e:  # a bug must cost one client, never the broker
@@ -848,7 +849,7 @@ class _Connection(asyncio.Protocol):
         session.connection = None
         if self.broker.config.connection_messages:
             log.info("Client %s disconnected%s", self.client_id, "" if self.graceful else " (connection lost)")
-        if not self.graceful and self.will is not None:
+        if not self.graceful:
             self._schedule_will(session)
         if session.expiry == 0:
             self.broker.end_session(session)
@@ -1119,13 +1120,14 @@ class _Connection(asyncio.Protocol):
         self.close(_RC_SESSION_TAKEN_OVER, "session taken over")
 
     def _schedule_will(self, session: _Session) -> None:
-        will = self.will
-        self.will = None
-        delay = min(will.delay, session.expiry)  # type: ignore[union-attr]
+        will, self.will = self.will, None
+        if will is None:
+            return
+        delay = min(will.delay, session.expiry)
         if delay <= 0:
-            self.broker.publish_will(session, will.message)  # type: ignore[union-attr]
+            self.broker.publish_will(session, will.message)
         else:
-            session.will_handle = self._loop.call_later(delay, self.broker.publish_will, session, will.message)  # type: ignore[union-attr]
+            session.will_handle = self._loop.call_later(delay, self.broker.publish_will, session, will.message)
 
     def _on_publish(self, flags: int, body: bytes) -> None:
         session = self.session
@@ -1316,8 +1318,7 @@ async def _serve(cfg: BrokerConfig) -> int:
     log.info("Opening ipv4 listen socket on port %d.", cfg.port)
     log.info("lepton-edge embedded MQTT 5 broker running")
     await stop.wait()
-    log.info("Shutting down: %d received, %d sent, %d dropped, %d protocol errors", broker.stats["received"],
-             broker.stats["sent"], broker.stats["dropped"], broker.stats["protocol_errors"])
+    log.info("Shutting down: %s", ", ".join(f"{n} {what.replace('_', ' ')}" for what, n in broker.stats.items()))
     server.close()
     for conn in list(broker.connections):
         conn.close(_RC_SHUTTING_DOWN, "server shutting down")

@@ -580,3 +580,52 @@ def test_connections_over_max_connections_are_refused_and_others_served(tmp_path
         finally:
             for s in held:
                 s.close()
+
+
+def test_mutated_packets_never_crash_the_broker_or_hit_an_internal_error(broker, clients):
+    """Seeded bit flips, truncations and splices of valid packets, each on its own connection."""
+    import random
+
+    rng = random.Random(20261202)
+    valid = [
+        _packet(0x30, _s(b"fuzz/a") + b"\x00payload"),
+        _packet(0x32, _s(b"fuzz/b") + b"\x00\x05" + b"\x05\x01\x01\x26\x00\x00" + b"p"),
+        _packet(0x34, _s(b"fuzz/c") + b"\x00\x06\x00p"),
+        _packet(0x82, b"\x00\x07\x02\x0b\x05" + _s(b"fuzz/#") + b"\x2e" + _s(b"$share/g/fuzz/+") + b"\x01"),
+        _packet(0xA2, b"\x00\x08\x00" + _s(b"fuzz/#")),
+        _packet(0x62, b"\x00\x06"), _packet(0x40, b"\x00\x01\x10\x00"), b"\xc0\x00",
+        _packet(0xE0, b"\x04\x05\x11\x00\x00\x00\x0a"),
+    ]
+    full_connect = _packet(0x10, _s(b"MQTT") + b"\x05\xee\x00\x3c" + b"\x05\x11\x00\x00\x00\x3c" + _s(b"fz")
+                           + b"\x05\x18\x00\x00\x00\x01" + _s(b"fuzz/will") + _s(b"bye") + _s(b"user") + _s(b"pw"))
+    log_start = broker.log_path.stat().st_size
+    for _ in range(300):
+        connect_first = rng.random() < 0.7
+        data = bytearray(b"".join(rng.choice(valid) for _ in range(rng.randint(1, 3))))
+        if not connect_first:
+            data[:0] = full_connect
+        for _ in range(rng.randint(1, 4)):
+            op = rng.random()
+            pos = rng.randrange(len(data))
+            if op < 0.5:
+                data[pos] ^= 1 << rng.randrange(8)
+            elif op < 0.7:
+                data[pos] = rng.choice((0x00, 0x7F, 0x80, 0xFF))
+            elif op < 0.85:
+                del data[pos:]
+                data += b"\x00"
+            else:
+                data[pos:pos] = rng.randbytes(rng.randint(1, 8))
+        with _raw(broker.port, connected=connect_first) as sock:
+            try:
+                sock.sendall(bytes(data))
+                sock.shutdown(socket.SHUT_WR)  # an unfinished packet then ends with the connection
+            except OSError:
+                pass  # the broker already hung up on what it read
+            _read_to_eof(sock, timeout=5)
+    log = broker.log_path.read_bytes()[log_start:].decode(errors="replace")
+    assert "internal error" not in log and "Traceback" not in log, log[-2000:]
+    c = clients("after-fuzz")
+    c.subscribe("ok/fuzz")
+    c.publish("ok/fuzz", b"fine")
+    assert _topics(c.receive(1)) == [("ok/fuzz", b"fine")]
