@@ -316,8 +316,8 @@ def managed_broker(workdir: Path, port: int | None = None, *, auth: bool = True)
     choice = broker_choice()
     binary = find_mosquitto()
     if choice == "mosquitto" or (choice == "auto" and binary):
-        log.info("broker: mosquitto (%s)%s", binary or "not installed",
-                 f", forced by {BROKER_ENV}" if choice == "mosquitto" else "")
+        log.info("broker: mosquitto (%s), %s", binary or "not installed",
+                 f"forced by {BROKER_ENV}=mosquitto" if choice == "mosquitto" else f"found installed; {BROKER_ENV}=embedded picks ours")
         return ManagedMosquitto(workdir, port, auth=auth, binary=binary)
     if choice == "embedded":
         log.info("broker: the embedded Python MQTT 5 broker, forced by %s=embedded", BROKER_ENV)
