@@ -19,7 +19,8 @@ Keys read: ``listener PORT [HOST]``, ``allow_anonymous``, ``password_file``, ``a
 ``max_queued_messages``, ``max_inflight_messages``, ``max_packet_size``, ``max_connections``,
 ``max_keepalive``, ``log_dest file PATH`` | ``stderr``, ``connection_messages``, plus these
 of its own: ``max_queued_bytes``, ``connect_timeout``, ``max_session_expiry``,
-``max_subscriptions``, ``max_retained_messages``. Mosquitto-only keys (``user``,
+``max_subscriptions``, ``max_retained_messages``, ``max_retained_bytes``, ``max_sessions``.
+Mosquitto-only keys (``user``,
 ``log_type``, ``log_timestamp``, ``per_listener_settings``) are ignored; anything else is
 refused. ``SIGHUP`` re-reads the password and ACL files and disconnects connected clients
 whose credentials no longer match (as Mosquitto 2.0 does); ``SIGTERM`` stops it.
@@ -28,8 +29,11 @@ Bounds: packets over ``max_packet_size`` (1 MiB by default) end the connection w
 reason 0x95; a CONNECT must arrive within ``connect_timeout`` seconds; each session
 queues at most ``max_queued_messages`` / ``max_queued_bytes`` (further messages are
 dropped and counted); at most ``max_inflight_messages`` unacknowledged QoS>0 messages per
-client; at most ``max_connections`` clients; a client silent for 1.5x its keepalive is
-cut off; one that stops reading is no longer read from. A protocol error disconnects that
+client; at most ``max_connections`` clients and ``max_sessions`` sessions (offline ones
+included; a new client id beyond it gets CONNACK 0x97); at most ``max_subscriptions`` per
+session; retained messages up to ``max_retained_messages`` / ``max_retained_bytes``; a
+client silent for 1.5x its keepalive is cut off; one that stops reading is no longer read
+from. Sessions and retained messages live in memory only: a restart forgets them. A protocol error disconnects that
 one client with the matching reason code and never affects the others.
 
 :class:`lepton_edge.cloud.broker.ManagedEmbeddedBroker` starts it as a child process behind
@@ -380,12 +384,15 @@ class BrokerConfig:
         self.max_session_expiry = 30 * 24 * 3600
         self.max_subscriptions = 1000
         self.max_retained_messages = 100000
+        self.max_retained_bytes = 256 << 20
+        self.max_sessions = 100000
         self.log_file: Path | None = None
         self.connection_messages = True
 
 
 _INT_KEYS = {"max_queued_messages", "max_queued_bytes", "max_inflight_messages", "max_packet_size", "max_connections",
-             "max_keepalive", "max_session_expiry", "max_subscriptions", "max_retained_messages"}
+             "max_keepalive", "max_session_expiry", "max_subscriptions", "max_retained_messages",
+             "max_retained_bytes", "max_sessions"}
 _IGNORED_KEYS = {"user", "log_type", "log_timestamp", "per_listener_settings"}
 
 
@@ -516,6 +523,7 @@ class Broker:
         self.sessions: dict[str, _Session] = {}
         self.connections: set[_Connection] = set()
         self.retained: dict[str, _Message] = {}
+        self.retained_bytes = 0
         self._exact: dict[str, _FilterEntry] = {}
         self._wildcard: dict[str, _FilterEntry] = {}
         self.passwords: dict[str, str] | None = None
@@ -639,13 +647,7 @@ class Broker:
         """Store if retained, then hand the message to every matching session the ACL lets read it."""
         self.stats["received"] += 1
         if msg.retain:
-            if not msg.payload:
-                self.retained.pop(msg.topic, None)
-            elif msg.topic in self.retained or len(self.retained) < self.config.max_retained_messages:
-                self.retained[msg.topic] = msg
-            else:
-                log.warning("Retained message on %s not stored: %d retained messages already", msg.topic,
-                            len(self.retained))
+            self._retain(msg)
         entries = []
         exact = self._exact.get(msg.topic)
         if exact is not None:
@@ -682,6 +684,20 @@ class Broker:
             session = sessions.get(client_id)
             if session is not None and self.allowed(session, msg.topic, "read"):
                 self.deliver(session, msg, qos, retain, sub_ids)
+
+    def _retain(self, msg: _Message) -> None:
+        old = self.retained.pop(msg.topic, None)
+        if old is not None:
+            self.retained_bytes -= len(old.payload)
+        if not msg.payload:
+            return
+        cfg = self.config
+        if len(self.retained) >= cfg.max_retained_messages or self.retained_bytes + len(msg.payload) > cfg.max_retained_bytes:
+            log.warning("Retained message on %s not stored: %d retained messages, %d bytes already", msg.topic[:200],
+                        len(self.retained), self.retained_bytes)
+            return
+        self.retained[msg.topic] = msg
+        self.retained_bytes += len(msg.payload)
 
     def publish_will(self, session: _Session, msg: _Message) -> None:
         session.will_handle = None
@@ -1084,6 +1100,8 @@ class _Connection(asyncio.Protocol):
             session = None
         session_present = session is not None
         if session is None:
+            if len(broker.sessions) >= cfg.max_sessions:
+                raise _ProtocolViolation(_RC_QUOTA_EXCEEDED, f"{len(broker.sessions)} sessions already (max_sessions)")
             session = broker.sessions[client_id] = _Session(client_id)
         if session.expiry_handle is not None:
             session.expiry_handle.cancel()

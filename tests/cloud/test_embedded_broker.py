@@ -526,6 +526,27 @@ def test_an_offline_sessions_queue_is_capped_and_drops_are_counted():
     assert session.dropped == 3 and broker.stats["dropped"] == 3
 
 
+def test_retained_messages_are_capped_in_count_and_bytes():
+    from lepton_edge.cloud.embedded_broker import Broker, BrokerConfig, _Message
+
+    cfg = BrokerConfig()
+    cfg.max_retained_messages, cfg.max_retained_bytes = 3, 10
+    broker = Broker(cfg)
+
+    def retain(topic: str, payload: bytes) -> None:
+        broker.publish(_Message(topic, payload, 1, True, b"", None, "pub"))
+
+    for t in ("a", "b", "c", "d"):
+        retain(t, b"1234")
+    assert sorted(broker.retained) == ["a", "b"] and broker.retained_bytes == 8, "the third would pass 10 bytes"
+    retain("a", b"1")
+    retain("c", b"12345")
+    assert sorted(broker.retained) == ["a", "b", "c"] and broker.retained_bytes == 10
+    retain("d", b"")  # deleting what is not there is harmless
+    retain("b", b"")
+    assert sorted(broker.retained) == ["a", "c"] and broker.retained_bytes == 6
+
+
 def test_acl_file_syntax_as_mosquitto_reads_it():
     from lepton_edge.cloud.embedded_broker import _Acl
 
@@ -564,6 +585,21 @@ def test_the_acl_broker_auth_writes_is_what_the_embedded_broker_enforces():
     assert acl.allows("d1", "d1", topic("acme", "d1", "cmd"), "read") and not acl.allows("d1", "d1", topic("acme", "d1", "cmd"), "write")
     assert acl.allows(SERVICE_USER, "svc", topic("acme", "d1", "cmd"), "write")
     assert acl.allows(SERVICE_USER, "svc", topic("acme", "d1", "telemetry"), "read")
+
+
+def test_a_subscriber_that_never_reads_does_not_hold_up_the_others(broker, clients):
+    stuck = _raw(broker.port, connected=True)
+    try:
+        stuck.sendall(_packet(0x82, b"\x00\x01\x00" + _s(b"flood/t") + b"\x01"))
+        reader, pub = clients("flood-reader"), clients("flood-pub")
+        reader.subscribe("flood/t")
+        payload = b"z" * 32 * 1024
+        infos = [pub.client.publish("flood/t", payload, qos=1) for _ in range(600)]  # ~19 MiB, far past the socket buffers
+        for info in infos:
+            info.wait_for_publish(WAIT_S)
+        assert len(reader.receive(600)) == 600
+    finally:
+        stuck.close()
 
 
 def test_connections_over_max_connections_are_refused_and_others_served(tmp_path):
