@@ -1,7 +1,8 @@
 """Precision passes: each turns the optimised FP32 ONNX model into one candidate file.
 
 - ``int8-static``: QDQ (or QOperator) INT8 with calibration (MinMax, Entropy, Percentile),
-  settings defaulting to the profile's ``quantization`` section; nodes can be excluded.
+  settings defaulting to the profile's ``quantization`` section; nodes can be excluded. The
+  file is then re-encoded lean (:mod:`.compact`) when onnxruntime proves it the same model.
 - ``int8-dynamic``: weights INT8, activations quantized at run time (MatMul/Gemm, i.e.
   transformers; dynamic Conv runs an order of magnitude slower on CPUs).
 - ``fp16``: float16 weights and compute with float32 inputs/outputs (``keep_io_types``).

@@ -4,6 +4,12 @@ The order is load -> (prune) -> export/fit opset -> optimise -> precision candid
 (or TFLite candidates) -> evaluate each against the original -> choose -> package. Each
 step is a registered pass; this module only sequences them, runs the bounded search
 and keeps the report.
+
+On a host that matches the profile, static INT8 is built in the profile's settings, in the
+other operator format, and in onnxruntime's ``quantize_static`` defaults (the naive path);
+all are timed side by side and :func:`.search.choose_winner` ranks those tied on speed by
+accuracy. Retries (sensitive nodes in float, other settings) run only when no INT8
+candidate is inside the budget.
 """
 
 from __future__ import annotations
