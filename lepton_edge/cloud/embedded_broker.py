@@ -53,6 +53,8 @@ import time
 from collections import deque
 from pathlib import Path
 
+from .broker_auth import verify_password
+
 __all__ = ["BrokerConfig", "Broker", "load_config", "main"]
 
 log = logging.getLogger("lepton_edge.embedded_broker")
@@ -545,8 +547,6 @@ class Broker:
             return _RC_SUCCESS if self.config.allow_anonymous else _RC_NOT_AUTHORIZED
         if self.passwords is None:
             return _RC_SUCCESS
-        from .broker_auth import verify_password
-
         hashed = self.passwords.get(username)
         if hashed is None or password is None:
             return _RC_BAD_CREDENTIALS
