@@ -24,3 +24,4 @@ bench: setup
 	$(PY) benchmarks/convert_bench.py
 	$(PY) benchmarks/agent_bench.py
 	$(PY) benchmarks/fleet_bench.py
+	$(PY) benchmarks/broker_bench.py
