@@ -6,7 +6,7 @@ threads, on this host:
 * in-process overhead per call of ``AgentService.infer`` for a ~1 ms model (target ≤ 5% at p50),
   against a bare ``run`` of the agent's own ``InferenceSession`` (its settings checked equal to
   a bare session's): two sessions in one process contend for the cores (see
-  :func:`in_process_overhead`);
+  :func:`in_process_overhead`); checked against a bare child process in alternating blocks;
 * HTTP round-trip overhead for a small tensor, agent in its own process, client on a
   keep-alive connection sending Triton-style binary tensors (target ≤ 300 µs at p50);
 * inference throughput with telemetry on vs off (target: no measurable loss), through
@@ -211,6 +211,70 @@ def in_process_overhead(service: Any, model_file: Path, model: str, x: np.ndarra
         b50, o50, d = _paired(lambda: bare.run(None, feeds), fn, n)
         two[name] = {"bare_p50_us": round(b50 * 1e6, 1), "other_p50_us": round(o50 * 1e6, 1), "paired_diff_us": round(d * 1e6, 1)}
     out["two_sessions"] = two
+    return out
+
+
+_BARE_PROCESS = """
+import json, sys, time, numpy as np, onnxruntime as ort
+so = ort.SessionOptions(); so.intra_op_num_threads = int(sys.argv[3]); so.inter_op_num_threads = 1; so.log_severity_level = 3
+sess = ort.InferenceSession(sys.argv[1], sess_options=so, providers=["CPUExecutionProvider"])
+feeds = {"input": np.load(sys.argv[2])}
+for line in sys.stdin:
+    times = []
+    for _ in range(int(line)):
+        t0 = time.perf_counter(); sess.run(None, feeds); times.append(time.perf_counter() - t0)
+    print(json.dumps(times), flush=True)
+"""
+
+
+def cross_process_overhead(service: Any, model_file: Path, model: str, x: np.ndarray, threads: int, work: Path,
+                           blocks: int, block: int = 200, skip: int = 10) -> dict[str, Any]:
+    """``AgentService.infer`` here vs bare ``run`` in a bare child process, in alternating blocks.
+
+    One process runs a block while the other waits on a pipe, so no two thread pools ever
+    run at once: the check that the agent's own session (the in-process baseline) is as
+    fast as a fresh bare one. Each block's median (after ``skip`` warm-up calls) is paired
+    with the bare block beside it; the cost is the median of those differences.
+    """
+    np.save(work / "x.npy", x)
+    child = subprocess.Popen([sys.executable, "-c", _BARE_PROCESS, str(model_file), str(work / "x.npy"), str(threads)],
+                             stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    assert child.stdin is not None and child.stdout is not None
+
+    def bare_block(k: int) -> list[float]:
+        child.stdin.write(f"{k}\n")
+        child.stdin.flush()
+        return json.loads(child.stdout.readline())
+
+    def local_block(fn: Callable[[], Any], k: int) -> list[float]:
+        times = []
+        for _ in range(k):
+            t0 = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - t0)
+        return times
+
+    feeds = {"input": x}
+    native = service.loaded(model).session.native
+    arms: list[tuple[str, Callable[[], Any] | None]] = [
+        ("bare_process", None), ("agent", lambda: service.infer(model, feeds)), ("agent_session", lambda: native.run(None, feeds))]
+    medians: dict[str, list[float]] = {name: [] for name, _ in arms}
+    try:
+        bare_block(50)
+        local_block(arms[1][1], 50)  # type: ignore[arg-type]
+        for b in range(blocks):
+            for name, fn in arms if b % 2 == 0 else arms[::-1]:
+                t = bare_block(block) if fn is None else local_block(fn, block)
+                medians[name].append(statistics.median(t[skip:]))
+    finally:
+        child.stdin.close()
+        child.wait(30)
+    bare_p50 = statistics.median(medians["bare_process"])
+    out: dict[str, Any] = {"bare_p50_us": round(bare_p50 * 1e6, 1), "blocks": blocks, "block_calls": block}
+    for name in ("agent", "agent_session"):
+        d = statistics.median(a - b for a, b in zip(medians[name], medians["bare_process"]))
+        out[name] = {"p50_us": round(statistics.median(medians[name]) * 1e6, 1), "diff_us": round(d * 1e6, 1),
+                     "overhead_pct": round(d / bare_p50 * 100, 2)}
     return out
 
 
@@ -445,6 +509,9 @@ def main() -> None:
         results["in_process"] = in_process_overhead(service, loaded.root / loaded.manifest.model_file, "mobilenet",
                                                     x_mobile, threads, calls)
         _note_load(results["in_process"])
+        results["cross_process"] = cross_process_overhead(service, loaded.root / loaded.manifest.model_file, "mobilenet",
+                                                          x_mobile, threads, work, blocks=6 if args.quick else 20)
+        _note_load(results["cross_process"])
 
         info("throughput with telemetry off / on ...")
         mobile_feeds = {"input": x_mobile}
@@ -503,7 +570,7 @@ def report(r: dict[str, Any]) -> None:
         return "met" if ok else "MISSED"
 
     hb, hj, hc = h["binary"], h["json"], h["binary_http_client"]
-    ts = ip["two_sessions"]
+    ts, xp = ip["two_sessions"], r["cross_process"]
     rows = [
         ["in-process overhead, p50", f"{ip['overhead_pct']:+.2f}%",
          f"paired diff {ip['paired_diff_us']} µs on bare {ip['bare_p50_us']} µs (agent p50 {ip['agent_p50_us']} µs), "
@@ -511,6 +578,10 @@ def report(r: dict[str, Any]) -> None:
          f"{'yes' if not ip['session_settings_differ'] else 'NO ' + str(sorted(ip['session_settings_differ']))}; "
          f"mobilenet-like {m['input'][2]}², {m['precision']}; load {ip['load_avg_1m']}", "≤ 5%",
          verdict(ip["overhead_pct"] <= 5 and not ip["session_settings_differ"])],
+        ["same, vs a bare process (blocks)", f"{xp['agent']['overhead_pct']:+.2f}%",
+         f"agent {xp['agent']['diff_us']:+} µs, the agent's own session {xp['agent_session']['diff_us']:+} µs against a bare "
+         f"process at {xp['bare_p50_us']} µs, alternating blocks of {xp['block_calls']}; load {xp['load_avg_1m']}",
+         "(check)", ""],
         ["same, two sessions call by call", f"{ts['agent_vs_bare']['paired_diff_us']:+.0f} µs",
          f"control: two identical bare sessions {ts['bare_vs_bare']['paired_diff_us']:+.0f} µs: their thread pools contend",
          "(info)", ""],
