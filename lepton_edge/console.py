@@ -10,6 +10,7 @@ from typing import Any
 from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
+from rich.text import Text
 
 # Piped output (CI logs, files) gets a wide page rather than rich's 80-column default.
 _WIDTH = None if sys.stdout.isatty() or os.environ.get("COLUMNS") else 150
@@ -24,8 +25,9 @@ def table(title: str | None, columns: Sequence[str], rows: Iterable[Sequence[Any
     for c in columns:
         t.add_column(c, overflow="fold")
     for r in rows:
-        # Our text is plain: a "[a-z0-9]" in an error or a name must not be taken for markup.
-        t.add_row(*("" if v is None else escape(str(v)) for v in r))
+        # Plain strings are plain: a "[a-z0-9]" in an error or a name must not be taken for
+        # markup. A cell that wants a style passes a rich Text.
+        t.add_row(*("" if v is None else v if isinstance(v, Text) else escape(str(v)) for v in r))
     return t
 
 

@@ -7,8 +7,10 @@
 2. trains the digits CNN on scikit-learn's bundled digits and converts it, signed, for
    every profile in the fleet (``--profiles``): v1 = the trained net, v2 = v1 fine-tuned,
    and, for the canary device class (x86-avx2 when present), v3 = v2 plus a 24-layer
-   128-channel convolution branch whose result is multiplied by zero: the same answers
-   for ~60x the compute, the kind of release a latency gate exists for;
+   128-channel convolution branch on an upsampled image whose result is multiplied by zero:
+   the same answers for far more compute, the kind of release a latency gate exists for
+   (the image grows until the converter measures v3 at least 10 ms slower than v2 on
+   this host: a VNNI CPU runs the branch in INT8 several times faster than an AVX2 one);
 3. enrols the devices and starts one real agent child per device
    (``lepton-edge agent run --config ...``) on mixed profiles, and drives inference
    traffic at each agent's KServe v2 API, checking every answer against its label;
@@ -49,6 +51,7 @@ from typing import Any
 import click
 
 from rich.markup import escape
+from rich.text import Text
 
 from .console import err, info, print_table, warn
 from .errors import LeptonEdgeError
@@ -159,7 +162,7 @@ def _free_port() -> int:
 
 
 # ---------------------------------------------------------------------------- models
-def _with_dead_branch(net: Any, width: int = 128, depth: int = 24) -> Any:
+def _with_dead_branch(net: Any, width: int = 128, depth: int = 24, upscale: int = 2) -> Any:
     """``net`` plus real work that cannot change its answers: a deliberately slow release."""
     import torch.nn as nn
 
@@ -167,7 +170,9 @@ def _with_dead_branch(net: Any, width: int = 128, depth: int = 24) -> Any:
         def __init__(self) -> None:
             super().__init__()
             self.net = net
-            layers: list[nn.Module] = [nn.Conv2d(1, width, 3, padding=1)]
+            # On the upsampled image: upscale**2 times the compute for the same weights, so the
+            # demo can make v3 as slow as this host needs (see _slow_enough_v3).
+            layers: list[nn.Module] = [nn.Conv2d(1, width, 3, padding=1), nn.Upsample(scale_factor=upscale)]
             for _ in range(depth):
                 layers += [nn.ReLU(), nn.Conv2d(width, width, 3, padding=1)]
             self.branch = nn.Sequential(*layers)
@@ -213,10 +218,16 @@ def _convert_all(models: dict[str, Any], data: Any, plan: dict[str, list[str]], 
         done: dict[str, Any] = {}
         for version in versions:
             t = time.monotonic()
+
+            def run(model: Any) -> Any:
+                return convert(model, profile, output_dir=out, calib=(data.x_train[:128], data.y_train[:128]),
+                               eval_data=(data.x_test[:200], data.y_test[:200]), sign_key=sign_key, name=MODEL, version=version,
+                               latency_runs=10)
+
             try:
-                r = convert(models[version], profile, output_dir=out, calib=(data.x_train[:128], data.y_train[:128]),
-                            eval_data=(data.x_test[:200], data.y_test[:200]), sign_key=sign_key, name=MODEL, version=version,
-                            latency_runs=10)
+                r = run(models[version])
+                if version == VERSIONS[2] and VERSIONS[1] in done:
+                    r = _slow_enough_v3(r, done[VERSIONS[1]], models[VERSIONS[1]], run, clock)
             except ConversionError as e:
                 checks.add(f"convert {MODEL} {version} for {profile}", False, e.message)
                 break
@@ -229,6 +240,33 @@ def _convert_all(models: dict[str, Any], data: Any, plan: dict[str, list[str]], 
             checks.add(f"convert {MODEL} {', '.join(versions)} for {profile}", True,
                        ", ".join(f"{v}: {r.manifest.runtime.name} {r.manifest.precision}" for v, r in done.items()))
     return results
+
+
+# Measured alone in the converter; under the demo's load the agents' p95 adds to it. Past the
+# gate's 8 ms floor, yet not so slow that two agents at 12 requests/s overload two cores.
+_V3_EXTRA_MS = 10.0
+_V3_MAX_UPSCALE = 4
+
+
+def _chosen_p50_ms(result: Any) -> float:
+    return next(c["latency_p50_ms"] for c in result.report["candidates"] if c.get("chosen"))
+
+
+def _slow_enough_v3(r3: Any, r2: Any, v2_model: Any, run: Any, clock: _Clock) -> Any:
+    """Make v3 heavier until it measures (in the converter, on this host) >= _V3_EXTRA_MS slower than v2.
+
+    A fixed branch is not: it cost ~13 ms on an AVX2 host in FP32 and ~5 ms on a VNNI host in
+    INT8, under the gate's floor, so the bad release would pass its gate there.
+    """
+    upscale = 2
+    while _chosen_p50_ms(r3) - _chosen_p50_ms(r2) < _V3_EXTRA_MS and upscale < _V3_MAX_UPSCALE:
+        upscale *= 2
+        clock.say(f"v3 is only {_chosen_p50_ms(r3) - _chosen_p50_ms(r2):.1f} ms slower than v2 here; "
+                  f"running its branch on a {8 * upscale}x{8 * upscale} image")
+        shutil.rmtree(r3.bundle_dir, ignore_errors=True)
+        r3.archive.unlink(missing_ok=True)
+        r3 = run(_with_dead_branch(copy.deepcopy(v2_model), upscale=upscale).eval())
+    return r3
 
 
 # ---------------------------------------------------------------------------- agents and traffic
@@ -383,11 +421,12 @@ def _watch(client: Any, deployments: dict[str, str], clock: _Clock, budget_s: fl
 
 
 def _deploy(client: Any, version: str, selector: str, waves: str, soak: str, clock: _Clock) -> str:
-    # The p95 gate allows +100% and any rise under 4 ms: two cores shared by four agents, the
+    # The p95 gate allows +100% and any rise under 8 ms: two cores shared by four agents, the
     # service and this traffic make a sub-millisecond p95 (from ~36 samples a soak) jump by
-    # milliseconds between versions of the same network. The bad v3 adds well over 10 ms of real compute.
+    # milliseconds between versions of the same network (6 ms seen under outside load). The bad
+    # v3 adds ~20 ms of real compute on a VNNI host in INT8, more elsewhere.
     dep = client.deploy(MODEL, version, [selector], waves=waves, soak=soak, timeout="60s",
-                        max_error_rate="2%", max_p95_regression="100%", min_healthy="100%", p95_floor="4ms")
+                        max_error_rate="2%", max_p95_regression="100%", min_healthy="100%", p95_floor="8ms")
     clock.say(f"deploy {MODEL}@{version} --to {selector} --waves {waves} --soak {soak} (deployment {dep['id'][:8]})")
     if dep.get("missing_bundles"):
         warn(f"no bundle of {MODEL}@{version} for: {', '.join(dep['missing_bundles'])}")
@@ -552,7 +591,7 @@ def run_demo(workdir: Path, profiles: list[str], budget_s: float) -> bool:
     summary["seconds"] = round(clock.elapsed(), 1)
     (workdir / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
     print_table("Checks", ["check", "result", "detail"],
-                [(n, "[green]ok[/]" if ok else "[bold red]FAILED[/]", d) for n, ok, d in checks.rows])
+                [(n, Text("ok", style="green") if ok else Text("FAILED", style="bold red"), d) for n, ok, d in checks.rows])
     clock.say(f"demo {'passed' if checks.passed else 'FAILED'} in {clock.elapsed():.0f}s; nothing left running")
     return checks.passed
 
