@@ -59,6 +59,15 @@ def _start_telemetry(work_dir: Path, broker_url: str, metrics: Any, interval_s: 
     return link, reporter
 
 
+def _median_ci(values: list[float], *, resamples: int = 4000, seed: int = 0) -> tuple[float, float]:
+    """A 95% bootstrap interval of the median (seeded: the same pairs give the same interval)."""
+    import random
+
+    rng = random.Random(seed)
+    medians = sorted(statistics.median(rng.choices(values, k=len(values))) for _ in range(resamples))
+    return medians[int(0.025 * resamples)], medians[int(0.975 * resamples) - 1]
+
+
 def _run_for(infer: Callable[[], None], duration_s: float) -> float:
     n = 0
     t0 = time.perf_counter()
@@ -114,8 +123,13 @@ def measure_throughput_with_telemetry(infer: Callable[[], None], metrics: Any, b
             on.append(with_telemetry(r))
             off.append(_run_for(infer, duration_s))
     ratios = [b / a for a, b in zip(off, on)]
+    low, high = _median_ci(ratios)
     return {"off_per_s": round(statistics.median(off), 1), "on_per_s": round(statistics.median(on), 1),
             "ratio_on_off": round(statistics.median(ratios), 4), "pair_ratios": [round(x, 3) for x in ratios],
+            "ratio_ci95": [round(low, 4), round(high, 4)],
+            # "No measurable loss": the pairs cannot tell on from off, i.e. a ratio of 1 (or more)
+            # lies inside the 95% interval of their median.
+            "loss_measurable": high < 1.0,
             "off_rounds": [round(x, 1) for x in off], "on_rounds": [round(x, 1) for x in on],
             "telemetry_reports": reports, "interval_s": interval_s, "round_s": duration_s}
 
