@@ -28,6 +28,7 @@ from typing import Any, Literal
 import numpy as np
 from pydantic import Field
 
+from .data import Feeds, n_rows, rows
 from .errors import ConversionError
 from .passes import PassConfig, register_pass
 
@@ -123,10 +124,14 @@ def preprocess_for_quantization(src: Path, out: Path) -> list[str]:
 
 
 class _Reader:
-    """onnxruntime's CalibrationDataReader protocol over an array, in small batches."""
+    """onnxruntime's CalibrationDataReader protocol over an array (or one array per input), in small batches."""
 
-    def __init__(self, input_name: str, x: np.ndarray, batch: int = 16) -> None:
-        self._it = iter([{input_name: np.ascontiguousarray(x[i : i + batch])} for i in range(0, len(x), batch)])
+    def __init__(self, input_name: str, x: Feeds, batch: int = 16) -> None:
+        def feed(part: Feeds) -> dict[str, np.ndarray]:
+            if isinstance(part, dict):
+                return {k: np.ascontiguousarray(v) for k, v in part.items()}
+            return {input_name: np.ascontiguousarray(part)}
+        self._it = iter([feed(rows(x, slice(i, i + batch))) for i in range(0, n_rows(x), batch)])
 
     def get_next(self) -> dict[str, np.ndarray] | None:
         return next(self._it, None)
@@ -136,14 +141,15 @@ class _Reader:
 
 
 @register_pass("int8-static", stage="precision", description="INT8 with calibrated activation ranges (QDQ or QOperator).", config=StaticInt8Config)
-def quantize_static_int8(config: StaticInt8Config, src: Path, out: Path, *, input_name: str, calib_x: np.ndarray, fixed_batch: int | None = None) -> dict[str, Any]:
+def quantize_static_int8(config: StaticInt8Config, src: Path, out: Path, *, input_name: str, calib_x: Feeds, fixed_batch: int | None = None) -> dict[str, Any]:
+    """``calib_x``: one array fed to ``input_name``, or ``{input name: array}`` for every input of the model."""
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, quantize_static
 
     batch = fixed_batch or (8 if config.calibration != "minmax" else 32)
     # The histogram calibrators stack per-batch arrays and fail on a short last batch.
-    n = min(len(calib_x), config.calibration_samples)
-    x = calib_x[: max(batch, n - n % batch)] if n >= batch else calib_x[:n]
-    batch = min(batch, len(x))
+    n = min(n_rows(calib_x), config.calibration_samples)
+    x = rows(calib_x, slice(None, max(batch, n - n % batch) if n >= batch else n))
+    batch = min(batch, n_rows(x))
     method = {"minmax": CalibrationMethod.MinMax, "entropy": CalibrationMethod.Entropy, "percentile": CalibrationMethod.Percentile}[config.calibration]
     extra = {"CalibMaxIntermediateOutputs": 64} if config.calibration != "minmax" else {}
     written = out.with_name(out.stem + "-quantizer.onnx") if config.compact else out
@@ -162,7 +168,7 @@ def quantize_static_int8(config: StaticInt8Config, src: Path, out: Path, *, inpu
     if config.compact:
         from .compact import compact_quantized
 
-        settings["encoding"] = compact_quantized(written, out, sample=x[:8])
+        settings["encoding"] = compact_quantized(written, out, sample=rows(x, slice(None, 8)))
         written.unlink()
     return settings
 
@@ -192,8 +198,27 @@ def convert_fp16(config: Fp16Config, src: Path, out: Path) -> dict[str, Any]:
         converted = float16.convert_float_to_float16(model, keep_io_types=config.keep_io_types, op_block_list=block)
     except Exception as e:
         raise ConversionError(f"FP16 conversion failed: {str(e).splitlines()[0][:200]}") from None
+    _fix_float_casts(converted)
     onnx.save(converted, str(out))
     return config.model_dump(mode="json")
+
+
+def _fix_float_casts(model: Any) -> None:
+    """Cast-to-float32 nodes whose output onnxconverter-common retyped as float16 cast to float16.
+
+    The converter rewrites the value_info of a Cast's output (an int64 attention mask cast to
+    float, say) but not the Cast's ``to``, and onnxruntime then refuses the model on the type
+    mismatch. Casts feeding the kept float32 graph outputs are typed float32 and stay.
+    """
+    from onnx import TensorProto
+
+    types = {v.name: v.type.tensor_type.elem_type for v in list(model.graph.value_info) + list(model.graph.output)}
+    for node in model.graph.node:
+        if node.op_type != "Cast" or not node.output or types.get(node.output[0]) != TensorProto.FLOAT16:
+            continue
+        for a in node.attribute:
+            if a.name == "to" and a.i == TensorProto.FLOAT:
+                a.i = TensorProto.FLOAT16
 
 
 def count_quantized_ops(path: Path) -> dict[str, int]:
@@ -217,7 +242,7 @@ def count_quantized_ops(path: Path) -> dict[str, int]:
 # --------------------------------------------------------------------------- sensitivity
 
 
-def sensitive_nodes(fp32_path: Path, qdq_path: Path, x: np.ndarray, *, threads: int, limit: int = 16) -> list[tuple[str, float]]:
+def sensitive_nodes(fp32_path: Path, qdq_path: Path, x: Feeds, *, threads: int, limit: int = 16) -> list[tuple[str, float]]:
     """Nodes ranked by how much error they add when quantized: ``[(node name, added error)]``.
 
     QDQ wraps tensors without renaming them, so a float tensor produced by the same kind
@@ -251,7 +276,7 @@ def sensitive_nodes(fp32_path: Path, qdq_path: Path, x: np.ndarray, *, threads: 
     return [(name, s) for name, s in scores[:limit] if s > 0]
 
 
-def _intermediates(model: Any, names: list[str], x: np.ndarray, threads: int) -> dict[str, np.ndarray]:
+def _intermediates(model: Any, names: list[str], x: Feeds, threads: int) -> dict[str, np.ndarray]:
     import onnx
     import onnxruntime as ort
 
@@ -268,7 +293,7 @@ def _intermediates(model: Any, names: list[str], x: np.ndarray, threads: int) ->
     so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
     sess = ort.InferenceSession(m.SerializeToString(), sess_options=so, providers=["CPUExecutionProvider"])
     out_names = [o.name for o in sess.get_outputs()]
-    res = sess.run(out_names, {sess.get_inputs()[0].name: x})
+    res = sess.run(out_names, dict(x) if isinstance(x, dict) else {sess.get_inputs()[0].name: x})
     return dict(zip(out_names, res))
 
 

@@ -34,7 +34,7 @@ __all__ = ["compact_quantized"]
 _SCALAR_WEIGHT_ZP = {"QLinearConv": 5}
 
 
-def compact_quantized(src: Path, out: Path, *, sample: np.ndarray | None, threads: int = 1) -> dict[str, Any]:
+def compact_quantized(src: Path, out: Path, *, sample: Any, threads: int = 1) -> dict[str, Any]:
     """Write the lean encoding of ``src`` to ``out`` (a copy of ``src`` when it cannot be proven equal).
 
     Returns what was done, for the report: bytes before and after, zero points dropped,
@@ -154,7 +154,7 @@ def _base36(i: int) -> str:
             return "t" + s
 
 
-def _differs(a: Path, b: Path, sample: np.ndarray | None, threads: int) -> str:
+def _differs(a: Path, b: Path, sample: Any, threads: int) -> str:
     """Why ``b`` is not the same model as ``a`` to onnxruntime ("" when it is)."""
     import tempfile
 
@@ -182,12 +182,16 @@ def _differs(a: Path, b: Path, sample: np.ndarray | None, threads: int) -> str:
     if ops[0] != ops[1]:
         diff = {k: (ops[0].get(k, 0), ops[1].get(k, 0)) for k in set(ops[0]) | set(ops[1]) if ops[0].get(k, 0) != ops[1].get(k, 0)}
         return f"onnxruntime fuses the lean encoding differently (op counts original, lean: {diff})"
-    if sample is None or not len(sample):
+    if sample is None or not (len(next(iter(sample.values()))) if isinstance(sample, dict) else len(sample)):
         return ""
     inp = sessions[0].get_inputs()[0]
-    batch = inp.shape[0] if isinstance(inp.shape[0], int) and inp.shape[0] > 0 else min(len(sample), 8)
-    rows = sample[:batch] if len(sample) >= batch else np.repeat(sample[:1], batch, axis=0)
-    feed = {inp.name: np.ascontiguousarray(rows)}
+    count = len(next(iter(sample.values()))) if isinstance(sample, dict) else len(sample)
+    batch = inp.shape[0] if isinstance(inp.shape[0], int) and inp.shape[0] > 0 else min(count, 8)
+
+    def fit(a: np.ndarray) -> np.ndarray:
+        return np.ascontiguousarray(a[:batch] if len(a) >= batch else np.repeat(a[:1], batch, axis=0))
+    # One array goes to the only input; a dict (multi-input models) is fed by input name.
+    feed = {k: fit(v) for k, v in sample.items()} if isinstance(sample, dict) else {inp.name: fit(sample)}
     for x, y in zip(sessions[0].run(None, feed), sessions[1].run(None, feed)):
         if x.shape != y.shape or not np.array_equal(x, y):
             return "the lean encoding's outputs differ from the original's"

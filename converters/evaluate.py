@@ -18,23 +18,41 @@ import numpy as np
 
 from lepton_edge.runtimes import Session, open_session
 
-__all__ = ["Agreement", "Latency", "run_batched", "compare", "measure_latency", "task_of", "rss_bytes", "interleaved_latency"]
+from .data import Feeds, n_rows, rows
+
+__all__ = ["Agreement", "Latency", "feed_of", "run_batched", "compare", "measure_latency", "task_of", "rss_bytes", "interleaved_latency"]
 
 
-def run_batched(path: Path, runtime: str, x: np.ndarray, *, threads: int | None, batch: int = 64,
+def feed_of(session: Session, x: Feeds) -> dict[str, np.ndarray]:
+    """The session's feed for ``x``: one array goes to the only input, a dict is fed by input name."""
+    if isinstance(x, dict):
+        return {k: np.ascontiguousarray(v) for k, v in x.items()}
+    return {session.inputs[0].name: np.ascontiguousarray(x)}
+
+
+def _pad(x: Feeds, step: int) -> Feeds:
+    """``x`` (fewer than ``step`` rows) padded to ``step`` rows by repeating its last row."""
+    def one(a: np.ndarray) -> np.ndarray:
+        return np.concatenate([a, np.repeat(a[-1:], step - len(a), axis=0)]) if len(a) < step else a[:step]
+    return {k: one(v) for k, v in x.items()} if isinstance(x, dict) else one(x)
+
+
+def run_batched(path: Path, runtime: str, x: Feeds, *, threads: int | None, batch: int = 64,
                 session: Session | None = None) -> list[np.ndarray]:
-    """All outputs of the model on ``x``, run ``batch`` rows at a time (1 for a fixed-batch model)."""
+    """All outputs of the model on ``x``, run ``batch`` rows at a time (1 for a fixed-batch model).
+
+    ``x`` is one array for a single-input model, or ``{input name: array}`` for every input.
+    """
     sess = session or open_session(path, runtime, threads=threads)
     fixed = sess.inputs[0].shape[0] if sess.inputs[0].shape else None
     step = fixed if fixed else batch
-    name = sess.inputs[0].name
     chunks: list[list[np.ndarray]] = []
-    for i in range(0, len(x), step):
-        chunk = x[i : i + step]
-        n = len(chunk)
+    for i in range(0, n_rows(x), step):
+        chunk = rows(x, slice(i, i + step))
+        n = n_rows(chunk)
         if fixed and n < step:  # pad to the model's static batch, keep the real rows
-            chunk = np.concatenate([chunk, np.repeat(chunk[-1:], step - n, axis=0)])
-        chunks.append([o[:n] for o in sess.run({name: np.ascontiguousarray(chunk)})])
+            chunk = _pad(chunk, step)
+        chunks.append([o[:n] for o in sess.run(feed_of(sess, chunk))])
     return [np.concatenate([c[j] for c in chunks]) for j in range(len(chunks[0]))]
 
 
@@ -89,12 +107,11 @@ class Latency:
         return float(1.2533 * (q3 - q1) / 1.349 / np.sqrt(len(self.times_ms)))
 
 
-def measure_latency(session: Session, sample: np.ndarray, *, threads: int, runs: int, max_seconds: float = 5.0, warmup: int = 3) -> Latency:
+def measure_latency(session: Session, sample: Feeds, *, threads: int, runs: int, max_seconds: float = 5.0, warmup: int = 3) -> Latency:
     """Batch-1 latency of ``session``: ``runs`` timed calls after warm-up, cut short after ``max_seconds``."""
     # Batch 1, unless the model was built for a static batch (then that batch, the smallest it runs).
     batch = session.inputs[0].shape[0] if session.inputs[0].shape and session.inputs[0].shape[0] else 1
-    rows = sample[:batch] if len(sample) >= batch else np.repeat(sample[:1], batch, axis=0)
-    feed = {session.inputs[0].name: np.ascontiguousarray(rows)}
+    feed = feed_of(session, _pad(rows(sample, slice(None, 1)), batch) if n_rows(sample) < batch else rows(sample, slice(None, batch)))
     for _ in range(warmup):
         session.run(feed)
     times = []
@@ -109,7 +126,7 @@ def measure_latency(session: Session, sample: np.ndarray, *, threads: int, runs:
     return Latency(float(np.percentile(arr, 50)), float(np.percentile(arr, 95)), len(times), threads, tuple(times))
 
 
-def interleaved_latency(sessions: dict[str, Session], sample: np.ndarray, *, threads: int, runs: int, rounds: int = 3,
+def interleaved_latency(sessions: dict[str, Session], sample: Feeds, *, threads: int, runs: int, rounds: int = 3,
                         max_seconds: float = 6.0) -> dict[str, Latency]:
     """Latency of several models timed in alternating rounds, pooled per model.
 

@@ -63,6 +63,8 @@ class OnnxModelInfo:
     output_dtypes: tuple[str, ...]
     opset: int
     nodes: int
+    # Every input as (name, dtype, shape with the batch); input_name/dtype/shape above are the first.
+    inputs: tuple[tuple[str, str, tuple[int | None, ...]], ...] = ()
 
 
 def parse_input_shape(spec: str | Sequence[int] | None) -> tuple[int, ...] | None:
@@ -238,6 +240,7 @@ def export_onnx(config: ExportConfig, src: LoadedSource, out_path: Path, *, opse
     example = torch.zeros((src.fixed_batch or config.example_batch, *src.sample_shape), dtype=torch.float32)
     # Random data, not zeros: exporters constant-fold on example values in some paths.
     example.normal_(generator=torch.Generator().manual_seed(0))
+    _refuse_several_inputs(src)
     try:
         with torch.no_grad():
             src.module(example)
@@ -258,6 +261,23 @@ def export_onnx(config: ExportConfig, src: LoadedSource, out_path: Path, *, opse
         except Exception as e:  # exporters raise a zoo of types
             errors.append(f"{exporter}: {_first(e)}")
     raise UnsupportedModelError(f"cannot export {src.name} to ONNX: {'; '.join(errors)}")
+
+
+def _refuse_several_inputs(src: LoadedSource) -> None:
+    """A module whose forward needs more than one tensor is refused in one line (ONNX sources take several)."""
+    import inspect
+
+    try:
+        params = list(inspect.signature(src.module.forward).parameters.values())
+    except (TypeError, ValueError, AttributeError):  # TorchScript and compiled modules may not expose one
+        return
+    required = [p.name for p in params if p.default is inspect.Parameter.empty
+                and p.kind in (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)]
+    if len(required) > 1:
+        raise UnsupportedModelError(
+            f"{src.name} takes {len(required)} inputs ({', '.join(required[:4])}); lepton-edge converts PyTorch models with one input tensor only",
+            hint="export the model to ONNX (torch.onnx.export with input_names=[...] and dynamo=False) and convert the .onnx, "
+                 "which may have several inputs")
 
 
 def _export(torch: Any, module: Any, example: Any, out: Path, exporter: str, opset: int, fixed_batch: int | None) -> None:
@@ -322,9 +342,8 @@ def onnx_info(path: Path) -> OnnxModelInfo:
     model = onnx.load(str(path), load_external_data=False)
     inits = {i.name for i in model.graph.initializer}
     inputs = [i for i in model.graph.input if i.name not in inits]
-    if len(inputs) != 1:
-        raise UnsupportedModelError(f"the model has {len(inputs)} inputs ({', '.join(i.name for i in inputs[:4])}); this version converts single-input models",
-                                    hint="wrap the model so it takes one tensor")
+    if not inputs:
+        raise UnsupportedModelError("the model has no inputs", hint="export it with its input tensors as graph inputs")
 
     def dims(vi: Any) -> tuple[int | None, ...]:
         return tuple(d.dim_value if d.HasField("dim_value") and d.dim_value > 0 else None for d in vi.type.tensor_type.shape.dim)
@@ -335,10 +354,11 @@ def onnx_info(path: Path) -> OnnxModelInfo:
     i = inputs[0]
     outs = list(model.graph.output)
     return OnnxModelInfo(i.name, dtype(i), dims(i), tuple(o.name for o in outs), tuple(dims(o) for o in outs),
-                         tuple(dtype(o) for o in outs), _default_opset(model), len(model.graph.node))
+                         tuple(dtype(o) for o in outs), _default_opset(model), len(model.graph.node),
+                         tuple((v.name, dtype(v), dims(v)) for v in inputs))
 
 
-def reference_outputs(src: LoadedSource, onnx_fp32: Path, x: np.ndarray, batch: int = 64) -> np.ndarray:
+def reference_outputs(src: LoadedSource, onnx_fp32: Path, x: Any, batch: int = 64) -> np.ndarray:
     """The original model's first output on ``x``: torch for torch sources, onnxruntime for ONNX."""
     if src.is_torch:
         import torch

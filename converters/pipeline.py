@@ -28,12 +28,12 @@ import numpy as np
 
 from lepton_edge.bundle import Manifest, pack_bundle, read_bundle, write_bundle
 from lepton_edge.console import warn
-from lepton_edge.profiles import DeviceProfile, host_matches, load_profile
+from lepton_edge.profiles import DeviceProfile, host_matches, list_profiles, load_profile
 from lepton_edge.runtimes import RuntimeLoadError, open_session
 
 from ._progress import ticking
 from .candidates import keep_float, count_quantized_ops, preprocess_for_quantization, sensitive_nodes
-from .data import Dataset, input_mismatch, load_dataset, range_mismatch, split_holdout, synthetic_dataset
+from .data import Dataset, InputSpec, input_mismatch, load_dataset, range_mismatch, rows, split_holdout, synthetic_dataset, synthetic_inputs
 from .errors import CalibrationDataError, ConversionError, InputShapeError, ModelTooLargeError, NoCandidateError, PruningError, UnsupportedModelError
 from .evaluate import compare, interleaved_latency, rss_bytes, run_batched, task_of
 from .golden import check_golden, golden_tolerances, pick_golden
@@ -89,7 +89,9 @@ def convert(
 
     ``source``: ONNX / TorchScript ``.pt`` / ``torch.export`` ``.pt2`` path, ``"module:callable"``
     or a ``torch.nn.Module``. ``calib`` / ``eval_data``: ``.npz`` (``x``, optional ``y``), a
-    directory of ``.npy`` or images, or an ``(x, y | None)`` tuple. ``max_drop`` defaults to
+    directory of ``.npy`` or images, or an ``(x, y | None)`` tuple. An ONNX model with several
+    inputs takes one array per input, named by the input: an ``.npz`` (``input_ids``,
+    ``attention_mask``, optional ``y``) or a ``({name: array}, y | None)`` tuple. ``max_drop`` defaults to
     the profile's accuracy budget. Raises a :class:`ConversionError` subclass on failure;
     :class:`NoCandidateError` carries the report of everything tried.
     """
@@ -152,7 +154,19 @@ class _Conversion:
         out_dir = output_dir / f"{_safe_name(name or src.name)}-{version}-{self.profile.id}"
         if out_dir.exists():
             raise ConversionError(f"{out_dir} already exists", hint="choose another -o directory, --version, or remove it")
+        # An ONNX source's input names: with several inputs, --calib/--eval hold one array per input, named by the input.
+        self.input_names = [n for n, _, _ in onnx_info(src.onnx_path).inputs] if not src.is_torch and src.onnx_path is not None else None
+        if self.input_names and len(self.input_names) > 1 and self.profile.runtime.name == "tflite":
+            onnx_profiles = [p.id for p in list_profiles() if p.runtime.name != "tflite"]
+            raise UnsupportedModelError(
+                f"{src.name} has {len(self.input_names)} inputs ({', '.join(self.input_names[:4])}); profile {self.profile.id} runs TFLite, "
+                "for which lepton-edge converts single-input models only",
+                hint=f"convert it for an onnxruntime profile ({', '.join(onnx_profiles)})")
         calib_ds = self._load_data(calib, "calibration", src.sample_shape)
+        if src.is_torch and calib_ds is not None and calib_ds.named:
+            raise UnsupportedModelError(f"{src.name} is a PyTorch source, and lepton-edge converts PyTorch models with one input tensor only; "
+                                        f"the calibration data holds several ({', '.join(sorted(calib_ds.x)[:4])})",
+                                        hint="export the model to ONNX with one named input per tensor and convert the .onnx")
         if src.is_torch and src.sample_shape is None and calib_ds is not None:
             src.sample_shape = tuple(int(d) for d in calib_ds.x.shape[1:])
             self.notes.append(f"input shape taken from the calibration data: N x {'x'.join(map(str, src.sample_shape))}")
@@ -177,28 +191,34 @@ class _Conversion:
         self._source_is_torch = original.is_torch
         self._refuse_hopeless_size(onnx_src)
         info = onnx_info(onnx_src)
+        self.info = info
+        multi = len(info.inputs) > 1
         sample_shape = tuple(info.input_shape[1:])
-        if any(d is None for d in sample_shape):
-            if src.sample_shape is None:
-                raise InputShapeError(f"the model's input {info.input_name} has dynamic axes besides the batch {info.input_shape}",
-                                      hint="pass --input-shape to fix them")
-            sample_shape = src.sample_shape
-
-        if calib_ds is None:
-            calib_ds = self._no_calibration(eval_data, allow_synthetic, sample_shape, info.input_dtype)
-        calib_given = calib_ds  # the manifest hashes the set as the user gave it, before any cast or held-out split
-        self._check_values(calib_ds, info.input_dtype, "calibration")
-        calib_ds = calib_ds.fit_to(sample_shape, info.input_dtype, "calibration")
-        if eval_data is not None:
-            eval_ds = self._load_data(eval_data, "evaluation", sample_shape)
-            assert eval_ds is not None
-            self._check_values(eval_ds, info.input_dtype, "evaluation")
-            eval_ds = eval_ds.fit_to(sample_shape, info.input_dtype, "evaluation")
-            if not calib_ds.synthetic and (why := range_mismatch(calib_ds, eval_ds)):
-                self.warn(why)
+        if multi:
+            calib_ds, calib_given, eval_ds = self._multi_input_data(info, onnx_src, calib_ds, eval_data, allow_synthetic)
         else:
-            calib_ds, eval_ds = split_holdout(calib_ds)
-            self.notes.append(f"evaluation uses a held-out split of the calibration data ({len(eval_ds)} samples)")
+            if any(d is None for d in sample_shape):
+                if src.sample_shape is None:
+                    raise InputShapeError(f"the model's input {info.input_name} has dynamic axes besides the batch {info.input_shape}",
+                                          hint="pass --input-shape to fix them")
+                sample_shape = src.sample_shape
+            if calib_ds is None:
+                calib_ds = self._no_calibration(eval_data, allow_synthetic, sample_shape, info.input_dtype)
+            calib_ds = calib_ds.as_single(info.input_name, "calibration")
+            calib_given = calib_ds  # the manifest hashes the set as the user gave it, before any cast or held-out split
+            self._check_values(calib_ds, info.input_dtype, "calibration")
+            calib_ds = calib_ds.fit_to(sample_shape, info.input_dtype, "calibration")
+            if eval_data is not None:
+                eval_ds = self._load_data(eval_data, "evaluation", sample_shape)
+                assert eval_ds is not None
+                eval_ds = eval_ds.as_single(info.input_name, "evaluation")
+                self._check_values(eval_ds, info.input_dtype, "evaluation")
+                eval_ds = eval_ds.fit_to(sample_shape, info.input_dtype, "evaluation")
+                if not calib_ds.synthetic and (why := range_mismatch(calib_ds, eval_ds)):
+                    self.warn(why)
+            else:
+                calib_ds, eval_ds = split_holdout(calib_ds)
+                self.notes.append(f"evaluation uses a held-out split of the calibration data ({len(eval_ds)} samples)")
         if len(eval_ds) > _MAX_EVAL:
             eval_ds = eval_ds.take(_MAX_EVAL)
             self.notes.append(f"evaluation uses the first {_MAX_EVAL} samples of the evaluation data")
@@ -241,19 +261,65 @@ class _Conversion:
         if sample_shape is not None and len(sample_shape) == 3:
             channels, size = sample_shape[0], (sample_shape[1], sample_shape[2])
         self.say("data", f"reading {what} data")
-        return load_dataset(spec, what, image_size=size, channels=channels)
+        return load_dataset(spec, what, image_size=size, channels=channels, input_names=self.input_names)
+
+    def _multi_input_data(self, info: Any, onnx_src: Path, calib_ds: Dataset | None, eval_data: Any,
+                          allow_synthetic: bool) -> tuple[Dataset, Dataset, Dataset]:
+        """(calibration, calibration as given, evaluation) for a model with several inputs, each checked per input.
+
+        Axes the model leaves dynamic besides the batch (sequence length) take any size in the data.
+        """
+        specs = [InputSpec(n, d, tuple(shape[1:])) for n, d, shape in info.inputs]
+        odd = [s for s in specs if s.dtype == "unknown" or s.dtype == "float16"]
+        if odd:
+            raise UnsupportedModelError(f"input {odd[0].name} of the model has a dtype this converter does not feed; "
+                                        "multi-input models take float32/float64, integer or bool inputs")
+        self.notes.append("inputs: " + "; ".join(f"{s.name} {s.dtype} N x {'x'.join('?' if d is None else str(d) for d in s.sample_shape)}"
+                                                  for s in specs))
+        if calib_ds is None:
+            dynamic = [s.name for s in specs if any(d is None for d in s.sample_shape)]
+            if allow_synthetic and dynamic:
+                raise CalibrationDataError(f"synthetic calibration cannot size input {dynamic[0]}: it has dynamic axes besides the batch",
+                                           hint="pass --calib data.npz with one array per input (" + ", ".join(f"{s.name}=..." for s in specs) + ")")
+            self._allow_synthetic(allow_synthetic)
+            calib_ds = synthetic_inputs(specs, _SYNTHETIC_SAMPLES)
+            self.notes.append("synthetic calibration: integer inputs are random in [0, 2), float inputs standard normal")
+        calib_given = calib_ds  # the manifest hashes the set as the user gave it, before any cast or held-out split
+        calib_ds = calib_ds.fit_inputs(specs, "calibration")
+        self._trial_run(onnx_src, calib_ds, "calibration")
+        if eval_data is not None:
+            eval_ds = self._load_data(eval_data, "evaluation", None)
+            assert eval_ds is not None
+            eval_ds = eval_ds.fit_inputs(specs, "evaluation")
+            self._trial_run(onnx_src, eval_ds, "evaluation")
+        else:
+            calib_ds, eval_ds = split_holdout(calib_ds)
+            self.notes.append(f"evaluation uses a held-out split of the calibration data ({len(eval_ds)} samples)")
+        return calib_ds, calib_given, eval_ds
+
+    def _trial_run(self, onnx_src: Path, data: Dataset, what: str) -> None:
+        """One batch of ``data`` through the source model: inputs that do not fit together fail here, in one line."""
+        try:
+            run_batched(onnx_src, "onnxruntime", rows(data.x, slice(None, 2)), threads=self.threads)
+        except Exception as e:  # onnxruntime's errors are untyped
+            raise CalibrationDataError(f"the model does not run on the {what} data {data.origin}: {str(e).splitlines()[0][:240]}",
+                                       hint="check that the inputs' shapes agree with each other (e.g. the same sequence length)") from None
 
     def _check_values(self, data: Dataset, dtype: str, what: str) -> None:
         if not data.synthetic and (why := input_mismatch(data, dtype, what)):
             self.warn(why)
 
     def _no_calibration(self, eval_data: Any, allow_synthetic: bool, shape: tuple[int, ...], dtype: str) -> Dataset:
+        self._allow_synthetic(allow_synthetic)
+        return synthetic_dataset(shape, dtype, _SYNTHETIC_SAMPLES)
+
+    def _allow_synthetic(self, allow_synthetic: bool) -> None:
+        """Refuse to go on without calibration data, or warn loudly that random inputs stand in for it."""
         if not allow_synthetic:
             raise CalibrationDataError("no calibration data given",
                                        hint="pass --calib data.npz (samples like the real inputs), or --allow-synthetic-calibration to accept random inputs")
         self.warn("SYNTHETIC CALIBRATION: random inputs stand in for real data. INT8 ranges and the accuracy gate "
                   "are meaningless for real inputs; do not ship this bundle without converting again on real data.")
-        return synthetic_dataset(shape, dtype, _SYNTHETIC_SAMPLES)
 
     # ------------------------------------------------------------------ pruning
 
@@ -406,7 +472,7 @@ class _Conversion:
             return
         # Retry 1: keep the nodes that add the most error in float.
         self.say("sensitivity", "finding the nodes most sensitive to quantization")
-        ranked = sensitive_nodes(self._quant_input(), self._plain_qdq(first, base, kw), self.eval_ds.x[:64], threads=self.threads)
+        ranked = sensitive_nodes(self._quant_input(), self._plain_qdq(first, base, kw), rows(self.eval_ds.x, slice(None, 64)), threads=self.threads)
         self.sensitivity = [{"node": n, "added_error": round(s, 5)} for n, s in ranked]
         tried: set[tuple[str, ...]] = set()
         for k in _SENSITIVITY_ROUNDS:
@@ -493,6 +559,7 @@ class _Conversion:
             "latency_note": self.profile.describe_host_match(),
             "source": {"format": original.format, "name": original.name, "sha256": original.sha256},
             "task": self.budget.task, "budget": self.budget.as_report(),
+            "inputs": [{"name": n, "dtype": d, "shape": list(shape)} for n, d, shape in self.info.inputs],
             "reference": {"accuracy": self.budget.reference_accuracy, "eval_samples": len(eval_ds), "eval_labelled": eval_ds.y is not None},
             "calibration": {"samples": len(calib_ds), "synthetic": calib_ds.synthetic, "origin": calib_ds.origin},
             "passes": self.passes, "candidates": [c.as_report() for c in self.candidates],
@@ -561,19 +628,27 @@ class _Conversion:
         try:
             # Every bundle of one source speaks the source's tensor names, whatever the runtime calls them.
             sess = open_session(winner.path, winner.runtime, threads=self.threads,
-                                input_names=[self.info.input_name], output_names=list(self.info.output_names))
+                                input_names=[n for n, _, _ in self.info.inputs], output_names=list(self.info.output_names))
         except RuntimeLoadError as e:
             raise ConversionError(f"candidate {winner.name} does not keep the source model's signature: {e.message}",
                                   hint="this is a bug; please report it") from None
         outs_all = run_batched(winner.path, winner.runtime, self.eval_ds.x, threads=self.threads, session=sess)
         idx = pick_golden(outs_all[0], self.budget.task, _GOLDEN_COUNT)
-        g_in = [np.ascontiguousarray(self.eval_ds.x[idx])]
+        x = self.eval_ds.x
+        multi = isinstance(x, dict)
+        g_in = [np.ascontiguousarray(x[n][idx]) for n, _, _ in self.info.inputs] if multi else [np.ascontiguousarray(x[idx])]
         g_out = [np.ascontiguousarray(o[idx]) for o in outs_all]
         tol = golden_tolerances(g_out[0], self.ref[idx], self.budget.task, quantized=winner.precision.startswith("int8"))
         layout = {4: "NCHW", 3: "NLC", 2: "NC"}.get(len(self.info.input_shape), "")
         pre = Preprocessing(layout=layout, description="as the source model expects; calibration data was given in that form")
         batch = self.info.input_shape[0] if sess.inputs[0].shape and sess.inputs[0].shape[0] else None
-        inputs = [TensorSpec(name=sess.inputs[0].name, dtype=sess.inputs[0].dtype, shape=[batch, *g_in[0].shape[1:]], preprocessing=pre)]
+        if multi:
+            # Every input with its dtype; axes the model leaves dynamic (sequence length) stay null.
+            pre = Preprocessing(layout="", description="as the source model expects; one array per input, named as here")
+            inputs = [TensorSpec(name=t.name, dtype=t.dtype, shape=[batch, *shape[1:]], preprocessing=pre)
+                      for t, (_, _, shape) in zip(sess.inputs, self.info.inputs)]
+        else:
+            inputs = [TensorSpec(name=sess.inputs[0].name, dtype=sess.inputs[0].dtype, shape=[batch, *g_in[0].shape[1:]], preprocessing=pre)]
         outputs = [TensorSpec(name=o.name, dtype=str(arr.dtype), shape=[batch, *arr.shape[1:]]) for o, arr in zip(sess.outputs, g_out)]
         fields = {
             "name": bundle_name, "version": version, "profile": self.profile.id,
@@ -603,7 +678,8 @@ class _Conversion:
         m = bundle.manifest
         sess = open_session(bundle.model_path, m.runtime.name, threads=self.threads,
                             input_names=[t.name for t in m.inputs], output_names=[t.name for t in m.outputs])
-        got = run_batched(bundle.model_path, m.runtime.name, g_in[0], threads=self.threads, session=sess)
+        feed = {t.name: a for t, a in zip(m.inputs, g_in)} if len(m.inputs) > 1 else g_in[0]
+        got = run_batched(bundle.model_path, m.runtime.name, feed, threads=self.threads, session=sess)
         ok, why = check_golden(got, g_out, m.golden)
         if not ok:
             shutil.rmtree(bundle.root, ignore_errors=True)
