@@ -122,8 +122,10 @@ def test_qos_0_1_2_arrive_at_the_lower_of_publish_and_subscription_qos(clients):
         pub.publish(f"qos/2/{q}", f"m{q}".encode(), qos=q)
     pub.publish("qos/1/2", b"down", qos=2)
     got = sub.receive(4)
-    assert [(m.topic, m.qos) for m in got] == [("qos/2/0", 0), ("qos/2/1", 1), ("qos/2/2", 2), ("qos/1/2", 1)]
-    assert [m.payload for m in got] == [b"m0", b"m1", b"m2", b"down"]
+    # No order across QoS levels: paho hands a QoS 2 message over only after its PUBREL round
+    # trip, so the QoS 1 copy of the last publish may overtake it (seen once in CI).
+    assert sorted((m.topic, m.qos, m.payload) for m in got) == sorted(
+        [("qos/2/0", 0, b"m0"), ("qos/2/1", 1, b"m1"), ("qos/2/2", 2, b"m2"), ("qos/1/2", 1, b"down")])
 
 
 def test_thousands_of_qos1_messages_arrive_all_and_in_order(clients):
