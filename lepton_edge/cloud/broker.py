@@ -80,6 +80,19 @@ def find_mosquitto() -> str | None:
     return None
 
 
+def _die_with_parent() -> None:
+    """In the broker child: SIGTERM when the service that started it dies, even by SIGKILL (OOM).
+
+    Otherwise an orphan broker keeps the port, and the restarted service cannot start its own.
+    The signal follows the thread that started the broker; services start it from their own
+    (long-lived) main thread.
+    """
+    import ctypes
+
+    pr_set_pdeathsig = 1
+    ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, signal.SIGTERM)
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -195,7 +208,8 @@ class ManagedMosquitto:
         stderr = open(self.workdir / f"{self._FILE_STEM}.stderr", "ab")
         command = self._command()
         try:
-            self._proc = subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=stderr)
+            self._proc = subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=stderr,
+                                          preexec_fn=_die_with_parent if sys.platform == "linux" else None)
         except OSError as e:
             raise BrokerError(f"cannot run {command[0]}: {e.strerror or e}") from None
         finally:

@@ -109,3 +109,39 @@ def test_auto_picks_mosquitto_when_installed_else_the_embedded_broker(tmp_path, 
     monkeypatch.setenv(BROKER_ENV, "rabbitmq")
     with pytest.raises(BrokerError, match="is not one of auto, mosquitto, embedded"):
         broker_module.managed_broker(tmp_path)
+
+
+def test_a_broker_dies_with_the_service_that_started_it_even_on_sigkill(tmp_path, broker_kind):
+    """An orphan broker would keep the port the restarted service needs (seen after an OOM kill)."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    script = ("import sys, time; from pathlib import Path; from lepton_edge.cloud.broker import start_broker; "
+              "b = start_broker(Path(sys.argv[1]), auth=False); print(b.pid, flush=True); time.sleep(60)")
+    owner = subprocess.Popen([sys.executable, "-c", script, str(tmp_path / "b")], stdout=subprocess.PIPE, text=True,
+                             env={**os.environ})
+    try:
+        broker_pid = int(owner.stdout.readline())
+        os.kill(broker_pid, 0)  # running
+        owner.send_signal(signal.SIGKILL)
+        owner.wait(10)
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            try:
+                os.kill(broker_pid, 0)
+            except ProcessLookupError:
+                break
+            # A zombie (the dead owner's child, reparented) counts as gone once init reaps it.
+            with open(f"/proc/{broker_pid}/stat") as f:
+                if f.read().split(") ", 1)[1].startswith("Z"):
+                    break
+            time.sleep(0.05)
+        else:
+            os.kill(broker_pid, signal.SIGKILL)
+            raise AssertionError(f"the {broker_kind} broker outlived the process that started it")
+    finally:
+        if owner.poll() is None:
+            owner.kill()
