@@ -5,7 +5,7 @@ Sources: an ONNX file, a TorchScript ``.pt``, a ``torch.export`` ``.pt2``, a
 sniffed from its bytes, not trusted from its suffix.
 
 Public API: :class:`LoadedSource`, :func:`load_source`, :func:`parse_input_shape`,
-:func:`export_onnx`, :func:`fit_opset`, :class:`LoadConfig`, :class:`ExportConfig`.
+:func:`export_onnx`, :func:`fit_opset`, :class:`LoadConfig`, :class:`ExportConfig`, :class:`FitOpsetConfig`.
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ from lepton_edge.bundle import sha256_file
 from .errors import InputShapeError, NotAModelError, UnsupportedModelError
 from .passes import PassConfig, register_pass
 
-__all__ = ["LoadedSource", "OnnxModelInfo", "LoadConfig", "ExportConfig", "load_source", "parse_input_shape",
+__all__ = ["LoadedSource", "OnnxModelInfo", "LoadConfig", "ExportConfig", "FitOpsetConfig", "load_source", "parse_input_shape",
            "export_onnx", "fit_opset", "onnx_info", "MAX_SOURCE_BYTES"]
 
 MAX_SOURCE_BYTES = 4 << 30
@@ -295,7 +295,12 @@ def _export(torch: Any, module: Any, example: Any, out: Path, exporter: str, ops
                               dynamic_shapes=dynamic, verbose=False, **names)
 
 
-def fit_opset(src_path: Path, out_path: Path, *, opset_min: int, opset_max: int) -> tuple[Path, list[str]]:
+class FitOpsetConfig(PassConfig):
+    """The opset range is the profile's (``limits.opset_min..opset_max``), passed by the pipeline, not configured."""
+
+
+@register_pass("fit-opset", stage="export", config=FitOpsetConfig)
+def fit_opset(config: FitOpsetConfig, src_path: Path, out_path: Path, *, opset_min: int, opset_max: int) -> tuple[Path, list[str]]:
     """Copy an ONNX model with inline weights, converted into the profile's opset range."""
     import onnx
     from onnx import version_converter

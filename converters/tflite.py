@@ -127,13 +127,15 @@ def export_tflite_candidates(
     progress: Progress | None = None,
     *,
     configs: Mapping[str, PassConfig | Mapping[str, Any]] | None = None,
+    run: Callable[..., Any] = run_pass,
 ) -> list[TfliteArtifact]:
     """Write one .tflite per precision into ``workdir`` and return them, each verified to load.
 
     ``source``: an eval-mode ``torch.nn.Module`` or the path of an ONNX file. ``example``:
     one input (batch 1; a larger batch is cut to its first row). ``calib_x``: calibration
     inputs, first axis = samples, needed for ``int8``. ``configs``: optional config per
-    pass name (``tflite-fp32``, ``tflite-int8-pt2e``).
+    pass name (``tflite-fp32``, ``tflite-int8-pt2e``). ``run``: how a pass is run, :func:`.passes.run_pass`
+    or a pipeline's recording runner with the same signature.
 
     A precision that fails while another succeeds is reported through ``progress`` and a
     warning and left out; when every precision fails, the first error is raised.
@@ -157,7 +159,7 @@ def export_tflite_candidates(
         say(f"{precision}: converting with litert-torch")
         t0 = time.perf_counter()
         try:
-            path, settings = run_pass(pass_name, configs.get(pass_name), module, x1, calib,
+            path, settings = run(pass_name, configs.get(pass_name), module, x1, calib,
                                       workdir / f"{_ARTIFACT_NAME[precision]}.tflite", say)
             _verify_loads(path, x1)
         except TfliteExportError as e:

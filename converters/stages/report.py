@@ -1,0 +1,48 @@
+"""report.json: everything a conversion tried and measured, assembled from the stages' frozen values.
+
+Public API: :func:`build_report`.
+"""
+
+from __future__ import annotations
+
+import platform
+from collections.abc import Mapping
+from typing import Any
+
+from lepton_edge.profiles import DeviceProfile
+
+from ..search import Budget
+from .choose import Choice
+from .journal import Journal
+from .prepare import Prepared
+
+__all__ = ["build_report"]
+
+
+def build_report(profile: DeviceProfile, prepared: Prepared, budget: Budget, choice: Choice, sections: Mapping[str, Any],
+                 journal: Journal, *, host_matches: bool, seconds: float) -> dict[str, Any]:
+    winner, cands = choice.winner, choice.candidates
+    fp32 = next((c for c in cands if c.precision == "fp32" and c.path is not None), None)
+    summary: dict[str, Any] = {}
+    if winner is not None and fp32 is not None and fp32.size_bytes:
+        summary = {
+            "size_ratio": (winner.size_bytes or 0) / fp32.size_bytes,
+            "latency_ratio": (winner.latency_p50_ms / fp32.latency_p50_ms) if winner.latency_p50_ms and fp32.latency_p50_ms else None,
+            "fp32": fp32.as_report(), "converted": winner.as_report(),
+        }
+    original, data = prepared.original, prepared.data
+    return {
+        "profile": profile.id, "runtime": profile.runtime.name, "threads": profile.threads,
+        "host": {"machine": platform.machine(), "processor": platform.processor(), "matches_profile": host_matches},
+        "latency_note": profile.describe_host_match(),
+        "source": {"format": original.format, "name": original.name, "sha256": original.sha256},
+        "task": budget.task, "budget": budget.as_report(),
+        "inputs": [{"name": n, "dtype": d, "shape": list(shape)} for n, d, shape in prepared.info.inputs],
+        "reference": {"accuracy": budget.reference_accuracy, "eval_samples": len(data.evaluation),
+                      "eval_labelled": data.evaluation.y is not None},
+        "calibration": {"samples": len(data.calibration), "synthetic": data.calibration.synthetic, "origin": data.calibration.origin},
+        "passes": list(journal.passes), "candidates": [c.as_report() for c in cands],
+        "sensitivity": list(sections.get("sensitivity", [])), "pruning": prepared.pruning,
+        "winner": winner.name if winner else None, "why": choice.why, "selection": dict(choice.selection), "summary": summary,
+        "notes": list(journal.notes), "warnings": list(journal.warnings), "seconds": round(seconds, 2),
+    }

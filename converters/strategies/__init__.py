@@ -1,0 +1,49 @@
+"""Candidate strategies, one module per precision: which candidates to build, in what order, and when to retry.
+
+:func:`build_candidates` is the build stage: it runs the strategy of every precision the
+profile allows (the FP32 ceiling first; TFLite profiles take the TFLite strategy) and
+returns the evaluated candidates as a frozen :class:`Built`.
+
+Public API: :class:`Built`, :func:`build_candidates`, :data:`STRATEGIES`, :class:`BuildContext`, :data:`MAX_CANDIDATES`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from types import MappingProxyType
+from typing import Any
+
+from ..search import Candidate
+from . import fp16, fp32, int8_dynamic, int8_static, tflite
+from .context import MAX_CANDIDATES, BuildContext
+
+__all__ = ["Built", "build_candidates", "STRATEGIES", "BuildContext", "MAX_CANDIDATES"]
+
+# precision (as a profile's precision.allowed names it) -> the strategy that builds its candidates on onnxruntime
+STRATEGIES: Mapping[str, Callable[[BuildContext], None]] = MappingProxyType({
+    "int8": int8_static.search,
+    "int8-dynamic": int8_dynamic.search,
+    "fp16": fp16.search,
+})
+
+
+@dataclass(frozen=True)
+class Built:
+    candidates: tuple[Candidate, ...]
+    sections: Mapping[str, Any] = field(default_factory=dict)  # report sections the strategies added
+
+
+def build_candidates(ctx: BuildContext) -> Built:
+    if ctx.profile.runtime.name == "tflite":
+        tflite.search(ctx)
+    else:
+        fp32.search(ctx)
+        for precision in ctx.profile.precision.allowed:
+            if not ctx.budget_left():
+                ctx.journal.note(f"search stopped at {MAX_CANDIDATES} candidates")
+                break
+            strategy = STRATEGIES.get(precision)
+            if strategy is not None:
+                strategy(ctx)
+    return Built(tuple(ctx.candidates), MappingProxyType(dict(ctx.sections)))
