@@ -4,14 +4,19 @@ Gate: with labels, the accuracy drop against the original; without labels, the s
 top-1 disagreement; for non-classifiers, the profile's min cosine and max abs error.
 
 Winner: when the profile matches this host, among the candidates inside the budget and the
-limits, never one slower than the optimised FP32 model, those whose p50 latency is within
-the measurement noise of the fastest (:func:`tie_band_ms`) tie on speed, and of them the
-most accurate wins (accuracy or top-1 agreement, then output cosine with the original; then
-the smaller, then the faster). A candidate measurably faster than all others wins outright.
+limits, never one measurably slower than the optimised FP32 model, those whose p50 latency
+is within the measurement noise of the fastest (:func:`tie_band_ms`: at least
+:data:`TIE_FLOOR_MS` or :data:`TIE_FLOOR` of the p50, whichever is larger) tie on speed, and
+of them the most accurate wins (accuracy or top-1 agreement, then output cosine with the
+original; then the smaller, then the faster). When the profile's default precision is not
+FP32 (an INT8 profile), FP32 takes part in that ranking only when no smaller candidate
+tied with it: the profile asked for a compressed model, and a speed tie is no reason to
+ship one four times larger. A candidate measurably faster than all others wins outright.
 So no candidate the search tried, the naive configuration included, is both at least as
-fast (within noise) and more accurate than the winner. Otherwise (host does not match) the
-first such candidate in the profile's ``precision.allowed`` order wins (host latency is
-then only a proxy, and the report says so).
+fast (within noise) and more accurate than the winner, and differences below the noise do
+not decide anything, so the same inputs give the same winner. Otherwise (host does not
+match) the first such candidate in the profile's ``precision.allowed`` order wins (host
+latency is then only a proxy, and the report says so).
 
 Public API: :class:`Candidate`, :class:`Budget`, :func:`gate`, :func:`choose_winner`.
 """
@@ -24,10 +29,12 @@ from typing import Any
 
 from .evaluate import Agreement
 
-__all__ = ["Budget", "Candidate", "gate", "choose_winner", "tie_band_ms", "speed_ties", "fidelity", "TIE_FLOOR", "TIE_CAP"]
+__all__ = ["Budget", "Candidate", "gate", "choose_winner", "tie_band_ms", "speed_ties", "fidelity", "TIE_FLOOR", "TIE_FLOOR_MS",
+           "TIE_CAP", "prefers_compressed"]
 
 TIE_FLOOR = 0.05  # p50s within 5 % of each other are not told apart (run-to-run noise on a shared host)
-TIE_CAP = 0.20  # however noisy the host, a candidate 20 % slower than the fastest is never called a tie
+TIE_FLOOR_MS = 0.05  # nor are p50s within 50 µs: a 12 µs model against a 16 µs one is timer and scheduler noise
+TIE_CAP = 0.20  # however noisy the host, a candidate 20 % slower than the fastest is never called a tie (above the 50 µs floor)
 
 
 @dataclass(frozen=True)
@@ -130,9 +137,15 @@ def tie_band_ms(fastest: Candidate) -> float:
     The larger of :data:`TIE_FLOOR` of its p50 and two standard errors of that p50 (on a
     quiet host the floor decides, on a loaded one the measured spread does), but never more
     than :data:`TIE_CAP` of it: past that a noisy host falls back to the fastest winning.
+    And never less than :data:`TIE_FLOOR_MS`: below 50 µs, run-to-run noise is larger than 5 %.
     """
     p50 = fastest.latency_p50_ms or 0.0
-    return min(TIE_CAP * p50, max(TIE_FLOOR * p50, 2.0 * (fastest.latency_se_ms or 0.0)))
+    return max(TIE_FLOOR_MS, min(TIE_CAP * p50, max(TIE_FLOOR * p50, 2.0 * (fastest.latency_se_ms or 0.0))))
+
+
+def prefers_compressed(default_precision: str | None) -> bool:
+    """Whether a speed tie goes to a smaller model over FP32: when the profile's default precision is not FP32."""
+    return default_precision is not None and default_precision != "fp32"
 
 
 def fidelity(c: Candidate) -> tuple[float, ...]:
@@ -158,7 +171,7 @@ def _metric(c: Candidate) -> str:
 def speed_ties(cands: list[Candidate]) -> tuple[Candidate | None, float, list[Candidate]]:
     """(fastest, tie band in ms, the candidates tied with it on speed) among the timed eligible ones.
 
-    Candidates slower than the optimised FP32 model never take part (unless FP32 alone is left).
+    Candidates measurably slower than the optimised FP32 model (beyond its tie band) never take part.
     """
     timed = [c for c in cands if c.eligible and c.latency_p50_ms is not None]
     if not timed:
@@ -166,14 +179,20 @@ def speed_ties(cands: list[Candidate]) -> tuple[Candidate | None, float, list[Ca
     fp32 = next((c for c in timed if c.precision == "fp32"), None)
     pool = timed
     if fp32 is not None:
-        pool = [c for c in pool if c.latency_p50_ms <= fp32.latency_p50_ms] or [fp32]  # type: ignore[operator]
+        ceiling = fp32.latency_p50_ms + tie_band_ms(fp32)  # type: ignore[operator]
+        pool = [c for c in pool if c.latency_p50_ms <= ceiling] or [fp32]  # type: ignore[operator]
     fastest = min(pool, key=lambda c: (c.latency_p50_ms, c.size_bytes or 0))
     band = tie_band_ms(fastest)
     return fastest, band, [c for c in pool if c.latency_p50_ms <= fastest.latency_p50_ms + band]  # type: ignore[operator]
 
 
-def choose_winner(cands: list[Candidate], *, host_matches: bool, allowed: list[str]) -> tuple[Candidate | None, str]:
-    """The winner and a sentence saying why it won (or why nothing did)."""
+def choose_winner(cands: list[Candidate], *, host_matches: bool, allowed: list[str],
+                  default: str | None = None) -> tuple[Candidate | None, str]:
+    """The winner and a sentence saying why it won (or why nothing did).
+
+    A pure function of the candidates' figures. ``default``: the profile's default precision;
+    when it is not FP32, FP32 loses a speed tie to any smaller candidate (:func:`prefers_compressed`).
+    """
     eligible = [c for c in cands if c.eligible]
     if not eligible:
         return None, "no candidate is inside both the accuracy budget and the profile's limits"
@@ -185,15 +204,23 @@ def choose_winner(cands: list[Candidate], *, host_matches: bool, allowed: list[s
             return best, "no candidate could be timed; the most accurate inside the budget"
         fastest, band, tied = speed_ties(cands)
         assert fastest is not None
-        best = max(tied, key=lambda c: (fidelity(c), -(c.size_bytes or 0), -(c.latency_p50_ms or 0.0)))
-        return best, _why(best, fastest, tied, band, fp32, eligible)
+        ranked = tied
+        if prefers_compressed(default) and fp32 is not None and fp32 in tied:
+            ranked = [c for c in tied if c is not fp32 and (c.size_bytes or 0) < (fp32.size_bytes or 0)] or tied
+        best = max(ranked, key=lambda c: (fidelity(c), -(c.size_bytes or 0), -(c.latency_p50_ms or 0.0)))
+        why = _why(best, fastest, tied, band, fp32, eligible, ranked)
+        if ranked is not tied:
+            why += (f"; FP32 ({fp32.name}) tied on speed but takes no part in the ranking: the profile's default precision is "  # type: ignore[union-attr]
+                    f"{default}, so a smaller model inside the budget wins a speed tie")
+        return best, why
     order = {p: i for i, p in enumerate(allowed)}
     best = min(eligible, key=lambda c: (order.get(c.precision, len(order)), cands.index(c)))
     return best, (f"first candidate inside the budget in the profile's precision order {allowed}; "
                   "this host does not match the profile, so latency here is only a proxy and does not decide")
 
 
-def _why(best: Candidate, fastest: Candidate, tied: list[Candidate], band: float, fp32: Candidate | None, eligible: list[Candidate]) -> str:
+def _why(best: Candidate, fastest: Candidate, tied: list[Candidate], band: float, fp32: Candidate | None, eligible: list[Candidate],
+         ranked: list[Candidate] | None = None) -> str:
     if best is fp32:
         slower = [c.name for c in eligible if c is not fp32]
         if len(tied) > 1:
@@ -209,7 +236,7 @@ def _why(best: Candidate, fastest: Candidate, tied: list[Candidate], band: float
     if len(tied) == 1:
         return f"fastest measured candidate inside the budget, faster than the others by more than the noise: {speed}"
     beats = "; ".join(f"{c.name} (p50 {c.latency_p50_ms:.3f} ms, {_metric(c)}, {c.size_bytes} B) on {_decided_by(best, c)}"
-                      for c in tied if c is not best)
+                      for c in (ranked or tied) if c is not best) or "no other candidate in the ranking"
     lead = "fastest measured candidate inside the budget" if best is fastest else f"tied on speed with the fastest ({fastest.name})"
     return (f"{lead}: {speed}, {_metric(best)}, {best.size_bytes} B; candidates within the noise of the fastest "
             f"(p50 within {band:.3f} ms of {fastest.latency_p50_ms:.3f} ms) are ranked by accuracy, then output cosine, "

@@ -14,7 +14,7 @@ from typing import Any
 
 from lepton_edge.profiles import DeviceProfile
 
-from ..search import TIE_CAP, TIE_FLOOR, Candidate, choose_winner, speed_ties
+from ..search import TIE_CAP, TIE_FLOOR, TIE_FLOOR_MS, Candidate, choose_winner, prefers_compressed, speed_ties
 
 __all__ = ["Choice", "choose"]
 
@@ -28,20 +28,24 @@ class Choice:
 
 
 def choose(cands: tuple[Candidate, ...], profile: DeviceProfile, *, host_matches: bool) -> Choice:
-    winner, why = choose_winner(list(cands), host_matches=host_matches, allowed=list(profile.precision.allowed))
+    default = profile.precision.default
+    winner, why = choose_winner(list(cands), host_matches=host_matches, allowed=list(profile.precision.allowed), default=default)
     if winner is not None:
         marked = replace(winner, chosen=True)
         cands = tuple(marked if c is winner else c for c in cands)
         winner = marked
-    return Choice(cands, winner, why, _selection(cands, host_matches))
+    return Choice(cands, winner, why, _selection(cands, host_matches, default))
 
 
-def _selection(cands: tuple[Candidate, ...], host_matches: bool) -> dict[str, Any]:
+def _selection(cands: tuple[Candidate, ...], host_matches: bool, default: str) -> dict[str, Any]:
     """The winner rule with this run's figures: which candidates tied on speed, within what band."""
     if not host_matches:
         return {"rule": "first candidate inside the budget in the profile's precision order (host does not match the profile)"}
     fastest, band, tied = speed_ties(list(cands))
-    return {"rule": "fastest inside the budget, never slower than FP32; candidates within the noise of the fastest are ranked by "
-                    "accuracy, then output cosine, then size, then speed",
-            "tie_band_ms": round(band, 4), "tie_floor": TIE_FLOOR, "tie_cap": TIE_CAP,
+    rule = ("fastest inside the budget, never measurably slower than FP32; candidates within the noise of the fastest "
+            "(max(50 µs, 5 % of its p50)) are ranked by accuracy, then output cosine, then size, then speed")
+    if prefers_compressed(default):
+        rule += f"; the profile's default precision is {default}, so FP32 loses a speed tie to a smaller candidate"
+    return {"rule": rule, "default_precision": default,
+            "tie_band_ms": round(band, 4), "tie_floor": TIE_FLOOR, "tie_floor_ms": TIE_FLOOR_MS, "tie_cap": TIE_CAP,
             "fastest": fastest.name if fastest else None, "tied_on_speed": [c.name for c in tied]}

@@ -7,7 +7,7 @@ import pytest
 
 from lepton_edge.bundle import read_bundle, sha256_arrays, sha256_file
 from lepton_edge.converters import check_golden, convert
-from lepton_edge.converters.search import TIE_CAP, TIE_FLOOR
+from lepton_edge.converters.search import TIE_CAP, TIE_FLOOR, TIE_FLOOR_MS
 from lepton_edge.profiles import load_profile
 from lepton_edge.runtimes import open_session
 
@@ -83,22 +83,28 @@ def test_report_lists_every_candidate_and_the_winner_is_never_slower_than_fp32(d
     assert len(chosen) == 1 and chosen[0]["within_budget"] and rep["winner"] == chosen[0]["name"] and rep["why"]
     fp32 = next(c for c in cands if c["name"] == "fp32-optimized")
     assert rep["host"]["matches_profile"] is True
-    assert chosen[0]["latency_p50_ms"] <= fp32["latency_p50_ms"]
+
+    def band(c):
+        return max(TIE_FLOOR_MS, min(TIE_CAP * c["latency_p50_ms"], max(TIE_FLOOR * c["latency_p50_ms"], 2 * c["latency_se_ms"])))
+
+    win = chosen[0]
+    assert win["latency_p50_ms"] <= fp32["latency_p50_ms"] + band(fp32)  # never measurably slower than FP32
     # Anything faster than the winner is within the noise of it and not more accurate (the tie-break), so the
     # naive quantize_static configuration, always a candidate on a host-matching profile, never beats it at equal speed.
+    # FP32 aside: x86-avx2's default precision is int8, so a smaller model wins a speed tie with FP32.
     naive = next(c for c in cands if c["name"] == "int8-qdq-naive")
     assert naive["settings"]["activation_type"] == "int8" and naive["settings"]["per_channel"] is False
-    win = chosen[0]
-    fastest = min((c for c in cands if c["within_budget"]), key=lambda c: c["latency_p50_ms"])
-    band = min(TIE_CAP * fastest["latency_p50_ms"], max(TIE_FLOOR * fastest["latency_p50_ms"], 2 * fastest["latency_se_ms"]))
-    for c in cands:
-        if c["within_budget"] and c["latency_p50_ms"] < win["latency_p50_ms"]:
-            assert c["latency_p50_ms"] >= fastest["latency_p50_ms"] and win["latency_p50_ms"] <= fastest["latency_p50_ms"] + band
-            assert c["accuracy"] <= win["accuracy"]
-    if naive["within_budget"] and naive["latency_p50_ms"] <= fastest["latency_p50_ms"] + band:
+    pool = [c for c in cands if c["within_budget"] and c["latency_p50_ms"] <= fp32["latency_p50_ms"] + band(fp32)]
+    fastest = min(pool, key=lambda c: c["latency_p50_ms"])
+    for c in pool:
+        if c["latency_p50_ms"] < win["latency_p50_ms"]:
+            assert win["latency_p50_ms"] <= fastest["latency_p50_ms"] + band(fastest)
+            assert c["accuracy"] <= win["accuracy"] or c is fp32
+    if naive["within_budget"] and naive["latency_p50_ms"] <= fastest["latency_p50_ms"] + band(fastest):
         assert win["accuracy"] >= naive["accuracy"]
     sel = rep["selection"]
-    assert sel["fastest"] == fastest["name"] and win["name"] in sel["tied_on_speed"] and sel["tie_band_ms"] == pytest.approx(band, abs=1e-4)
+    assert sel["fastest"] == fastest["name"] and win["name"] in sel["tied_on_speed"]
+    assert sel["tie_band_ms"] == pytest.approx(band(fastest), abs=1e-4) and sel["default_precision"] == "int8"
     int8 = next(c for c in cands if c["name"].startswith("int8-qdq"))
     assert int8["size_bytes"] < 0.35 * fp32["size_bytes"] and int8["quantized_ops"] >= 4
     # Both operator formats are measured on a host-matching CPU profile, each in the lean encoding.
