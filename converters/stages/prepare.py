@@ -87,10 +87,7 @@ def prepare(src: LoadedSource, request: Request, profile: DeviceProfile, work: P
         data = multi_input_data(info, onnx_src, calib_ds, request.eval_data, request.allow_synthetic, profile.threads, journal)
     else:
         if any(d is None for d in sample_shape):
-            if src.sample_shape is None:
-                raise InputShapeError(f"the model's input {info.input_name} has dynamic axes besides the batch {info.input_shape}",
-                                      hint="pass --input-shape to fix them")
-            sample_shape = src.sample_shape
+            sample_shape = _fixed_sample_shape(info, src.sample_shape, calib_ds, journal)
         data = single_input_data(info, sample_shape, calib_ds, request.eval_data, request.allow_synthetic, input_names, journal)  # type: ignore[arg-type]
     fp32 = work / "fp32.onnx"
     try:
@@ -99,6 +96,26 @@ def prepare(src: LoadedSource, request: Request, profile: DeviceProfile, work: P
         raise UnsupportedModelError(f"{e.message} (profile {profile.id})", hint=e.hint) from None
     journal.note(f"graph optimisation: {opt['nodes_before']} -> {opt['nodes_after']} nodes ({opt['level']})")
     return Prepared(original, src, onnx_src, fp32, info, sample_shape, data, pruning)
+
+
+def _fixed_sample_shape(info: OnnxModelInfo, given: tuple[int, ...] | None, calib_ds: Dataset | None,
+                        journal: Journal) -> tuple[int, ...]:
+    """The per-sample shape of an input with dynamic axes besides the batch: --input-shape, else the calibration data's.
+
+    The data fixes only the axes the model leaves open; an axis the model fixes must match
+    (``fit_to`` names both shapes when it does not).
+    """
+    if given is not None:
+        return given
+    if calib_ds is not None:
+        x = calib_ds.as_single(info.input_name, "calibration").x
+        shape = tuple(int(d) for d in x.shape[1:])  # type: ignore[union-attr]
+        shown = "x".join("?" if d is None else str(d) for d in info.input_shape[1:])
+        journal.note(f"input {info.input_name} has dynamic axes (N x {shown}); taken from the calibration data: "
+                     f"N x {'x'.join(map(str, shape))}")
+        return shape  # a rank or a fixed axis that disagrees is named by Dataset.fit_to, with both shapes
+    raise InputShapeError(f"the model's input {info.input_name} has dynamic axes besides the batch {list(info.input_shape)}",
+                          hint="pass --calib data (its samples fix them), or --input-shape like 1x3x320x320")
 
 
 def _refuse_multi_input_tflite(src: LoadedSource, input_names: list[str] | None, profile: DeviceProfile) -> None:
