@@ -7,9 +7,15 @@ top-1 agreement with FP32 for the random-weight net) and conversion wall time; t
 for onnxruntime's ``quantize_static`` with its defaults. A sweep of quantization settings
 on the MobileNetV2-sized net says why INT8 is or is not faster here.
 
-Run: ``.venv/bin/python benchmarks/convert_bench.py [--profile x86-vnni] [--quick]`` (the default
-profile is the x86 one this host matches).
-Prints tables and writes ``benchmarks/results/convert_bench.json``.
+The real-model section (_real_bench.py) measures, for a real pretrained classifier, detector and
+sentence encoder from PyPI wheels, FP32, the naive and the standard onnxruntime recipes, NNCF's
+``quantize`` and ``quantize_with_accuracy_control``, and lepton-edge's ``convert()`` with the
+task flag; and the digits CNN converted twice must ship the same precision both times.
+
+Run: ``.venv/bin/python benchmarks/convert_bench.py [--profile x86-vnni] [--quick] [--models detector,encoder]
+[--no-nncf]`` (the default profile is the x86 one this host matches; the default runs every section).
+Prints tables and writes ``benchmarks/results/convert_bench.json`` (sections not run keep their previous
+results) and ``benchmarks/results/convert_bench_real.svg`` (task metric against latency, per real model).
 """
 
 from __future__ import annotations
@@ -33,6 +39,10 @@ from lepton_edge.converters.loading import LoadedSource
 from lepton_edge.converters.zoo import mobilenet_v2_like, train_digits_cnn
 from lepton_edge.profiles import host_matches, load_profile
 from lepton_edge.runtimes import open_session
+
+sys.path.insert(0, str(Path(__file__).parent))
+from _real_bench import REAL_MODELS, bench_real_model  # noqa: E402
+from _svg_plot import frontier_svg  # noqa: E402
 
 RESULTS = Path(__file__).parent / "results" / "convert_bench.json"
 
@@ -201,26 +211,101 @@ def sweep(model, x_cal: np.ndarray, x_ev: np.ndarray, work: Path, runs: int) -> 
     return rows
 
 
+SECTIONS = ("digits", "mobilenet", "sweep", "digits-twice", *REAL_MODELS)
+
+
+def digits_twice(profile_id: str, runs: int, work: Path) -> dict:
+    """The digits CNN converted twice with the same inputs: the same precision both times (issue 8)."""
+    from lepton_edge.converters.zoo import train_digits_cnn
+
+    model, data, _ = train_digits_cnn()
+    ref_acc = None
+    runs_out = []
+    for i in range(2):
+        res = convert(model, profile_id, output_dir=work / f"twice-{i}", calib=(data.x_train, data.y_train),
+                      eval_data=(data.x_test, data.y_test), name="digits", latency_runs=runs)
+        rep = res.report
+        chosen = next(c for c in rep["candidates"] if c.get("chosen"))
+        fp32 = next(c for c in rep["candidates"] if c["precision"] == "fp32")
+        path = res.bundle_dir / res.manifest.model_file
+        import torch
+
+        if ref_acc is None:
+            with torch.no_grad():
+                ref_acc = float((model(torch.from_numpy(data.x_test)).numpy().argmax(1) == data.y_test).mean())
+        acc = float((run_batched(path, "onnxruntime", data.x_test, threads=2)[0].argmax(1) == data.y_test).mean())
+        runs_out.append({"winner": rep["winner"], "precision": chosen["precision"], "bytes": path.stat().st_size,
+                         "size_ratio": path.stat().st_size / fp32["size_bytes"], "accuracy": acc, "drop_points": 100 * (ref_acc - acc)})
+    return {"reference_accuracy": ref_acc, "runs": runs_out,
+            "same_precision": len({r["precision"] for r in runs_out}) == 1,
+            "targets": {"int8_both_times": all(r["precision"] == "int8" for r in runs_out),
+                        "size<=0.35x": all(r["size_ratio"] <= 0.35 for r in runs_out),
+                        "drop<=0.5pts": all(r["drop_points"] <= 0.5 for r in runs_out)}}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--profile", default=None, help="default: x86-vnni when this host matches it, else x86-avx2")
-    ap.add_argument("--quick", action="store_true", help="fewer runs and a smaller MobileNet input (smoke test)")
+    ap.add_argument("--quick", action="store_true", help="fewer runs, smaller inputs and evaluation sets (smoke test)")
+    ap.add_argument("--models", default=",".join(SECTIONS),
+                    help=f"comma-separated sections to run (default all): {', '.join(SECTIONS)}; "
+                         "results of sections not run are kept from the previous JSON")
+    ap.add_argument("--no-nncf", action="store_true", help="skip the NNCF baselines on the real models")
     args = ap.parse_args()
+    wanted = [m.strip() for m in args.models.split(",") if m.strip()]
+    unknown = sorted(set(wanted) - set(SECTIONS))
+    if unknown:
+        ap.error(f"unknown section(s) {', '.join(unknown)}; choose from {', '.join(SECTIONS)}")
     if args.profile is None:
         args.profile = "x86-vnni" if host_matches(load_profile("x86-vnni")) else "x86-avx2"
     runs = 30 if args.quick else 300
-    res = 112 if args.quick else 224
     t_all = time.perf_counter()
     load_start = os.getloadavg()
-    rows = []
+    out = json.loads(RESULTS.read_text()) if RESULTS.is_file() else {}
     with tempfile.TemporaryDirectory(prefix="convert-bench-") as d:
         work = Path(d)
+        if {"digits", "mobilenet", "sweep"} & set(wanted):
+            rows, sweep_rows = synthetic_section(args.profile, runs, args.quick, work, wanted)
+            if rows:
+                out["models"], out["targets"] = rows, synthetic_targets(rows)
+            if sweep_rows:
+                out["sweep"] = sweep_rows
+        if "digits-twice" in wanted:
+            print("the digits CNN, converted twice ...", file=sys.stderr)
+            out["digits_twice"] = digits_twice(args.profile, runs, work)
+            print_digits_twice(out["digits_twice"])
+        real = out.get("real_models", {})
+        for kind in (k for k in REAL_MODELS if k in wanted):
+            print(f"real model: {kind} ...", file=sys.stderr)
+            real[kind] = {**bench_real_model(kind, work / kind, args.profile, 100 if args.quick else runs, args.quick,
+                                             nncf=not args.no_nncf, log=lambda m: print(m, file=sys.stderr)),
+                          "quick": args.quick, "load_average": [load_start, os.getloadavg()], "measured_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+        if real:
+            out["real_models"] = real
+            print_real(real)
+            write_real_plot(real, RESULTS.with_name("convert_bench_real.svg"))
+    RESULTS.parent.mkdir(parents=True, exist_ok=True)
+    out.update({"host": {"machine": platform.machine(), "processor": _cpu_model(), "vnni": host_matches(load_profile("x86-vnni"))},
+                "profile": args.profile, "quick": args.quick, "sections_run": wanted, "load_average_at_start": load_start,
+                "load_average_at_end": os.getloadavg(), "cores": os.cpu_count(), "seconds": time.perf_counter() - t_all})
+    RESULTS.write_text(json.dumps(out, indent=2, default=str))
+    print(f"wrote {RESULTS}", file=sys.stderr)
+
+
+def synthetic_section(profile: str, runs: int, quick: bool, work: Path, wanted: list[str]) -> tuple[list[dict], list[dict]]:
+    """The digits CNN and the MobileNetV2-sized random-weight net, and the settings sweep."""
+    res = 112 if quick else 224
+    rows: list[dict] = []
+    sweep_rows: list[dict] = []
+    if "digits" in wanted:
         print("training the digits CNN ...", file=sys.stderr)
         model, data, _ = train_digits_cnn()
-        rows.append(bench_model("digits-cnn", model, (data.x_train, data.y_train), (data.x_test, data.y_test), args.profile, runs, work))
+        rows.append(bench_model("digits-cnn", model, (data.x_train, data.y_train), (data.x_test, data.y_test), profile, runs, work))
+    if {"mobilenet", "sweep"} & set(wanted):
         print(f"MobileNetV2-sized net at {res}x{res} ...", file=sys.stderr)
         net = mobilenet_v2_like(num_classes=1000, width=1.0)
         rng = np.random.default_rng(0)
+
         # Smooth random images (low-frequency noise) are closer to photos than white noise.
         def images(n: int) -> np.ndarray:
             import torch
@@ -229,33 +314,69 @@ def main() -> None:
             return torch.nn.functional.interpolate(small, size=(res, res), mode="bilinear", align_corners=False).numpy()
 
         x_cal, x_ev = images(64), images(64)
-        rows.append(bench_model("mobilenetv2-1.0", net, (x_cal, None), (x_ev, None), args.profile, runs, work))
-        sweep_rows = sweep(net, x_cal[:32], x_ev[:32], work, runs)
+        if "mobilenet" in wanted:
+            rows.append(bench_model("mobilenetv2-1.0", net, (x_cal, None), (x_ev, None), profile, runs, work))
+        if "sweep" in wanted:
+            sweep_rows = sweep(net, x_cal[:32], x_ev[:32], work, runs)
+    load = os.getloadavg()[0]
+    if rows:
+        print_table(f"convert_bench ({profile}, host {platform.machine()}, batch 1, load {load:.1f})",
+                    ["model", "FP32 MB", "INT8 MB", "size ratio", "FP32 p50 ms", "INT8 p50 ms", "lat ratio", "metric",
+                     "FP32", "INT8", "drop pts", "naive lat ratio", "naive", "naive drop pts", "convert s", "winner"],
+                    [(r["model"], f"{r['fp32_mb']:.2f}", f"{r['int8_mb']:.2f}", f"{r['size_ratio']:.3f}", f"{r['fp32_p50_ms']:.3f}",
+                      f"{r['int8_p50_ms']:.3f}", f"{r['latency_ratio']:.2f}", r["metric"], f"{r['fp32_metric']:.4f}", f"{r['int8_metric']:.4f}",
+                      f"{r['int8_drop_points']:.2f}", f"{r['naive_latency_ratio']:.2f}", f"{r['naive_metric']:.4f}",
+                      f"{r['naive_drop_points']:.2f}", f"{r['convert_wall_s']:.1f}", r["winner"]) for r in rows])
+        print_table("targets (stated for an x86 VNNI host)", ["target", "met"], [(k, "yes" if v else "NO") for k, v in synthetic_targets(rows).items()])
+    if sweep_rows:
+        print_table("INT8 settings on the MobileNetV2-sized net (this host)", ["variant", "threads", "p50 ms", "p95 ms", "vs FP32", "top-1 agree", "MB"],
+                    [(s["variant"], s["threads"], f"{s['p50_ms']:.2f}", f"{s['p95_ms']:.2f}", f"{s['ratio_vs_fp32']:.2f}",
+                      f"{s['top1_agreement']:.3f}", f"{s['mb']:.2f}") for s in sweep_rows])
+    return rows, sweep_rows
 
-    print_table(f"convert_bench ({args.profile}, host {platform.machine()}, batch 1, load {load_start[0]:.1f} -> {os.getloadavg()[0]:.1f})",
-                ["model", "FP32 MB", "INT8 MB", "size ratio", "FP32 p50 ms", "INT8 p50 ms", "lat ratio", "metric",
-                 "FP32", "INT8", "drop pts", "naive lat ratio", "naive", "naive drop pts", "convert s", "winner"],
-                [(r["model"], f"{r['fp32_mb']:.2f}", f"{r['int8_mb']:.2f}", f"{r['size_ratio']:.3f}", f"{r['fp32_p50_ms']:.3f}",
-                  f"{r['int8_p50_ms']:.3f}", f"{r['latency_ratio']:.2f}", r["metric"], f"{r['fp32_metric']:.4f}", f"{r['int8_metric']:.4f}",
-                  f"{r['int8_drop_points']:.2f}", f"{r['naive_latency_ratio']:.2f}", f"{r['naive_metric']:.4f}",
-                  f"{r['naive_drop_points']:.2f}", f"{r['convert_wall_s']:.1f}", r["winner"]) for r in rows])
-    print_table("INT8 settings on the MobileNetV2-sized net (this host)", ["variant", "threads", "p50 ms", "p95 ms", "vs FP32", "top-1 agree", "MB"],
-                [(s["variant"], s["threads"], f"{s['p50_ms']:.2f}", f"{s['p95_ms']:.2f}", f"{s['ratio_vs_fp32']:.2f}",
-                  f"{s['top1_agreement']:.3f}", f"{s['mb']:.2f}") for s in sweep_rows])
-    targets = {
-        "int8_size_ratio<=0.27": all(r["size_ratio"] <= 0.27 for r in rows),
-        "mobilenet_int8_latency_ratio<=0.6": rows[1]["latency_ratio"] <= 0.6,
-        "digits_drop<=0.5pts": rows[0]["int8_drop_points"] <= 0.5,
-        "not_worse_than_naive": all(r["int8_metric"] >= r["naive_metric"] - 1e-9 or r["latency_ratio"] < r["naive_latency_ratio"] for r in rows),
-    }
-    print_table("targets (stated for an x86 VNNI host)", ["target", "met"], [(k, "yes" if v else "NO") for k, v in targets.items()])
-    RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    RESULTS.write_text(json.dumps({
-        "host": {"machine": platform.machine(), "processor": _cpu_model(), "vnni": host_matches(load_profile("x86-vnni"))},
-        "profile": args.profile, "quick": args.quick, "load_average_at_start": load_start, "load_average_at_end": os.getloadavg(), "cores": os.cpu_count(), "models": rows, "sweep": sweep_rows, "targets": targets,
-        "seconds": time.perf_counter() - t_all,
-    }, indent=2, default=str))
-    print(f"wrote {RESULTS}", file=sys.stderr)
+
+def synthetic_targets(rows: list[dict]) -> dict[str, bool]:
+    by = {r["model"]: r for r in rows}
+    t = {"int8_size_ratio<=0.27": all(r["size_ratio"] <= 0.27 for r in rows),
+         "not_worse_than_naive": all(r["int8_metric"] >= r["naive_metric"] - 1e-9 or r["latency_ratio"] < r["naive_latency_ratio"] for r in rows)}
+    if "mobilenetv2-1.0" in by:
+        t["mobilenet_int8_latency_ratio<=0.6"] = by["mobilenetv2-1.0"]["latency_ratio"] <= 0.6
+    if "digits-cnn" in by:
+        t["digits_drop<=0.5pts"] = by["digits-cnn"]["int8_drop_points"] <= 0.5
+    return t
+
+
+def print_digits_twice(r: dict) -> None:
+    print_table("the digits CNN converted twice (same inputs)", ["run", "winner", "precision", "bytes", "size ratio", "accuracy", "drop pts"],
+                [(i + 1, x["winner"], x["precision"], x["bytes"], f"{x['size_ratio']:.3f}", f"{x['accuracy']:.4f}", f"{x['drop_points']:.2f}")
+                 for i, x in enumerate(r["runs"])])
+    print_table("digits twice: targets", ["target", "met"], [(k, "yes" if v else "NO") for k, v in r["targets"].items()])
+
+
+def print_real(real: dict) -> None:
+    for kind, r in real.items():
+        head = r["rows"][0]
+        extra = "KL" if r["task"] == "classification" else ("NN agree" if r["task"] == "embedding" else "boxes")
+        def extra_of(x: dict) -> str:
+            if r["task"] == "classification":
+                return f"{x['kl']:.4f}"
+            if r["task"] == "embedding":
+                return f"{x['nn_agreement']:.3f}"
+            return f"{x['boxes_matched']}/{x['boxes_fp32']}/{x['boxes_candidate']}"
+        print_table(f"{r['model']['name']} ({r['task']}, budget {r['budget']} of {head['metric_name']}, {r['eval_samples']} eval samples, load {r['load_average'][0][0]:.1f})",
+                    ["method", head["metric_name"], extra, "in budget", "p50 ms 1t", "ratio 1t", "p50 ms 2t", "ratio 2t", "MB", "size", "convert s"],
+                    [(x["method"], f"{x['metric']:.4f}", extra_of(x), "yes" if x["within_budget"] else "no", f"{x['p50_ms_1t']:.2f}",
+                      f"{x['latency_ratio_1t']:.2f}", f"{x['p50_ms_2t']:.2f}", f"{x['latency_ratio_2t']:.2f}", f"{x['bytes'] / 1e6:.2f}",
+                      f"{x['size_ratio']:.3f}", "-" if x["convert_s"] is None else f"{x['convert_s']:.1f}") for x in r["rows"]])
+        if r.get("failed"):
+            print_table(f"{r['model']['name']}: methods that failed", ["method", "why"], [(k, str(v)) for k, v in r["failed"].items()])
+
+
+def write_real_plot(real: dict, path: Path) -> None:
+    panels = [{"model": r["model"]["name"], "metric_name": r["rows"][0]["metric_name"],
+               "points": [{"method": x["method"], "x": x["latency_ratio_1t"], "y": x["metric"]} for x in r["rows"]]} for r in real.values()]
+    frontier_svg(panels, path, "real models: task metric against FP32 vs latency (lepton-edge = square)")
+    print(f"wrote {path}", file=sys.stderr)
 
 
 def _cpu_model() -> str:

