@@ -76,6 +76,8 @@ class _Progress:
 @click.option("--max-drop", type=float, help="Accuracy budget: largest allowed drop (fraction, 0.01 = one point); default: the profile's.")
 @click.option("--task", type=click.Choice(["classification", "detection", "embedding", "segmentation", "regression"]),
               help="What the model does, which decides the gate's metric (default: inferred from its outputs; the report says how).")
+@click.option("--precision", type=click.Choice(["keep"]),
+              help="keep: package a finished ONNX model as it is (a .tflite source always is); signature, golden vectors and latency from the file.")
 @click.option("-o", "--output", "output_dir", type=click.Path(path_type=Path), default=Path("."), show_default=True, help="Directory for the bundle and its .lepton archive.")
 @click.option("--sign-key", type=click.Path(path_type=Path), help="Ed25519 private key (from `lepton-edge keys generate`); without it the bundle is unsigned.")
 @click.option("--input-shape", help="Batch-first input shape like 1x3x224x224 (needed for module:callable factories without --calib).")
@@ -88,9 +90,9 @@ class _Progress:
 @click.option("--list-passes", is_flag=True, help="List the registered passes and their config fields, then exit.")
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON instead of a table.")
 def convert(source: str | None, profile: str | None, calib: Path | None, eval_data: Path | None, max_drop: float | None,
-            task: str | None, output_dir: Path, sign_key: Path | None, input_shape: str | None, name: str | None, version: str, prune: float | None,
+            task: str | None, precision: str | None, output_dir: Path, sign_key: Path | None, input_shape: str | None, name: str | None, version: str, prune: float | None,
             allow_synthetic_calibration: bool, profiles_dir: Path | None, latency_runs: int | None, list_passes: bool, as_json: bool) -> None:
-    """Convert SOURCE (model.onnx, model.pt, model.pt2 or package.module:factory) into a bundle for --profile."""
+    """Convert SOURCE (model.onnx, model.pt, model.pt2, model.tflite or package.module:factory) into a bundle for --profile."""
     if list_passes:
         _print_passes()
         return
@@ -114,7 +116,7 @@ def convert(source: str | None, profile: str | None, calib: Path | None, eval_da
         result = run_convert(source, profile, output_dir=output_dir, calib=calib, eval_data=eval_data, max_drop=max_drop,
                              sign_key=sign_key, name=name, version=version, input_shape=input_shape, prune=prune,
                              allow_synthetic_calibration=allow_synthetic_calibration, profiles_dir=profiles_dir,
-                             latency_runs=latency_runs, progress=progress, task=task)
+                             latency_runs=latency_runs, progress=progress, task=task, precision=precision)
     except NoCandidateError as e:
         if e.report:
             print_report(e.report)

@@ -1,7 +1,8 @@
 """Loading a source model and turning it into one FP32 ONNX file the later passes share.
 
 Sources: an ONNX file, a TorchScript ``.pt``, a ``torch.export`` ``.pt2``, a
-``"module:callable"`` factory, or an in-memory ``torch.nn.Module``. The file kind is
+``"module:callable"`` factory, an in-memory ``torch.nn.Module``, or a ``.tflite`` model
+(packaged as it is, see :mod:`.stages.keep`). The file kind is
 sniffed from its bytes, not trusted from its suffix.
 
 Public API: :class:`LoadedSource`, :func:`load_source`, :func:`parse_input_shape`,
@@ -25,6 +26,7 @@ from pydantic import Field
 
 from lepton_edge.bundle import sha256_file
 
+from ._tflite_meta import TfliteFormatError, is_tflite, read_tflite
 from .errors import InputShapeError, NotAModelError, UnsupportedModelError
 from .passes import PassConfig, register_pass
 
@@ -39,7 +41,7 @@ _ORT_DOMAINS = {"", "ai.onnx", "ai.onnx.ml", "com.microsoft", "ai.onnx.preview.t
 
 @dataclass
 class LoadedSource:
-    format: Literal["onnx", "torchscript", "torch.export", "factory", "module"]
+    format: Literal["onnx", "torchscript", "torch.export", "factory", "module", "tflite"]
     name: str
     sha256: str
     module: Any = None  # a torch.nn.Module in eval mode, for torch sources
@@ -47,6 +49,8 @@ class LoadedSource:
     sample_shape: tuple[int, ...] | None = None  # one input sample, without the batch axis
     notes: list[str] = field(default_factory=list)
     fixed_batch: int | None = None  # a torch.export program traced without a dynamic batch takes only this
+    tflite_path: Path | None = None  # for .tflite sources, which are packaged as they are
+    tflite: Any = None  # their declared structure (a _tflite_meta.TfliteMeta)
 
     @property
     def is_torch(self) -> bool:
@@ -130,11 +134,29 @@ def _load_file(p: Path, shape: tuple[int, ...] | None) -> LoadedSource:
         raise NotAModelError(f"{p} is {size} bytes; the limit for a source model is {MAX_SOURCE_BYTES}")
     if size == 0:
         raise NotAModelError(f"{p} is empty, not a model")
+    with open(p, "rb") as f:
+        head = f.read(8)
+    if is_tflite(head) or p.suffix.lower() == ".tflite":
+        return _load_tflite(p, shape)
     digest = sha256_file(p)
     if zipfile.is_zipfile(p):
         return _load_torch_archive(p, digest, shape)
     _check_onnx(p)
     return LoadedSource("onnx", p.stem, digest, onnx_path=p, sample_shape=shape)
+
+
+def _load_tflite(p: Path, shape: tuple[int, ...] | None) -> LoadedSource:
+    """A .tflite model, checked structurally before any interpreter sees it (a zip may follow it: TFLite metadata)."""
+    try:
+        meta = read_tflite(p, MAX_SOURCE_BYTES)
+    except ImportError:
+        raise NotAModelError(f"{p.name} is a .tflite model, and reading one needs LiteRT", hint="pip install ai-edge-litert") from None
+    except TfliteFormatError as e:
+        raise NotAModelError(f"{p.name} is not a usable .tflite model: {e}",
+                             hint="give the .tflite file as the converter wrote it (an .onnx, .pt or .pt2 source works too)") from None
+    if shape is not None:
+        raise InputShapeError(f"{p.name} is a .tflite model, whose input shapes are fixed inside it; --input-shape does not apply")
+    return LoadedSource("tflite", p.stem, sha256_file(p), tflite_path=p, tflite=meta)
 
 
 def _check_onnx(p: Path) -> None:
@@ -364,7 +386,7 @@ def onnx_info(path: Path) -> OnnxModelInfo:
 
 
 def reference_outputs(src: LoadedSource, onnx_fp32: Path, x: Any, batch: int = 64) -> np.ndarray:
-    """The original model's first output on ``x``: torch for torch sources, onnxruntime for ONNX."""
+    """The original model's first output on ``x``: torch for torch sources, LiteRT for .tflite, onnxruntime for ONNX."""
     if src.is_torch:
         import torch
 
@@ -382,4 +404,6 @@ def reference_outputs(src: LoadedSource, onnx_fp32: Path, x: Any, batch: int = 6
         return np.concatenate(outs)
     from .evaluate import run_batched
 
+    if src.format == "tflite":
+        return run_batched(onnx_fp32, "tflite", x, threads=None)[0]
     return run_batched(onnx_fp32, "onnxruntime", x, threads=None)[0]

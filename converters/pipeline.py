@@ -3,6 +3,7 @@
 The conversion is a sequence of stages, each handing the next a frozen value:
 
     prepare inputs   stages/prepare.py, stages/inputs.py  -> Prepared
+                     (stages/keep.py for a model packaged as it is: .tflite, --precision keep)
     build candidates strategies/ (one module per precision) -> Built
     evaluate         stages/evaluate.py (fidelity + gate per candidate as it is built;
                      then latency of all of them)       -> candidates with their verdicts
@@ -31,6 +32,7 @@ from .loading import parse_input_shape
 from .stages.choose import choose
 from .stages.evaluate import evaluate_candidate, evaluation_context, measure_latencies
 from .stages.journal import Journal, Progress
+from .stages.keep import prepare_kept, refuse_keep
 from .stages.package import BundleRequest, ConversionResult, fail, package, safe_name
 from .stages.prepare import Request, load, prepare
 from .stages.report import build_report
@@ -60,6 +62,7 @@ def convert(
     latency_runs: int | None = None,
     progress: Progress | None = None,
     task: str | None = None,
+    precision: str | None = None,
 ) -> ConversionResult:
     """Convert ``source`` for ``profile`` and write ``output_dir/<name>-<version>-<profile>/`` plus its ``.lepton``.
 
@@ -69,16 +72,19 @@ def convert(
     inputs takes one array per input, named by the input: an ``.npz`` (``input_ids``,
     ``attention_mask``, optional ``y``) or a ``({name: array}, y | None)`` tuple. ``max_drop`` defaults to
     the profile's accuracy budget. ``task`` (one of :data:`TASKS`) overrides the task inferred
-    from the outputs. Raises a :class:`ConversionError` subclass on failure;
+    from the outputs. ``precision="keep"`` packages a finished ONNX model as it is (a ``.tflite``
+    source always is): signature, golden vectors and latency from the file itself. Raises a :class:`ConversionError` subclass on failure;
     :class:`NoCandidateError` carries the report of everything tried.
     """
     prof = profile if isinstance(profile, DeviceProfile) else load_profile(profile, profiles_dir)
     _check_arguments(max_drop, prune, latency_runs, version, task)
+    if precision not in (None, "keep"):
+        raise ConversionError(f"precision {precision!r} is not one convert takes", hint="use --precision keep, or leave it out to search")
     request = Request(source, calib, eval_data, parse_input_shape(input_shape), prune, allow_synthetic_calibration)
     bundle = BundleRequest(Path(output_dir), name, version, sign_key)
     with tempfile.TemporaryDirectory(prefix="lepton-convert-") as work:
         return _run(request, bundle, prof, Path(work), Journal(progress), max_drop=max_drop, task=task,
-                    latency_runs=latency_runs or DEFAULT_LATENCY_RUNS)
+                    latency_runs=latency_runs or DEFAULT_LATENCY_RUNS, keep=precision == "keep")
 
 
 def _check_arguments(max_drop: float | None, prune: float | None, latency_runs: int | None, version: str, task: str | None) -> None:
@@ -95,19 +101,23 @@ def _check_arguments(max_drop: float | None, prune: float | None, latency_runs: 
 
 
 def _run(request: Request, bundle: BundleRequest, profile: DeviceProfile, work: Path, journal: Journal, *,
-         max_drop: float | None, task: str | None, latency_runs: int) -> ConversionResult:
+         max_drop: float | None, task: str | None, latency_runs: int, keep: bool) -> ConversionResult:
     t_start = time.perf_counter()
     src = load(request, profile, journal)
+    refuse_keep(src, profile, keep)
     out_dir = bundle.output_dir / f"{safe_name(bundle.name or src.name)}-{bundle.version}-{profile.id}"
     if out_dir.exists():
         raise ConversionError(f"{out_dir} already exists", hint="choose another -o directory, --version, or remove it")
-    prepared = prepare(src, request, profile, work, journal)
+    if keep or src.format == "tflite":
+        prepared = prepare_kept(src, request, profile, journal)
+    else:
+        prepared = prepare(src, request, profile, work, journal)
     ctx = evaluation_context(prepared, profile, max_drop=max_drop, task=task, journal=journal)
     matches = host_matches(profile)
     builder = BuildContext(profile, work, prepared, journal, lambda c: evaluate_candidate(c, ctx, journal), host_matches=matches)
     built = build_candidates(builder)
     timed = measure_latencies(built.candidates, ctx, latency_runs, journal)
-    choice = choose(timed, profile, host_matches=matches)
+    choice = choose(timed, profile, host_matches=matches, kept=prepared.kept)
     report = build_report(profile, prepared, ctx.budget, choice, built.sections, journal, host_matches=matches,
                           seconds=time.perf_counter() - t_start)
     if choice.winner is None:

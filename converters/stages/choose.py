@@ -27,9 +27,13 @@ class Choice:
     selection: Mapping[str, Any]
 
 
-def choose(cands: tuple[Candidate, ...], profile: DeviceProfile, *, host_matches: bool) -> Choice:
+def choose(cands: tuple[Candidate, ...], profile: DeviceProfile, *, host_matches: bool, kept: str | None = None) -> Choice:
+    """``kept``: the precision of a model packaged as it is, whose one candidate is the source file."""
     default = profile.precision.default
     winner, why = choose_winner(list(cands), host_matches=host_matches, allowed=list(profile.precision.allowed), default=default)
+    if kept is not None and winner is not None:
+        p50 = f"p50 {winner.latency_p50_ms:.3f} ms on this host ({winner.runtime}, {profile.threads} threads)" if winner.latency_p50_ms else "not timed"
+        why = f"the source model packaged as it is ({kept}), the only candidate: {p50}"
     if winner is not None:
         marked = replace(winner, chosen=True)
         cands = tuple(marked if c is winner else c for c in cands)

@@ -84,7 +84,7 @@ def _tensor_specs(sess: Any, prepared: Prepared, g_in: list[np.ndarray], g_out: 
     from lepton_edge.bundle import Preprocessing, TensorSpec
 
     info = prepared.info
-    layout = {4: "NCHW", 3: "NLC", 2: "NC"}.get(len(info.input_shape), "")
+    layout = prepared.layout if prepared.layout is not None else {4: "NCHW", 3: "NLC", 2: "NC"}.get(len(info.input_shape), "")
     pre = Preprocessing(layout=layout, description="as the source model expects; calibration data was given in that form")
     batch = info.input_shape[0] if sess.inputs[0].shape and sess.inputs[0].shape[0] else None
     if prepared.multi_input:
@@ -125,7 +125,7 @@ def package(winner: Candidate, report: dict[str, Any], prepared: Prepared, ctx: 
         "source": SourceInfo(sha256=original.sha256, format=original.format, name=original.name[:256]),
         "calibration": CalibrationInfo(sha256=calib.sha256, samples=len(calib), synthetic=calib.synthetic),
         "task": "classification" if ctx.budget.task == "classification" else "regression",
-        "metadata": {"candidate": winner.name, "host_matches_profile": str(host_matches).lower()},
+        "metadata": {"candidate": winner.name, "host_matches_profile": str(host_matches).lower(), **_quantization(prepared)},
     }
     report = {**report, "golden": {"count": len(g_in[0]), **tol}}
     if req.sign_key is None:
@@ -138,6 +138,15 @@ def package(winner: Candidate, report: dict[str, Any], prepared: Prepared, ctx: 
     bundle = read_bundle(bundle_dir, allow_unsigned=True)
     _self_check(bundle, ctx.threads)
     return ConversionResult(bundle_dir=bundle_dir, archive=archive, manifest=bundle.manifest, report=report)
+
+
+def _quantization(prepared: Prepared) -> dict[str, str]:
+    """Scale and zero point of every quantized input and output of a kept .tflite, for clients that feed it integers."""
+    meta = prepared.original.tflite
+    if meta is None:
+        return {}
+    return {f"quantization.{t.name}"[:200]: f"scale={t.scale:.9g},zero_point={t.zero_point}"
+            for t in (*meta.inputs, *meta.outputs) if t.scale}
 
 
 def _self_check(bundle: Any, threads: int) -> None:

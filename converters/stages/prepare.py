@@ -23,7 +23,7 @@ from ..loading import LoadedSource, OnnxModelInfo, onnx_info
 from .inputs import ModelData, load_data, multi_input_data, single_input_data
 from .journal import Journal
 
-__all__ = ["Request", "Prepared", "load", "prepare", "size_hint", "SMALLEST_RATIO"]
+__all__ = ["Request", "Prepared", "load", "prepare", "size_hint", "fixed_sample_shape", "SMALLEST_RATIO"]
 
 # The smallest a precision can make a model, as a fraction of its FP32 file (per-channel
 # scales and int32 biases keep INT8 a little above a quarter).
@@ -52,6 +52,9 @@ class Prepared:
     sample_shape: tuple[int | None, ...]  # one sample of the (first) input, without the batch axis
     data: ModelData
     pruning: dict[str, Any] | None = None
+    kept: str | None = None  # the precision of a model packaged as it is (stages/keep.py); None when candidates are built
+    runtime: str = "onnxruntime"  # the runtime ``onnx_source`` runs in (tflite for a kept .tflite)
+    layout: str | None = None  # the input layout when the model says it (NHWC for .tflite); None: guessed from the rank
 
     @property
     def multi_input(self) -> bool:
@@ -87,7 +90,7 @@ def prepare(src: LoadedSource, request: Request, profile: DeviceProfile, work: P
         data = multi_input_data(info, onnx_src, calib_ds, request.eval_data, request.allow_synthetic, profile.threads, journal)
     else:
         if any(d is None for d in sample_shape):
-            sample_shape = _fixed_sample_shape(info, src.sample_shape, calib_ds, journal)
+            sample_shape = fixed_sample_shape(info, src.sample_shape, calib_ds, journal)
         data = single_input_data(info, sample_shape, calib_ds, request.eval_data, request.allow_synthetic, input_names, journal)  # type: ignore[arg-type]
     fp32 = work / "fp32.onnx"
     try:
@@ -98,7 +101,7 @@ def prepare(src: LoadedSource, request: Request, profile: DeviceProfile, work: P
     return Prepared(original, src, onnx_src, fp32, info, sample_shape, data, pruning)
 
 
-def _fixed_sample_shape(info: OnnxModelInfo, given: tuple[int, ...] | None, calib_ds: Dataset | None,
+def fixed_sample_shape(info: OnnxModelInfo, given: tuple[int, ...] | None, calib_ds: Dataset | None,
                         journal: Journal) -> tuple[int, ...]:
     """The per-sample shape of an input with dynamic axes besides the batch: --input-shape, else the calibration data's.
 

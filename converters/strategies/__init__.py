@@ -1,7 +1,8 @@
 """Candidate strategies, one module per precision: which candidates to build, in what order, and when to retry.
 
 :func:`build_candidates` is the build stage: it runs the strategy of every precision the
-profile allows (the FP32 ceiling first; TFLite profiles take the TFLite strategy) and
+profile allows (the FP32 ceiling first; TFLite profiles take the TFLite strategy; a model
+packaged as it is has the one candidate of :mod:`.keep`) and
 returns the evaluated candidates as a frozen :class:`Built`.
 
 Public API: :class:`Built`, :func:`build_candidates`, :data:`STRATEGIES`, :class:`BuildContext`, :data:`MAX_CANDIDATES`.
@@ -15,7 +16,7 @@ from types import MappingProxyType
 from typing import Any
 
 from ..search import Candidate
-from . import fp16, fp32, int8_dynamic, int8_static, tflite
+from . import fp16, fp32, int8_dynamic, int8_static, keep, tflite
 from .context import MAX_CANDIDATES, BuildContext
 
 __all__ = ["Built", "build_candidates", "STRATEGIES", "BuildContext", "MAX_CANDIDATES"]
@@ -35,7 +36,9 @@ class Built:
 
 
 def build_candidates(ctx: BuildContext) -> Built:
-    if ctx.profile.runtime.name == "tflite":
+    if ctx.prepared.kept is not None:
+        keep.search(ctx)
+    elif ctx.profile.runtime.name == "tflite":
         tflite.search(ctx)
     else:
         fp32.search(ctx)
