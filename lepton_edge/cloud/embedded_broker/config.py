@@ -65,7 +65,7 @@ class BrokerConfig:
     max_retained_messages: int = 100_000           # ours
     max_retained_bytes: int = 256 << 20            # ours
     max_total_queued_bytes: int = 512 << 20        # ours: all sessions' queues together
-    max_preauth_connections: int = 64              # ours: sockets before CONNECT; when full the oldest goes
+    max_preauth_connections: int = 256             # ours: sockets before CONNECT; when full the oldest goes
     max_preauth_bytes: int = 16 * 1024             # ours: bytes buffered (and TLS bytes) before CONNECT
     # Per-user caps (named users only; anonymous clients exist only in development setups).
     max_connections_per_user: int = 4              # ours
