@@ -16,7 +16,11 @@ times (the median is reported):
   (raw sockets in one asyncio child process, 10 in flight per client), the telemetry
   pattern; one paho subscriber receives them.
 
-Also reported: the broker process's CPU seconds per 10,000 messages (from /proc).
+Also reported: the broker process's CPU seconds per 10,000 messages (from /proc). Every
+scenario runs twice per broker, plaintext and over TLS (the listener and every client
+mqtts, with the same private CA and server certificate ``cloud serve`` makes; ``--no-tls``
+skips it), and the TLS cost is reported as ratios in the same run: throughput TLS/plain
+and broker CPU per message TLS/plain.
 Everything is loopback and bounded (each run times out after ``--timeout`` s). Run it
 under ``flock /tmp/lepton-bench.lock`` when others share the machine::
 
@@ -36,6 +40,7 @@ import os
 import platform
 import queue
 import socket
+import ssl
 import statistics
 import tempfile
 import threading
@@ -56,9 +61,13 @@ def _cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
-def _publisher(port: int, messages: int, payload: int, ready, go) -> None:  # type: ignore[no-untyped-def]
-    client = new_client(f"bench-pub-{os.getpid()}")
-    connect_and_wait(client, BrokerAddress("127.0.0.1", port, False))
+def _client_context(ca: str | None) -> ssl.SSLContext | None:
+    return ssl.create_default_context(cafile=ca) if ca else None
+
+
+def _publisher(port: int, ca: str | None, messages: int, payload: int, ready, go) -> None:  # type: ignore[no-untyped-def]
+    client = new_client(f"bench-pub-{os.getpid()}", tls=ca is not None, ca_file=ca)
+    connect_and_wait(client, BrokerAddress("127.0.0.1", port, ca is not None))
     ready.set()
     go.wait(30)
     body = b"x" * max(0, payload - 8)
@@ -72,15 +81,15 @@ def _publisher(port: int, messages: int, payload: int, ready, go) -> None:  # ty
 class _Subscriber:
     """A paho QoS 1 subscriber counting what arrives and checking the order of each publisher's stream."""
 
-    def __init__(self, port: int, topic_filter: str) -> None:
+    def __init__(self, port: int, ca: str | None, topic_filter: str) -> None:
         self.count, self.out_of_order, self.first_at, self.last_at = 0, 0, 0.0, 0.0
         self.expected = 0
         self._target = 0
         self._done = threading.Event()
         self._last_seq: dict[str, int] = {}
-        c = new_client(f"bench-sub-{os.getpid()}-{time.monotonic_ns()}")
+        c = new_client(f"bench-sub-{os.getpid()}-{time.monotonic_ns()}", tls=ca is not None, ca_file=ca)
         c.on_message = self._on_message
-        connect_and_wait(c, BrokerAddress("127.0.0.1", port, False))
+        connect_and_wait(c, BrokerAddress("127.0.0.1", port, ca is not None))
         acked = threading.Event()
         c.on_subscribe = lambda *_: acked.set()
         c.subscribe(topic_filter, qos=1)
@@ -152,11 +161,14 @@ def _read_packet(sock: socket.socket) -> tuple[int, bytes]:
     return first, _read_exactly(sock, length)
 
 
-def _idle_clients(port: int, n: int) -> list[socket.socket]:
+def _idle_clients(port: int, ca: str | None, n: int) -> list[socket.socket]:
     """``n`` MQTT 5 clients, each subscribed to its own command topic, held open and silent."""
     socks = []
+    context = _client_context(ca)
     for i in range(n):
         s = socket.create_connection(("127.0.0.1", port), timeout=10)
+        if context is not None:
+            s = context.wrap_socket(s, server_hostname="127.0.0.1")
         s.sendall(_raw_connect(f"bench-idle-{i}"))
         s.sendall(_packet(0x82, b"\x00\x01\x00" + _s(f"lepton/v1/bench/dev-{i}/cmd") + b"\x01"))
         if _read_packet(s)[0] != 0x20 or _read_packet(s)[0] != 0x90:
@@ -165,8 +177,10 @@ def _idle_clients(port: int, n: int) -> list[socket.socket]:
     return socks
 
 
-async def _fanin_client(port: int, index: int, each: int, payload: int, go: asyncio.Event) -> None:
-    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+async def _fanin_client(port: int, ca: str | None, index: int, each: int, payload: int, go: asyncio.Event) -> None:
+    context = _client_context(ca)
+    reader, writer = await asyncio.open_connection("127.0.0.1", port, ssl=context,
+                                                   server_hostname="127.0.0.1" if context else None)
     writer.write(_raw_connect(f"bench-fanin-{index}"))
     connack = await reader.readexactly(2)
     await reader.readexactly(connack[1])
@@ -189,11 +203,11 @@ async def _fanin_client(port: int, index: int, each: int, payload: int, go: asyn
     writer.close()
 
 
-def _fanin_process(port: int, clients: int, each: int, payload: int, ready, go) -> None:  # type: ignore[no-untyped-def]
+def _fanin_process(port: int, ca: str | None, clients: int, each: int, payload: int, ready, go) -> None:  # type: ignore[no-untyped-def]
     async def run() -> None:
         start = asyncio.Event()
-        tasks = [asyncio.create_task(_fanin_client(port, i, each, payload, start)) for i in range(clients)]
-        await asyncio.sleep(0.5)  # connected by then; the CONNACKs are read inside each task
+        tasks = [asyncio.create_task(_fanin_client(port, ca, i, each, payload, start)) for i in range(clients)]
+        await asyncio.sleep(0.5 if ca is None else 3.0)  # connected by then; the CONNACKs are read inside each task
         ready.set()
         await asyncio.get_running_loop().run_in_executor(None, go.wait, 60)
         start.set()
@@ -202,12 +216,13 @@ def _fanin_process(port: int, clients: int, each: int, payload: int, ready, go) 
     asyncio.run(run())
 
 
-def _timed_run(port: int, pid: int, topic_filter: str, total: int, sender, sender_args: tuple, timeout: float) -> dict:  # type: ignore[no-untyped-def]
+def _timed_run(port: int, ca: str | None, pid: int, topic_filter: str, total: int, sender, sender_args: tuple,  # type: ignore[no-untyped-def]
+               timeout: float) -> dict:
     """Start ``sender`` in its own process, release it, and time until ``total`` messages arrived here."""
     ctx = multiprocessing.get_context("spawn")
-    sub = _Subscriber(port, topic_filter)
+    sub = _Subscriber(port, ca, topic_filter)
     ready, go = ctx.Event(), ctx.Event()
-    proc = ctx.Process(target=sender, args=(port, *sender_args, ready, go), daemon=True)
+    proc = ctx.Process(target=sender, args=(port, ca, *sender_args, ready, go), daemon=True)
     proc.start()
     try:
         if not ready.wait(60):
@@ -229,12 +244,12 @@ def _timed_run(port: int, pid: int, topic_filter: str, total: int, sender, sende
             "broker_cpu_s_per_10k": round(cpu / max(1, sub.count) * 10000, 3)}
 
 
-def _one_to_one(port: int, pid: int, messages: int, payload: int, timeout: float) -> dict:
-    return _timed_run(port, pid, TOPIC, messages, _publisher, (messages, payload), timeout)
+def _one_to_one(port: int, ca: str | None, pid: int, messages: int, payload: int, timeout: float) -> dict:
+    return _timed_run(port, ca, pid, TOPIC, messages, _publisher, (messages, payload), timeout)
 
 
-def _fan_in(port: int, pid: int, clients: int, each: int, payload: int, timeout: float) -> dict:
-    return _timed_run(port, pid, "lepton/v1/bench/+/telemetry", clients * each, _fanin_process,
+def _fan_in(port: int, ca: str | None, pid: int, clients: int, each: int, payload: int, timeout: float) -> dict:
+    return _timed_run(port, ca, pid, "lepton/v1/bench/+/telemetry", clients * each, _fanin_process,
                       (clients, each, payload), timeout)
 
 
@@ -245,25 +260,37 @@ def _median_run(runs: list[dict]) -> dict:
             "all_complete": all(r["complete"] and not r["out_of_order"] for r in runs)}
 
 
-def bench_broker(kind: str, work: Path, args: argparse.Namespace) -> dict:
+def bench_broker(kind: str, work: Path, args: argparse.Namespace, tls=None) -> dict:  # type: ignore[no-untyped-def]
+    """Every scenario on one broker; ``tls`` (a TlsFiles) makes its listener and every client mqtts."""
     make = {"mosquitto": ManagedMosquitto, "embedded": ManagedEmbeddedBroker}[kind]
     results = {}
-    with make(work / kind, auth=False) as broker:
-        pid = broker.pid
+    ca = str(tls.ca) if tls is not None else None
+    with make(work / f"{kind}-{'tls' if tls else 'plain'}", auth=False, tls=tls) as broker:
+        pid, port = broker.pid, broker.port
         info(f"{kind}: {broker}")
-        results["1->1"] = _median_run([_one_to_one(broker.port, pid, args.messages, args.payload, args.timeout)
+        results["1->1"] = _median_run([_one_to_one(port, ca, pid, args.messages, args.payload, args.timeout)
                                        for _ in range(args.repeats)])
-        idle = _idle_clients(broker.port, args.clients)
+        idle = _idle_clients(port, ca, args.clients)
         try:
             results[f"1->1 among {args.clients}"] = _median_run(
-                [_one_to_one(broker.port, pid, args.messages, args.payload, args.timeout) for _ in range(args.repeats)])
+                [_one_to_one(port, ca, pid, args.messages, args.payload, args.timeout) for _ in range(args.repeats)])
         finally:
             for s in idle:
                 s.close()
         results[f"{args.clients}->1 fan-in"] = _median_run(
-            [_fan_in(broker.port, pid, args.clients, args.fanin_each, args.payload, args.timeout)
+            [_fan_in(port, ca, pid, args.clients, args.fanin_each, args.payload, args.timeout)
              for _ in range(args.repeats)])
     return results
+
+
+def _tls_files(tmp: Path):  # type: ignore[no-untyped-def]
+    from lepton_edge.cloud.tls import ensure_tls
+
+    return ensure_tls(tmp / "state")  # the same private CA and server certificate cloud serve makes
+
+
+def _ratio(a: float, b: float) -> float | None:
+    return round(a / b, 2) if b else None
 
 
 def main() -> None:
@@ -274,32 +301,51 @@ def main() -> None:
     parser.add_argument("--fanin-each", type=int, default=100, help="messages per client in the fan-in run")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--timeout", type=float, default=60.0, help="seconds one run may take")
+    parser.add_argument("--no-tls", action="store_true", help="plaintext only (no TLS cost measured)")
     args = parser.parse_args()
     kinds = ["mosquitto", "embedded"] if find_mosquitto() else ["embedded"]
     if len(kinds) == 1:
         warn("no mosquitto binary: measuring the embedded broker alone, without its baseline")
+    modes = ["plain"] if args.no_tls else ["plain", "tls"]
     with tempfile.TemporaryDirectory(prefix="lepton-broker-bench-") as tmp:
-        measured = {kind: bench_broker(kind, Path(tmp), args) for kind in kinds}
-    scenarios = list(measured["embedded"])
-    ratios = {s: round(measured["embedded"][s]["msgs_per_s"] / measured["mosquitto"][s]["msgs_per_s"], 2)
-              for s in scenarios} if "mosquitto" in measured else {}
+        tls = None if args.no_tls else _tls_files(Path(tmp))
+        measured = {kind: {mode: bench_broker(kind, Path(tmp), args, tls if mode == "tls" else None) for mode in modes}
+                    for kind in kinds}
+    scenarios = list(measured["embedded"]["plain"])
+    ratios = {mode: {s: _ratio(measured["embedded"][mode][s]["msgs_per_s"], measured["mosquitto"][mode][s]["msgs_per_s"])
+                     for s in scenarios} for mode in modes} if "mosquitto" in measured else {}
+    tls_cost = {kind: {s: {"throughput_tls_over_plain": _ratio(measured[kind]["tls"][s]["msgs_per_s"],
+                                                               measured[kind]["plain"][s]["msgs_per_s"]),
+                           "cpu_per_msg_tls_over_plain": _ratio(measured[kind]["tls"][s]["broker_cpu_s_per_10k"],
+                                                                measured[kind]["plain"][s]["broker_cpu_s_per_10k"])}
+                       for s in scenarios} for kind in kinds} if "tls" in modes else {}
     rows = []
     for s in scenarios:
-        row = [s]
         for kind in kinds:
-            r = measured[kind][s]
-            row += [f"{r['msgs_per_s']:,}" + ("" if r["all_complete"] else " (lost/reordered!)"),
-                    f"{r['broker_cpu_s_per_10k']:.2f}"]
-        rows.append(row + ([f"{ratios[s]:.2f}"] if ratios else []))
-    columns = ["QoS 1 scenario"]
-    for kind in kinds:
-        columns += [f"{kind} msg/s", f"{kind} CPU s/10k"]
-    print_table(f"Broker throughput, {args.payload}-byte QoS 1 messages, median of {args.repeats}",
-                columns + (["embedded / mosquitto"] if ratios else []), rows)
+            row = [s, kind]
+            for mode in modes:
+                r = measured[kind][mode][s]
+                row += [f"{r['msgs_per_s']:,}" + ("" if r["all_complete"] else " (lost/reordered!)"),
+                        f"{r['broker_cpu_s_per_10k']:.2f}"]
+            if tls_cost:
+                c = tls_cost[kind][s]
+                row += [f"{c['throughput_tls_over_plain']}", f"{c['cpu_per_msg_tls_over_plain']}"]
+            if ratios:
+                row += [f"{ratios[mode][s]}" if kind == "embedded" else "" for mode in modes]
+            rows.append(row)
+    columns = ["QoS 1 scenario", "broker"]
+    for mode in modes:
+        columns += [f"{mode} msg/s", f"{mode} CPU s/10k"]
+    if tls_cost:
+        columns += ["TLS/plain msg/s", "TLS/plain CPU/msg"]
+    if ratios:
+        columns += [f"embedded/mosquitto {mode}" for mode in modes]
+    print_table(f"Broker throughput, {args.payload}-byte QoS 1 messages, median of {args.repeats}", columns, rows)
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
     RESULTS.write_text(json.dumps({
         "host": {"machine": platform.machine(), "python": platform.python_version(), "cpus": os.cpu_count()},
         "settings": vars(args), "results": measured, "ratio_embedded_over_mosquitto": ratios,
+        "tls_cost": tls_cost,
     }, indent=2) + "\n")
     info(f"wrote {RESULTS}")
 

@@ -20,6 +20,7 @@ own ``cmd`` topic (see :func:`device_acl`).
 from __future__ import annotations
 
 import json
+import math
 import re
 import time
 import uuid
@@ -51,6 +52,10 @@ __all__ = [
     "decode_event",
     "decode_command",
     "new_id",
+    "parse_json",
+    "check_name",
+    "JSON_MAX_DEPTH",
+    "JSON_MAX_NUMBER_DIGITS",
 ]
 
 PROTOCOL = "lepton/v1"
@@ -58,16 +63,27 @@ MAX_PAYLOAD_BYTES = 64 * 1024
 Channel = Literal["state", "telemetry", "events", "cmd"]
 CHANNELS: tuple[str, ...] = ("state", "telemetry", "events", "cmd")
 
+JSON_MAX_DEPTH = 32
+# Python refuses to turn more than 4,300 digits into an int with a ValueError that is no
+# JSONDecodeError; no field of lepton/v1 needs more than a 64-bit counter anyway.
+JSON_MAX_NUMBER_DIGITS = 40
+
 _NAME = r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}"
-_NAME_RE = re.compile(rf"^{_NAME}$")
-_TOPIC_RE = re.compile(rf"^lepton/v1/({_NAME})/({_NAME})/(state|telemetry|events|cmd)$")
+# fullmatch everywhere: "$" also matches before a trailing newline, and a name ending in
+# "\n" would write a stray line into the broker's passwd and ACL files.
+_NAME_RE = re.compile(_NAME)
+_TOPIC_RE = re.compile(rf"lepton/v1/({_NAME})/({_NAME})/(state|telemetry|events|cmd)")
 
 
-def _check_name(kind: str, value: str) -> str:
+def check_name(kind: str, value: str) -> str:
+    """``value`` when it is a lepton/v1 name (fleet, device id, model, version), else ProtocolError."""
     # MQTT wildcards (+, #) and separators in an id would let one device address others.
-    if not isinstance(value, str) or not _NAME_RE.match(value):
-        raise ProtocolError(f"{kind} {value!r} must be 1-64 of A-Z a-z 0-9 . _ - and start with a letter or digit")
+    if not isinstance(value, str) or not _NAME_RE.fullmatch(value):
+        raise ProtocolError(f"{kind} {str(value)[:80]!r} must be 1-64 of A-Z a-z 0-9 . _ - and start with a letter or digit")
     return value
+
+
+_check_name = check_name
 
 
 def topic(fleet: str, device_id: str, channel: Channel) -> str:
@@ -84,7 +100,7 @@ def subscription(channel: Channel, fleet: str = "+", shared_group: str | None = 
 
 def parse_topic(t: str) -> tuple[str, str, str]:
     """``(fleet, device_id, channel)`` of a lepton/v1 topic."""
-    m = _TOPIC_RE.match(t) if isinstance(t, str) and len(t) < 256 else None
+    m = _TOPIC_RE.fullmatch(t) if isinstance(t, str) and len(t) < 256 else None
     if not m:
         raise ProtocolError(f"not a lepton/v1 topic: {t[:80]!r}")
     return m.group(1), m.group(2), m.group(3)
@@ -105,9 +121,14 @@ def new_id() -> str:
     return uuid.uuid4().hex
 
 
+# Names that reach paths and SQL on either side (pydantic patterns are Rust regexes: "$" is the true end).
+_MODEL_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$"
+_VERSION_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9.+_-]{0,63}$"
+
+
 class _Msg(BaseModel):
     # Unknown keys are ignored so a newer peer can add fields without breaking older ones.
-    model_config = ConfigDict(extra="ignore", frozen=True)
+    model_config = ConfigDict(extra="ignore", frozen=True, allow_inf_nan=False)
 
 
 class ActiveModel(_Msg):
@@ -186,8 +207,8 @@ class _Cmd(_Msg):
 
 class DeployCommand(_Cmd):
     type: Literal["deploy"] = "deploy"
-    model: str = Field(max_length=128)
-    version: str = Field(max_length=64)
+    model: str = Field(pattern=_MODEL_PATTERN)
+    version: str = Field(pattern=_VERSION_PATTERN)
     url: str = Field(max_length=2048, description="Where to GET the .lepton archive (Range supported).")
     sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
     size: int = Field(gt=0, description="Archive size: the device refuses to download more.")
@@ -196,8 +217,9 @@ class DeployCommand(_Cmd):
 
 class RollbackCommand(_Cmd):
     type: Literal["rollback"] = "rollback"
-    model: str = Field(max_length=128)
-    to_version: str | None = Field(default=None, max_length=64, description="None: the previous version.")
+    model: str = Field(pattern=_MODEL_PATTERN)
+    # Joined into a path on the device: a name, never "../x".
+    to_version: str | None = Field(default=None, pattern=_VERSION_PATTERN, description="None: the previous version.")
 
 
 class PingCommand(_Cmd):
@@ -212,15 +234,70 @@ def encode(msg: BaseModel) -> bytes:
     return json.dumps(msg.model_dump(mode="json"), separators=(",", ":")).encode()
 
 
-def _load(payload: bytes | bytearray | str, what: str) -> Any:
+def parse_json(payload: bytes | bytearray | memoryview | str, what: str = "payload", *,
+               max_bytes: int = MAX_PAYLOAD_BYTES, max_depth: int = JSON_MAX_DEPTH) -> Any:
+    """Untrusted bytes -> a JSON value, or :class:`ProtocolError` in one line; never anything else.
+
+    Bounds the size (``max_bytes``), the nesting (``max_depth``) and the numbers: finite
+    floats only (``1e999`` and NaN are refused), integers of at most
+    :data:`JSON_MAX_NUMBER_DIGITS` digits. Every parser of lepton/v1 payloads goes through here.
+    """
     if isinstance(payload, str):
-        payload = payload.encode()
-    if len(payload) > MAX_PAYLOAD_BYTES:
-        raise ProtocolError(f"{what} payload is {len(payload)} bytes; the limit is {MAX_PAYLOAD_BYTES}")
+        payload = payload.encode("utf-8", "surrogatepass")
+    if len(payload) > max_bytes:
+        raise ProtocolError(f"{what} is {len(payload)} bytes; the limit is {max_bytes}")
     try:
-        data = json.loads(bytes(payload).decode("utf-8"), parse_constant=_no_constants)
-    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
-        raise ProtocolError(f"{what} payload is not UTF-8 JSON: {e}") from None
+        text = bytes(payload).decode("utf-8")
+        _check_depth(text, max_depth, what)
+        return json.loads(text, parse_constant=_no_constants, parse_int=_bounded_int, parse_float=_finite_float)
+    except ProtocolError:
+        raise
+    except (UnicodeDecodeError, ValueError, RecursionError, TypeError, OverflowError) as e:
+        # JSONDecodeError is a ValueError; so is Python's int-size limit.
+        raise ProtocolError(f"{what} is not UTF-8 JSON: {str(e)[:200]}") from None
+
+
+def _check_depth(text: str, max_depth: int, what: str) -> None:
+    """Refuse nesting deeper than ``max_depth`` before the parser recurses into it."""
+    if text.count("[") + text.count("{") <= max_depth:
+        return
+    depth = 0
+    in_string = escaped = False
+    for ch in text:
+        if in_string:
+            if escaped:
+                escaped = False
+            elif ch == "\\":
+                escaped = True
+            elif ch == '"':
+                in_string = False
+        elif ch == '"':
+            in_string = True
+        elif ch in "[{":
+            depth += 1
+            if depth > max_depth:
+                raise ProtocolError(f"{what} nests deeper than {max_depth} levels")
+        elif ch in "]}":
+            depth -= 1
+
+
+def _bounded_int(digits: str) -> int:
+    if len(digits.lstrip("-")) > JSON_MAX_NUMBER_DIGITS:
+        raise ProtocolError(f"payload holds an integer of {len(digits)} digits; at most {JSON_MAX_NUMBER_DIGITS} are allowed")
+    return int(digits)
+
+
+def _finite_float(text: str) -> float:
+    if len(text) > 64:
+        raise ProtocolError(f"payload holds a number written with {len(text)} characters; at most 64 are allowed")
+    value = float(text)
+    if not math.isfinite(value):
+        raise ProtocolError(f"payload holds {text[:32]}, which is out of range for a number")
+    return value
+
+
+def _load(payload: bytes | bytearray | str, what: str) -> Any:
+    data = parse_json(payload, f"{what} payload")
     if not isinstance(data, dict):
         raise ProtocolError(f"{what} payload must be a JSON object")
     return data

@@ -1,12 +1,13 @@
 """The service's HTTP API (FastAPI); the CLI and the demo use it, devices download from it.
 
-Operators authenticate with ``Authorization: Bearer <token>``. A device downloads its
-bundle with the per-deployment, per-device token its DeployCommand carries (as bearer
-or ``?token=``). OpenAPI: ``/openapi.json``, docs at ``/docs``. Errors are JSON
+Operators authenticate with ``Authorization: Bearer <token>`` (never a query string: URLs
+end up in logs). A device downloads its bundle with the per-deployment, per-device token its
+DeployCommand carries, as a bearer token; it is valid while that device's row waits for the
+device, for at most a day, and never after the device is revoked. OpenAPI: ``/openapi.json``, docs at ``/docs``. Errors are JSON
 ``{"error": "...", "hint": "..."}`` with a 4xx/5xx status, one line each.
 
 =======================================  ==============================================
-``GET  /v1/health``                      liveness, replica id, leader or not (no auth)
+``GET  /v1/health``                      liveness of every worker (503 if one died); replica id with auth
 ``GET  /v1/metrics``                     ingestion and download counters of this replica
 ``POST /v1/models``                      body: a ``.lepton`` archive (octet-stream)
 ``GET  /v1/models``                      models, versions and their bundles
@@ -49,7 +50,9 @@ from .rollout import RolloutPolicy, parse_duration, parse_fraction, parse_waves
 __all__ = ["create_app", "MAX_JSON_BYTES"]
 
 MAX_JSON_BYTES = 64 * 1024
-_RANGE_RE = re.compile(r"^bytes=(\d*)-(\d*)$")
+_RANGE_RE = re.compile(r"bytes=(\d*)-(\d*)")
+# More digits than any file's size needs: 416 at once (int() of 5,000 digits raises, and costs).
+_RANGE_MAX_DIGITS = 18
 
 
 class _Body(BaseModel):
@@ -154,23 +157,36 @@ def create_app(service: Any) -> FastAPI:
         loc = ".".join(str(p) for p in first.get("loc", ())) or "body"
         return JSONResponse({"error": f"{loc}: {first.get('msg', 'invalid')}"[:300], "hint": None}, status_code=422)
 
-    def operator(request: Request) -> None:
+    def is_operator(request: Request) -> bool:
         given = request.headers.get("authorization", "")
-        if not (given.startswith("Bearer ") and hmac.compare_digest(given[7:].encode(), service.token.encode())):
+        return given.startswith("Bearer ") and hmac.compare_digest(given[7:].encode(), service.token.encode())
+
+    def operator(request: Request) -> None:
+        if "token" in request.query_params:
+            raise AuthError("the operator token goes in the Authorization header, never in the URL",
+                            hint="send Authorization: Bearer TOKEN (URLs end up in logs and browser history)")
+        if not is_operator(request):
             raise AuthError("missing or wrong bearer token", hint="pass --token or set LEPTON_CLOUD_TOKEN")
 
     auth = [Depends(operator)]
 
     @app.get("/v1/health")
-    def health() -> dict[str, Any]:
-        return {"ok": True, "replica": service.replica_id, "leader": service.is_leader, "broker": service.broker_url}
+    def health(request: Request) -> JSONResponse:
+        workers = service.workers()
+        ok = all(workers.values())
+        body: dict[str, Any] = {"ok": ok, "leader": service.is_leader, "workers": workers}
+        if is_operator(request):
+            # Who is who stays with the operator: a client id or replica name helps an attacker aim.
+            body.update(replica=service.replica_id, broker=service.broker_url)
+        return JSONResponse(body, status_code=200 if ok else 503)
 
     @app.get("/v1/metrics", dependencies=auth)
     def metrics() -> dict[str, Any]:
         with downloads_lock:
             dl = dict(downloads)
         return {"replica": service.replica_id, "leader": service.is_leader, "ingest": dict(service.ingest_stats()),
-                "ingest_backlog": service.ingest_backlog(), "downloads": dl}
+                "ingest_backlog": service.ingest_backlog(), "downloads": dl, "workers": service.workers(),
+                "broker": service.broker_stats()}
 
     @app.post("/v1/models", dependencies=auth, status_code=201, openapi_extra={"requestBody": {
         "required": True, "content": {"application/octet-stream": {"schema": {"type": "string", "format": "binary"}}}}})
@@ -240,21 +256,23 @@ def create_app(service: Any) -> FastAPI:
         return actions[action](dep_id)
 
     @app.get("/v1/bundles/{bundle_id}/download")
-    def download(bundle_id: str, request: Request, token: str | None = None) -> Response:
-        given = token or request.headers.get("authorization", "").removeprefix("Bearer ")
+    def download(bundle_id: str, request: Request) -> Response:
+        if "token" in request.query_params:
+            raise AuthError("a download token goes in the Authorization header, never in the URL",
+                            hint="send Authorization: Bearer TOKEN")
+        given = request.headers.get("authorization", "").removeprefix("Bearer ")
         if not given or len(given) > 512:
             raise AuthError("a download needs its deployment token", hint="the DeployCommand carries it")
-        if not hmac.compare_digest(given.encode(), service.token.encode()):
-            with service.engine.connect() as conn:
-                ok = conn.execute(select(db.deployment_devices.c.id).where(
-                    db.deployment_devices.c.token == given, db.deployment_devices.c.bundle_id == bundle_id)).first()
-            if ok is None:
-                raise AuthError("this token does not grant that bundle")
+        if not hmac.compare_digest(given.encode(), service.token.encode()) and not _token_grants(service, given, bundle_id):
+            raise AuthError("this token does not grant that bundle (or no longer: it expired or its device was revoked)")
         b = service.registry.bundle(bundle_id)
         size = service.store.size(b["artifact_key"])
         start, end, status = 0, size, 200
         headers = {"Accept-Ranges": "bytes", "ETag": f'"{b["sha256"]}"', "Content-Type": "application/octet-stream"}
-        m = _RANGE_RE.match(request.headers.get("range", "").replace(" ", ""))
+        asked = request.headers.get("range", "").replace(" ", "")
+        m = _RANGE_RE.fullmatch(asked)
+        if m and max(len(m.group(1)), len(m.group(2))) > _RANGE_MAX_DIGITS:
+            return Response(status_code=416, headers={"Content-Range": f"bytes */{size}", "Accept-Ranges": "bytes"})
         if m and (m.group(1) or m.group(2)):
             if m.group(1):
                 start = int(m.group(1))
@@ -279,3 +297,20 @@ def create_app(service: Any) -> FastAPI:
         return StreamingResponse(counted(), status_code=status, headers=headers)
 
     return app
+
+
+def _token_grants(service: Any, given: str, bundle_id: str) -> bool:
+    """A device token grants its bundle while its row waits, its deployment runs, its device is enrolled, for a day at most."""
+    import time
+
+    from .rollout import DOWNLOADABLE, TOKEN_MAX_AGE_S, token_hash
+
+    dd, dep, dev = db.deployment_devices, db.deployments, db.devices
+    h = token_hash(given)
+    with service.engine.connect() as conn:
+        row = conn.execute(
+            select(dd.c.id).join(dep, dep.c.id == dd.c.deployment_id).join(dev, dev.c.device_id == dd.c.device_id)
+            .where((dd.c.token == h) | (dd.c.token_prev == h), dd.c.bundle_id == bundle_id, dd.c.status.in_(DOWNLOADABLE),
+                   dep.c.status.in_(("running", "paused")), dev.c.revoked_at.is_(None),
+                   dd.c.token_issued_at > time.time() - TOKEN_MAX_AGE_S)).first()
+    return row is not None

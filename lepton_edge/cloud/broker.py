@@ -51,10 +51,14 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import logging
 
-from .broker_auth import ACL_FILE, PASSWORD_FILE, BrokerError, mosquitto_auth_conf
+import json
+
+from . import broker_auth
+from .broker_auth import ACL_FILE, PASSWORD_FILE, SERVICE_USER, BrokerError, mosquitto_auth_conf, render_password_file
 
 __all__ = ["ManagedMosquitto", "ManagedEmbeddedBroker", "managed_broker", "start_broker", "find_mosquitto",
            "broker_choice", "BROKER_ENV", "BrokerError"]
@@ -99,13 +103,16 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _connack_probe(port: int, timeout: float) -> None:
-    """One anonymous MQTT 3.1.1 CONNECT, waiting for its CONNACK (accepted or not).
+def _connack_probe(port: int, timeout: float, ca_file: Path | None = None) -> None:
+    """One anonymous MQTT 3.1.1 CONNECT, waiting for its CONNACK (accepted or not); over TLS with ``ca_file``.
 
     Mosquitto is single-threaded: a CONNACK sent after a reload started proves it finished.
     """
+    import ssl
+
     connect = bytes([0x10, 12, 0, 4]) + b"MQTT" + bytes([4, 0x02, 0, 10, 0, 0])
-    with socket.create_connection(("127.0.0.1", port), timeout=timeout) as s:
+    with socket.create_connection(("127.0.0.1", port), timeout=timeout) as raw:
+        s = ssl.create_default_context(cafile=str(ca_file)).wrap_socket(raw, server_hostname="127.0.0.1") if ca_file else raw
         s.sendall(connect)
         reply = b""
         while len(reply) < 4:
@@ -125,10 +132,14 @@ class ManagedMosquitto:
     _FILE_STEM = "mosquitto"
 
     def __init__(self, workdir: Path, port: int | None = None, *, auth: bool = True,
-                 binary: str | None = None) -> None:
+                 binary: str | None = None, tls: Any = None, service_port: int | None = None,
+                 max_connections: int = 5000) -> None:
         self.workdir = Path(workdir).resolve()
         self.port = port or _free_port()
         self.auth = auth
+        self.tls = tls  # a tls.TlsFiles: every listener is mqtts; None: plain MQTT (--insecure-plaintext, tests)
+        self.service_port = service_port
+        self.max_connections = max_connections
         self.binary = binary or find_mosquitto()
         self.conf_path = self.workdir / f"{self._FILE_STEM}.conf"
         self.log_path = self.workdir / f"{self._FILE_STEM}.log"
@@ -139,7 +150,27 @@ class ManagedMosquitto:
 
     @property
     def url(self) -> str:
-        return f"mqtt://127.0.0.1:{self.port}"
+        """Where devices connect."""
+        return f"{'mqtts' if self.tls else 'mqtt'}://127.0.0.1:{self.port}"
+
+    @property
+    def service_url(self) -> str:
+        """Where the service's own clients connect (Mosquitto: a listener only the service user may use)."""
+        port = self.service_port if (self.auth and self.service_port) else self.port
+        return f"{'mqtts' if self.tls else 'mqtt'}://127.0.0.1:{port}"
+
+    @property
+    def service_password_file(self) -> Path:
+        return self.workdir / f"{PASSWORD_FILE}.service"
+
+    def set_service_password_hash(self, hashed: str) -> None:
+        """The service listener's password file: the service user and nobody else."""
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        broker_auth._write_atomic(self.service_password_file, render_password_file({SERVICE_USER: hashed}))
+
+    def stats(self) -> dict[str, Any]:
+        """The broker's own counters (drops, refusals), where it reports them; Mosquitto: none."""
+        return {}
 
     @property
     def pid(self) -> int | None:
@@ -153,8 +184,11 @@ class ManagedMosquitto:
             # Started as root, mosquitto would drop to the "mosquitto" user and lose access
             # to our private files; a child broker keeps its parent's rights instead.
             f"user {pwd.getpwuid(os.geteuid()).pw_name}",
-            f"listener {self.port} 127.0.0.1",
             "max_queued_messages 100000",
+            # Per client: a device that never reads its commands cannot eat the broker's memory.
+            "max_queued_bytes 134217728",
+            # lepton/v1 payloads are at most 64 KiB; the broker drops anything far beyond that.
+            "message_size_limit 262144",
             "max_inflight_messages 100",
             f"log_dest file {self.log_path}",
             "log_type error",
@@ -165,17 +199,34 @@ class ManagedMosquitto:
             "log_timestamp true",
         ]
 
+    def _tls_lines(self) -> list[str]:
+        if not self.tls:
+            return []
+        return [f"certfile {self.tls.cert}", f"keyfile {self.tls.key}", f"cafile {self.tls.ca}"]
+
+    def _listener_lines(self) -> list[str]:
+        if not self.auth:
+            return [f"listener {self.port} 127.0.0.1", *self._tls_lines(), "allow_anonymous true"]
+        # Two listeners, each with its own password file (per_listener_settings): devices, whose client id
+        # Mosquitto replaces by their username (no device can take another's session or kick it off), and
+        # one for the service's own clients, which only the service user can log in to.
+        device_auth = ["allow_anonymous false", f"password_file {self.password_file}", f"acl_file {self.acl_file}"]
+        lines = ["per_listener_settings true",
+                 f"listener {self.port} 127.0.0.1", *self._tls_lines(), "use_username_as_clientid true",
+                 f"max_connections {self.max_connections}", *device_auth]
+        if self.service_port:
+            lines += [f"listener {self.service_port} 127.0.0.1", *self._tls_lines(), "allow_anonymous false",
+                      f"password_file {self.service_password_file}", f"acl_file {self.acl_file}"]
+        return lines
+
     def _write_conf(self) -> None:
-        lines = self._conf_lines()
         if self.auth:
-            for path in (self.password_file, self.acl_file):
+            for path in (self.password_file, self.acl_file, self.service_password_file):
                 if not path.exists():
                     # Mosquitto refuses to start on a missing file; empty ones let nobody in.
                     path.touch(mode=0o600)
-            lines.append(mosquitto_auth_conf(self.workdir).rstrip("\n"))
-        else:
-            lines.append("allow_anonymous true")
-        self.conf_path.write_text("\n".join(lines) + "\n")
+        lines = self._conf_lines() + self._listener_lines()
+        broker_auth._write_atomic(self.conf_path, "\n".join(lines) + "\n")
 
     def _command(self) -> list[str]:
         return [self.binary, "-c", str(self.conf_path)]  # type: ignore[list-item]
@@ -221,7 +272,7 @@ class ManagedMosquitto:
                 return False
             if "listen socket on port" in self._log_since(log_offset):
                 try:
-                    _connack_probe(self.port, timeout=2.0)
+                    _connack_probe(self.port, timeout=2.0, ca_file=self._probe_ca)
                     return True
                 except OSError:
                     pass
@@ -260,7 +311,11 @@ class ManagedMosquitto:
             if time.monotonic() > deadline or not self.running():
                 raise BrokerError(f"{self._NAME} did not confirm the reload", hint=f"see {self.log_path}")
             time.sleep(0.02)
-        _connack_probe(self.port, timeout=max(0.1, deadline - time.monotonic()))
+        _connack_probe(self.port, timeout=max(0.1, deadline - time.monotonic()), ca_file=self._probe_ca)
+
+    @property
+    def _probe_ca(self) -> Path | None:
+        return self.tls.ca if self.tls else None
 
     def stop(self) -> None:
         proc, self._proc = self._proc, None
@@ -295,12 +350,16 @@ class ManagedEmbeddedBroker(ManagedMosquitto):
     _NAME = "the embedded broker"
     _FILE_STEM = "embedded-broker"
 
-    def __init__(self, workdir: Path, port: int | None = None, *, auth: bool = True,
-                 max_packet_size: int = 1 << 20, max_connections: int = 5000, connect_timeout_s: float = 10.0) -> None:
-        super().__init__(workdir, port, auth=auth, binary=sys.executable)
+    def __init__(self, workdir: Path, port: int | None = None, *, auth: bool = True, tls: Any = None,
+                 service_port: int | None = None, max_packet_size: int = 1 << 20, max_connections: int = 5000,
+                 connect_timeout_s: float = 10.0) -> None:
+        # One listener for devices and the service alike: the embedded broker ties client ids to
+        # usernames itself (clientid_file), so the service needs no listener of its own.
+        super().__init__(workdir, port, auth=auth, binary=sys.executable, tls=tls, service_port=None,
+                         max_connections=max_connections)
         self.max_packet_size = max_packet_size
-        self.max_connections = max_connections
         self.connect_timeout_s = connect_timeout_s
+        self.stats_path = self.workdir / "stats.json"
 
     def _command(self) -> list[str]:
         return [sys.executable, "-m", "lepton_edge.cloud.embedded_broker", "-c", str(self.conf_path)]
@@ -309,11 +368,34 @@ class ManagedEmbeddedBroker(ManagedMosquitto):
         pass
 
     def _conf_lines(self) -> list[str]:
-        return super()._conf_lines()[1:] + [  # "user" is Mosquitto's privilege drop; a Python child has none
+        # "user" is Mosquitto's privilege drop (a Python child has none); message_size_limit is max_packet_size here.
+        return [line for line in super()._conf_lines()[1:] if not line.startswith("message_size_limit")] + [
             f"max_packet_size {self.max_packet_size}",
             f"max_connections {self.max_connections}",
             f"connect_timeout {self.connect_timeout_s}",
+            f"stats_file {self.stats_path}",
+            "stats_interval 2",
         ]
+
+    def _listener_lines(self) -> list[str]:
+        lines = [f"listener {self.port} 127.0.0.1", *self._tls_lines()]
+        if not self.auth:
+            return lines + ["allow_anonymous true"]
+        conf = getattr(broker_auth, "embedded_auth_conf", None)
+        auth_conf = conf(self.workdir) if conf else mosquitto_auth_conf(self.workdir) + f"clientid_file {self.workdir / 'clientids'}\n"
+        return lines + [f"unlimited_user {SERVICE_USER}", *auth_conf.strip().splitlines()]
+
+    def _write_conf(self) -> None:
+        if self.auth and not (self.workdir / "clientids").exists():
+            (self.workdir / "clientids").touch(mode=0o600)
+        super()._write_conf()
+
+    def stats(self) -> dict[str, Any]:
+        try:
+            data = json.loads(self.stats_path.read_bytes()[: 1 << 20])
+        except (OSError, ValueError):
+            return {}
+        return data if isinstance(data, dict) else {}
 
 
 def broker_choice() -> str:
@@ -325,24 +407,25 @@ def broker_choice() -> str:
     return choice
 
 
-def managed_broker(workdir: Path, port: int | None = None, *, auth: bool = True) -> ManagedMosquitto:
+def managed_broker(workdir: Path, port: int | None = None, *, auth: bool = True, tls: Any = None,
+                   service_port: int | None = None) -> ManagedMosquitto:
     """A not yet started broker: mosquitto when installed, else the embedded one (see the module docstring)."""
     choice = broker_choice()
     binary = find_mosquitto()
     if choice == "mosquitto" or (choice == "auto" and binary):
         log.info("broker: mosquitto (%s), %s", binary or "not installed",
                  f"forced by {BROKER_ENV}=mosquitto" if choice == "mosquitto" else f"found installed; {BROKER_ENV}=embedded picks ours")
-        return ManagedMosquitto(workdir, port, auth=auth, binary=binary)
+        return ManagedMosquitto(workdir, port, auth=auth, binary=binary, tls=tls, service_port=service_port)
     if choice == "embedded":
         log.info("broker: the embedded Python MQTT 5 broker, forced by %s=embedded", BROKER_ENV)
     else:
         log.warning("broker: no mosquitto binary found (PATH, /usr/sbin); using the embedded Python MQTT 5 broker "
                     "(fine for a demo or a small fleet; apt-get install mosquitto for more)")
-    return ManagedEmbeddedBroker(workdir, port, auth=auth)
+    return ManagedEmbeddedBroker(workdir, port, auth=auth, tls=tls)
 
 
-def start_broker(workdir: Path, port: int | None = None, *, auth: bool = True) -> ManagedMosquitto:
+def start_broker(workdir: Path, port: int | None = None, *, auth: bool = True, tls: Any = None) -> ManagedMosquitto:
     """Start and return :func:`managed_broker`'s pick; :class:`BrokerError` when it cannot run."""
-    broker = managed_broker(workdir, port, auth=auth)
+    broker = managed_broker(workdir, port, auth=auth, tls=tls)
     broker.start()
     return broker

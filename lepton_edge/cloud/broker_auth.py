@@ -12,9 +12,16 @@ regenerate two files in the service's auth directory:
     and ``events`` and writes every ``cmd``; a device writes only under its own
     ``lepton/v1/{fleet}/{device_id}/`` prefix and reads only its own ``cmd`` (and
     ``state``), exactly :func:`lepton_edge.protocol.device_acl`.
+``clientids``
+    The embedded broker's ``clientid_file``: the client ids each user may connect with
+    (the service user ``lepton-cloud-*``; a device exactly ``lepton-{fleet}-{device_id}``,
+    the agent's id). Mosquitto cannot read it; there ``use_username_as_clientid`` does the job.
 
-Both are written atomically (temporary file + rename), so a broker reloading at any
-moment sees the old or the new file, never half of one.
+Each is written atomically (temporary file + rename), so a broker reloading at any moment
+sees the old or the new file, never half of one. Every name is checked with ``fullmatch``
+before it becomes a line: a name with a trailing newline would otherwise write a line of its own.
+The hash and its check are stdlib-only and live in :mod:`.embedded_broker.auth`, which the
+broker reads without importing this module (or pydantic).
 
 **Operators running their own Mosquitto** install the same two files: point the broker at
 the service's auth directory (or copy the files) with the lines :func:`mosquitto_auth_conf`
@@ -33,11 +40,7 @@ make them readable by the ``mosquitto`` user (``chown mosquitto: passwd acl``, m
 
 from __future__ import annotations
 
-import base64
-import hashlib
-import hmac
 import os
-import re
 import secrets
 import tempfile
 from collections.abc import Iterable, Mapping
@@ -45,12 +48,15 @@ from pathlib import Path
 
 from ..errors import ProtocolError
 from ..protocol import PROTOCOL, device_acl
+from .embedded_broker.auth import HASH_RE, USER_RE, pbkdf2_hash, verify_password
 from .errors import CloudError
 
 __all__ = [
     "SERVICE_USER",
     "PASSWORD_FILE",
     "ACL_FILE",
+    "CLIENTID_FILE",
+    "SERVICE_CLIENT_PREFIX",
     "BrokerError",
     "BrokerAuthError",
     "new_password",
@@ -58,21 +64,27 @@ __all__ = [
     "verify_password",
     "render_password_file",
     "render_acl_file",
+    "render_clientid_file",
+    "device_client_id",
     "write_auth_files",
     "mosquitto_auth_conf",
+    "embedded_auth_conf",
 ]
 
 SERVICE_USER = "lepton-cloud"
 PASSWORD_FILE = "passwd"
 ACL_FILE = "acl"
+CLIENTID_FILE = "clientids"
+SERVICE_CLIENT_PREFIX = f"{SERVICE_USER}-"
 
 # Mosquitto 2.x defaults for $7$ hashes (src/password_mosq.c): 101 rounds, 12-byte salt.
 _ITERATIONS = 101
 _SALT_BYTES = 12
 _HASH_BYTES = 64
-# A username becomes a line of two config files: no separators, whitespace or wildcards.
-_USER_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
-_HASH_RE = re.compile(r"^\$7\$[0-9]{1,7}\$[A-Za-z0-9+/=]{4,88}\$[A-Za-z0-9+/=]{4,128}$")
+# A username (and a fleet or device id) becomes part of a line of three files: no separators,
+# whitespace or wildcards, checked with fullmatch (USER_RE has no anchors).
+_USER_RE = USER_RE
+_HASH_RE = HASH_RE
 
 
 class BrokerError(CloudError):
@@ -95,25 +107,11 @@ def hash_password(password: str, *, iterations: int = _ITERATIONS, salt: bytes |
     if "\n" in password or "\0" in password:
         raise BrokerAuthError("a broker password cannot contain a newline or NUL byte")
     salt = secrets.token_bytes(_SALT_BYTES) if salt is None else salt
-    digest = hashlib.pbkdf2_hmac("sha512", password.encode(), salt, iterations, _HASH_BYTES)
-    return f"$7${iterations}${base64.b64encode(salt).decode()}${base64.b64encode(digest).decode()}"
-
-
-def verify_password(password: str, hashed: str) -> bool:
-    """True when ``password`` matches a ``$7$`` hash (ours or ``mosquitto_passwd``'s)."""
-    if not isinstance(hashed, str) or not _HASH_RE.match(hashed):
-        return False
-    _, _, rounds, salt_b64, digest_b64 = hashed.split("$")
-    try:
-        salt, digest = base64.b64decode(salt_b64, validate=True), base64.b64decode(digest_b64, validate=True)
-    except ValueError:
-        return False
-    candidate = hashlib.pbkdf2_hmac("sha512", password.encode(), salt, int(rounds), len(digest))
-    return hmac.compare_digest(candidate, digest)
+    return pbkdf2_hash(password, salt, iterations, _HASH_BYTES)
 
 
 def _check_user(username: str) -> str:
-    if not isinstance(username, str) or not _USER_RE.match(username):
+    if not isinstance(username, str) or not _USER_RE.fullmatch(username):
         raise BrokerAuthError(
             f"broker username {str(username)[:80]!r} must be 1-64 of A-Z a-z 0-9 . _ - starting with a letter or digit"
         )
@@ -125,11 +123,18 @@ def render_password_file(users: Mapping[str, str]) -> str:
     lines = []
     for username in sorted(users):
         hashed = users[username]
-        if not isinstance(hashed, str) or not _HASH_RE.match(hashed):
+        if not isinstance(hashed, str) or not _HASH_RE.fullmatch(hashed):
             raise BrokerAuthError(f"password hash for {username!r} is not a Mosquitto $7$ hash",
                                   hint="store hash_password(password), never the password itself")
         lines.append(f"{_check_user(username)}:{hashed}\n")
     return "".join(lines)
+
+
+def _check_name(kind: str, value: object) -> str:
+    if not isinstance(value, str) or not _USER_RE.fullmatch(value):
+        raise BrokerAuthError(f"cannot write an ACL for {kind} {str(value)[:80]!r}: "
+                              "it must be 1-64 of A-Z a-z 0-9 . _ - starting with a letter or digit")
+    return value
 
 
 def _acl_entry(entry: object) -> tuple[str, str, str]:
@@ -137,7 +142,21 @@ def _acl_entry(entry: object) -> tuple[str, str, str]:
         fleet, device_id, username = entry  # type: ignore[misc]
     except (TypeError, ValueError):
         raise BrokerAuthError(f"an ACL entry must be (fleet, device_id, username), not {str(entry)[:80]}") from None
-    return fleet, device_id, _check_user(username)
+    return _check_name("fleet", fleet), _check_name("device id", device_id), _check_user(username)
+
+
+def device_client_id(fleet: str, device_id: str) -> str:
+    """The one client id a device may use: the agent's ``lepton-{fleet}-{device_id}``."""
+    return f"lepton-{_check_name('fleet', fleet)}-{_check_name('device id', device_id)}"
+
+
+def render_clientid_file(devices: Iterable[tuple[str, str, str]], service_user: str = SERVICE_USER) -> str:
+    """The embedded broker's ``clientid_file``: the service's id prefix, then each device's one id."""
+    lines = ["# Generated by lepton-edge: the client ids each broker user may connect with.",
+             f"{_check_user(service_user)} {service_user}-*"]
+    for fleet, device_id, username in sorted(map(_acl_entry, devices), key=lambda d: (d[2], d[0], d[1])):
+        lines.append(f"{username} {device_client_id(fleet, device_id)}")
+    return "\n".join(lines) + "\n"
 
 
 def render_acl_file(devices: Iterable[tuple[str, str, str]], service_user: str = SERVICE_USER) -> str:
@@ -184,19 +203,22 @@ def write_auth_files(
     devices: Iterable[tuple[str, str, str]],
     service_user: str = SERVICE_USER,
 ) -> tuple[Path, Path]:
-    """Atomically (re)write ``directory/passwd`` and ``directory/acl``; returns their paths.
+    """Atomically (re)write ``directory/passwd``, ``directory/acl`` and ``directory/clientids``.
 
     ``users`` maps every username that may log in (the service's included) to its
-    ``$7$`` hash; ``devices`` lists ``(fleet, device_id, username)``. Both are rendered
-    before either file is touched, so bad input leaves the old files in place.
+    ``$7$`` hash; ``devices`` lists ``(fleet, device_id, username)``. All three are rendered
+    before any file is touched, so bad input leaves the old files in place. Returns the
+    passwd and acl paths (the client id file sits beside them as :data:`CLIENTID_FILE`).
     """
     devices = list(devices)
     passwd_text = render_password_file(users)
     acl_text = render_acl_file(devices, service_user)
+    clientid_text = render_clientid_file(devices, service_user)
     directory = Path(directory)
     try:
         directory.mkdir(parents=True, exist_ok=True)
         passwd, acl = directory / PASSWORD_FILE, directory / ACL_FILE
+        _write_atomic(directory / CLIENTID_FILE, clientid_text)
         _write_atomic(passwd, passwd_text)
         _write_atomic(acl, acl_text)
     except OSError as e:
@@ -214,3 +236,8 @@ def mosquitto_auth_conf(directory: Path) -> str:
         f"password_file {directory / PASSWORD_FILE}\n"
         f"acl_file {directory / ACL_FILE}\n"
     )
+
+
+def embedded_auth_conf(directory: Path) -> str:
+    """:func:`mosquitto_auth_conf` plus the embedded broker's ``clientid_file`` line."""
+    return mosquitto_auth_conf(directory) + f"clientid_file {Path(directory).resolve() / CLIENTID_FILE}\n"

@@ -1,8 +1,9 @@
 """CLI: ``cloud serve``, ``devices``, ``models``, ``deploy`` (all but ``serve`` talk to the HTTP API).
 
 Every client command takes ``--server`` (``LEPTON_CLOUD_URL``, default
-http://127.0.0.1:8800) and ``--token`` (``LEPTON_CLOUD_TOKEN``, else the token file a
-local ``cloud serve`` wrote in ``lepton-cloud/token``).
+https://127.0.0.1:8800), ``--token`` (``LEPTON_CLOUD_TOKEN``, else the token file a
+local ``cloud serve`` wrote in ``lepton-cloud/token``) and ``--ca`` (``LEPTON_CLOUD_CA``,
+else ``lepton-cloud/tls/ca.pem`` when present).
 """
 
 from __future__ import annotations
@@ -28,13 +29,16 @@ _FINAL = ("completed", "rolled_back")
 
 
 def _client_options(f: Any) -> Any:
+    f = click.option("--ca", envvar="LEPTON_CLOUD_CA", default=None, type=click.Path(dir_okay=False),
+                     help="CA file the service's certificate is checked against (LEPTON_CLOUD_CA; default "
+                          "lepton-cloud/tls/ca.pem when present, else the system CAs).")(f)
     f = click.option("--token", envvar="LEPTON_CLOUD_TOKEN", default=None, help="Operator token (LEPTON_CLOUD_TOKEN).")(f)
     return click.option("--server", envvar="LEPTON_CLOUD_URL", default=DEFAULT_URL, show_default=True,
                         help="The service's URL (LEPTON_CLOUD_URL).")(f)
 
 
-def _client(server: str, token: str | None) -> CloudClient:
-    return CloudClient(server, token or default_token())
+def _client(server: str, token: str | None, ca: str | None = None) -> CloudClient:
+    return CloudClient(server, token or default_token(), ca=ca)
 
 
 def _ago(ts: float | None) -> str:
@@ -128,16 +132,28 @@ def cloud() -> None:
 @click.option("--public-url", default=None, help="The URL devices download bundles from (default: this server's).")
 @click.option("--public-broker-url", default=None, help="The broker URL written into agent configs.")
 @click.option("--replica-id", default=None, help="Stable name of this replica (default: host-pid-random).")
-@click.option("--shared-group", default="lepton-cloud", show_default=True,
-              help="MQTT shared-subscription group; replicas of one service share it.")
+@click.option("--shared-group", default=None,
+              help="MQTT shared-subscription group; replicas of one service share it. Default: a per-installation "
+                   "secret kept in the database (a device that knows the group could take a share of the fleet's traffic).")
+@click.option("--tls-cert", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="Server certificate (PEM) for the API and the broker; with --tls-key and --tls-ca. "
+                   "Default: a private CA and certificate made in STATE_DIR/tls/ on first start.")
+@click.option("--tls-key", type=click.Path(dir_okay=False, path_type=Path), default=None, help="The server certificate's key.")
+@click.option("--tls-ca", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="The CA that signed --tls-cert (written into agent configs).")
+@click.option("--tls-host", "tls_hosts", multiple=True, help="Another name or address the generated certificate covers (repeatable).")
+@click.option("--client-certs", is_flag=True, help="Also issue each enrolled device a client certificate from the private CA.")
+@click.option("--insecure-plaintext", is_flag=True,
+              help="Plain HTTP and plain MQTT, no TLS (development only: passwords and tokens travel in clear).")
 @click.option("--tick", "tick_s", default="1s", show_default=True, help="How often the leader steps rollouts.")
 @click.option("--lease-ttl", default="10s", show_default=True, help="How long a dead leader holds the lease.")
 @click.option("--resend", default="30s", show_default=True, help="Re-send unanswered commands after this long.")
 @click.option("--baseline-window", default="10m", show_default=True, help="Telemetry before a deployment that forms its baseline.")
 def serve(db: str, broker: str | None, broker_username: str, broker_password: str | None, auth_dir: Path | None, host: str,
           port: int, artifacts: str, token: str | None, trusted_keys: tuple[Path, ...], allow_unsigned: bool, state_dir: Path,
-          public_url: str | None, public_broker_url: str | None, replica_id: str | None, shared_group: str, tick_s: str, lease_ttl: str,
-          resend: str, baseline_window: str) -> None:
+          public_url: str | None, public_broker_url: str | None, replica_id: str | None, shared_group: str | None,
+          tls_cert: Path | None, tls_key: Path | None, tls_ca: Path | None, tls_hosts: tuple[str, ...], client_certs: bool,
+          insecure_plaintext: bool, tick_s: str, lease_ttl: str, resend: str, baseline_window: str) -> None:
     """Run the service: HTTP API, MQTT ingestion, rollout engine. Prints `ready {json}` once up."""
     import logging
 
@@ -145,7 +161,10 @@ def serve(db: str, broker: str | None, broker_username: str, broker_password: st
     from .service import CloudService, ServiceConfig
 
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    # Everything this process writes (database, token, broker passwords, keys) is the owner's alone.
+    os.umask(0o077)
     state_dir.mkdir(parents=True, exist_ok=True)
+    os.chmod(state_dir, 0o700)
     token_file = state_dir / "token"
     generated = token is None
     token = token or default_token(state_dir) or None
@@ -154,7 +173,8 @@ def serve(db: str, broker: str | None, broker_username: str, broker_password: st
                         allow_unsigned=allow_unsigned, host=host, port=port, public_url=public_url,
                         public_broker_url=public_broker_url, state_dir=state_dir, auth_dir=auth_dir,
                         broker_username=broker_username, broker_password=broker_password, replica_id=replica_id,
-                        shared_group=shared_group,
+                        shared_group=shared_group, insecure_plaintext=insecure_plaintext, tls_cert=tls_cert,
+                        tls_key=tls_key, tls_ca=tls_ca, tls_hosts=list(tls_hosts), client_certs=client_certs,
                         tick_s=parse_duration(tick_s), lease_ttl_s=parse_duration(lease_ttl), resend_s=parse_duration(resend),
                         baseline_window_s=parse_duration(baseline_window))
     svc = CloudService(cfg).start()
@@ -168,11 +188,14 @@ def serve(db: str, broker: str | None, broker_username: str, broker_password: st
     signal.signal(signal.SIGINT, lambda *_: stop.set())
     # Never the token itself: stdout ends up in journald. Whoever needs it reads the 0600 file.
     ready = {"url": svc.url, "token_file": str(token_file.resolve()) if generated else None, "replica": svc.replica_id,
-             "broker": svc.broker_url, "pid": os.getpid()}
+             "broker": svc.broker_url, "pid": os.getpid(), "ca": str(svc.tls.ca) if svc.tls else None}
     click.echo("ready " + json.dumps(ready), nl=True)
     info(f"lepton-edge cloud: API {svc.url} (docs {svc.url}/docs), broker {svc.broker_url}, replica {svc.replica_id}"
          + (f", operator token in {token_file} (mode 0600)" if generated else ""))
     _warn_broker_auth(broker, auth_dir)
+    if insecure_plaintext:
+        warn("--insecure-plaintext: the API and the broker speak without TLS; device passwords and download tokens "
+             "travel in clear. Development only.")
     try:
         while not stop.wait(0.5):
             pass
@@ -207,14 +230,17 @@ def devices() -> None:
               help="Agent config to write (default DEVICE_ID.agent.yaml).")
 @click.option("--state-dir", "device_state_dir", default=None, help="state_dir written into the agent config.")
 @click.option("--telemetry-interval", default=10.0, show_default=True, type=click.FloatRange(min=0.01))
+@click.option("--insecure-plaintext", is_flag=True, help="Allow enrolling over plain HTTP (the password travels in clear).")
 @_client_options
 def devices_enroll(device_id: str, profile: str, tags: tuple[str, ...], fleet: str, out_path: Path | None,
-                   device_state_dir: str | None, telemetry_interval: float, server: str, token: str | None) -> None:
+                   device_state_dir: str | None, telemetry_interval: float, insecure_plaintext: bool, server: str,
+                   token: str | None, ca: str | None = None) -> None:
     """Create a device's credentials and write its agent config (holds its password: mode 0600)."""
     from .fleet import parse_tags
 
-    with _client(server, token) as c:
-        res = c.enroll(device_id, profile, fleet=fleet, tags=parse_tags(tags), telemetry_interval_s=telemetry_interval)
+    with _client(server, token, ca) as c:
+        res = c.enroll(device_id, profile, fleet=fleet, tags=parse_tags(tags), telemetry_interval_s=telemetry_interval,
+                       allow_plaintext=insecure_plaintext)
     path = write_agent_config(res, out_path or Path(f"{device_id}.agent.yaml"), device_state_dir)
     d = res["device"]
     print_table(f"enrolled {device_id}", ["device", "fleet", "profile", "tags", "agent config"],
@@ -233,6 +259,20 @@ def write_agent_config(enrolment: dict[str, Any], path: Path, state_dir: str | N
         key_path.write_text(pem)
         keys.append(key_path.name)  # relative: the agent resolves it against the config's directory
     config["trusted_keys"] = keys
+    tls: dict[str, str] = {}
+    if enrolment.get("ca_pem"):
+        ca_path = path.with_name(f"{path.stem}.ca.pem")
+        ca_path.write_text(enrolment["ca_pem"])
+        tls["ca_file"] = ca_path.name
+    if enrolment.get("client_cert_pem") and enrolment.get("client_key_pem"):
+        from .tls import write_private
+
+        cert_path, key_path = path.with_name(f"{path.stem}.cert.pem"), path.with_name(f"{path.stem}.key.pem")
+        cert_path.write_text(enrolment["client_cert_pem"])
+        write_private(key_path, enrolment["client_key_pem"].encode())
+        tls.update(cert_file=cert_path.name, key_file=key_path.name)
+    if tls:
+        config["tls"] = tls
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     with os.fdopen(fd, "w") as f:
         yaml.safe_dump(config, f, sort_keys=False)
@@ -270,9 +310,9 @@ _DEVICE_COLUMNS = ["device", "fleet", "profile", "status", "active model", "p95 
               help="Show an online device as stale after this long without a message "
                    "(default: 3 of its telemetry intervals).")
 @_client_options
-def devices_list(include_revoked: bool, watch: float | None, stale_after: float | None, server: str, token: str | None) -> None:
+def devices_list(include_revoked: bool, watch: float | None, stale_after: float | None, server: str, token: str | None, ca: str | None = None) -> None:
     """Live table of the fleet: online/stale/offline, active model, p95, error rate, last seen."""
-    with _client(server, token) as c:
+    with _client(server, token, ca) as c:
         if watch is None:
             items = c.devices(include_revoked)
             print_table(_plural(len(items), "device"), _DEVICE_COLUMNS, _device_rows(items, stale_after))
@@ -290,9 +330,9 @@ def devices_list(include_revoked: bool, watch: float | None, stale_after: float 
 @devices.command("show")
 @click.argument("device_id")
 @_client_options
-def devices_show(device_id: str, server: str, token: str | None) -> None:
+def devices_show(device_id: str, server: str, token: str | None, ca: str | None = None) -> None:
     """One device in detail."""
-    with _client(server, token) as c:
+    with _client(server, token, ca) as c:
         d = c.device(device_id)
     times = ("enrolled_at", "status_ts", "last_seen")
     rows = [("status", _status(d))]
@@ -307,9 +347,9 @@ def devices_show(device_id: str, server: str, token: str | None) -> None:
 @devices.command("revoke")
 @click.argument("device_id")
 @_client_options
-def devices_revoke(device_id: str, server: str, token: str | None) -> None:
+def devices_revoke(device_id: str, server: str, token: str | None, ca: str | None = None) -> None:
     """Cut a device off: its credentials stop working at the broker."""
-    with _client(server, token) as c:
+    with _client(server, token, ca) as c:
         res = c.revoke(device_id)
     auth = res.get("broker_auth") or {}
     if auth.get("mode") == "managed":
@@ -332,7 +372,7 @@ def models() -> None:
 @models.command("push")
 @click.argument("bundles", nargs=-1, required=True, type=click.Path(exists=True, path_type=Path))
 @_client_options
-def models_push(bundles: tuple[Path, ...], server: str, token: str | None) -> None:
+def models_push(bundles: tuple[Path, ...], server: str, token: str | None, ca: str | None = None) -> None:
     """Push bundles (.lepton archives or bundle directories); the service verifies each before storing it."""
     from ..bundle import pack_bundle
 
@@ -341,7 +381,7 @@ def models_push(bundles: tuple[Path, ...], server: str, token: str | None) -> No
 
     rows = []
     refused: list[tuple[Path, LeptonEdgeError]] = []
-    with _client(server, token) as c:
+    with _client(server, token, ca) as c:
         for b in bundles:
             try:
                 with tempfile.TemporaryDirectory(prefix="lepton-pack-") as tmp:
@@ -366,9 +406,9 @@ def models_push(bundles: tuple[Path, ...], server: str, token: str | None) -> No
 
 @models.command("list")
 @_client_options
-def models_list(server: str, token: str | None) -> None:
+def models_list(server: str, token: str | None, ca: str | None = None) -> None:
     """Every model version and its bundles."""
-    with _client(server, token) as c:
+    with _client(server, token, ca) as c:
         items = c.models()
     rows = [(m["name"], m["version"], b["profile"], b["precision"], b["runtime"], b["size"], b["sha256"][:12], b["signed_by"] or "-")
             for m in items for b in m["bundles"]]
@@ -398,14 +438,14 @@ def deploy() -> None:
 @_client_options
 def deploy_create(target: str, selectors: tuple[str, ...], waves: str, soak: str, max_error_rate: str, max_p95_regression: str,
                   min_healthy: str, p95_floor: str, timeout: str, on_failure: str, on_no_data: str, wait: bool, server: str,
-                  token: str | None) -> None:
+                  token: str | None, ca: str | None = None) -> None:
     """Roll MODEL@VERSION out in waves."""
     from .errors import InvalidRequestError
 
     model, sep, version = target.partition("@")
     if not sep or not model or not version:
         raise InvalidRequestError(f"{target!r} must look like MODEL@VERSION", hint="e.g. digits@2")
-    with _client(server, token) as c:
+    with _client(server, token, ca) as c:
         d = c.deploy(model, version, list(selectors), waves=waves, soak=soak, timeout=timeout, max_error_rate=max_error_rate,
                      max_p95_regression=max_p95_regression, min_healthy=min_healthy, on_failure=on_failure, p95_floor=p95_floor,
                      on_no_data=on_no_data)
@@ -479,9 +519,9 @@ def _print_status(d: dict[str, Any], devices_too: bool) -> None:
 @click.argument("dep_id")
 @click.option("--watch", is_flag=True, help="Follow until the rollout ends.")
 @_client_options
-def deploy_status(dep_id: str, watch: bool, server: str, token: str | None) -> None:
+def deploy_status(dep_id: str, watch: bool, server: str, token: str | None, ca: str | None = None) -> None:
     """Per-wave and per-device status of one deployment."""
-    with _client(server, token) as c:
+    with _client(server, token, ca) as c:
         if watch:
             _follow(c, dep_id)
         else:
@@ -490,9 +530,9 @@ def deploy_status(dep_id: str, watch: bool, server: str, token: str | None) -> N
 
 @deploy.command("list")
 @_client_options
-def deploy_list(server: str, token: str | None) -> None:
+def deploy_list(server: str, token: str | None, ca: str | None = None) -> None:
     """Recent deployments."""
-    with _client(server, token) as c:
+    with _client(server, token, ca) as c:
         items = c.deployments()
     rows = [(d["id"][:12], f"{d['model']}@{d['version']}", d["status"], d["current_wave"] + 1, " ".join(d["selectors"]),
              ", ".join(f"{k} {v}" for k, v in sorted(d["counts"].items())), _ago(d["created_at"]), d["reason"]) for d in items]
@@ -503,8 +543,8 @@ def _steer_command(action: str, doc: str) -> None:
     @deploy.command(action, help=doc)
     @click.argument("dep_id")
     @_client_options
-    def _cmd(dep_id: str, server: str, token: str | None) -> None:
-        with _client(server, token) as c:
+    def _cmd(dep_id: str, server: str, token: str | None, ca: str | None = None) -> None:
+        with _client(server, token, ca) as c:
             d = c.steer(dep_id, action)
         out.print(f"deployment {d['id'][:12]}: {d['status']}")
 

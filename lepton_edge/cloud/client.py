@@ -13,9 +13,10 @@ import httpx
 
 from .errors import AuthError, CloudError, ServerUnreachableError
 
-__all__ = ["CloudClient", "DEFAULT_URL", "default_token"]
+__all__ = ["CloudClient", "DEFAULT_URL", "default_token", "default_ca", "CA_ENV"]
 
-DEFAULT_URL = "http://127.0.0.1:8800"
+DEFAULT_URL = "https://127.0.0.1:8800"
+CA_ENV = "LEPTON_CLOUD_CA"
 _MAX_RESPONSE = 32 << 20
 
 
@@ -30,10 +31,35 @@ def default_token(state_dir: Path = Path("lepton-cloud")) -> str | None:
         return None
 
 
+def default_ca(state_dir: Path = Path("lepton-cloud")) -> str | None:
+    """``LEPTON_CLOUD_CA``, else the CA a local ``cloud serve`` made in ``lepton-cloud/tls/ca.pem``, else None (system CAs)."""
+    if os.environ.get(CA_ENV):
+        return os.environ[CA_ENV]
+    ca = state_dir / "tls" / "ca.pem"
+    return str(ca) if ca.is_file() else None
+
+
+def _is_loopback(url: str) -> bool:
+    """Plain HTTP to this host never crosses a wire (development servers started with --insecure-plaintext)."""
+    from urllib.parse import urlsplit
+
+    return (urlsplit(url).hostname or "") in ("127.0.0.1", "localhost", "::1")
+
+
 class CloudClient:
-    def __init__(self, url: str = DEFAULT_URL, token: str | None = None, *, timeout: float = 30.0) -> None:
+    """The API over HTTPS, verifying the server against ``ca`` (a CA file; default :func:`default_ca`)."""
+
+    def __init__(self, url: str = DEFAULT_URL, token: str | None = None, *, timeout: float = 30.0,
+                 ca: str | Path | None = None) -> None:
+        import ssl
+
         self.url = url.rstrip("/")
-        self._http = httpx.Client(base_url=self.url, timeout=timeout,
+        ca = ca or default_ca()
+        try:
+            verify: Any = ssl.create_default_context(cafile=str(ca)) if ca else True
+        except (OSError, ssl.SSLError) as e:
+            raise CloudError(f"cannot read the CA file {ca}: {e}", hint=f"pass --ca or {CA_ENV} with the service's ca.pem") from None
+        self._http = httpx.Client(base_url=self.url, timeout=timeout, verify=verify,
                                   headers={"Authorization": f"Bearer {token}"} if token else {})
 
     def close(self) -> None:
@@ -50,6 +76,12 @@ class CloudClient:
             r = self._http.request(method, path, **kw)
         except httpx.TimeoutException:
             raise ServerUnreachableError(f"{self.url} did not answer in time") from None
+        except httpx.ConnectError as e:
+            if "CERTIFICATE_VERIFY_FAILED" in str(e):
+                raise ServerUnreachableError(f"{self.url} presented a certificate this client does not trust: {e}",
+                                             hint=f"pass --ca (or {CA_ENV}) with the service's STATE_DIR/tls/ca.pem") from None
+            raise ServerUnreachableError(f"cannot reach the cloud service at {self.url}: {e}",
+                                         hint="start it with `lepton-edge cloud serve`, or pass --server / LEPTON_CLOUD_URL") from None
         except httpx.TransportError as e:
             raise ServerUnreachableError(f"cannot reach the cloud service at {self.url}: {e}",
                                          hint="start it with `lepton-edge cloud serve`, or pass --server / LEPTON_CLOUD_URL") from None
@@ -81,7 +113,11 @@ class CloudClient:
         return self.request("GET", "/v1/models")
 
     def enroll(self, device_id: str, profile: str, *, fleet: str = "default", tags: dict[str, str] | None = None,
-               telemetry_interval_s: float = 10.0) -> dict[str, Any]:
+               telemetry_interval_s: float = 10.0, allow_plaintext: bool = False) -> dict[str, Any]:
+        """Enrol a device; its answer holds the device's password, so it is refused over plain HTTP unless allowed."""
+        if not self.url.startswith("https://") and not allow_plaintext and not _is_loopback(self.url):
+            raise CloudError(f"refusing to enrol over plain HTTP ({self.url}): the answer carries the device's password",
+                             hint="use the service's https:// URL (pass --insecure-plaintext only for a development server)")
         return self.request("POST", "/v1/devices", json={"device_id": device_id, "profile": profile, "fleet": fleet,
                                                          "tags": tags or {}, "telemetry_interval_s": telemetry_interval_s})
 

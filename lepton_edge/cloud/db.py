@@ -175,7 +175,9 @@ deployment_devices = Table(
     Column("status", String(24), nullable=False),
     Column("bundle_id", String(32)),
     Column("cmd_id", String(64)),
-    Column("token", String(64)),
+    Column("token", String(64)),  # sha256 hex of the download token, never the token
+    Column("token_prev", String(64)),  # the hash before the last re-send (a resuming download may still use it)
+    Column("token_issued_at", Float),
     Column("previous_version", String(64)),
     Column("sent_at", Float),
     Column("activated_at", Float),
@@ -186,6 +188,7 @@ deployment_devices = Table(
     Column("detail", Text, nullable=False, default=""),
     UniqueConstraint("deployment_id", "device_id", name="uq_deployment_devices"),
     Index("ix_deployment_devices_token", "token"),
+    Index("ix_deployment_devices_token_prev", "token_prev"),
 )
 
 leases = Table(

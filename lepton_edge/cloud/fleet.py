@@ -80,13 +80,15 @@ class Fleet:
 
     def __init__(self, engine: Engine, *, auth_dir: Path | None = None, service_password_hash: str | None = None,
                  on_auth_change: Callable[[], None] | None = None, public_broker_url: str = "mqtt://127.0.0.1:1883",
-                 trusted_keys_pem: list[str] | None = None) -> None:
+                 trusted_keys_pem: list[str] | None = None, ca_pem: str | None = None, tls_files: Any = None) -> None:
         self._engine = engine
         self._auth_dir = auth_dir
         self._service_hash = service_password_hash
         self._on_auth_change = on_auth_change
         self._public_broker_url = public_broker_url
         self._trusted_keys_pem = trusted_keys_pem or []
+        self._ca_pem = ca_pem  # the CA agents verify the broker and the API with
+        self._tls_files = tls_files  # set: each device also gets a client certificate (CN = device id)
         self._auth_lock = threading.Lock()
         self._profiles: ProfileRegistry | None = None
 
@@ -105,8 +107,9 @@ class Fleet:
             topic(fleet, device_id, "state")
         except ProtocolError as e:
             raise InvalidRequestError(e.message) from None
-        if device_id == broker_auth.SERVICE_USER:
-            raise InvalidRequestError(f"{device_id!r} is the service's own broker user")
+        if device_id.startswith(broker_auth.SERVICE_USER):
+            # The service's broker user, and the prefix of its clients' ids.
+            raise InvalidRequestError(f"device ids starting with {broker_auth.SERVICE_USER!r} are the service's own")
         profile_id = self._check_profile(profile)
         checked_tags = parse_tags(tags or {})
         password = broker_auth.new_password()
@@ -132,7 +135,15 @@ class Fleet:
             "api": {"host": "127.0.0.1", "port": 8700}, "trusted_keys": [], "models": [],
             "telemetry_interval_s": telemetry_interval_s,
         }
-        return {"device": self.get(device_id), "agent_config": config, "trusted_keys_pem": self._trusted_keys_pem}
+        result: dict[str, Any] = {"device": self.get(device_id), "agent_config": config, "trusted_keys_pem": self._trusted_keys_pem}
+        if self._ca_pem:
+            # The writer of the agent config puts it in a file and names it as tls.ca_file.
+            result["ca_pem"] = self._ca_pem
+        if self._tls_files is not None:
+            from .tls import issue_client_cert
+
+            result["client_cert_pem"], result["client_key_pem"] = issue_client_cert(self._tls_files, device_id)
+        return result
 
     def revoke(self, device_id: str) -> dict[str, Any]:
         with self._engine.begin() as conn:

@@ -62,7 +62,16 @@ class Registry:
             except BundleError as e:
                 message = e.message.replace(str(archive), shown_as).replace(archive.name, shown_as)
                 raise InvalidRequestError(f"bundle refused: {message}", hint=e.hint) from None
+            except (ValueError, OverflowError, RecursionError) as e:
+                # e.g. "atol": 1e999 (inf) in the manifest: a hostile upload gets one line, never a 500.
+                raise InvalidRequestError(f"bundle refused: its manifest holds a value out of range ({str(e)[:120]})",
+                                          hint="numbers in manifest.json must be finite") from None
         m = bundle.manifest
+        try:
+            json.dumps(m.model_dump(mode="json"), allow_nan=False)
+        except ValueError:
+            raise InvalidRequestError("bundle refused: its manifest holds a number that is not finite (1e999, NaN)",
+                                      hint="numbers in manifest.json must be finite") from None
         digest = sha256_file(archive)
         key = f"{digest}.lepton"
         try:

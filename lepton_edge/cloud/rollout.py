@@ -58,7 +58,8 @@ from .errors import ConflictError, InvalidRequestError, NotFoundError
 from .fleet import device_view
 from .registry import Registry
 
-__all__ = ["Rollouts", "RolloutPolicy", "parse_waves", "parse_duration", "parse_fraction", "ACTIVE_STATES"]
+__all__ = ["Rollouts", "RolloutPolicy", "parse_waves", "parse_duration", "parse_fraction", "ACTIVE_STATES",
+           "token_hash", "TOKEN_MAX_AGE_S", "DOWNLOADABLE"]
 
 log = logging.getLogger("lepton_edge.cloud.rollout")
 
@@ -67,6 +68,15 @@ ACTIVE_STATES = ("running", "paused", "rolling_back")
 # re-sent command with the same id resumes it, and the timeout still bounds it.
 _WAITING = ("sent", "in_progress", "retrying")
 _MAX_TARGETS = 100_000
+# A download token dies with its deployment row leaving these states, with its device's
+# revocation, and at the latest this long after it was issued.
+DOWNLOADABLE = _WAITING
+TOKEN_MAX_AGE_S = 24 * 3600.0
+
+
+def token_hash(token: str) -> str:
+    """What the database keeps of a download token (a stolen database grants no download)."""
+    return hashlib.sha256(token.encode()).hexdigest()
 Publisher = Callable[[str, str, Any], None]
 
 
@@ -357,12 +367,14 @@ class Rollouts:
         events: dict[str, list[Any]] = {}
         for i in range(0, len(cmd_ids), 500):
             for e in conn.execute(select(db.events).where(db.events.c.cmd_id.in_(cmd_ids[i:i + 500])).order_by(db.events.c.ts, db.events.c.id)):
-                events.setdefault(e.cmd_id, []).append(e)
+                # Keyed by device too: an event counts only from the device its command went to,
+                # so a device replaying another's cmd_id cannot fail (or pass) that device's row.
+                events.setdefault((e.cmd_id, e.device_id), []).append(e)
         for r in rows:
             active = db.loads(dev.get(r["device_id"], {}).get("active"), {}).get(model)
             before = (r["status"], r["last_event"], r["detail"])
             if r["status"] in _WAITING:
-                for e in events.get(r["cmd_id"], []):
+                for e in events.get((r["cmd_id"], r["device_id"]), []):
                     r["last_event"] = e.type
                     if e.type == "activated":
                         r.update(status="activated", activated_at=e.received_at, detail=e.detail[:500])
@@ -379,7 +391,7 @@ class Rollouts:
                 if r["status"] in _WAITING and r["sent_at"] is not None and now - r["sent_at"] > d["timeout_s"]:
                     r.update(status="timed_out", detail=f"no confirmation within {d['timeout_s']:g}s (last event: {r['last_event'] or 'none'})")
             elif r["status"] == "rollback_sent":
-                for e in events.get(r["rollback_cmd_id"], []):
+                for e in events.get((r["rollback_cmd_id"], r["device_id"]), []):
                     r["last_event"] = e.type
                     if e.type == "rolled_back":
                         r.update(status="rolled_back", detail=e.detail[:500])
@@ -399,8 +411,8 @@ class Rollouts:
     @staticmethod
     def _save_row(conn: Connection, r: dict[str, Any]) -> None:
         conn.execute(update(db.deployment_devices).where(db.deployment_devices.c.id == r["id"]).values(
-            **{k: r[k] for k in ("status", "cmd_id", "token", "previous_version", "sent_at", "activated_at", "rollback_cmd_id",
-                                 "rollback_sent_at", "updated_at", "last_event", "detail")}))
+            **{k: r[k] for k in ("status", "cmd_id", "token", "token_prev", "token_issued_at", "previous_version", "sent_at",
+                                 "activated_at", "rollback_cmd_id", "rollback_sent_at", "updated_at", "last_event", "detail")}))
 
     def _advance(self, conn: Connection, d: dict[str, Any], rows: list[dict[str, Any]], dev: dict[str, dict[str, Any]],
                  now: float, outbox: list[tuple[str, str, Any]]) -> None:
@@ -415,12 +427,15 @@ class Rollouts:
                 bundles[r["bundle_id"]] = self._registry.bundle(r["bundle_id"])
             b = bundles[r["bundle_id"]]
             if r["status"] == "pending":
-                r.update(status="sent", cmd_id=new_id(), token=secrets.token_urlsafe(24), sent_at=now,
+                r.update(status="sent", cmd_id=new_id(), sent_at=now,
                          previous_version=db.loads(dev.get(r["device_id"], {}).get("active"), {}).get(d["model"]))
-            r["updated_at"] = now
+            # Only hashes are stored, so a re-send carries a fresh token; the one before it stays valid
+            # (the device may be resuming a download with it).
+            token = secrets.token_urlsafe(24)
+            r.update(token_prev=r.get("token"), token=token_hash(token), token_issued_at=now, updated_at=now)
             self._save_row(conn, r)
             cmd = DeployCommand(cmd_id=r["cmd_id"], deployment_id=d["id"], model=d["model"], version=d["version"],
-                                url=f"{self._public_url}/v1/bundles/{b['id']}/download", sha256=b["sha256"], size=b["size"], token=r["token"])
+                                url=f"{self._public_url}/v1/bundles/{b['id']}/download", sha256=b["sha256"], size=b["size"], token=token)
             outbox.append((dev[r["device_id"]]["fleet"], r["device_id"], cmd))
         if d["wave_started_at"] is None:
             d["wave_started_at"] = now

@@ -25,6 +25,7 @@ Nothing lives outside the database, so replicas (same ``--db``, same broker, dis
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -76,9 +77,40 @@ class ServiceConfig:
     resend_s: float = 30.0
     baseline_window_s: float = 600.0
     telemetry_retention_s: float = 7 * 86400
-    # Replicas of one deployment share a group; unrelated services on one broker must not.
-    shared_group: str = "lepton-cloud"
+    # Replicas of one deployment share a group; unrelated services on one broker must not. None: a
+    # per-installation secret kept in the database (a device that knew the group could join it and
+    # take a share of every device's telemetry and events).
+    shared_group: str | None = None
+    # TLS: on unless insecure_plaintext. Without tls_cert/tls_key/tls_ca the service makes its own CA
+    # and certificate in state_dir/tls on first start.
+    insecure_plaintext: bool = False
+    tls_cert: Path | None = None
+    tls_key: Path | None = None
+    tls_ca: Path | None = None
+    # Hosts (besides 127.0.0.1, localhost and this host) the generated server certificate covers.
+    tls_hosts: list[str] = field(default_factory=list)
+    # Issue each enrolled device a client certificate (CN = device id) beside its password.
+    client_certs: bool = False
 
+
+
+def _private_dir(path: Path) -> Path:
+    """Create ``path`` (and parents) and make it owner-only: it holds the database, tokens, passwords and keys."""
+    path.mkdir(parents=True, exist_ok=True)
+    os.chmod(path, 0o700)
+    return path
+
+
+def _private_sqlite_files(url: str) -> None:
+    """The SQLite file and its WAL/SHM siblings readable by the owner only (they hold the service's secrets)."""
+    if not url.startswith("sqlite:///"):
+        return
+    base = Path(url[len("sqlite:///"):])
+    for p in (base, base.with_name(base.name + "-wal"), base.with_name(base.name + "-shm")):
+        try:
+            os.chmod(p, 0o600)
+        except FileNotFoundError:
+            pass
 
 
 def _lock_state_dir(state_dir: Path) -> Any:
@@ -89,7 +121,7 @@ def _lock_state_dir(state_dir: Path) -> Any:
     """
     import fcntl
 
-    state_dir.mkdir(parents=True, exist_ok=True)
+    _private_dir(state_dir)
     f = open(state_dir / "service.lock", "a+")
     try:
         fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -122,7 +154,10 @@ class CloudService:
     # ------------------------------------------------------------------ lifecycle
     def start(self) -> "CloudService":
         cfg = self.config
+        _private_dir(Path(cfg.state_dir))
         self.engine = db.connect(cfg.db)
+        _private_sqlite_files(db.database_url(cfg.db))
+        self.tls = self._tls_files()
         self.store = self._store_override or open_store(cfg.artifacts)
         self.registry = Registry(self.engine, self.store, cfg.trusted_keys, allow_unsigned=cfg.allow_unsigned)
         sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
@@ -132,21 +167,28 @@ class CloudService:
         except OSError as e:
             raise CloudConfigError(f"cannot listen on {cfg.host}:{cfg.port}: {e.strerror}", hint="choose another --port") from None
         port = sock.getsockname()[1]
-        self.url = f"http://{cfg.host}:{port}"
+        self.url = f"{'https' if self.tls else 'http'}://{cfg.host}:{port}"
         try:
             self._start_broker_side()
             pem = [p.read_text() for p in self.registry.trusted_key_paths]
             self.fleet = Fleet(self.engine, auth_dir=self._auth_dir, service_password_hash=self._service_hash,
                                on_auth_change=self.broker.reload if self.broker is not None else None,
-                               public_broker_url=cfg.public_broker_url or self.broker_url, trusted_keys_pem=pem)
+                               public_broker_url=cfg.public_broker_url or self.broker_url, trusted_keys_pem=pem,
+                               ca_pem=self.tls.ca.read_text() if self.tls else None,
+                               tls_files=self.tls if cfg.client_certs else None)
             if self._auth_dir is not None:
                 self.fleet.sync_auth()
             if self.broker is not None:
+                if self._service_hash:
+                    self.broker.set_service_password_hash(self._service_hash)
                 self.broker.start()
                 self.broker_url = self.broker.url
                 self.fleet._public_broker_url = cfg.public_broker_url or self.broker_url
-            self.ingestor = Ingestor(self.engine, self.broker_url, replica_id=self.replica_id,
-                                     username=cfg.broker_username, password=self._service_password, shared_group=cfg.shared_group)
+            secret = cfg.shared_group or self._setting("shared_group", lambda: f"lepton-{secrets.token_hex(16)}")
+            self.ingestor = Ingestor(self.engine, self.broker.service_url if self.broker is not None else self.broker_url,
+                                     replica_id=f"{self.replica_id}-{hashlib.sha256(secret.encode()).hexdigest()[:12]}",
+                                     username=cfg.broker_username, password=self._service_password, shared_group=secret,
+                                     ca_file=self.tls.ca if self.tls else cfg.tls_ca)
             try:
                 self.ingestor.start()
             except ConnectionError as e:
@@ -170,8 +212,10 @@ class CloudService:
             self._service_password = self._setting("service_mqtt_password", broker_auth.new_password)
             # Agent configs name the broker's port, so a restarted service must come back on the same one.
             port = int(self._setting("managed_broker_port", lambda: str(_free_port())))
+            service_port = int(self._setting("managed_broker_service_port", lambda: str(_free_port())))
             # Mosquitto when installed, else the embedded broker (LEPTON_EDGE_BROKER forces either); one log line says which.
-            self.broker = managed_broker(Path(cfg.state_dir) / "broker", port, auth=True)
+            self.broker = managed_broker(_private_dir(Path(cfg.state_dir) / "broker"), port, auth=True, tls=self.tls,
+                                         service_port=service_port)
             self._auth_dir: Path | None = self.broker.workdir
             self.broker_url = self.broker.url
         else:
@@ -181,6 +225,20 @@ class CloudService:
         self._service_hash = broker_auth.hash_password(self._service_password) if self._service_password else None
 
     _state_lock: Any = None
+
+    def _tls_files(self) -> Any:
+        cfg = self.config
+        if cfg.insecure_plaintext:
+            return None
+        from .tls import ensure_tls, user_tls_files
+
+        given = [cfg.tls_cert, cfg.tls_key, cfg.tls_ca]
+        if any(given):
+            if not all(given):
+                raise CloudConfigError("--tls-cert, --tls-key and --tls-ca go together", hint="give all three, or none to use the generated CA")
+            return user_tls_files(cfg.tls_cert, cfg.tls_key, cfg.tls_ca)  # type: ignore[arg-type]
+        hosts = [cfg.host] + [h for h in (_host_of(cfg.public_url), _host_of(cfg.public_broker_url)) if h] + list(cfg.tls_hosts)
+        return ensure_tls(Path(cfg.state_dir), hosts)
 
     def _setting(self, key: str, make: Any) -> str:
         """A value kept in the database, created on first use (the first replica's value wins)."""
@@ -196,7 +254,8 @@ class CloudService:
 
         from .api import create_app
 
-        config = uvicorn.Config(create_app(self), log_level="warning", access_log=False, lifespan="off", timeout_keep_alive=5)
+        tls = {"ssl_certfile": str(self.tls.cert), "ssl_keyfile": str(self.tls.key)} if self.tls else {}
+        config = uvicorn.Config(create_app(self), log_level="warning", access_log=False, lifespan="off", timeout_keep_alive=5, **tls)
         self._server = uvicorn.Server(config)
         self._server.install_signal_handlers = lambda: None  # type: ignore[method-assign]
         self._spawn(lambda: self._server.run(sockets=[sock]), "lepton-http")
@@ -215,6 +274,7 @@ class CloudService:
         assert self.lease is not None
         last_prune = 0.0
         while not self._stop.is_set():
+            self._engine_beat = time.monotonic()
             try:
                 if self.lease.acquire():
                     self.rollouts.tick()
@@ -258,11 +318,36 @@ class CloudService:
     def is_leader(self) -> bool:
         return bool(self.lease and self.lease.held)
 
+    _engine_beat = 0.0
+
+    def workers(self) -> dict[str, bool]:
+        """Each worker thread: alive (and, for the rollout engine, ticking)."""
+        by_name = {t.name: t.is_alive() for t in self._threads}
+        stuck_after = max(60.0, 10 * self.config.tick_s)
+        engine_ok = by_name.get("lepton-rollouts", False) and time.monotonic() - self._engine_beat < stuck_after
+        return {"http": by_name.get("lepton-http", False), "rollouts": bool(engine_ok),
+                "ingest": bool(self.ingestor and self.ingestor.alive),
+                **({"broker": self.broker.running()} if self.broker is not None else {})}
+
+    def broker_stats(self) -> dict[str, Any]:
+        return self.broker.stats() if self.broker is not None else {}
+
     def ingest_stats(self) -> dict[str, int]:
         return dict(self.ingestor.stats) if self.ingestor else {}
 
     def ingest_backlog(self) -> int:
         return self.ingestor.backlog if self.ingestor else 0
+
+
+def _host_of(url: str | None) -> str | None:
+    if not url:
+        return None
+    from urllib.parse import urlsplit
+
+    try:
+        return urlsplit(url).hostname
+    except ValueError:
+        return None
 
 
 def _free_port() -> int:

@@ -79,10 +79,16 @@ class SimBehaviour:
     interrupt_download_after: int | None = None
 
 
+def _verify(ca_file: str | None) -> Any:
+    import ssl
+
+    return ssl.create_default_context(cafile=ca_file) if ca_file else True
+
+
 class SimDevice:
     def __init__(self, device_id: str, broker_url: str, *, fleet: str = "default", profile: str = "rpi5",
                  username: str | None = None, password: str | None = None, behaviour: SimBehaviour | None = None,
-                 executor: ThreadPoolExecutor | None = None, http_timeout_s: float = 30.0) -> None:
+                 executor: ThreadPoolExecutor | None = None, http_timeout_s: float = 30.0, ca_file: str | None = None) -> None:
         self.device_id, self.fleet, self.profile = device_id, fleet, profile
         self.behaviour = behaviour or SimBehaviour()
         self.active: dict[str, str] = {}
@@ -94,6 +100,7 @@ class SimDevice:
         self._username, self._password = username or device_id, password
         self._executor = executor
         self._http_timeout_s = http_timeout_s
+        self._ca_file = ca_file  # the service's CA: verifies the broker (mqtts) and the download server (https)
         self._done: dict[str, EventMessage] = {}
         self._partial: dict[str, bytearray] = {}
         self._lock = threading.Lock()
@@ -103,7 +110,9 @@ class SimDevice:
 
     # ------------------------------------------------------------------ connection
     def connect(self, timeout: float = 10.0) -> None:
-        c = new_client(f"sim-{self.device_id}", self._username, self._password, tls=self._address.tls)
+        # The client id an agent uses: brokers tie it to the device's username.
+        c = new_client(f"lepton-{self.fleet}-{self.device_id}", self._username, self._password, tls=self._address.tls,
+                       ca_file=self._ca_file)
         c.will_set(topic(self.fleet, self.device_id, "state"), encode(StateMessage(status="offline", ts=time.time(), profile=self.profile)),
                    qos=1, retain=True)
         c.on_connect = self._on_connect
@@ -230,7 +239,7 @@ class SimDevice:
         buf = self._partial.setdefault(cmd.cmd_id, bytearray())
         headers = {"Authorization": f"Bearer {cmd.token}"} if cmd.token else {}
         deadline = time.monotonic() + 10 * self._http_timeout_s
-        with httpx.Client(timeout=self._http_timeout_s) as http:
+        with httpx.Client(timeout=self._http_timeout_s, verify=_verify(self._ca_file)) as http:
             while len(buf) < cmd.size:
                 if time.monotonic() > deadline:
                     raise TimeoutError("download deadline passed")
@@ -276,8 +285,9 @@ class SimDevice:
 class SimFleet:
     """Many simulated devices in one process, with one telemetry thread for all of them."""
 
-    def __init__(self, broker_url: str, *, telemetry_interval_s: float = 1.0, workers: int = 8) -> None:
+    def __init__(self, broker_url: str, *, telemetry_interval_s: float = 1.0, workers: int = 8, ca_file: str | None = None) -> None:
         self.broker_url = broker_url
+        self.ca_file = ca_file
         self.telemetry_interval_s = telemetry_interval_s
         self.devices: dict[str, SimDevice] = {}
         self._executor = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="sim-cmd")
@@ -287,7 +297,7 @@ class SimFleet:
     def add(self, device_id: str, *, fleet: str = "default", profile: str = "rpi5", username: str | None = None,
             password: str | None = None, behaviour: SimBehaviour | None = None) -> SimDevice:
         d = SimDevice(device_id, self.broker_url, fleet=fleet, profile=profile, username=username, password=password,
-                      behaviour=behaviour, executor=self._executor)
+                      behaviour=behaviour, executor=self._executor, ca_file=self.ca_file)
         self.devices[device_id] = d
         return d
 

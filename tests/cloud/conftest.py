@@ -71,7 +71,8 @@ def cloud_bundles(tmp_path_factory, digits, digits_onnx, keypair) -> CloudBundle
     return CloudBundles(tmp_path_factory.mktemp("cloud-bundles"), digits_onnx, data.x_test, keypair[0], other_key, keypair[1])
 
 
-FAST = dict(tick_s=0.1, lease_ttl_s=1.5, resend_s=2.0)
+# Plain HTTP and MQTT for the in-process services of these tests; TLS has its own (tests/cloud/test_tls.py, tests/security/).
+FAST = dict(tick_s=0.1, lease_ttl_s=1.5, resend_s=2.0, insecure_plaintext=True)
 
 
 @pytest.fixture

@@ -114,6 +114,14 @@ def test_download_needs_the_deployment_token_and_honours_ranges(svc, client, clo
     assert httpx.get(url).status_code == 401
     assert httpx.get(url, params={"token": "guess"}).status_code == 401
     h = {"Authorization": f"Bearer {svc.token}"}  # the operator may fetch any bundle
+    # Never in the URL, not even the right token (URLs land in logs).
+    assert httpx.get(url, params={"token": svc.token}).status_code == 401
+    assert httpx.get(f"{svc.url}/v1/devices", params={"token": svc.token}).status_code == 401
+    assert httpx.get(f"{svc.url}/v1/devices", params={"token": svc.token}, headers=h).status_code == 401
+    # A 5,000-digit Range is a 416, not a 500.
+    huge = httpx.get(url, headers={**h, "Range": "bytes=" + "9" * 5000 + "-"})
+    assert huge.status_code == 416
+    assert httpx.get(url, headers={**h, "Range": "bytes=0-" + "9" * 5000}).status_code == 416
     full = httpx.get(url, headers=h)
     assert full.status_code == 200 and full.content == data and full.headers["accept-ranges"] == "bytes"
     part = httpx.get(url, headers={**h, "Range": "bytes=100-199"})
@@ -174,3 +182,22 @@ def test_a_lost_database_is_a_503_with_one_line_not_a_crash(svc, client, tmp_pat
     with svc.engine.begin() as conn:
         conn.execute(text("ALTER TABLE devices_gone RENAME TO devices"))
     assert client.devices() == []
+
+
+def test_a_manifest_with_an_infinite_tolerance_is_a_400_not_a_500(svc, client, cloud_bundles, tmp_path):
+    import re as _re
+
+    hostile = tmp_path / "inf.lepton"
+    with tarfile.open(cloud_bundles("1"), "r:gz") as src, tarfile.open(hostile, "w:gz") as dst:
+        for m in src.getmembers():
+            data = src.extractfile(m).read()
+            if m.name == "manifest.json":
+                data = _re.sub(rb'"atol":\s*[0-9.eE+-]+', b'"atol": 1e999', data)
+                assert b"1e999" in data
+            m.size = len(data)
+            dst.addfile(m, io.BytesIO(data))
+    r = httpx.post(f"{svc.url}/v1/models", content=hostile.read_bytes(),
+                   headers={"Authorization": f"Bearer {svc.token}", "Content-Type": "application/octet-stream"})
+    assert 400 <= r.status_code < 500, r.text
+    assert "\n" not in r.json()["error"]
+    assert client.models() == []

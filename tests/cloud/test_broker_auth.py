@@ -10,6 +10,7 @@ import pytest
 
 from lepton_edge.cloud.broker_auth import (
     ACL_FILE,
+    CLIENTID_FILE,
     PASSWORD_FILE,
     SERVICE_USER,
     BrokerAuthError,
@@ -125,7 +126,7 @@ def test_write_auth_files_is_atomic_and_keeps_old_files_on_bad_input(tmp_path):
     with pytest.raises(BrokerAuthError):
         write_auth_files(tmp_path / "auth", users, [("demo", "dev/1", "dev-1")])
     assert (passwd.read_text(), acl.read_text()) == before
-    assert sorted(p.name for p in (tmp_path / "auth").iterdir()) == [ACL_FILE, PASSWORD_FILE], "no temp files left"
+    assert sorted(p.name for p in (tmp_path / "auth").iterdir()) == sorted([ACL_FILE, CLIENTID_FILE, PASSWORD_FILE]), "no temp files left"
 
 
 def test_write_auth_files_reports_an_unwritable_directory_in_one_line(tmp_path):

@@ -286,7 +286,7 @@ def test_denied_publishes_get_reason_0x87_and_revoked_clients_are_cut_off(tmp_pa
         refused = Client(b.port, "x", username="d1", password="wrong")
         assert refused.reason.value == 0x86
         refused.client.loop_stop()
-        d1 = Client(b.port, "d1", username="d1", password="pw")
+        d1 = Client(b.port, "lepton-f-d1", username="d1", password="pw")  # the one client id d1 may use
         try:
             assert d1.publish("lepton/v1/f/d1/telemetry", b"ok").value == 0
             assert d1.publish("lepton/v1/f/d2/telemetry", b"forged").value == 0x87
@@ -513,46 +513,48 @@ def test_cloud_service_on_the_embedded_broker_rolls_out_to_a_real_agent(monkeypa
 # ------------------------------------------------------------------------------- bounds and the ACL, in-process
 
 def test_an_offline_sessions_queue_is_capped_and_drops_are_counted():
-    from lepton_edge.cloud.embedded_broker import Broker, BrokerConfig, _Message, _Session, _Subscription
+    from lepton_edge.cloud.embedded_broker import Broker, BrokerConfig
+    from lepton_edge.cloud.embedded_broker.sessions import Message, Subscription
 
     cfg = BrokerConfig()
     cfg.max_queued_messages = 5
     broker = Broker(cfg)
-    session = broker.sessions["offline"] = _Session("offline")
+    session = broker.new_session("offline", None)
     session.expiry = 60
-    broker.subscribe(session, "cap/#", _Subscription(1, False, False, 0, None))
+    broker.subscribe(session, "cap/#", Subscription(1, False, False, 0, None))
     for i in range(8):
-        broker.publish(_Message("cap/t", b"%d" % i, 1, False, b"", None, "pub"))
-    broker.publish(_Message("cap/t", b"qos0", 0, False, b"", None, "pub"))
+        broker.publish(Message("cap/t", b"%d" % i, 1, False, b"", None, "pub"))
+    broker.publish(Message("cap/t", b"qos0", 0, False, b"", None, "pub"))
     assert [m.payload for m, *_ in session.queue] == [b"0", b"1", b"2", b"3", b"4"]
-    assert session.dropped == 3 and broker.stats["dropped"] == 3
+    assert session.dropped == 3 and broker.stats.dropped["queue_full"] == 3
 
 
 def test_retained_messages_are_capped_in_count_and_bytes():
-    from lepton_edge.cloud.embedded_broker import Broker, BrokerConfig, _Message
+    from lepton_edge.cloud.embedded_broker import Broker, BrokerConfig
+    from lepton_edge.cloud.embedded_broker.sessions import Message
 
     cfg = BrokerConfig()
     cfg.max_retained_messages, cfg.max_retained_bytes = 3, 10
     broker = Broker(cfg)
 
     def retain(topic: str, payload: bytes) -> None:
-        broker.publish(_Message(topic, payload, 1, True, b"", None, "pub"))
+        broker.publish(Message(topic, payload, 1, True, b"", None, "pub"))
 
     for t in ("a", "b", "c", "d"):
         retain(t, b"1234")
-    assert sorted(broker.retained) == ["a", "b"] and broker.retained_bytes == 8, "the third would pass 10 bytes"
+    assert sorted(broker.retained.messages) == ["a", "b"] and broker.retained.bytes == 8, "the third would pass 10 bytes"
     retain("a", b"1")
     retain("c", b"12345")
-    assert sorted(broker.retained) == ["a", "b", "c"] and broker.retained_bytes == 10
+    assert sorted(broker.retained.messages) == ["a", "b", "c"] and broker.retained.bytes == 10
     retain("d", b"")  # deleting what is not there is harmless
     retain("b", b"")
-    assert sorted(broker.retained) == ["a", "c"] and broker.retained_bytes == 6
+    assert sorted(broker.retained.messages) == ["a", "c"] and broker.retained.bytes == 6
 
 
 def test_acl_file_syntax_as_mosquitto_reads_it():
-    from lepton_edge.cloud.embedded_broker import _Acl
+    from lepton_edge.cloud.embedded_broker.auth import Acl
 
-    acl = _Acl(textwrap.dedent("""
+    acl = Acl(textwrap.dedent("""
         # comment
         topic read public/#
 
@@ -578,10 +580,10 @@ def test_acl_file_syntax_as_mosquitto_reads_it():
 
 def test_the_acl_broker_auth_writes_is_what_the_embedded_broker_enforces():
     from lepton_edge.cloud.broker_auth import SERVICE_USER, render_acl_file
-    from lepton_edge.cloud.embedded_broker import _Acl
+    from lepton_edge.cloud.embedded_broker.auth import Acl
     from lepton_edge.protocol import topic
 
-    acl = _Acl(render_acl_file([("acme", "d1", "d1")]))
+    acl = Acl(render_acl_file([("acme", "d1", "d1")]))
     assert acl.allows("d1", "d1", topic("acme", "d1", "telemetry"), "write")
     assert not acl.allows("d1", "d1", topic("acme", "d2", "telemetry"), "write")
     assert acl.allows("d1", "d1", topic("acme", "d1", "cmd"), "read") and not acl.allows("d1", "d1", topic("acme", "d1", "cmd"), "write")

@@ -65,7 +65,7 @@ def test_unknown_fields_are_ignored_for_forward_compatibility():
         (b'{"type":"deploy","cmd_id":"x","model":"m","version":"1","url":"u","sha256":"zz","size":1}', "sha256"),
         (b'{"type":"deploy","cmd_id":"x","model":"m","version":"1","url":"u","sha256":"' + b"a" * 64 + b'","size":-5}', "size"),
         (b'{"type":"ping","cmd_id":"x","ts":NaN}', "NaN"),
-        (b"{" * 50000, "JSON"),
+        (b"{" * 50000, "JSON|deeper"),
         (json.dumps({"type": "ping", "cmd_id": "x", "pad": "y" * p.MAX_PAYLOAD_BYTES}).encode(), "limit"),
     ],
 )
@@ -87,3 +87,49 @@ def test_hostile_command_payloads(payload, match):
 def test_hostile_device_payloads(decoder, payload):
     with pytest.raises(ProtocolError):
         decoder(payload)
+
+
+# ---------------------------------------------------------------- hostile JSON (issue 9)
+
+
+from lepton_edge.protocol import JSON_MAX_DEPTH, check_name, decode_command, decode_event, decode_telemetry, parse_json
+
+
+@pytest.mark.parametrize("payload", [
+    b'{"ts": 1, "seq": ' + b"9" * 5000 + b', "interval_s": 1}',   # a plain ValueError in json.loads
+    b'{"ts": 1e999, "seq": 1, "interval_s": 1}',                  # inf
+    b'{"ts": -1e999, "seq": 1, "interval_s": 1}',
+    b'{"ts": 1, "seq": 1, "interval_s": 1, "models": {"m": {"version": "1", "count": 1, "errors": 0, "p95_ms": 1e999}}}',
+    b'{"ts": NaN, "seq": 1, "interval_s": 1}',
+    b'{"a": ' + b"[" * (JSON_MAX_DEPTH + 1) + b"]" * (JSON_MAX_DEPTH + 1) + b"}",
+    b"[" * 60000,
+    b"\xff\xfe",
+    b'{"ts": 1, "seq": 1.' + b"5" * 100 + b', "interval_s": 1}',
+])
+def test_hostile_json_is_a_protocol_error_and_nothing_else(payload):
+    for decode in (decode_telemetry, decode_event, decode_command):
+        with pytest.raises(ProtocolError):
+            decode(payload)
+
+
+def test_parse_json_accepts_ordinary_values_and_brackets_in_strings():
+    assert parse_json(b'{"a": [1, -2.5e3, "[[[[{{{{", "\\\\"], "b": null}') == {"a": [1, -2500.0, "[[[[{{{{", "\\"], "b": None}
+    nested = b"[" * JSON_MAX_DEPTH + b"]" * JSON_MAX_DEPTH
+    assert parse_json(nested) is not None
+
+
+def test_names_are_fullmatched_a_trailing_newline_is_refused():
+    assert check_name("device id", "dev-1") == "dev-1"
+    for bad in ("dev-1\n", "dev\n1", "+", "a/b", "", "-x", "x" * 65):
+        with pytest.raises(ProtocolError):
+            check_name("device id", bad)
+    with pytest.raises(ProtocolError):
+        p.parse_topic("lepton/v1/f/d/state\n")
+
+
+def test_a_rollback_to_version_is_a_name_not_a_path():
+    base = b'{"type": "rollback", "cmd_id": "c1", "model": "m", "to_version": "%s"}'
+    assert decode_command(base % b"1.2.0+cpu").to_version == "1.2.0+cpu"
+    for bad in (b"../../etc", b"a/b", b"1.0\\n", b".hidden"):
+        with pytest.raises(ProtocolError):
+            decode_command(base % bad)

@@ -1,0 +1,301 @@
+"""One enrolled device's credentials against a real ``cloud serve`` (TLS, its own broker): it may hurt only itself.
+
+Black-box: the service runs as a child process with Mosquitto and with the embedded broker;
+the attacker ("mallory") and the victims ("alice", "bob", ...) are raw MQTT 5 clients with
+their own enrolment credentials. Every test ends by checking that the victims' data is
+intact and complete and that the service is healthy (issue 9).
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import ssl
+import stat
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+
+from lepton_edge.cloud.broker import find_mosquitto
+from lepton_edge.cloud.errors import CloudError
+from lepton_edge.protocol import EventMessage, encode, topic
+from support.hostile import HostileCloud, start_hostile_cloud, wait_until
+
+pytestmark = pytest.mark.slow
+
+BROKERS = [pytest.param("mosquitto", marks=pytest.mark.skipif(not find_mosquitto(), reason="mosquitto not installed")),
+           "embedded"]
+
+
+@pytest.fixture(scope="module", params=BROKERS)
+def cloud(request, tmp_path_factory) -> HostileCloud:
+    c = start_hostile_cloud(tmp_path_factory.mktemp(f"hostile-{request.param}"), request.param)
+    for name in ("alice", "bob", "mallory", "carol", "dave", "trent"):
+        c.enroll(name)
+    yield c
+    c.stop()
+
+
+_seq = {"n": 1000}
+
+
+def _fresh_seqs(n: int) -> list[int]:
+    start = _seq["n"]
+    _seq["n"] += n
+    return list(range(start, start + n))
+
+
+def _victims_intact(cloud: HostileCloud, *, who: str = "bob", n: int = 5) -> None:
+    """A victim still gets every message through, completely; the service is healthy."""
+    victim = cloud.device(who, client_id=None)
+    try:
+        seqs = _fresh_seqs(n)
+        victim.send_telemetry(seqs)
+        wait_until(lambda: set(seqs) <= set(cloud.telemetry_rows(who)), 20, f"{who}'s telemetry to be stored")
+    finally:
+        victim.close()
+    assert cloud.healthy()
+
+
+@pytest.fixture
+def mallory(cloud):
+    devices = []
+
+    def make(**kw):
+        d = cloud.device("mallory", **kw)
+        devices.append(d)
+        return d
+
+    yield make
+    for d in devices:
+        try:
+            d.close()
+        except Exception:
+            pass
+
+
+# ---------------------------------------------------------------------------------------- ingest
+@pytest.mark.parametrize("payload", [
+    b'{"ts": 1, "seq": ' + b"9" * 5000 + b', "interval_s": 1}',
+    b'{"ts": 1, "seq": 1, "interval_s": 1, "models": {"m": {"version": "1", "count": 1, "errors": 0, "p95_ms": 1e999}}}',
+    b'{"a": ' + b"[" * 5000 + b"]" * 5000 + b"}",
+    b"\xff" * 100,
+], ids=["huge-int", "inf-latency", "deep", "not-utf8"])
+def test_a_poisoned_payload_does_not_stop_ingest(cloud, mallory, payload):
+    m = mallory()
+    for channel in ("telemetry", "events", "state"):
+        m.publish(topic("default", "mallory", channel), payload)
+    time.sleep(0.3)
+    _victims_intact(cloud)
+    dev = cloud.client.device("mallory")
+    assert dev["p95_ms"] is None or dev["p95_ms"] < 1e300  # never inf into the gates
+
+
+def test_oversized_payloads_and_a_flood_leave_the_others_complete(cloud, mallory):
+    m = mallory()
+    m.publish(topic("default", "mallory", "telemetry"), b"x" * (2 << 20))
+    m.publish(topic("default", "mallory", "events"), b'{"type":"error","detail":"' + b"y" * 70_000 + b'"}')
+    for i in range(1500):
+        m.publish(topic("default", "mallory", "telemetry"), m.telemetry(i), qos=0)
+    _victims_intact(cloud, n=20)
+
+
+# ---------------------------------------------------------------------------------------- reading others' traffic
+@pytest.mark.parametrize("filt", [
+    "$share/lepton-cloud/lepton/v1/+/+/telemetry",  # the old well-known group
+    "$share/lepton-cloud/lepton/v1/+/+/events",
+    "lepton/v1/+/+/telemetry",
+    "#",
+    "lepton/v1/default/alice/cmd",
+    "$SYS/#",
+])
+def test_subscriptions_to_others_traffic_receive_nothing_and_steal_nothing(cloud, mallory, filt):
+    m = mallory()
+    m.subscribe(filt)
+    time.sleep(0.3)
+    _victims_intact(cloud, who="alice", n=30)  # all 30 stored: the cloud lost no share to the attacker
+    time.sleep(0.3)
+    stolen = [t for t, _, _ in m.received if "/alice/" in t or t.startswith("$SYS")]
+    assert stolen == []
+
+
+# ---------------------------------------------------------------------------------------- sessions and client ids
+def test_another_devices_client_id_neither_takes_its_session_nor_kicks_it_off(cloud, mallory):
+    alice = cloud.device("alice", clean_start=False, session_expiry=3600)
+    alice.subscribe(topic("default", "alice", "cmd"))
+    time.sleep(0.3)
+    try:
+        m = mallory(client_id="lepton-default-alice", connect=False)
+        m.connect(clean_start=False, session_expiry=3600, expect_ok=False)
+        time.sleep(0.5)
+        assert alice.connected, "the owner of the client id was kicked off"
+        # Whatever the broker did with mallory's CONNECT, it got none of alice's session.
+        assert [t for t, _, _ in m.received if "/alice/" in t] == []
+    finally:
+        alice.close()
+    _victims_intact(cloud, who="alice")
+
+
+def test_the_cloud_client_cannot_be_kicked_off(cloud, mallory):
+    info = cloud.client.health()
+    assert "replica" in info  # the operator sees it...
+    anon = httpx.get(f"{cloud.proc.url}/v1/health", verify=ssl.create_default_context(cafile=cloud.ca)).json()
+    assert "replica" not in anon and "broker" not in anon  # ...a device does not
+    for cid in (f"lepton-cloud-{info['replica']}", "lepton-cloud", "lepton-cloud-x"):
+        m = mallory(client_id=cid, connect=False)
+        m.connect(expect_ok=False)
+    _victims_intact(cloud)
+
+
+def test_many_connections_and_sessions_of_one_device_lock_nobody_out(cloud, mallory):
+    for i in range(12):
+        m = mallory(client_id=f"lepton-default-mallory-{i}" if cloud.broker_kind == "mosquitto" else None, connect=False)
+        m.connect(clean_start=False, session_expiry=3600, expect_ok=False)
+    half_open = []
+    for _ in range(40):
+        s = socket.create_connection(("127.0.0.1", int(cloud.broker_url.rsplit(":", 1)[1])))
+        s.sendall(b"\x10\xff\xff\xff\x7f")  # a CONNECT that announces 268 MB and never comes
+        half_open.append(s)
+    try:
+        _victims_intact(cloud)
+    finally:
+        for s in half_open:
+            s.close()
+
+
+def test_a_revoked_device_cannot_come_back(cloud):
+    trent = cloud.device("trent")
+    cloud.client.revoke("trent")
+    wait_until(lambda: not trent.connected, 10, "the revoked device to be cut off")
+    trent.close()
+    again = cloud.device("trent", connect=False)
+    assert not again.connect(expect_ok=False)
+    again.close()
+    _victims_intact(cloud)
+
+
+# ---------------------------------------------------------------------------------------- forging
+def test_a_last_will_on_another_devices_topic_is_not_delivered(cloud, mallory):
+    alice = cloud.device("alice")
+    alice.online()
+    wait_until(lambda: cloud.client.device("alice")["status"] == "online", 10, "alice online")
+    alice.close()
+    m = mallory(connect=False)
+    m.connect(will=(topic("default", "alice", "state"), b'{"status":"offline","ts":%d}' % int(time.time() + 5)))
+    m.close(abrupt=True)
+    time.sleep(1.5)
+    assert cloud.client.device("alice")["status"] == "online"
+    _victims_intact(cloud)
+
+
+def test_commands_cannot_be_published_retained_or_replayed_to_a_device(cloud, mallory):
+    old = b'{"type":"rollback","cmd_id":"old-1","model":"digits","to_version":"1"}'
+    m = mallory()
+    m.publish(topic("default", "alice", "cmd"), old, retain=True)
+    m.publish(topic("default", "mallory", "cmd"), old, retain=True)
+    m.publish(topic("default", "alice", "telemetry"), m.telemetry(1))
+    time.sleep(0.5)
+    alice = cloud.device("alice")
+    alice.subscribe(topic("default", "alice", "cmd"))
+    time.sleep(0.8)
+    assert alice.messages_on("/cmd") == []
+    alice.close()
+    assert 1 not in cloud.telemetry_rows("alice")  # nobody writes under alice's prefix but alice
+    _victims_intact(cloud)
+
+
+def _deploy_to(cloud: HostileCloud, device_id: str, tmp_path: Path) -> dict:
+    from lepton_edge.bundle import pack_bundle, write_bundle
+
+    version = f"v{time.monotonic_ns()}"
+    model = tmp_path / "model.onnx"
+    model.write_bytes(os.urandom(4096))
+    d = write_bundle(tmp_path / f"b-{version}", manifest_fields={
+        "name": "digits", "version": version, "profile": "rpi5", "precision": "fp32", "model_file": "model.onnx",
+        "runtime": {"name": "onnxruntime", "execution_providers": ["CPUExecutionProvider"], "threads": 1},
+        "inputs": [{"name": "input", "dtype": "float32", "shape": [None, 1, 8, 8]}],
+        "outputs": [{"name": "logits", "dtype": "float32", "shape": [None, 10]}],
+        "source": {"sha256": "0" * 64, "format": "onnx", "name": "model.onnx"},
+    }, files={"model.onnx": model})
+    cloud.client.push(pack_bundle(d))
+    return cloud.client.deploy("digits", version, [f"device:{device_id}"], soak="0s", timeout="10m")
+
+
+def test_an_outcome_counts_only_from_the_device_the_command_went_to(cloud, mallory, tmp_path):
+    dep = _deploy_to(cloud, "carol", tmp_path)
+    row = wait_until(lambda: next((r for r in cloud.client.deployment(dep["id"])["devices"] if r["cmd_id"]), None), 10, "the command")
+    m = mallory()
+    forged = EventMessage(type="activation_failed", cmd_id=row["cmd_id"], deployment_id=dep["id"], detail="forged")
+    m.publish(topic("default", "mallory", "events"), encode(forged))
+    time.sleep(1.5)
+    after = cloud.client.deployment(dep["id"])
+    assert after["devices"][0]["status"] == "sent", after["devices"][0]
+    assert after["status"] == "running"
+    cloud.client.steer(dep["id"], "rollback")
+    _victims_intact(cloud)
+
+
+def test_a_download_token_dies_with_revocation_and_is_stored_only_hashed(cloud, tmp_path):
+    import sqlite3
+
+    dave = cloud.device("dave", clean_start=False, session_expiry=3600)
+    dave.subscribe(topic("default", "dave", "cmd"))
+    time.sleep(0.3)
+    dep = _deploy_to(cloud, "dave", tmp_path)
+    cmd = wait_until(lambda: dave.messages_on("/cmd"), 15, "dave's deploy command")
+    import json
+
+    body = json.loads(cmd[0][1])
+    token, url = body["token"], body["url"]
+    verify = ssl.create_default_context(cafile=cloud.ca)
+    assert httpx.get(url, headers={"Authorization": f"Bearer {token}"}, verify=verify).status_code == 200
+    assert httpx.get(url, params={"token": token}, verify=verify).status_code == 401  # never in a URL
+    with sqlite3.connect(f"file:{cloud.db_path}?mode=ro", uri=True) as conn:
+        stored = [r[0] for r in conn.execute("SELECT token FROM deployment_devices WHERE deployment_id = ?", (dep["id"],))]
+    assert token not in stored and all(len(s) == 64 for s in stored)
+    dave.close()
+    cloud.client.revoke("dave")
+    assert httpx.get(url, headers={"Authorization": f"Bearer {token}"}, verify=verify).status_code == 401
+    _victims_intact(cloud)
+
+
+# ---------------------------------------------------------------------------------------- names, files, TLS
+@pytest.mark.parametrize("bad", ["evil\n", "evil\nuser x", "lepton-cloud-x", "a/b", "+"])
+def test_a_hostile_device_id_is_refused_and_the_broker_keeps_working(cloud, bad):
+    with pytest.raises(CloudError):
+        cloud.client.enroll(bad, "rpi5")
+    passwd = (cloud.state_dir / "broker" / "passwd").read_text()
+    assert all(line.count(":") == 1 for line in passwd.splitlines())
+    _victims_intact(cloud)
+
+
+def test_secrets_on_disk_are_the_owners_alone(cloud):
+    def mode(p: Path) -> int:
+        return stat.S_IMODE(p.stat().st_mode)
+
+    s = cloud.state_dir
+    assert mode(s) == 0o700
+    for p in [s / "cloud.db", s / "token", s / "tls" / "ca.key", s / "tls" / "server.key", s / "broker" / "passwd",
+              s / "broker" / "acl"]:
+        assert p.exists(), p
+        assert mode(p) & 0o077 == 0, f"{p} is {oct(mode(p))}"
+
+
+def test_plain_http_and_plain_mqtt_are_off(cloud):
+    http_url = cloud.proc.url.replace("https://", "http://")
+    with pytest.raises(httpx.HTTPError):
+        httpx.get(f"{http_url}/v1/health", timeout=3)
+    port = int(cloud.broker_url.rsplit(":", 1)[1])
+    with socket.create_connection(("127.0.0.1", port), timeout=3) as s:
+        s.sendall(bytes([0x10, 12, 0, 4]) + b"MQTT" + bytes([4, 0x02, 0, 10, 0, 0]))
+        s.settimeout(3)
+        try:
+            reply = s.recv(4)
+        except (ConnectionResetError, socket.timeout):
+            reply = b""
+    assert not reply.startswith(b"\x20"), "a plain MQTT CONNECT got a CONNACK"
+    # And the certificate is checked: the system CAs do not know the private one.
+    with pytest.raises(httpx.ConnectError):
+        httpx.get(f"{cloud.proc.url}/v1/health", timeout=3)
