@@ -160,7 +160,7 @@ class AgentService:
         if wrong:
             warnings.append(f"{wrong}: bundles converted for {self.profile.id} may not load here, and their "
                             f"latency says nothing about a real {self.profile.device}; enrol this device with a {p.arch} profile")
-        if missing:
+        elif missing:  # another arch's feature names say nothing about this one
             warnings.append(f"profile {self.profile.id} counts on {', '.join(missing)}, which this CPU "
                             f"({p.cpu_model or p.arch}) does not report: its bundles run, but may be slower than the profile expects")
         for w in warnings:

@@ -62,7 +62,7 @@ def arm_python() -> Path:
     return Path(r.stdout.strip().splitlines()[-1])
 
 
-def test_emulated_pip_resolved_the_agent_without_torch_or_onnx(arm_python):
+def test_emulated_pip_resolved_the_agent_without_torch_or_onnx(arm_python, tmp_path):
     report = json.loads((STATE / "arm64-pip-report.json").read_text())
     chosen = {i["metadata"]["name"].lower().replace("_", "-"): i["download_info"]["url"].rsplit("/", 1)[-1]
               for i in report["install"]}
@@ -79,7 +79,8 @@ with open("/proc/self/auxv", "rb") as f:
 print(json.dumps({"machine": platform.machine(), "platform": p.model_dump(), "hwcap": hw,
                   "heavy": [m for m in ("torch", "onnx") if importlib.util.find_spec(m)], "executable": sys.executable}))
 """
-    r = subprocess.run([str(arm_python), "-c", probe], capture_output=True, text=True, timeout=300)
+    # Not from the repo: its lepton_edge/ would shadow the installed wheel.
+    r = subprocess.run([str(arm_python), "-c", probe], capture_output=True, text=True, timeout=300, cwd=tmp_path)
     assert r.returncode == 0, r.stderr[-3000:]
     seen = json.loads(r.stdout.strip().splitlines()[-1])
     assert seen["machine"] == "aarch64" and seen["platform"]["arch"] == "aarch64"
@@ -124,7 +125,8 @@ def _start_arm_agent(arm_python: Path, client: Any, device_id: str, profile: str
     cfg_path.write_text(yaml.safe_dump(cfg))
     log = root / f"{device_id}.log"
     proc = subprocess.Popen([str(arm_python), "-m", "lepton_edge.cli", "agent", "run", "--config", str(cfg_path),
-                             "--log-level", "info"], stdout=open(log, "wb"), stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+                             "--log-level", "info"], stdout=open(log, "wb"), stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                            cwd=root)
     return _ArmAgent(proc, port, log)
 
 
