@@ -4,6 +4,8 @@ Start order: model store → HTTP API → MQTT link, telemetry, OTA → the conf
 (so their activation events already have somewhere to go). SIGTERM or SIGINT: stop
 accepting requests, let in-flight ones finish (``drain_timeout_s``), stop telemetry and
 OTA, flush the outbox to the broker as far as it goes (the rest stays on disk), exit 0.
+Under systemd (``Type=notify``) the main loop says READY=1 once serving, WATCHDOG=1 while
+its HTTP threads are alive, and STOPPING=1 when the drain begins.
 
 Public API: :class:`AgentDaemon`, :func:`run_agent`.
 """
@@ -18,6 +20,7 @@ from typing import Any
 
 from .config import AgentConfig
 from .http_api import InferenceServer
+from .sdnotify import Notifier
 from .service import AgentService
 
 __all__ = ["AgentDaemon", "run_agent", "OUTBOX_NAME"]
@@ -68,6 +71,10 @@ class AgentDaemon:
             log.warning("no model is active: /v2/health/ready answers 503 until a bundle is activated (config models: or OTA)")
         return self
 
+    def healthy(self) -> bool:
+        """What a watchdog ping vouches for: the API threads still serve."""
+        return self.server is None or self.server.serving
+
     def _on_command(self, cmd: Any) -> None:
         if self.ota is not None:
             self.ota.handle(cmd)
@@ -97,6 +104,7 @@ def run_agent(config: AgentConfig, *, ready_file: Path | None = None) -> int:
         stop.set()
 
     previous = {s: signal.signal(s, _on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
+    notifier = Notifier()
     daemon = AgentDaemon(config)
     try:
         daemon.start()
@@ -105,10 +113,26 @@ def run_agent(config: AgentConfig, *, ready_file: Path | None = None) -> int:
             tmp = ready_file.with_name(ready_file.name + ".tmp")
             tmp.write_text(f"{port}\n")
             tmp.replace(ready_file)
-        while not stop.wait(1.0):
-            pass
+        notifier.ready(f"serving {len(daemon.service.models())} models")
+        _main_loop(stop, daemon, notifier)
     finally:
+        notifier.stopping()
         daemon.stop()
         for s, handler in previous.items():
             signal.signal(s, handler)
     return 0
+
+
+def _main_loop(stop: threading.Event, daemon: AgentDaemon, notifier: Notifier) -> None:
+    """Wait for a signal; ping systemd's watchdog at half its period while the daemon is healthy."""
+    interval = notifier.watchdog_interval_s
+    tick = min(1.0, interval) if interval else 1.0
+    said = False
+    while not stop.wait(tick):
+        if not interval:
+            continue
+        if daemon.healthy():
+            notifier.watchdog()
+        elif not said:
+            log.error("the inference API threads have stopped; withholding the watchdog ping so systemd restarts the agent")
+            said = True

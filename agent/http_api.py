@@ -523,6 +523,11 @@ class InferenceServer:
     def url(self) -> str:
         return f"http://{self.config.host}:{self.port}"
 
+    @property
+    def serving(self) -> bool:
+        """True while every listener's thread runs (a watchdog ping vouches for this)."""
+        return bool(self._threads) and all(t.is_alive() for t in self._threads)
+
     def start(self) -> "InferenceServer":
         for srv in self._servers:
             t = threading.Thread(target=srv.serve_forever, kwargs={"poll_interval": 0.2}, name="lepton-http", daemon=True)

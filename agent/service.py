@@ -13,6 +13,7 @@ from __future__ import annotations
 import logging
 import os
 import signal
+import sys
 import threading
 import time
 from collections.abc import Callable, Mapping
@@ -24,8 +25,8 @@ import numpy as np
 from lepton_edge import __version__
 from lepton_edge.bundle import MANIFEST_NAME, Bundle, ReadLimits, parse_manifest, read_bundle
 from lepton_edge.errors import ConfigError, LeptonEdgeError
-from lepton_edge.profiles import load_profile
-from lepton_edge.protocol import ActiveModel, EventMessage, StateMessage
+from lepton_edge.profiles import load_profile, platform_mismatch
+from lepton_edge.protocol import ActiveModel, EventMessage, PlatformInfo, StateMessage
 from lepton_edge.signing import load_public_key
 
 from .config import AgentConfig
@@ -33,6 +34,7 @@ from .errors import ActivationError, InferenceFailed, ModelNotLoaded, StoreError
 from .inference import LoadedModel, load_model, replay_golden
 from .metrics import InferenceMetrics
 from .store import ModelStore
+from .sysinfo import read_platform
 from .watchdog import Watchdog
 
 __all__ = ["AgentService", "ActivationResult", "CRASH_ENV", "ACTIVATION_STEPS"]
@@ -78,6 +80,8 @@ class AgentService:
         self.config = config
         self.metrics = InferenceMetrics()
         self.profile = load_profile(config.profile, config.profiles_dir)
+        self.platform = read_platform(import_onnxruntime=self.profile.runtime.name == "onnxruntime")
+        self.platform_warnings = self._check_platform()
         self._keys = [self._trusted_key(k) for k in config.trusted_keys]
         self._limits = ReadLimits(max_file_bytes=config.download_max_bytes, max_total_bytes=config.download_max_bytes)
         self.store = ModelStore(config.models_dir, config.keep_versions, crash_hook=_crash_point)
@@ -147,6 +151,27 @@ class AgentService:
                 continue  # the store knows this version; its pointer is the truth after a restart
             results.append(self.activate(path))
         return results
+
+    def _check_platform(self) -> list[str]:
+        """Say at start-up when the profile describes another kind of machine than this one."""
+        p = self.platform
+        wrong, missing = platform_mismatch(self.profile, p.arch, p.cpu_features or None)
+        warnings = []
+        if wrong:
+            warnings.append(f"{wrong}: bundles converted for {self.profile.id} may not load here, and their "
+                            f"latency says nothing about a real {self.profile.device}; enrol this device with a {p.arch} profile")
+        elif missing:  # another arch's feature names say nothing about this one
+            warnings.append(f"profile {self.profile.id} counts on {', '.join(missing)}, which this CPU "
+                            f"({p.cpu_model or p.arch}) does not report: its bundles run, but may be slower than the profile expects")
+        for w in warnings:
+            log.warning("%s", w)
+        return warnings
+
+    def _platform_now(self) -> PlatformInfo:
+        if not self.platform.execution_providers and "onnxruntime" in sys.modules:
+            # A TFLite profile's agent did not import onnxruntime at start; once loaded, say what it offers.
+            self.platform = read_platform()
+        return self.platform
 
     # ------------------------------------------------------------------ listeners
 
@@ -350,6 +375,7 @@ class AgentService:
                                   bundle_sha256=m.bundle_sha256)
                 for name, m in sorted(self._active.items())
             },
+            platform=self._platform_now(),
         )
 
     def close(self) -> None:

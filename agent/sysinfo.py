@@ -1,4 +1,4 @@
-"""System figures for telemetry: CPU %, the agent's RSS and the board temperature.
+"""System figures for telemetry (CPU %, RSS, temperature) and what machine this is (arch, CPU features).
 
 psutil is used when it is installed; otherwise ``/proc`` is read directly, so a minimal
 Pi image still reports something. Temperature comes from the Linux thermal framework
@@ -7,18 +7,29 @@ expose; Jetson also lists its zones under ``/sys/devices/virtual/thermal``. Ever
 read here is treated as untrusted text: unparsable or absurd values are skipped, never
 raised.
 
-Public API: :class:`SystemSampler`, :func:`read_temperature_c`.
+The platform report is read from the agent's own process: ``platform.machine()`` and
+``/proc/cpuinfo`` (on aarch64, the kernel's HWCAP bits from ``/proc/self/auxv`` when cpuinfo
+has no Features line). Under qemu user mode that is the emulated CPU; ``uname`` or psutil
+would describe the host instead.
+
+Public API: :class:`SystemSampler`, :func:`read_temperature_c`, :func:`read_platform`,
+:func:`parse_cpuinfo`, :func:`hwcap_features`.
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import platform
+import struct
+import sys
+from importlib import metadata
 from pathlib import Path
 
-from lepton_edge.protocol import SystemStats
+from lepton_edge.profiles import normalize_arch
+from lepton_edge.protocol import PlatformInfo, SystemStats
 
-__all__ = ["SystemSampler", "read_temperature_c"]
+__all__ = ["SystemSampler", "read_temperature_c", "read_platform", "parse_cpuinfo", "hwcap_features"]
 
 log = logging.getLogger(__name__)
 
@@ -170,3 +181,118 @@ def _read_status(path: Path) -> str:
             return f.read(16384).decode("ascii", "replace")
     except OSError:
         return ""
+
+
+# --------------------------------------------------------------------------- platform
+
+_MAX_CPUINFO_BYTES = 256 * 1024
+_MAX_AUXV_BYTES = 4096
+_MAX_FEATURES = 512
+_AT_HWCAP, _AT_HWCAP2 = 16, 26
+# arch/arm64/include/uapi/asm/hwcap.h, in bit order; the names are the ones /proc/cpuinfo prints.
+_HWCAP_NAMES = ("fp asimd evtstrm aes pmull sha1 sha2 crc32 atomics fphp asimdhp cpuid asimdrdm jscvt fcma lrcpc "
+                "dcpop sha3 sm3 sm4 asimddp sha512 sve asimdfhm dit uscat ilrcpc flagm ssbs sb paca pacg").split()
+_HWCAP2_NAMES = ("dcpodp sve2 sveaes svepmull svebitperm svesha3 svesm4 flagm2 frint svei8mm svef32mm svef64mm "
+                 "svebf16 i8mm bf16 dgh rng bti mte").split()
+# MIDR part numbers of Arm Ltd. (implementer 0x41) cores found on Pis and Jetsons.
+_ARM_PARTS = {0xd03: "Cortex-A53", 0xd04: "Cortex-A35", 0xd05: "Cortex-A55", 0xd07: "Cortex-A57", 0xd08: "Cortex-A72",
+              0xd09: "Cortex-A73", 0xd0a: "Cortex-A75", 0xd0b: "Cortex-A76", 0xd0d: "Cortex-A77", 0xd41: "Cortex-A78",
+              0xd42: "Cortex-A78AE", 0xd4b: "Cortex-A78C", 0xd44: "Cortex-X1", 0xd46: "Cortex-A510", 0xd47: "Cortex-A710"}
+_RUNTIME_PACKAGES = ("onnxruntime", "onnxruntime-gpu", "ai-edge-litert", "tflite-runtime", "numpy")
+
+
+def _clean_token(token: str) -> str | None:
+    token = token.strip()
+    return token if 0 < len(token) <= 64 and token.isprintable() else None
+
+
+def parse_cpuinfo(text: str) -> tuple[str, list[str] | None]:
+    """``(cpu model, features)`` from /proc/cpuinfo text; features None when no line names them."""
+    model, features, implementer, part = "", None, None, None
+    for line in text.splitlines()[:20000]:
+        key, sep, value = line.partition(":")
+        if not sep:
+            continue
+        key, value = key.strip().lower(), value.strip()
+        if key in ("flags", "features") and features is None:
+            features = sorted({t for t in (_clean_token(x) for x in value.split()) if t})[:_MAX_FEATURES]
+        elif key == "model name" and not model:
+            model = value[:128]
+        elif key == "cpu implementer" and implementer is None:
+            implementer = _hex(value)
+        elif key == "cpu part" and part is None:
+            part = _hex(value)
+    if not model and implementer == 0x41 and part in _ARM_PARTS:
+        model = _ARM_PARTS[part]
+    return model if model.isprintable() else "", features
+
+
+def _hex(value: str) -> int | None:
+    try:
+        return int(value, 16)
+    except ValueError:
+        return None
+
+
+def hwcap_features(auxv: bytes) -> list[str] | None:
+    """aarch64 feature names from the kernel's HWCAP/HWCAP2 auxiliary vector entries (64-bit auxv)."""
+    hwcap = hwcap2 = None
+    usable = len(auxv) - len(auxv) % 16
+    for key, value in struct.iter_unpack("<QQ", auxv[:usable]) if sys.byteorder == "little" else ():
+        if key == 0:
+            break
+        if key == _AT_HWCAP:
+            hwcap = value
+        elif key == _AT_HWCAP2:
+            hwcap2 = value
+    if hwcap is None:
+        return None
+    names = [n for i, n in enumerate(_HWCAP_NAMES) if hwcap >> i & 1]
+    names += [n for i, n in enumerate(_HWCAP2_NAMES) if (hwcap2 or 0) >> i & 1]
+    return sorted(names)
+
+
+def _read_capped(path: Path, limit: int) -> bytes:
+    try:
+        with open(path, "rb") as f:
+            return f.read(limit)
+    except OSError:
+        return b""
+
+
+def _runtime_versions() -> dict[str, str]:
+    found = {}
+    for name in _RUNTIME_PACKAGES:
+        try:
+            version = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            continue
+        if version and len(version) <= 64:
+            found[name] = version
+    return found
+
+
+def _execution_providers(import_onnxruntime: bool) -> list[str]:
+    # Importing onnxruntime costs tens of MB; a TFLite-only device asks only once something loaded it.
+    if not import_onnxruntime and "onnxruntime" not in sys.modules:
+        return []
+    try:
+        import onnxruntime
+
+        return [p for p in onnxruntime.get_available_providers() if len(p) <= 64][:16]
+    except Exception as e:  # noqa: BLE001 - a broken runtime must not stop the agent reporting the rest
+        log.warning("cannot list onnxruntime's execution providers: %s", e)
+        return []
+
+
+def read_platform(root: Path | str = "/", *, import_onnxruntime: bool = False) -> PlatformInfo:
+    """This process's machine: arch, CPU model and features, runtime versions, onnxruntime providers."""
+    root = Path(root)
+    arch = normalize_arch(platform.machine())
+    text = _read_capped(root / "proc/cpuinfo", _MAX_CPUINFO_BYTES).decode("utf-8", "replace")
+    model, features = parse_cpuinfo(text)
+    if features is None and arch == "aarch64":
+        features = hwcap_features(_read_capped(root / "proc/self/auxv", _MAX_AUXV_BYTES))
+    return PlatformInfo(arch=arch[:32], cpu_model=model, cpu_features=features or [], runtimes=_runtime_versions(),
+                        execution_providers=_execution_providers(import_onnxruntime),
+                        python=platform.python_version()[:32])

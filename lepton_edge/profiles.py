@@ -31,6 +31,9 @@ __all__ = [
     "list_profiles",
     "validate_profile_file",
     "host_matches",
+    "normalize_arch",
+    "feature_names",
+    "platform_mismatch",
     "MAX_PROFILE_BYTES",
 ]
 
@@ -55,7 +58,9 @@ class _Strict(BaseModel):
 class Cpu(_Strict):
     cores: int = Field(ge=1, le=512, description="Physical cores the runtime may use.")
     threads: int = Field(ge=1, le=512, description="Intra-op threads for inference and latency measurement.")
-    features: list[str] = Field(default_factory=list, description="ISA features, e.g. avx2, avx512_vnni, dotprod, neon.")
+    features: list[str] = Field(default_factory=list, description=(
+        "ISA features the profile's settings count on, e.g. avx2, avx512_vnni, dotprod, neon: a device "
+        "that reports lacking one gets a warning at deploy time and from its agent at start-up."))
     model: str = Field(default="", description="CPU model, for people.")
 
     @model_validator(mode="after")
@@ -185,14 +190,41 @@ class DeviceProfile(_Strict):
         return f"host is {platform.machine()}, profile is {self.arch}: latency is a host proxy"
 
 
+def normalize_arch(machine: str) -> str:
+    """``platform.machine()`` spelled the way profiles spell it (arm64 -> aarch64, AMD64 -> x86_64)."""
+    m = (machine or "").strip().lower()
+    return {"amd64": "x86_64", "x64": "x86_64", "arm64": "aarch64", "armv8l": "aarch64", "armv7": "armv7l"}.get(m, m)
+
+
+# The kernel's /proc/cpuinfo names for what the profiles call dotprod and neon.
+_FEATURE_ALIASES = {"asimddp": "dotprod", "asimd": "neon", "asimdhp": "fp16"}
+
+
+def feature_names(flags: Sequence[str] | set[str]) -> set[str]:
+    """CPU flags as the kernel names them, plus the profile spellings of the same features."""
+    names = {f.strip().lower() for f in flags if f and f.strip()}
+    return names | {alias for kernel, alias in _FEATURE_ALIASES.items() if kernel in names}
+
+
+def platform_mismatch(profile: DeviceProfile, arch: str, features: Sequence[str] | set[str] | None) -> tuple[str | None, list[str]]:
+    """``(why the arch is wrong or None, the profile's features the CPU lacks)`` for a machine's report.
+
+    ``features=None`` means "not reported", which is not the same as "none".
+    """
+    arch = normalize_arch(arch)
+    wrong = None if not arch or arch == profile.arch else f"profile {profile.id} is {profile.arch}, the device is {arch}"
+    if features is None:
+        return wrong, []
+    have = feature_names(features)
+    return wrong, [f for f in profile.cpu.features if f.lower() not in have]
+
+
 def host_matches(profile: DeviceProfile) -> bool:
     """True when latency measured here says something about the device itself."""
-    machine = platform.machine().lower()
-    arch = {"amd64": "x86_64", "arm64": "aarch64"}.get(machine, machine)
-    if arch != profile.arch or profile.accelerator.kind != "none":
+    if profile.accelerator.kind != "none":
         return False
-    features = _host_cpu_features()
-    return all(f in features for f in profile.cpu.features)
+    wrong, missing = platform_mismatch(profile, platform.machine(), _host_cpu_features())
+    return wrong is None and not missing
 
 
 def _host_cpu_features() -> set[str]:
@@ -202,13 +234,7 @@ def _host_cpu_features() -> set[str]:
         return set()
     for line in text.splitlines():
         if line.startswith(("flags", "Features")):
-            flags = set(line.split(":", 1)[1].split())
-            # /proc/cpuinfo spells these differently from the profiles.
-            if "asimddp" in flags:
-                flags.add("dotprod")
-            if "asimd" in flags:
-                flags.add("neon")
-            return flags
+            return feature_names(line.split(":", 1)[1].split())
     return set()
 
 

@@ -41,6 +41,7 @@ __all__ = [
     "TelemetryMessage",
     "ModelStats",
     "SystemStats",
+    "PlatformInfo",
     "EventMessage",
     "DeployCommand",
     "RollbackCommand",
@@ -138,12 +139,28 @@ class ActiveModel(_Msg):
     bundle_sha256: str = Field(default="", max_length=64)
 
 
+_Short = Annotated[str, Field(max_length=64)]
+
+
+class PlatformInfo(_Msg):
+    """What the device is, as the agent's own process sees it (not what it was enrolled as)."""
+
+    arch: str = Field(default="", max_length=32, description="platform.machine(), normalised: x86_64, aarch64, armv7l.")
+    cpu_model: str = Field(default="", max_length=128)
+    cpu_features: list[_Short] = Field(default_factory=list, max_length=512,
+                                       description="The kernel's names (/proc/cpuinfo Features/flags), e.g. asimddp.")
+    runtimes: dict[_Short, _Short] = Field(default_factory=dict, max_length=16, description="Package name -> version.")
+    execution_providers: list[_Short] = Field(default_factory=list, max_length=16)
+    python: str = Field(default="", max_length=32)
+
+
 class StateMessage(_Msg):
     status: Literal["online", "offline"]
     ts: float
     profile: str = Field(default="", max_length=64)
     agent_version: str = Field(default="", max_length=32)
     models: dict[str, ActiveModel] = Field(default_factory=dict, max_length=64)
+    platform: PlatformInfo | None = None
 
 
 class ModelStats(_Msg):

@@ -337,11 +337,23 @@ def devices_show(device_id: str, server: str, token: str | None, ca: str | None 
     times = ("enrolled_at", "status_ts", "last_seen")
     rows = [("status", _status(d))]
     for k, v in d.items():
-        if k in ("status", "stale"):
+        if k in ("status", "stale", "platform"):
             continue
         rows.append((k.replace("_", " "), _when(v) if k in times else _ms(v) if k == "p95_ms" else _pct(v) if k == "error_rate"
                      else _pairs(v)))
+    rows += _platform_rows(d.get("platform"))
     print_table(device_id, ["field", "value"], rows)
+
+
+def _platform_rows(p: dict[str, Any] | None) -> list[tuple[str, str]]:
+    """What the device's agent says about its machine (not what it was enrolled as)."""
+    if not p:
+        return [("platform", "not reported yet")]
+    return [("arch", p.get("arch") or "-"), ("cpu", p.get("cpu_model") or "-"),
+            ("cpu features", " ".join(p.get("cpu_features") or []) or "-"),
+            ("runtimes", _pairs(p.get("runtimes") or {})),
+            ("execution providers", ", ".join(p.get("execution_providers") or []) or "-"),
+            ("python", p.get("python") or "-")]
 
 
 @devices.command("revoke")
@@ -451,6 +463,8 @@ def deploy_create(target: str, selectors: tuple[str, ...], waves: str, soak: str
                      on_no_data=on_no_data)
         out.print(f"deployment {d['id'][:12]}: {model}@{version} to "
                   f"{_plural(len(d['devices']) - len(d['missing_bundles']), 'device')} in {_plural(len(d['waves_detail']), 'wave')}")
+        for line in d.get("platform_warnings") or []:
+            warn(line)
         if d["missing_bundles"]:
             warn(f"{len(d['missing_bundles'])} targeted devices have no bundle for their profile and are not updated: "
                  f"{', '.join(d['missing_bundles'][:10])}")

@@ -102,6 +102,7 @@ devices = Table(
     Column("telemetry_seq", BigInteger),
     Column("telemetry_interval_s", Float),
     Column("queue_dropped_total", BigInteger),
+    Column("platform", Text),  # JSON: the agent's PlatformInfo, from its last state message
 )
 
 telemetry = Table(

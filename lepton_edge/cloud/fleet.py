@@ -72,6 +72,7 @@ def device_view(r: Mapping[str, Any], now: float | None = None) -> dict[str, Any
         "last_seen": r["last_seen"], "p95_ms": r["p95_ms"], "error_rate": r["error_rate"],
         "telemetry_interval_s": interval, "stale_after_s": stale_after, "stale": stale,
         "queue_dropped_total": r.get("queue_dropped_total"),
+        "platform": db.loads(r.get("platform"), None),
     }
 
 
@@ -120,7 +121,8 @@ class Fleet:
             values = dict(fleet=fleet, profile=profile_id, tags=db.dumps(checked_tags),
                           password_hash=broker_auth.hash_password(password), enrolled_at=now, revoked_at=None,
                           telemetry_interval_s=telemetry_interval_s, status="unknown", status_ts=None, active="{}",
-                          agent_version=None, last_seen=None, p95_ms=None, error_rate=None, telemetry_seq=None)
+                          agent_version=None, last_seen=None, p95_ms=None, error_rate=None, telemetry_seq=None,
+                          platform=None)
             if row is None:
                 conn.execute(db.devices.insert().values(device_id=device_id, **values))
             elif row.revoked_at is not None:

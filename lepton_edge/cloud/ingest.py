@@ -195,7 +195,8 @@ class Ingestor:
                         else:
                             states.append({"b_id": device_id, "status": s.status, "status_ts": s.ts,
                                            "agent_version": s.agent_version or None,
-                                           "active": db.dumps({m: a.version for m, a in s.models.items()}), "last_seen": received})
+                                           "active": db.dumps({m: a.version for m, a in s.models.items()}), "last_seen": received,
+                                           "platform": db.dumps(s.platform.model_dump()) if s.platform else None})
                     elif channel == "telemetry":
                         tm = decode_telemetry(payload)
                         if any(len(m) > 128 for m in tm.models):
@@ -239,7 +240,7 @@ class Ingestor:
                     conn.execute(update(db.devices).where(db.devices.c.device_id == bindparam("b_id"))
                                  .values(status=bindparam("status"), status_ts=bindparam("status_ts"),
                                          agent_version=bindparam("agent_version"), active=bindparam("active"),
-                                         last_seen=bindparam("last_seen")), s)
+                                         last_seen=bindparam("last_seen"), platform=bindparam("platform")), s)
             if tel_rows:
                 conn.execute(db.telemetry.insert(), tel_rows)
             if tel_devices:

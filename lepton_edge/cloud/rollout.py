@@ -52,6 +52,8 @@ from typing import Any
 from sqlalchemy import select, update
 from sqlalchemy.engine import Connection, Engine
 
+from ..errors import ProfileError
+from ..profiles import ProfileRegistry, normalize_arch, platform_mismatch
 from ..protocol import DeployCommand, RollbackCommand, new_id
 from . import db
 from .errors import ConflictError, InvalidRequestError, NotFoundError
@@ -203,6 +205,7 @@ class Rollouts:
         self._baseline_window_s = baseline_window_s
         self._resend_s = resend_s
         self._tick_lock = threading.Lock()
+        self._profiles: ProfileRegistry | None = None
 
     # ------------------------------------------------------------------ operator actions
     def create(self, model: str, version: str, selectors: Sequence[str], policy: RolloutPolicy) -> dict[str, Any]:
@@ -222,6 +225,7 @@ class Rollouts:
                 f"{model}@{version} has no bundle for any targeted device's profile ({', '.join(sorted({d['profile'] for d in targets}))})",
                 hint=f"it has bundles for: {', '.join(sorted(by_profile)) or 'nothing'}; convert and push one per profile",
             )
+        platform_warnings = self._check_platforms(model, version, with_bundle)
         dep_id = uuid.uuid4().hex
         # A stable pseudo-random order spreads each wave across sites and profiles.
         with_bundle.sort(key=lambda d: hashlib.sha256(f"{dep_id}/{d['device_id']}".encode()).digest())
@@ -258,7 +262,34 @@ class Rollouts:
         # when it reconnects (its session keeps it), and counts as failed if that is too late.
         view["offline_at_create"] = sorted(d["device_id"] for d in with_bundle if d["status"] != "online" or d["stale"])
         view["never_seen"] = sorted(d["device_id"] for d in with_bundle if d["last_seen"] is None and d["status_ts"] is None)
+        view["platform_warnings"] = platform_warnings
         return view
+
+    def _check_platforms(self, model: str, version: str, devices: Sequence[dict[str, Any]]) -> list[str]:
+        """Refuse a bundle for another arch than a device reports; list the profile features a device lacks.
+
+        A device that has not reported its platform yet (an older agent, never connected) is not judged.
+        """
+        if self._profiles is None:
+            self._profiles = ProfileRegistry()
+        wrong, warnings = [], []
+        for d in devices:
+            reported = d.get("platform") or {}
+            try:
+                profile = self._profiles.get(d["profile"])
+            except ProfileError:
+                continue  # a profile only the converter's side knows: nothing to compare with
+            arch_error, missing = platform_mismatch(profile, str(reported.get("arch") or ""), reported.get("cpu_features"))
+            if arch_error:
+                wrong.append(f"device {d['device_id']} reports {normalize_arch(reported['arch'])}, but {model}@{version} "
+                             f"for its profile {profile.id} is built for {profile.arch}")
+            elif missing and reported.get("cpu_features"):
+                warnings.append(f"device {d['device_id']} ({reported.get('cpu_model') or reported.get('arch')}) lacks "
+                                f"{', '.join(missing)}, which profile {profile.id} counts on: {model}@{version} runs, maybe slower")
+        if wrong:
+            more = f" (and {len(wrong) - 1} more)" if len(wrong) > 1 else ""
+            raise InvalidRequestError(wrong[0] + more, hint="re-enrol the device with a profile of its arch, or leave it out of --to")
+        return warnings
 
     def resolve(self, dep_id: str) -> str:
         """A full deployment id from itself or a unique prefix (git-style: the CLI prints 12 characters)."""
