@@ -73,6 +73,8 @@ class StaticInt8Config(PassConfig):
     calibration: Literal["minmax", "entropy", "percentile"] = Field(default="minmax", description="How activation ranges are chosen from the calibration data.")
     calibration_samples: int = Field(default=256, ge=1, le=100_000, description="Calibration samples used (the first N).")
     nodes_to_exclude: tuple[str, ...] = Field(default=(), description="Node names kept in float.")
+    bias_correction: bool = Field(default=False, description="Add to each Conv/Gemm bias the mean output shift its weight rounding causes "
+                                  "on the calibration data (empirical, in the bias's integer scale; same graph, same kernels).")
     compact: bool = Field(default=True, description="Lean encoding (no all-zero constant zero points, shared scalars, short names), "
                           "kept only when onnxruntime fuses it into the same kernels with bit-identical outputs.")
 
@@ -165,6 +167,17 @@ def quantize_static_int8(config: StaticInt8Config, src: Path, out: Path, *, inpu
         except Exception as e:  # the quantizer's failures are untyped
             raise ConversionError(f"static INT8 quantization failed: {str(e).splitlines()[0][:200]}") from None
     settings = _settings(config, log)
+    if config.bias_correction:
+        from .quantize import correct_biases
+
+        corrected = out.with_name(out.stem + "-biascorr.onnx")
+        settings["bias_correction"] = correct_biases(src, written, corrected, x, threads=min(2, os.cpu_count() or 1))
+        if written != out:
+            written.unlink()
+        written = corrected
+        if not config.compact:
+            corrected.replace(out)
+            return settings
     if config.compact:
         from .compact import compact_quantized
 

@@ -114,7 +114,8 @@ def _run(request: Request, bundle: BundleRequest, profile: DeviceProfile, work: 
         prepared = prepare(src, request, profile, work, journal)
     ctx = evaluation_context(prepared, profile, max_drop=max_drop, task=task, journal=journal)
     matches = host_matches(profile)
-    builder = BuildContext(profile, work, prepared, journal, lambda c: evaluate_candidate(c, ctx, journal), host_matches=matches)
+    builder = BuildContext(profile, work, prepared, journal, lambda c: evaluate_candidate(c, ctx, journal), host_matches=matches,
+                           task=ctx.budget.spec)
     built = build_candidates(builder)
     timed = measure_latencies(built.candidates, ctx, latency_runs, journal)
     choice = choose(timed, profile, host_matches=matches, kept=prepared.kept)

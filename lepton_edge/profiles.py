@@ -136,9 +136,16 @@ class Limits(_Strict):
 
 
 class AccuracyBudget(_Strict):
-    max_drop: float = Field(default=0.01, ge=0.0, le=1.0, description="Largest allowed accuracy drop (or top-1 disagreement).")
-    min_cosine: float = Field(default=0.99, ge=-1.0, le=1.0, description="For non-classifiers.")
-    max_abs_error: float = Field(default=0.1, ge=0.0, description="For non-classifiers.")
+    """One limit per task, each in the metric the task's users read (``--max-drop`` overrides the one that applies)."""
+
+    max_drop: float = Field(default=0.01, ge=0.0, le=1.0, description="Classification: largest accuracy drop (labels) or top-1 "
+                            "disagreement; segmentation: per-pixel class disagreement.")
+    min_box_agreement: float = Field(default=0.8, ge=0.0, le=1.0, description="Detection: matched-box agreement with the original "
+                                     "(same class, IoU >= 0.5, F1 over both models' boxes).")
+    min_cosine: float = Field(default=0.99, ge=-1.0, le=1.0, description="Embedding: min cosine to the original's vectors.")
+    max_nrmse: float = Field(default=0.05, ge=0.0, description="Regression and other outputs: RMSE over the original output's std.")
+    max_abs_error: float = Field(default=0.1, ge=0.0, description="Deprecated and not applied (it was in the output's own units); "
+                                 "accepted so older profiles still load.")
 
 
 class DeviceProfile(_Strict):

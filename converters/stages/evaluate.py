@@ -26,9 +26,11 @@ from lepton_edge.runtimes import RuntimeLoadError, open_session
 
 from ..candidates import count_quantized_ops
 from ..data import Dataset
-from ..evaluate import Agreement, compare, interleaved_latency, rss_bytes, run_batched, task_of
+from ..errors import UnsupportedModelError
+from ..evaluate import interleaved_latency, rss_bytes, run_batched
 from ..loading import reference_outputs
-from ..search import Budget, Candidate, gate
+from ..search import Candidate
+from ..tasks import Budget, Fidelity, LayoutError, gate, infer_task, measure
 from .journal import Journal
 from .prepare import Prepared
 
@@ -66,18 +68,26 @@ def evaluation_context(prepared: Prepared, profile: DeviceProfile, *, max_drop: 
 
 def task_budget(profile: DeviceProfile, reference: np.ndarray, labels: np.ndarray | None, *, max_drop: float | None,
                 task: str | None) -> Budget:
-    """The budget the gate applies: the task (``task`` when the user named it, else inferred) and the profile's limits."""
-    kind = task or task_of(reference)
-    ref_acc = float((reference.argmax(1) == labels).mean()) if kind == "classification" and labels is not None else None
-    bud = profile.accuracy_budget
-    return Budget(max_drop if max_drop is not None else bud.max_drop, bud.min_cosine, bud.max_abs_error, ref_acc, kind)
+    """The budget the gate applies: the task (``task`` when the user named it, else inferred from the
+    original's outputs, the reason kept for the report) and the limit in that task's loss."""
+    try:
+        spec = infer_task(reference, given=task)
+    except LayoutError as e:
+        raise UnsupportedModelError(f"--task {task}: the model's output is not a detector head the gate can decode: {e}",
+                                    hint="detection expects a YOLO-style raw head [N, 4+C, A] or [N, A, 4+C] (5+C with objectness)") from None
+    ref_acc = None
+    if spec.task == "classification" and labels is not None:
+        ref_acc = float((reference.reshape(len(reference), -1).argmax(1) == labels).mean())
+    return Budget.from_profile(profile.accuracy_budget, spec, max_drop=max_drop, labelled=labels is not None and spec.task == "classification",
+                               reference_accuracy=ref_acc)
 
 
-def fidelity_and_gate(reference: np.ndarray, output: np.ndarray, labels: np.ndarray | None, budget: Budget) -> tuple[Agreement, bool, str]:
-    """(how close the candidate is, inside the budget, why not)."""
-    agreement = compare(reference, output, labels)
-    ok, why = gate(agreement, budget)
-    return agreement, ok, why
+def fidelity_and_gate(reference: np.ndarray, output: np.ndarray, labels: np.ndarray | None, budget: Budget) -> tuple[Fidelity, bool, str]:
+    """(how close the candidate is, in the task's metric, inside the budget, why not)."""
+    assert budget.spec is not None
+    fidelity = measure(budget.spec, reference, output, labels)
+    ok, why = gate(fidelity, budget)
+    return fidelity, ok, why
 
 
 # ---------------------------------------------------------------------------- task-independent measurements

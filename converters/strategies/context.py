@@ -31,12 +31,13 @@ MAX_CANDIDATES = 12  # the bound on the search: builds + evaluations
 
 class BuildContext:
     def __init__(self, profile: DeviceProfile, work: Path, prepared: Prepared, journal: Journal,
-                 evaluate: Callable[[Candidate], Candidate], *, host_matches: bool) -> None:
+                 evaluate: Callable[[Candidate], Candidate], *, host_matches: bool, task: Any = None) -> None:
         self.profile = profile
         self.work = work
         self.prepared = prepared
         self.journal = journal
         self.host_matches = host_matches
+        self.task = task  # the TaskSpec the gate measures in (strategies' rules depend on it)
         self._evaluate = evaluate
         self.candidates: list[Candidate] = []
         self.sections: dict[str, Any] = {}  # report sections a strategy adds (e.g. sensitivity)

@@ -16,6 +16,7 @@ from typing import Any
 
 from ..candidates import keep_float, sensitive_nodes
 from ..data import rows
+from ..quantize import float_nodes
 from ..search import Candidate
 from .context import BuildContext
 
@@ -43,6 +44,12 @@ def search(ctx: BuildContext) -> None:
     info = ctx.prepared.info
     kw = {"source": ctx.quant_input(), "input_name": info.input_name, "calib_x": ctx.prepared.data.calibration.x,
           "fixed_batch": info.input_shape[0]}
+    ruled, why = float_nodes(ctx.quant_input(), ctx.task.task if ctx.task is not None else None)
+    if ruled:
+        for line in why:
+            ctx.journal.note(f"static INT8 keeps nodes in float by rule: {line}")
+        base = {**base, "nodes_to_exclude": ruled}
+        ctx.sections["float_by_rule"] = {"nodes": ruled, "why": why}
     first = ctx.build(f"int8-{q.format}-{q.calibration}", "int8", "int8-static", base, **kw)
     if ctx.host_matches and first.path is not None:
         # Latency decides on this host, so settings that differ in speed are measured rather than assumed:
@@ -81,6 +88,7 @@ def _keep_sensitive_in_float(ctx: BuildContext, first: Candidate, base: dict[str
         if not nodes or not ctx.budget_left() or tuple(excluded) in tried:
             break
         tried.add(tuple(excluded))
+        excluded = sorted(set(excluded) | set(base.get("nodes_to_exclude", ())))
         c = ctx.build(f"int8-{q.format}-excl{len(excluded)}", "int8", "int8-static", {**base, "nodes_to_exclude": excluded},
                       extra_settings={"sensitive_nodes": nodes}, **kw)
         if c.eligible:

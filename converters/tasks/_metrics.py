@@ -47,7 +47,29 @@ class Fidelity:
         return (-self.loss, -self.tie_breaker)
 
     def as_dict(self) -> dict[str, Any]:
-        return {"task": self.task, "metric": self.metric, "loss": self.loss, "samples": self.samples, **self.details}
+        return {"task": self.task, "metric": self.metric, "loss": self.loss, "samples": self.samples, **self.details,
+                "top1_agreement": self.top1_agreement, "accuracy": self.accuracy, "max_abs_error": self.max_abs_error}
+
+    # The figures the report and the winner's ranking read from every candidate, whatever its task.
+    @property
+    def top1_agreement(self) -> float | None:
+        return self.details.get("top1_agreement")
+
+    @property
+    def accuracy(self) -> float | None:
+        return self.details.get("accuracy")
+
+    @property
+    def cosine_min(self) -> float:
+        return self.details.get("cosine_min", 0.0)
+
+    @property
+    def cosine_mean(self) -> float:
+        return self.details.get("cosine_mean", 0.0)
+
+    @property
+    def max_abs_error(self) -> float:
+        return self.details.get("max_abs_error", 0.0)
 
 
 def _flat(a: np.ndarray) -> np.ndarray:
@@ -124,7 +146,8 @@ def measure(spec: TaskSpec, reference: list[np.ndarray] | np.ndarray, candidate:
     if not np.isfinite(np.asarray(out, dtype=np.float64)).all():
         return Fidelity(spec.task, _METRIC[spec.task], float("inf"), {"non_finite_outputs": float((~np.isfinite(out)).sum())}, n, float("inf"))
     cos = cosine_rows(ref, out)
-    common = {"cosine_min": float(cos.min()), "cosine_mean": float(cos.mean())}
+    common = {"cosine_min": float(cos.min()), "cosine_mean": float(cos.mean()),
+              "max_abs_error": float(np.abs(np.asarray(ref, dtype=np.float64) - out).max()) if ref.size else 0.0}
     task = spec.task
     if task == "classification":
         return _classification(ref, out, labels, common, n)

@@ -151,11 +151,11 @@ def test_tight_budget_falls_back_to_fp32(tmp_path):
     import torch
     import torch.nn as nn
 
-    # A regressor under a budget (max abs error 1e-4) that no INT8 variant can meet: every
+    # A regressor under a budget (NRMSE 1e-4) that no INT8 variant can meet: every
     # variant is tried within the bound, and the optimised FP32 model wins.
     (tmp_path / "strict.yaml").write_text(
         "id: x86-strict\nextends: x86-avx2\ndevice: strict test box\n"
-        "accuracy_budget: {max_drop: 0.0, min_cosine: 0.99999, max_abs_error: 0.0001}\nsources: test\n")
+        "accuracy_budget: {max_drop: 0.0, min_cosine: 0.99999, max_nrmse: 0.0001}\nsources: test\n")
     torch.manual_seed(0)
     net = nn.Sequential(nn.Flatten(), nn.Linear(64, 32), nn.ReLU(), nn.Linear(32, 32), nn.ReLU(), nn.Linear(32, 1)).eval()
     x = np.random.default_rng(0).random((120, 1, 8, 8), dtype=np.float32)

@@ -1,0 +1,10 @@
+"""Quantization beyond onnxruntime's quantizer: bias correction and the float-island rules.
+
+- :func:`correct_biases`: empirical per-channel bias correction of a QDQ model;
+- :func:`float_nodes`: nodes kept float by rule (detector head Concat/Sigmoid/Mul; transformer LayerNorm/Softmax/GELU).
+"""
+
+from ._bias import correct_biases
+from ._rules import detection_head_nodes, float_nodes, is_transformer, transformer_nodes
+
+__all__ = ["correct_biases", "float_nodes", "detection_head_nodes", "transformer_nodes", "is_transformer"]
