@@ -21,7 +21,7 @@ import pytest
 from lepton_edge.cloud.broker import find_mosquitto
 from lepton_edge.cloud.errors import CloudError
 from lepton_edge.protocol import EventMessage, encode, topic
-from support.hostile import HostileCloud, start_hostile_cloud, wait_until
+from support.hostile import HostileCloud, start_hostile_cloud, verify_for, wait_until
 
 pytestmark = pytest.mark.slow
 
@@ -141,7 +141,7 @@ def test_another_devices_client_id_neither_takes_its_session_nor_kicks_it_off(cl
 def test_the_cloud_client_cannot_be_kicked_off(cloud, mallory):
     info = cloud.client.health()
     assert "replica" in info  # the operator sees it...
-    anon = httpx.get(f"{cloud.proc.url}/v1/health", verify=ssl.create_default_context(cafile=cloud.ca)).json()
+    anon = httpx.get(f"{cloud.proc.url}/v1/health", verify=verify_for(cloud.ca)).json()
     assert "replica" not in anon and "broker" not in anon  # ...a device does not
     for cid in (f"lepton-cloud-{info['replica']}", "lepton-cloud", "lepton-cloud-x"):
         m = mallory(client_id=cid, connect=False)
@@ -249,7 +249,7 @@ def test_a_download_token_dies_with_revocation_and_is_stored_only_hashed(cloud, 
 
     body = json.loads(cmd[0][1])
     token, url = body["token"], body["url"]
-    verify = ssl.create_default_context(cafile=cloud.ca)
+    verify = verify_for(cloud.ca)
     assert httpx.get(url, headers={"Authorization": f"Bearer {token}"}, verify=verify).status_code == 200
     assert httpx.get(url, params={"token": token}, verify=verify).status_code == 401  # never in a URL
     with sqlite3.connect(f"file:{cloud.db_path}?mode=ro", uri=True) as conn:
