@@ -72,6 +72,10 @@ class HostileCloud:
         with sqlite3.connect(f"file:{self.db_path}?mode=ro", uri=True) as conn:
             return sorted(r[0] for r in conn.execute("SELECT count FROM telemetry WHERE device_id = ?", (device_id,)))
 
+    def event_ids(self, device_id: str) -> set[str]:
+        with sqlite3.connect(f"file:{self.db_path}?mode=ro", uri=True) as conn:
+            return {r[0] for r in conn.execute("SELECT event_id FROM events WHERE device_id = ?", (device_id,))}
+
     def healthy(self) -> bool:
         r = httpx.get(f"{self.proc.url}/v1/health", verify=verify_for(self.ca))
         return r.status_code == 200 and r.json()["ok"] is True
@@ -84,8 +88,8 @@ class HostileCloud:
 class Device:
     """A raw MQTT 5 client over TLS with one device's credentials; records every message it gets."""
 
-    def __init__(self, broker_url: str, ca: str, username: str, password: str, *, fleet: str, device_id: str,
-                 client_id: str | None = None) -> None:
+    def __init__(self, broker_url: str, ca: str, username: str | None, password: str | None, *, fleet: str, device_id: str,
+                 client_id: str | None = None, cert: tuple[str, str] | None = None) -> None:
         self.address = parse_broker_url(broker_url)
         self.fleet, self.device_id = fleet, device_id
         self.client_id = client_id or f"lepton-{fleet}-{device_id}"
@@ -96,9 +100,13 @@ class Device:
         self._connected = threading.Event()
         self._lock = threading.Lock()
         c = paho.Client(CallbackAPIVersion.VERSION2, client_id=self.client_id, protocol=paho.MQTTv5)
-        c.username_pw_set(username, password)
+        if username is not None:
+            c.username_pw_set(username, password)
         if self.address.tls:
-            c.tls_set_context(ssl.create_default_context(cafile=ca))
+            context = ssl.create_default_context(cafile=ca)
+            if cert:
+                context.load_cert_chain(*cert)
+            c.tls_set_context(context)
         c.reconnect_delay_set(min_delay=30, max_delay=60)  # a kicked-off victim must show as kicked off
         c.on_connect = self._on_connect
         c.on_message = self._on_message
@@ -158,6 +166,13 @@ class Device:
         for s in seqs:
             info = self.client.publish(topic(self.fleet, self.device_id, "telemetry"), self.telemetry(s), qos=1)
             info.wait_for_publish(10)
+
+    def send_events(self, event_ids: list[str]) -> None:
+        from lepton_edge.protocol import EventMessage
+
+        for eid in event_ids:
+            msg = encode(EventMessage(event_id=eid, type="download_progress", detail="victim"))
+            self.client.publish(topic(self.fleet, self.device_id, "events"), msg, qos=1).wait_for_publish(10)
 
     def online(self) -> None:
         msg = encode(StateMessage(status="online", ts=time.time(), profile="rpi5", models={}))
