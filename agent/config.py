@@ -46,6 +46,8 @@ class ApiConfig(_Strict):
     port: int = Field(default=8700, ge=0, le=65535, description="0 picks a free port (tests).")
     unix_socket: Path | None = Field(default=None, description="Also listen on this Unix socket.")
     max_body_bytes: int = Field(default=16 << 20, ge=1024, le=1 << 31, description="Larger request bodies get 413.")
+    max_connections: int = Field(default=64, ge=1, le=4096,
+                                 description="Connections served at once (one thread each); more get 503 at once.")
     enabled: bool = True
 
 

@@ -56,6 +56,9 @@ _IDLE_TIMEOUT_S = 60.0
 # A whole request body must arrive within this: a client trickling one byte a minute would
 # otherwise hold a handler thread for ever.
 _BODY_TIMEOUT_S = 30.0
+# The request line and headers must arrive within this of their first byte: a client trickling a
+# header byte now and then would otherwise hold a handler thread for ever (slowloris).
+_HEADER_TIMEOUT_S = 10.0
 _LITTLE_ENDIAN = sys.byteorder == "little"  # the wire format of binary tensors
 
 
@@ -207,15 +210,20 @@ class _Handler(socketserver.StreamRequestHandler):
 
     def handle_one_request(self) -> None:
         try:
-            self.raw_requestline = self.rfile.readline(_MAX_LINE + 1)
-            if len(self.raw_requestline) > _MAX_LINE:
-                self.requestline = ""
-                self.send_error(414, "request line is longer than 64 KiB")
-                return
-            if not self.raw_requestline:
+            if not self.rfile.peek(1):  # an idle keep-alive connection waits here, up to the idle timeout
                 self.close_connection = True
                 return
-            if not self.parse_request():
+            deadlines = self.server.owner._deadlines
+            deadlines.start(self.connection, _HEADER_TIMEOUT_S)
+            try:
+                self._read_head()
+            except (ValueError, OSError):
+                # The header deadline shut the socket down under the reader.
+                self.close_connection = True
+                return
+            finally:
+                deadlines.stop(self.connection)
+            if self.command is None:
                 return
             method = getattr(self, f"do_{self.command}", None)
             if method is None:
@@ -226,6 +234,20 @@ class _Handler(socketserver.StreamRequestHandler):
             self.close_connection = True
         except (ConnectionResetError, BrokenPipeError):
             self.close_connection = True
+
+    def _read_head(self) -> None:
+        """The request line and headers; ``self.command`` stays None when the request was refused."""
+        self.command = None
+        self.raw_requestline = self.rfile.readline(_MAX_LINE + 1)
+        if len(self.raw_requestline) > _MAX_LINE:
+            self.requestline = ""
+            self.send_error(414, "request line is longer than 64 KiB")
+            return
+        if not self.raw_requestline:
+            self.close_connection = True
+            return
+        if not self.parse_request():
+            self.command = None
 
     def setup(self) -> None:
         super().setup()
@@ -471,10 +493,73 @@ class _UnixHandler(_Handler):
 
 
 class _Servers:
+    """Thread-per-connection, but at most ``max_connections`` at once: the next one gets a 503 and no thread."""
+
     owner: "InferenceServer"
+    slots: threading.BoundedSemaphore
 
     def handle_error(self, request: Any, client_address: Any) -> None:
         log.warning("connection from %s ended with an error", client_address or "unix socket", exc_info=True)
+
+    def process_request(self, request: Any, client_address: Any) -> None:
+        if not self.slots.acquire(blocking=False):
+            self.owner.refused_connections += 1
+            try:
+                request.settimeout(1.0)
+                request.sendall(b"HTTP/1.1 503 Service Unavailable\r\nRetry-After: 1\r\nContent-Length: 0\r\n"
+                                b"Connection: close\r\n\r\n")
+            except OSError:
+                pass
+            self.shutdown_request(request)  # type: ignore[attr-defined]
+            return
+        try:
+            super().process_request(request, client_address)  # type: ignore[misc]
+        except BaseException:
+            self.slots.release()
+            raise
+
+    def process_request_thread(self, request: Any, client_address: Any) -> None:
+        try:
+            super().process_request_thread(request, client_address)  # type: ignore[misc]
+        finally:
+            self.slots.release()
+
+
+class _Deadlines:
+    """One thread for every connection's header deadline (not a timer per request)."""
+
+    def __init__(self) -> None:
+        self._due: dict[socket.socket, float] = {}
+        self._lock = threading.Lock()
+        self._thread: threading.Thread | None = None
+        self._stop = threading.Event()
+
+    def start(self, conn: socket.socket, seconds: float) -> None:
+        with self._lock:
+            self._due[conn] = time.monotonic() + seconds
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._watch, name="lepton-http-deadlines", daemon=True)
+                self._thread.start()
+
+    def stop(self, conn: socket.socket) -> None:
+        with self._lock:
+            self._due.pop(conn, None)
+
+    def close(self) -> None:
+        self._stop.set()
+
+    def _watch(self) -> None:
+        while not self._stop.wait(0.25):
+            now = time.monotonic()
+            with self._lock:
+                late = [c for c, t in self._due.items() if t < now]
+                for c in late:
+                    del self._due[c]
+            for c in late:
+                try:
+                    c.shutdown(socket.SHUT_RDWR)
+                except OSError:
+                    pass
 
 
 class _TcpServer(_Servers, socketserver.ThreadingTCPServer):
@@ -499,12 +584,15 @@ class InferenceServer:
         self._connections: set[socket.socket] = set()
         self._servers: list[socketserver.BaseServer] = []
         self._threads: list[threading.Thread] = []
+        self._deadlines = _Deadlines()
+        self.refused_connections = 0
         try:
             tcp = _TcpServer((config.host, config.port), _Handler)
         except OSError as e:
             raise LeptonEdgeError(f"cannot listen on {config.host}:{config.port}: {e.strerror}",
                                   hint="another agent may be running; change api.port in the config") from None
         tcp.owner = self
+        tcp.slots = threading.BoundedSemaphore(config.max_connections)
         self._servers.append(tcp)
         if config.unix_socket is not None:
             path = Path(config.unix_socket)
@@ -513,6 +601,7 @@ class InferenceServer:
             unix = _UnixServer(str(path), _UnixHandler)
             os.chmod(path, 0o660)
             unix.owner = self
+            unix.slots = threading.BoundedSemaphore(config.max_connections)
             self._servers.append(unix)
 
     @property
@@ -572,6 +661,7 @@ class InferenceServer:
                 pass
         if self.config.unix_socket is not None:
             Path(self.config.unix_socket).unlink(missing_ok=True)
+        self._deadlines.close()
         return drained
 
     def close(self) -> None:

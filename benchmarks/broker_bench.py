@@ -19,8 +19,9 @@ times (the median is reported):
 Also reported: the broker process's CPU seconds per 10,000 messages (from /proc). Every
 scenario runs twice per broker, plaintext and over TLS (the listener and every client
 mqtts, with the same private CA and server certificate ``cloud serve`` makes; ``--no-tls``
-skips it), and the TLS cost is reported as ratios in the same run: throughput TLS/plain
-and broker CPU per message TLS/plain.
+skips it). The plaintext and the TLS broker of one kind run side by side and their runs
+alternate, so both see the same machine load; the TLS cost is reported as ratios in the same
+run: throughput TLS/plain and broker CPU per message TLS/plain.
 Everything is loopback and bounded (each run times out after ``--timeout`` s). Run it
 under ``flock /tmp/lepton-bench.lock`` when others share the machine::
 
@@ -260,27 +261,42 @@ def _median_run(runs: list[dict]) -> dict:
             "all_complete": all(r["complete"] and not r["out_of_order"] for r in runs)}
 
 
+def _alternating(brokers: dict, repeats: int, run) -> dict:  # type: ignore[no-untyped-def]
+    """``run(port, ca, pid)`` ``repeats`` times on each broker, alternating them, so plain and TLS share the load."""
+    runs: dict[str, list[dict]] = {mode: [] for mode in brokers}
+    for _ in range(repeats):
+        for mode, (broker, ca) in brokers.items():
+            runs[mode].append(run(broker.port, ca, broker.pid))
+    return {mode: _median_run(r) for mode, r in runs.items()}
+
+
 def bench_broker(kind: str, work: Path, args: argparse.Namespace, tls=None) -> dict:  # type: ignore[no-untyped-def]
-    """Every scenario on one broker; ``tls`` (a TlsFiles) makes its listener and every client mqtts."""
+    """Every scenario on a plaintext broker and (with ``tls``, a TlsFiles) a TLS one of the same kind, side by side."""
     make = {"mosquitto": ManagedMosquitto, "embedded": ManagedEmbeddedBroker}[kind]
-    results = {}
-    ca = str(tls.ca) if tls is not None else None
-    with make(work / f"{kind}-{'tls' if tls else 'plain'}", auth=False, tls=tls) as broker:
-        pid, port = broker.pid, broker.port
-        info(f"{kind}: {broker}")
-        results["1->1"] = _median_run([_one_to_one(port, ca, pid, args.messages, args.payload, args.timeout)
-                                       for _ in range(args.repeats)])
-        idle = _idle_clients(port, ca, args.clients)
+    modes = {"plain": None, **({"tls": tls} if tls is not None else {})}
+    brokers = {}
+    try:
+        for mode, files in modes.items():
+            broker = make(work / f"{kind}-{mode}", auth=False, tls=files)
+            broker.start()
+            brokers[mode] = (broker, str(files.ca) if files is not None else None)
+            info(f"{kind}: {broker}")
+        scenarios: dict[str, dict] = {}
+        scenarios["1->1"] = _alternating(brokers, args.repeats, lambda port, ca, pid: _one_to_one(
+            port, ca, pid, args.messages, args.payload, args.timeout))
+        idle = [s for broker, ca in brokers.values() for s in _idle_clients(broker.port, ca, args.clients)]
         try:
-            results[f"1->1 among {args.clients}"] = _median_run(
-                [_one_to_one(port, ca, pid, args.messages, args.payload, args.timeout) for _ in range(args.repeats)])
+            scenarios[f"1->1 among {args.clients}"] = _alternating(brokers, args.repeats, lambda port, ca, pid: _one_to_one(
+                port, ca, pid, args.messages, args.payload, args.timeout))
         finally:
             for s in idle:
                 s.close()
-        results[f"{args.clients}->1 fan-in"] = _median_run(
-            [_fan_in(port, ca, pid, args.clients, args.fanin_each, args.payload, args.timeout)
-             for _ in range(args.repeats)])
-    return results
+        scenarios[f"{args.clients}->1 fan-in"] = _alternating(brokers, args.repeats, lambda port, ca, pid: _fan_in(
+            port, ca, pid, args.clients, args.fanin_each, args.payload, args.timeout))
+    finally:
+        for broker, _ in brokers.values():
+            broker.stop()
+    return {mode: {name: by_mode[mode] for name, by_mode in scenarios.items()} for mode in modes}
 
 
 def _tls_files(tmp: Path):  # type: ignore[no-untyped-def]
@@ -309,8 +325,7 @@ def main() -> None:
     modes = ["plain"] if args.no_tls else ["plain", "tls"]
     with tempfile.TemporaryDirectory(prefix="lepton-broker-bench-") as tmp:
         tls = None if args.no_tls else _tls_files(Path(tmp))
-        measured = {kind: {mode: bench_broker(kind, Path(tmp), args, tls if mode == "tls" else None) for mode in modes}
-                    for kind in kinds}
+        measured = {kind: bench_broker(kind, Path(tmp), args, tls) for kind in kinds}
     scenarios = list(measured["embedded"]["plain"])
     ratios = {mode: {s: _ratio(measured["embedded"][mode][s]["msgs_per_s"], measured["mosquitto"][mode][s]["msgs_per_s"])
                      for s in scenarios} for mode in modes} if "mosquitto" in measured else {}

@@ -251,7 +251,7 @@ def _run(work: Path, devices: int, broker_url: str, burst: int, budget_s: float,
 
     service = spawn_service(["--db", str(work / "cloud.db"), "--broker", broker_url, "--port", "0",
                              "--artifacts", str(work / "artifacts"), "--trusted-key", str(pub), "--state-dir", str(work / "cloud"),
-                             "--tick", "0.5s", "--resend", "60s"], log_path=work / "service.log")
+                             "--tick", "0.5s", "--resend", "60s", "--insecure-plaintext"], log_path=work / "service.log")
     bare = _BareSubscriber(broker_url, fleet_name)
     workers: _Workers | None = None
     result: dict = {"devices": devices, "broker": broker_url, "fleet": fleet_name, "bundle_bytes": bundle_size,

@@ -301,6 +301,10 @@ def _enrol_and_start(client: Any, profiles: list[str], work: Path, pub_key: Path
         port = _free_port()
         cfg.update(state_dir=str(home / "state"), api={"host": "127.0.0.1", "port": port},
                    trusted_keys=[str(pub_key)], models=[])
+        if enrolled.get("ca_pem"):
+            # The service's private CA: the agent verifies the broker (mqtts) and the bundle server (https) with it.
+            (home / "ca.pem").write_text(enrolled["ca_pem"])
+            cfg["tls"] = {"ca_file": str(home / "ca.pem")}
         config_path = home / "agent.yaml"
         config_path.write_text(yaml.safe_dump(cfg, sort_keys=False))
         config_path.chmod(0o600)
@@ -532,9 +536,10 @@ def run_demo(workdir: Path, profiles: list[str], budget_s: float) -> bool:
                                              state_dir=workdir / "cloud", tick_s=0.5, resend_s=10.0)).start()
         clock.say(f"cloud service on {service.url}, its own {service.broker.kind} broker on {service.broker_url} "
                   f"(passwords + ACL in {service.broker.workdir})")
-        client = CloudClient(service.url, service.token)
-        checks.add("broker and cloud service started", client.health().get("replica") == service.replica_id,
-                   f"{service.url}, {service.broker_url}")
+        client = CloudClient(service.url, service.token, ca=service.tls.ca if service.tls else None)
+        checks.add("broker and cloud service started on TLS", client.health().get("replica") == service.replica_id
+                   and service.url.startswith("https://") and service.broker_url.startswith("mqtts://"),
+                   f"{service.url}, {service.broker_url}, certificates from the private CA {service.tls.ca if service.tls else '-'}")
 
         models, data, accuracies = _train_versions(clock)
         summary["test_accuracy"] = accuracies
@@ -578,7 +583,7 @@ def run_demo(workdir: Path, profiles: list[str], budget_s: float) -> bool:
             traffic.stop()
         if service is not None and agents:
             try:
-                _print_fleet(CloudClient(service.url, service.token), agents, summary)
+                _print_fleet(CloudClient(service.url, service.token, ca=service.tls.ca if service.tls else None), agents, summary)
             except LeptonEdgeError as e:
                 warn(f"could not read the fleet for the final table: {e}")
         killed = children.stop_all()

@@ -133,12 +133,13 @@ class ManagedMosquitto:
 
     def __init__(self, workdir: Path, port: int | None = None, *, auth: bool = True,
                  binary: str | None = None, tls: Any = None, service_port: int | None = None,
-                 max_connections: int = 5000) -> None:
+                 mtls_port: int | None = None, max_connections: int = 5000) -> None:
         self.workdir = Path(workdir).resolve()
         self.port = port or _free_port()
         self.auth = auth
         self.tls = tls  # a tls.TlsFiles: every listener is mqtts; None: plain MQTT (--insecure-plaintext, tests)
         self.service_port = service_port
+        self.mtls_port = mtls_port if tls else None  # a listener that requires a client certificate (username := its CN)
         self.max_connections = max_connections
         self.binary = binary or find_mosquitto()
         self.conf_path = self.workdir / f"{self._FILE_STEM}.conf"
@@ -158,6 +159,10 @@ class ManagedMosquitto:
         """Where the service's own clients connect (Mosquitto: a listener only the service user may use)."""
         port = self.service_port if (self.auth and self.service_port) else self.port
         return f"{'mqtts' if self.tls else 'mqtt'}://127.0.0.1:{port}"
+
+    @property
+    def mtls_url(self) -> str | None:
+        return f"mqtts://127.0.0.1:{self.mtls_port}" if self.mtls_port else None
 
     @property
     def service_password_file(self) -> Path:
@@ -217,7 +222,15 @@ class ManagedMosquitto:
         if self.service_port:
             lines += [f"listener {self.service_port} 127.0.0.1", *self._tls_lines(), "allow_anonymous false",
                       f"password_file {self.service_password_file}", f"acl_file {self.acl_file}"]
+        if self.mtls_port:
+            # Mosquitto does not consult the password file for certificate users: the CRL is what revokes them.
+            crl = self.tls.ca.parent / "crl.pem"
+            lines += [*self._mtls_lines(), *([f"crlfile {crl}"] if crl.exists() else []), "use_username_as_clientid true",
+                      f"max_connections {self.max_connections}", *device_auth]
         return lines
+
+    def _mtls_lines(self) -> list[str]:
+        return [f"listener {self.mtls_port} 127.0.0.1", *self._tls_lines(), "require_certificate true", "use_identity_as_username true"]
 
     def _write_conf(self) -> None:
         if self.auth:
@@ -351,11 +364,11 @@ class ManagedEmbeddedBroker(ManagedMosquitto):
     _FILE_STEM = "embedded-broker"
 
     def __init__(self, workdir: Path, port: int | None = None, *, auth: bool = True, tls: Any = None,
-                 service_port: int | None = None, max_packet_size: int = 1 << 20, max_connections: int = 5000,
-                 connect_timeout_s: float = 10.0) -> None:
+                 service_port: int | None = None, mtls_port: int | None = None, max_packet_size: int = 1 << 20,
+                 max_connections: int = 5000, connect_timeout_s: float = 10.0) -> None:
         # One listener for devices and the service alike: the embedded broker ties client ids to
         # usernames itself (clientid_file), so the service needs no listener of its own.
-        super().__init__(workdir, port, auth=auth, binary=sys.executable, tls=tls, service_port=None,
+        super().__init__(workdir, port, auth=auth, binary=sys.executable, tls=tls, service_port=None, mtls_port=mtls_port,
                          max_connections=max_connections)
         self.max_packet_size = max_packet_size
         self.connect_timeout_s = connect_timeout_s
@@ -383,7 +396,9 @@ class ManagedEmbeddedBroker(ManagedMosquitto):
             return lines + ["allow_anonymous true"]
         conf = getattr(broker_auth, "embedded_auth_conf", None)
         auth_conf = conf(self.workdir) if conf else mosquitto_auth_conf(self.workdir) + f"clientid_file {self.workdir / 'clientids'}\n"
-        return lines + [f"unlimited_user {SERVICE_USER}", *auth_conf.strip().splitlines()]
+        # Certificate users must also be in the password file here, so a revocation cuts them off at once.
+        mtls = self._mtls_lines() if self.mtls_port else []
+        return lines + mtls + [f"unlimited_user {SERVICE_USER}", *auth_conf.strip().splitlines()]
 
     def _write_conf(self) -> None:
         if self.auth and not (self.workdir / "clientids").exists():
@@ -408,20 +423,20 @@ def broker_choice() -> str:
 
 
 def managed_broker(workdir: Path, port: int | None = None, *, auth: bool = True, tls: Any = None,
-                   service_port: int | None = None) -> ManagedMosquitto:
+                   service_port: int | None = None, mtls_port: int | None = None) -> ManagedMosquitto:
     """A not yet started broker: mosquitto when installed, else the embedded one (see the module docstring)."""
     choice = broker_choice()
     binary = find_mosquitto()
     if choice == "mosquitto" or (choice == "auto" and binary):
         log.info("broker: mosquitto (%s), %s", binary or "not installed",
                  f"forced by {BROKER_ENV}=mosquitto" if choice == "mosquitto" else f"found installed; {BROKER_ENV}=embedded picks ours")
-        return ManagedMosquitto(workdir, port, auth=auth, binary=binary, tls=tls, service_port=service_port)
+        return ManagedMosquitto(workdir, port, auth=auth, binary=binary, tls=tls, service_port=service_port, mtls_port=mtls_port)
     if choice == "embedded":
         log.info("broker: the embedded Python MQTT 5 broker, forced by %s=embedded", BROKER_ENV)
     else:
         log.warning("broker: no mosquitto binary found (PATH, /usr/sbin); using the embedded Python MQTT 5 broker "
                     "(fine for a demo or a small fleet; apt-get install mosquitto for more)")
-    return ManagedEmbeddedBroker(workdir, port, auth=auth, tls=tls)
+    return ManagedEmbeddedBroker(workdir, port, auth=auth, tls=tls, mtls_port=mtls_port)
 
 
 def start_broker(workdir: Path, port: int | None = None, *, auth: bool = True, tls: Any = None) -> ManagedMosquitto:

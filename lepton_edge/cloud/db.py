@@ -45,6 +45,7 @@ __all__ = [
     "deployments",
     "deployment_devices",
     "leases",
+    "revoked_certs",
     "database_url",
     "connect",
     "dumps",
@@ -103,6 +104,16 @@ devices = Table(
     Column("telemetry_interval_s", Float),
     Column("queue_dropped_total", BigInteger),
     Column("platform", Text),  # JSON: the agent's PlatformInfo, from its last state message
+    Column("cert_serial", String(40)),  # hex serial of the client certificate issued at enrolment (--client-certs)
+)
+
+# Client certificates of revoked (or re-enrolled) devices: the CRL the mTLS listener checks.
+revoked_certs = Table(
+    "revoked_certs",
+    metadata,
+    Column("serial", String(40), primary_key=True),
+    Column("device_id", String(64), nullable=False),
+    Column("revoked_at", Float, nullable=False),
 )
 
 telemetry = Table(

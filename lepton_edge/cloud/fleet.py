@@ -81,7 +81,8 @@ class Fleet:
 
     def __init__(self, engine: Engine, *, auth_dir: Path | None = None, service_password_hash: str | None = None,
                  on_auth_change: Callable[[], None] | None = None, public_broker_url: str = "mqtt://127.0.0.1:1883",
-                 trusted_keys_pem: list[str] | None = None, ca_pem: str | None = None, tls_files: Any = None) -> None:
+                 trusted_keys_pem: list[str] | None = None, ca_pem: str | None = None, tls_files: Any = None,
+                 mtls_broker_url: str | None = None) -> None:
         self._engine = engine
         self._auth_dir = auth_dir
         self._service_hash = service_password_hash
@@ -90,6 +91,7 @@ class Fleet:
         self._trusted_keys_pem = trusted_keys_pem or []
         self._ca_pem = ca_pem  # the CA agents verify the broker and the API with
         self._tls_files = tls_files  # set: each device also gets a client certificate (CN = device id)
+        self._mtls_broker_url = mtls_broker_url  # the listener that takes those certificates (username := CN)
         self._auth_lock = threading.Lock()
         self._profiles: ProfileRegistry | None = None
 
@@ -115,14 +117,20 @@ class Fleet:
         checked_tags = parse_tags(tags or {})
         password = broker_auth.new_password()
         now = time.time()
+        cert = None
+        if self._tls_files is not None:
+            from .tls import issue_client_cert
+
+            cert = issue_client_cert(self._tls_files, device_id)
         with self._engine.begin() as conn:
-            row = conn.execute(select(db.devices.c.revoked_at).where(db.devices.c.device_id == device_id)).first()
+            row = conn.execute(select(db.devices.c.revoked_at, db.devices.c.cert_serial).where(db.devices.c.device_id == device_id)).first()
             # A re-enrolled device starts blank: what the old one last reported is not this one's state.
             values = dict(fleet=fleet, profile=profile_id, tags=db.dumps(checked_tags),
                           password_hash=broker_auth.hash_password(password), enrolled_at=now, revoked_at=None,
                           telemetry_interval_s=telemetry_interval_s, status="unknown", status_ts=None, active="{}",
                           agent_version=None, last_seen=None, p95_ms=None, error_rate=None, telemetry_seq=None,
-                          platform=None)
+                          platform=None,
+                          cert_serial=cert[2] if cert else None)
             if row is None:
                 conn.execute(db.devices.insert().values(device_id=device_id, **values))
             elif row.revoked_at is not None:
@@ -133,7 +141,8 @@ class Fleet:
         self.sync_auth()
         config = {
             "device_id": device_id, "fleet": fleet, "profile": profile_id, "state_dir": f"/var/lib/lepton-edge/{device_id}",
-            "broker": self._public_broker_url, "username": device_id, "password": password,
+            "broker": (self._mtls_broker_url if cert and self._mtls_broker_url else self._public_broker_url),
+            "username": device_id, "password": password,
             "api": {"host": "127.0.0.1", "port": 8700}, "trusted_keys": [], "models": [],
             "telemetry_interval_s": telemetry_interval_s,
         }
@@ -141,16 +150,19 @@ class Fleet:
         if self._ca_pem:
             # The writer of the agent config puts it in a file and names it as tls.ca_file.
             result["ca_pem"] = self._ca_pem
-        if self._tls_files is not None:
-            from .tls import issue_client_cert
-
-            result["client_cert_pem"], result["client_key_pem"] = issue_client_cert(self._tls_files, device_id)
+        if cert is not None:
+            result["client_cert_pem"], result["client_key_pem"] = cert[0], cert[1]
         return result
 
     def revoke(self, device_id: str) -> dict[str, Any]:
+        now = time.time()
         with self._engine.begin() as conn:
+            serial = conn.execute(select(db.devices.c.cert_serial).where(db.devices.c.device_id == device_id,
+                                                                          db.devices.c.revoked_at.is_(None))).scalar()
             n = conn.execute(update(db.devices).where(db.devices.c.device_id == device_id, db.devices.c.revoked_at.is_(None))
-                             .values(revoked_at=time.time())).rowcount
+                             .values(revoked_at=now)).rowcount
+            if n and serial:
+                conn.execute(db.revoked_certs.insert().values(serial=serial, device_id=device_id, revoked_at=now))
         if n == 0:
             self.get(device_id)  # raises NotFound for unknown ids
             raise ConflictError(f"device {device_id} is already revoked")
@@ -178,12 +190,21 @@ class Fleet:
             if self._service_hash:
                 users[broker_auth.SERVICE_USER] = self._service_hash
             try:
+                if self._tls_files is not None:
+                    self._write_crl()
                 broker_auth.write_auth_files(self._auth_dir, users, [(r.fleet, r.device_id, r.device_id) for r in rows],
                                              broker_auth.SERVICE_USER)
                 if self._on_auth_change is not None:
                     self._on_auth_change()
             except broker_auth.BrokerError as e:
                 raise CloudError(f"device saved, but the broker's auth files were not updated: {e.message}", hint=e.hint) from None
+
+    def _write_crl(self) -> None:
+        from .tls import write_crl
+
+        with self._engine.connect() as conn:
+            serials = [r.serial for r in conn.execute(select(db.revoked_certs.c.serial))]
+        write_crl(self._tls_files, serials)
 
     def get(self, device_id: str) -> dict[str, Any]:
         with self._engine.connect() as conn:

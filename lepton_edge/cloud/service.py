@@ -175,7 +175,8 @@ class CloudService:
                                on_auth_change=self.broker.reload if self.broker is not None else None,
                                public_broker_url=cfg.public_broker_url or self.broker_url, trusted_keys_pem=pem,
                                ca_pem=self.tls.ca.read_text() if self.tls else None,
-                               tls_files=self.tls if cfg.client_certs else None)
+                               tls_files=self.tls if cfg.client_certs else None,
+                               mtls_broker_url=self.broker.mtls_url if self.broker is not None else None)
             if self._auth_dir is not None:
                 self.fleet.sync_auth()
             if self.broker is not None:
@@ -213,9 +214,10 @@ class CloudService:
             # Agent configs name the broker's port, so a restarted service must come back on the same one.
             port = int(self._setting("managed_broker_port", lambda: str(_free_port())))
             service_port = int(self._setting("managed_broker_service_port", lambda: str(_free_port())))
+            mtls_port = int(self._setting("managed_broker_mtls_port", lambda: str(_free_port()))) if cfg.client_certs else None
             # Mosquitto when installed, else the embedded broker (LEPTON_EDGE_BROKER forces either); one log line says which.
             self.broker = managed_broker(_private_dir(Path(cfg.state_dir) / "broker"), port, auth=True, tls=self.tls,
-                                         service_port=service_port)
+                                         service_port=service_port, mtls_port=mtls_port)
             self._auth_dir: Path | None = self.broker.workdir
             self.broker_url = self.broker.url
         else:
@@ -232,6 +234,8 @@ class CloudService:
             return None
         from .tls import ensure_tls, user_tls_files
 
+        if cfg.client_certs and (cfg.tls_cert or cfg.tls_key or cfg.tls_ca):
+            raise CloudConfigError("--client-certs needs the service's own CA", hint="drop --tls-cert/--tls-key/--tls-ca, or issue client certificates yourself")
         given = [cfg.tls_cert, cfg.tls_key, cfg.tls_ca]
         if any(given):
             if not all(given):
@@ -362,6 +366,7 @@ class ServiceProcess:
     def __init__(self, proc: subprocess.Popen, info: dict[str, Any], token: str | None = None) -> None:
         self.proc, self.info = proc, info
         self.url, self.token, self.replica_id = info["url"], token, info["replica"]
+        self.ca: str | None = info.get("ca")  # what the API and broker certificates are checked against (None: plaintext)
 
     def stop(self, timeout: float = 15.0) -> None:
         if self.proc.poll() is None:

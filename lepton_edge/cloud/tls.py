@@ -13,7 +13,11 @@ within 30 days, is re-issued under the same CA, so enrolled agents keep trusting
 Operators with their own PKI pass ``--tls-cert/--tls-key/--tls-ca`` instead, and nothing is
 generated. Keys are ECDSA P-256; the CA lives ten years, server certificates one.
 
-Public API: :class:`TlsFiles`, :func:`ensure_tls`, :func:`user_tls_files`, :func:`issue_client_cert`.
+With ``--client-certs`` the CA also issues each enrolled device a client certificate
+(CN = device id) and keeps ``crl.pem``, the list of revoked ones, for Mosquitto's mTLS listener.
+
+Public API: :class:`TlsFiles`, :func:`ensure_tls`, :func:`user_tls_files`, :func:`issue_client_cert`,
+:func:`write_crl`.
 """
 
 from __future__ import annotations
@@ -27,7 +31,7 @@ from pathlib import Path
 
 from .errors import CloudConfigError
 
-__all__ = ["TlsFiles", "ensure_tls", "user_tls_files", "issue_client_cert", "write_private"]
+__all__ = ["TlsFiles", "ensure_tls", "user_tls_files", "issue_client_cert", "write_private", "write_crl", "crl_path"]
 
 _CA_DAYS = 3650
 _SERVER_DAYS = 365
@@ -173,10 +177,36 @@ def user_tls_files(cert: Path, key: Path, ca: Path) -> TlsFiles:
     return TlsFiles(Path(ca).resolve(), Path(cert).resolve(), Path(key).resolve())
 
 
-def issue_client_cert(files: TlsFiles, common_name: str) -> tuple[str, str]:
-    """A client certificate (PEM) and its key for ``common_name`` (a device id), signed by the private CA."""
+def issue_client_cert(files: TlsFiles, common_name: str) -> tuple[str, str, str]:
+    """A client certificate (PEM), its key and its serial (hex) for ``common_name`` (a device id), signed by the private CA."""
+    from cryptography import x509
+
     if files.ca_key is None:
         raise CloudConfigError("client certificates need the service's own CA", hint="drop --tls-cert/--tls-key/--tls-ca to let it make one")
     ca_cert, ca_key = _load_ca(files.ca.parent)
     cert, key = _issue(ca_cert, ca_key, common_name, days=_CLIENT_DAYS, server=False)
-    return cert.decode(), key.decode()
+    serial = format(x509.load_pem_x509_certificate(cert).serial_number, "x")
+    return cert.decode(), key.decode(), serial
+
+
+def crl_path(files: TlsFiles) -> Path:
+    return files.ca.parent / "crl.pem"
+
+
+def write_crl(files: TlsFiles, revoked_serials: list[str]) -> Path:
+    """The CA's revocation list (``tls/crl.pem``) naming ``revoked_serials``; Mosquitto reads it on SIGHUP."""
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+
+    ca_cert, ca_key = _load_ca(files.ca.parent)
+    now = _now()
+    builder = (x509.CertificateRevocationListBuilder().issuer_name(ca_cert.subject).last_update(now - _dt.timedelta(minutes=5))
+               .next_update(now + _dt.timedelta(days=_CA_DAYS)))
+    for serial in sorted(set(revoked_serials)):
+        builder = builder.add_revoked_certificate(
+            x509.RevokedCertificateBuilder().serial_number(int(serial, 16)).revocation_date(now - _dt.timedelta(minutes=5)).build())
+    path = crl_path(files)
+    tmp = path.with_name(".crl.pem.tmp")
+    tmp.write_bytes(builder.sign(ca_key, hashes.SHA256()).public_bytes(serialization.Encoding.PEM))
+    os.replace(tmp, path)
+    return path

@@ -344,3 +344,57 @@ def test_drain_finishes_in_flight_and_refuses_new(service, bundles):
     assert drained == [True] and result == [200]
     with pytest.raises(OSError):
         _request(srv, "GET", "/v2/health/live")
+
+
+def test_headers_that_trickle_in_are_cut_off_at_the_header_deadline(shared_api, monkeypatch):
+    import time
+
+    import lepton_edge.agent.http_api as http_api
+
+    monkeypatch.setattr(http_api, "_HEADER_TIMEOUT_S", 1.0)
+    with socket.create_connection(("127.0.0.1", shared_api.port), timeout=20) as s:
+        s.sendall(b"GET /v2/health/live HTTP/1.1\r\n")
+        started = time.monotonic()
+        closed = False
+        for _ in range(40):  # one header byte every 0.2 s: each recv is quick, the whole head never ends
+            try:
+                s.sendall(b"X")
+            except OSError:
+                closed = True
+                break
+            time.sleep(0.2)
+            s.setblocking(False)
+            try:
+                if s.recv(1) == b"":
+                    closed = True
+                    break
+            except BlockingIOError:
+                pass
+            except OSError:
+                closed = True
+                break
+            finally:
+                s.setblocking(True)
+        assert closed and time.monotonic() - started < 6
+    assert _request(shared_api, "GET", "/v2/health/live")[0].status == 200
+
+
+def test_connections_beyond_the_cap_get_503_without_a_thread(service):
+    srv = InferenceServer(service, ApiConfig(port=0, max_connections=4)).start()
+    try:
+        before = threading.active_count()
+        idle = [socket.create_connection(("127.0.0.1", srv.port), timeout=10) for _ in range(4)]
+        import time
+
+        time.sleep(0.3)
+        extra = [socket.create_connection(("127.0.0.1", srv.port), timeout=10) for _ in range(20)]
+        answers = [s.recv(64) for s in extra]
+        assert all(a.startswith(b"HTTP/1.1 503 ") for a in answers), answers[:3]
+        assert threading.active_count() - before <= 4 + 1  # the four handlers (+ the deadline watcher)
+        assert srv.refused_connections == 20
+        for s in idle + extra:
+            s.close()
+        time.sleep(0.3)
+        assert _request(srv, "GET", "/v2/health/live")[0].status == 200
+    finally:
+        srv.close()

@@ -54,7 +54,7 @@ def test_two_replicas_on_postgres_survive_leader_kill(tmp_path, pg_database, pri
     # Devices download from "any replica": here the second one's URL stands for the load balancer.
     common = ["--db", pg_database, "--broker", private_broker.url, "--artifacts", str(tmp_path / "artifacts"), "--token", "t0k",
               "--trusted-key", str(keypair[1]), "--tick", "100ms", "--lease-ttl", "1.5s", "--resend", "2s",
-              "--public-url", f"http://127.0.0.1:{ports[1]}"]
+              "--public-url", f"http://127.0.0.1:{ports[1]}", "--insecure-plaintext"]
     replicas = []
     try:
         for i, port in enumerate(ports):

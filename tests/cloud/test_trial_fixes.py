@@ -47,7 +47,7 @@ def test_serve_on_external_broker_warns_and_keeps_the_token_off_stdout(tmp_path,
         token = token_file.read_text().strip()
         assert proc.token == token and "token" not in proc.info
         assert token not in json.dumps(proc.info)
-        assert CloudClient(proc.url, proc.token).devices() == []  # spawn_service still hands callers a working token
+        assert CloudClient(proc.url, proc.token, ca=proc.ca).devices() == []  # spawn_service still hands callers a working token
         wait_for(lambda: "NOT enforced" in log.read_text(), 10, "the broker-auth warning")
         text = " ".join(log.read_text().split())
         assert "--auth-dir" in text and "password_file" in text and token not in text
@@ -251,7 +251,7 @@ def test_serve_remembers_its_trusted_keys_and_refuses_a_second_service_on_its_st
     # Restarted without --trusted-key, it still accepts the bundles it accepted before.
     again = spawn_service(common, log_path=tmp_path / "again.log")
     try:
-        client = CloudClient(again.url, again.token)
+        client = CloudClient(again.url, again.token, ca=again.ca)
         client.push(cloud_bundles("1"))  # refused, with an error, were the key forgotten
         assert [m["version"] for m in client.models()] == ["1"]
         assert "trusting the 1 key remembered in" in " ".join((tmp_path / "again.log").read_text().split())

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import os
 import sqlite3
 import ssl
 import threading
@@ -26,7 +27,7 @@ from lepton_edge.cloud.mqtt import parse_broker_url
 from lepton_edge.cloud.service import ServiceProcess, spawn_service
 from lepton_edge.protocol import ModelStats, StateMessage, TelemetryMessage, encode, topic
 
-__all__ = ["HostileCloud", "Device", "start_hostile_cloud", "wait_until"]
+__all__ = ["HostileCloud", "Device", "start_hostile_cloud", "wait_until", "verify_for", "PLAINTEXT_ENV"]
 
 
 def wait_until(predicate: Any, timeout: float = 15.0, what: str = "condition") -> Any:
@@ -71,8 +72,12 @@ class HostileCloud:
         with sqlite3.connect(f"file:{self.db_path}?mode=ro", uri=True) as conn:
             return sorted(r[0] for r in conn.execute("SELECT count FROM telemetry WHERE device_id = ?", (device_id,)))
 
+    def event_ids(self, device_id: str) -> set[str]:
+        with sqlite3.connect(f"file:{self.db_path}?mode=ro", uri=True) as conn:
+            return {r[0] for r in conn.execute("SELECT event_id FROM events WHERE device_id = ?", (device_id,))}
+
     def healthy(self) -> bool:
-        r = httpx.get(f"{self.proc.url}/v1/health", verify=ssl.create_default_context(cafile=self.ca))
+        r = httpx.get(f"{self.proc.url}/v1/health", verify=verify_for(self.ca))
         return r.status_code == 200 and r.json()["ok"] is True
 
     def stop(self) -> None:
@@ -83,8 +88,8 @@ class HostileCloud:
 class Device:
     """A raw MQTT 5 client over TLS with one device's credentials; records every message it gets."""
 
-    def __init__(self, broker_url: str, ca: str, username: str, password: str, *, fleet: str, device_id: str,
-                 client_id: str | None = None) -> None:
+    def __init__(self, broker_url: str, ca: str, username: str | None, password: str | None, *, fleet: str, device_id: str,
+                 client_id: str | None = None, cert: tuple[str, str] | None = None) -> None:
         self.address = parse_broker_url(broker_url)
         self.fleet, self.device_id = fleet, device_id
         self.client_id = client_id or f"lepton-{fleet}-{device_id}"
@@ -95,8 +100,13 @@ class Device:
         self._connected = threading.Event()
         self._lock = threading.Lock()
         c = paho.Client(CallbackAPIVersion.VERSION2, client_id=self.client_id, protocol=paho.MQTTv5)
-        c.username_pw_set(username, password)
-        c.tls_set_context(ssl.create_default_context(cafile=ca))
+        if username is not None:
+            c.username_pw_set(username, password)
+        if self.address.tls:
+            context = ssl.create_default_context(cafile=ca)
+            if cert:
+                context.load_cert_chain(*cert)
+            c.tls_set_context(context)
         c.reconnect_delay_set(min_delay=30, max_delay=60)  # a kicked-off victim must show as kicked off
         c.on_connect = self._on_connect
         c.on_message = self._on_message
@@ -157,6 +167,13 @@ class Device:
             info = self.client.publish(topic(self.fleet, self.device_id, "telemetry"), self.telemetry(s), qos=1)
             info.wait_for_publish(10)
 
+    def send_events(self, event_ids: list[str]) -> None:
+        from lepton_edge.protocol import EventMessage
+
+        for eid in event_ids:
+            msg = encode(EventMessage(event_id=eid, type="download_progress", detail="victim"))
+            self.client.publish(topic(self.fleet, self.device_id, "events"), msg, qos=1).wait_for_publish(10)
+
     def online(self) -> None:
         msg = encode(StateMessage(status="online", ts=time.time(), profile="rpi5", models={}))
         self.client.publish(topic(self.fleet, self.device_id, "state"), msg, qos=1, retain=True).wait_for_publish(10)
@@ -177,17 +194,28 @@ class Device:
         self.client.loop_stop()
 
 
+# Set to run the suite against a build without TLS (how the issue's findings were shown to fail before the fixes).
+PLAINTEXT_ENV = "LEPTON_SECURITY_SUITE_PLAINTEXT"
+
+
 def start_hostile_cloud(tmp: Path, broker_kind: str, *, extra_args: list[str] = ()) -> HostileCloud:
     state = tmp / "state"
     env = {"LEPTON_EDGE_BROKER": broker_kind}
     proc = spawn_service(["--db", str(state / "cloud.db"), "--state-dir", str(state), "--artifacts", str(state / "artifacts"),
                           "--port", "0", "--allow-unsigned", "--tick", "0.1s", "--resend", "2s", *extra_args],
                          env=env, log_path=tmp / "serve.log", timeout=60)
+    broker = proc.info["broker"]
+    if os.environ.get(PLAINTEXT_ENV):
+        return HostileCloud(proc, state, broker_kind, CloudClient(proc.url, proc.token), "", broker)
     ca = proc.info["ca"]
     assert proc.url.startswith("https://") and ca and Path(ca).is_file(), proc.info
     client = CloudClient(proc.url, proc.token, ca=ca)
-    broker = proc.info["broker"]
     assert broker.startswith("mqtts://"), broker
     return HostileCloud(proc, state, broker_kind, client, ca, broker)
+
+
+def verify_for(ca: str) -> Any:
+    """httpx's ``verify`` for the service's CA (True: plaintext runs, where it is unused)."""
+    return ssl.create_default_context(cafile=ca) if ca else True
 
 

@@ -43,8 +43,8 @@ the same interface as ``ManagedMosquitto``.
 
 from .broker import Broker
 from .config import BrokerConfig, ListenerConfig, load_config
-from .errors import BrokerConfigError, BrokerError, ProtocolViolation
+from .errors import BrokerConfigError, EmbeddedBrokerError, ProtocolViolation
 from .server import main, serve
 
-__all__ = ["Broker", "BrokerConfig", "ListenerConfig", "load_config", "main", "serve", "BrokerError",
+__all__ = ["Broker", "BrokerConfig", "ListenerConfig", "load_config", "main", "serve", "EmbeddedBrokerError",
            "BrokerConfigError", "ProtocolViolation"]

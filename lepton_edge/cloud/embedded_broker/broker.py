@@ -11,6 +11,7 @@ import asyncio
 import itertools
 import logging
 import time
+from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 from .auth import AuthState, load_auth
@@ -46,6 +47,7 @@ class Broker:
         self.total_queued_bytes = 0
         self._per_listener: dict[int, int] = {}
         self._client_ids = itertools.count(1)
+        self.reload_hooks: list[Callable[[], None]] = []  # e.g. the TLS contexts (CRLs), run on every reload
         self.load_auth()
 
     # -- auth
@@ -57,6 +59,8 @@ class Broker:
 
     def reload(self) -> None:
         log.info("Reloading config")
+        for hook in self.reload_hooks:
+            hook()
         try:
             self.load_auth()
         except BrokerConfigError as e:

@@ -26,6 +26,7 @@ class ListenerConfig:
     certfile: Path | None = None          # with keyfile: this listener speaks TLS (mqtts)
     keyfile: Path | None = None
     cafile: Path | None = None            # verifies client certificates (optional unless required)
+    crlfile: Path | None = None            # revoked client certificates (PEM CRL from the cafile's CA); re-read on SIGHUP
     require_certificate: bool = False
     use_identity_as_username: bool = False  # username := client certificate CN; no certificate: refused
     use_username_as_clientid: bool = False  # client id := username (Mosquitto's takeover guard)
@@ -89,7 +90,7 @@ class BrokerConfig:
 
 
 _LISTENER_BOOLS = {"require_certificate", "use_identity_as_username", "use_username_as_clientid"}
-_LISTENER_PATHS = {"certfile", "keyfile", "cafile"}
+_LISTENER_PATHS = {"certfile", "keyfile", "cafile", "crlfile"}
 _GLOBAL_BOOLS = {"allow_anonymous", "connection_messages"}
 _GLOBAL_PATHS = {"password_file", "acl_file", "clientid_file", "stats_file"}
 _FIELD_TYPES = {f.name: f.type for f in dataclasses.fields(BrokerConfig)}
@@ -155,7 +156,7 @@ def _check(cfg: BrokerConfig) -> None:
     for listener in cfg.listeners:
         if (listener.certfile is None) != (listener.keyfile is None):
             raise BrokerConfigError(f"listener {listener.port}: certfile and keyfile go together")
-        if (listener.require_certificate or listener.use_identity_as_username) and listener.cafile is None:
+        if (listener.require_certificate or listener.use_identity_as_username or listener.crlfile) and listener.cafile is None:
             raise BrokerConfigError(f"listener {listener.port}: client certificates need a cafile")
         if listener.use_identity_as_username and not listener.tls:
             raise BrokerConfigError(f"listener {listener.port}: use_identity_as_username needs TLS (certfile/keyfile)")

@@ -2,7 +2,7 @@
 
 ::
 
-    BrokerError                 anything the broker process reports and stops on
+    EmbeddedBrokerError         anything the broker process reports and stops on
     ├── BrokerConfigError       a config, password, ACL or TLS file it cannot use (names the file and line)
     ProtocolViolation           one client broke MQTT: ends that client's connection with a reason code
 
@@ -12,14 +12,14 @@ the broker or another client.
 
 from __future__ import annotations
 
-__all__ = ["BrokerError", "BrokerConfigError", "ProtocolViolation"]
+__all__ = ["EmbeddedBrokerError", "BrokerConfigError", "ProtocolViolation"]
 
 
-class BrokerError(Exception):
+class EmbeddedBrokerError(Exception):
     """The broker process cannot go on (bad config, port taken)."""
 
 
-class BrokerConfigError(BrokerError, ValueError):
+class BrokerConfigError(EmbeddedBrokerError, ValueError):
     """A config, password, ACL or certificate file the broker cannot use; the message names it."""
 
 

@@ -15,8 +15,9 @@ from typing import TYPE_CHECKING
 
 from .codec import Properties, packet
 from .errors import ProtocolViolation
-from .packets import (PINGRESP_BYTES, Ack, Connack, Connect, Suback, Unsuback, UnsupportedVersion, decode_ack,
-                      decode_connect, decode_disconnect, decode_publish, decode_subscribe, decode_unsubscribe)
+from .packets import (EXPECTED_FLAGS, PINGRESP_BYTES, Ack, Connack, Connect, Suback, Unsuback, UnsupportedVersion,
+                      decode_ack, decode_connect, decode_disconnect, decode_publish, decode_subscribe,
+                      decode_unsubscribe)
 from .sessions import Message, PendingWill, Session, Subscription
 from .topics import filter_is_valid, split_shared
 from .wire import V3_SUBACK_FAILURE, PacketType, PropertyId, ReasonCode
@@ -27,7 +28,6 @@ if TYPE_CHECKING:
 __all__ = ["PacketHandlers"]
 
 _RC, _P, _T = ReasonCode, PropertyId, PacketType
-_EXPECTED_FLAGS = {_T.PUBREL: 2, _T.SUBSCRIBE: 2, _T.UNSUBSCRIBE: 2}
 
 
 class _Refused(ProtocolViolation):
@@ -55,7 +55,7 @@ class PacketHandlers:
             return
         if kind == _T.RESERVED:
             raise ProtocolViolation(_RC.MALFORMED_PACKET, "reserved packet type 0")
-        if flags != _EXPECTED_FLAGS.get(kind, 0):
+        if flags != EXPECTED_FLAGS.get(kind, 0):
             raise ProtocolViolation(_RC.MALFORMED_PACKET, f"reserved flags 0x{flags:x} on packet type {kind}")
         if kind in (_T.PUBACK, _T.PUBCOMP):
             self._on_ack(decode_ack(_T(kind), body, self.version))
@@ -318,7 +318,8 @@ class PacketHandlers:
         if not broker.may_subscribe(session, topic_filter):  # type: ignore[arg-type]
             broker.stats.refuse("subscribe_acl")
             return _RC.NOT_AUTHORIZED if v5 else V3_SUBACK_FAILURE
-        if full_filter not in session.subscriptions and len(session.subscriptions) >= broker.config.max_subscriptions:  # type: ignore[union-attr]
+        subscriptions = session.subscriptions  # type: ignore[union-attr]
+        if full_filter not in subscriptions and len(subscriptions) >= broker.config.max_subscriptions:
             return _RC.QUOTA_EXCEEDED if v5 else V3_SUBACK_FAILURE
         sub = Subscription.from_options(options, identifier)
         existed = broker.subscribe(session, full_filter, sub)  # type: ignore[arg-type]
@@ -337,7 +338,8 @@ class PacketHandlers:
 
     def _on_unsubscribe(self: Connection, body: bytes) -> None:
         pkt = decode_unsubscribe(2, body, self.version)
-        codes = [_RC.SUCCESS if self.broker.unsubscribe(self.session, f) else _RC.NO_SUBSCRIPTION_EXISTED  # type: ignore[arg-type]
+        session = self.session
+        codes = [_RC.SUCCESS if self.broker.unsubscribe(session, f) else _RC.NO_SUBSCRIPTION_EXISTED  # type: ignore[arg-type]
                  for f in pkt.filters]
         self.send(Unsuback(pkt.packet_id, codes, version=self.version).encode())
 

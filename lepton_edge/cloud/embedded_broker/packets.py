@@ -12,18 +12,20 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from .codec import Properties, Reader, check_utf8, encode_properties, packet, utf8, varint
+from .codec import Properties, Reader, check_utf8, encode_properties, packet, utf8
 from .errors import ProtocolViolation
 from .topics import validate_topic
 from .wire import ALLOWED_PROPERTIES, V3_CONNACK, WILL_PROPERTIES, PacketType, PropertyId, ReasonCode
 
 __all__ = ["Will", "Connect", "Connack", "Publish", "Ack", "Subscribe", "Suback", "Unsubscribe", "Unsuback",
-           "Pingreq", "Pingresp", "Disconnect", "Auth", "decode", "PINGRESP_BYTES"]
+           "Pingreq", "Pingresp", "Disconnect", "Auth", "decode", "PINGRESP_BYTES", "EXPECTED_FLAGS",
+           "UnsupportedVersion"]
 
 _RC = ReasonCode
 _T = PacketType
 PINGRESP_BYTES = b"\xd0\x00"
-_EXPECTED_FLAGS = {_T.PUBREL: 2, _T.SUBSCRIBE: 2, _T.UNSUBSCRIBE: 2}
+# The fixed header's low nibble each packet type must carry (PUBLISH's are its flags).
+EXPECTED_FLAGS = {_T.PUBREL: 2, _T.SUBSCRIBE: 2, _T.UNSUBSCRIBE: 2}
 
 
 def _props(version: int, props: Properties | None) -> bytes:
@@ -365,7 +367,7 @@ def decode(first: int, body: bytes, version: int = 5) -> object:
     if kind == _T.RESERVED:
         raise ProtocolViolation(_RC.MALFORMED_PACKET, "reserved packet type 0")
     kind = PacketType(kind)
-    if flags != _EXPECTED_FLAGS.get(kind, 0):
+    if flags != EXPECTED_FLAGS.get(kind, 0):
         raise ProtocolViolation(_RC.MALFORMED_PACKET, f"reserved flags 0x{flags:x} on packet type {int(kind)}")
     if kind in (_T.PUBACK, _T.PUBREC, _T.PUBREL, _T.PUBCOMP):
         return decode_ack(kind, body, version)
@@ -380,6 +382,3 @@ def decode(first: int, body: bytes, version: int = 5) -> object:
         return decode_connect(flags, body)
     return decoder(flags, body, version)  # type: ignore[operator]
 
-
-# Re-exported for the tests' known-bytes checks.
-encode_varint = varint

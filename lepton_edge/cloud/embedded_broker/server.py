@@ -42,19 +42,32 @@ async def _stats_loop(broker: Broker) -> None:
         await asyncio.sleep(max(0.1, broker.config.stats_interval))
 
 
+def _contexts(cfg: BrokerConfig) -> list:
+    return [server_context(listener) if listener.tls else None for listener in cfg.listeners]
+
+
 async def serve(cfg: BrokerConfig) -> int:
     loop = asyncio.get_running_loop()
     try:
         broker = Broker(cfg)
-        contexts = [server_context(listener) if listener.tls else None for listener in cfg.listeners]
+        contexts = _contexts(cfg)
     except BrokerConfigError as e:
         log.error("Error: %s", e)
         return 2
+
+    def reload_tls() -> None:
+        # New connections get the re-read certificates and CRLs; a file that fails keeps all the old ones.
+        try:
+            contexts[:] = _contexts(cfg)
+        except BrokerConfigError as e:
+            log.error("Error: reload of the TLS files failed, keeping the previous ones: %s", e)
+
+    broker.reload_hooks.append(reload_tls)
     servers = []
-    for listener, context in zip(cfg.listeners, contexts):
+    for index, listener in enumerate(cfg.listeners):
         try:
             servers.append(await loop.create_server(
-                lambda listener=listener, context=context: Connection(broker, listener, context),
+                lambda listener=listener, index=index: Connection(broker, listener, contexts[index]),
                 listener.host, listener.port, reuse_address=True, backlog=1024))
         except OSError as e:
             log.error("Error: cannot listen on %s:%d: %s", listener.host, listener.port, e.strerror or e)

@@ -4,7 +4,8 @@ Doing TLS here rather than through asyncio's ``ssl=`` keeps a handshaking socket
 pre-auth connection: it counts against ``max_preauth_connections``, its bytes against
 ``max_preauth_bytes``, and ``connect_timeout`` covers the handshake too. With a client
 certificate signed by the listener's ``cafile``, :meth:`TlsLayer.peer_common_name` gives
-its subject CN, which ``use_identity_as_username`` makes the username (as Mosquitto does).
+its subject CN, which ``use_identity_as_username`` makes the username (as Mosquitto does);
+a ``crlfile`` refuses the certificates it revokes at the handshake.
 """
 
 from __future__ import annotations
@@ -30,9 +31,13 @@ def server_context(listener: ListenerConfig) -> ssl.SSLContext:
         ctx.load_cert_chain(str(listener.certfile), str(listener.keyfile))
         if listener.cafile is not None:
             ctx.load_verify_locations(cafile=str(listener.cafile))
+        if listener.crlfile is not None:
+            ctx.load_verify_locations(cafile=str(listener.crlfile))
+            ctx.verify_flags |= ssl.VERIFY_CRL_CHECK_LEAF
     except (OSError, ssl.SSLError) as e:
-        raise BrokerConfigError(f"listener {listener.port}: cannot load its certificate, key or CA "
-                                f"({listener.certfile}, {listener.keyfile}, {listener.cafile}): {e}") from None
+        raise BrokerConfigError(f"listener {listener.port}: cannot load its certificate, key, CA or CRL "
+                                f"({listener.certfile}, {listener.keyfile}, {listener.cafile}, {listener.crlfile}): "
+                                f"{e}") from None
     if listener.cafile is not None:
         ctx.verify_mode = ssl.CERT_REQUIRED if listener.require_certificate else ssl.CERT_OPTIONAL
     else:

@@ -21,7 +21,7 @@ def tls_broker(run_broker, tmp_path):
     write_auth_files(tmp_path, {u: hash_password(p) for u, p in PASSWORDS.items()}, DEVICES)
     certs = {}
     for cn in ("d1", "stranger"):
-        cert, key = issue_client_cert(files, cn)
+        cert, key, *_ = issue_client_cert(files, cn)
         (tmp_path / f"{cn}.pem").write_text(cert)
         (tmp_path / f"{cn}.key").write_text(key)
         certs[cn] = {"ca_certs": str(files.ca), "certfile": str(tmp_path / f"{cn}.pem"),
@@ -92,3 +92,45 @@ def test_a_client_certificate_is_the_username_on_the_mtls_listener(tls_broker):
     no_cert = Peer(port, "lepton-acme-d1", "d1", "pw1", tls=trust)
     assert not no_cert.ok, "require_certificate: the handshake fails without one"
     no_cert.close()
+
+
+def _write_crl(files, revoked_cert_pem: str | None, path) -> None:  # type: ignore[no-untyped-def]
+    """A CRL signed by the test CA, revoking one certificate (or none)."""
+    import datetime as dt
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+
+    ca = x509.load_pem_x509_certificate(files.ca.read_bytes())
+    key = serialization.load_pem_private_key(files.ca_key.read_bytes(), None)
+    now = dt.datetime.now(dt.timezone.utc)
+    builder = x509.CertificateRevocationListBuilder().issuer_name(ca.subject).last_update(
+        now - dt.timedelta(minutes=5)).next_update(now + dt.timedelta(days=1))
+    if revoked_cert_pem is not None:
+        serial = x509.load_pem_x509_certificate(revoked_cert_pem.encode()).serial_number
+        builder = builder.add_revoked_certificate(x509.RevokedCertificateBuilder().serial_number(serial)
+                                                  .revocation_date(now - dt.timedelta(minutes=5)).build())
+    path.write_bytes(builder.sign(key, hashes.SHA256()).public_bytes(serialization.Encoding.PEM))
+
+
+def test_a_certificate_revoked_in_the_crlfile_is_refused_after_sighup(run_broker, tmp_path):
+    files = ensure_tls(tmp_path / "state")
+    write_auth_files(tmp_path, {u: hash_password(p) for u, p in PASSWORDS.items()}, DEVICES)
+    cert, key, *_ = issue_client_cert(files, "d1")
+    (tmp_path / "d1.pem").write_text(cert)
+    (tmp_path / "d1.key").write_text(key)
+    crl = tmp_path / "crl.pem"
+    _write_crl(files, None, crl)
+    port = free_port()
+    broker = run_broker(f"{embedded_auth_conf(tmp_path)}listener {port} 127.0.0.1\ncertfile {files.cert}\n"
+                        f"keyfile {files.key}\ncafile {files.ca}\ncrlfile {crl}\nrequire_certificate true\n"
+                        "use_identity_as_username true\n")
+    tls = {"ca_certs": str(files.ca), "certfile": str(tmp_path / "d1.pem"), "keyfile": str(tmp_path / "d1.key")}
+    before = Peer(port, "lepton-acme-d1", tls=tls)
+    assert before.ok, before.reason
+    before.close()
+    _write_crl(files, cert, crl)
+    broker.reload()
+    after = Peer(port, "lepton-acme-d1", tls=tls)
+    assert not after.ok, "the revoked certificate still got a session"
+    after.close()
