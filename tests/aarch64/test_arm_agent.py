@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -43,12 +42,6 @@ def _wait(predicate: Callable[[], Any], timeout: float, what: str, interval: flo
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what}")
         time.sleep(interval)
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
@@ -109,8 +102,12 @@ def arm_bundles(digits, digits_onnx, keypair, tmp_path_factory) -> dict[tuple[st
 
 
 class _ArmAgent:
-    def __init__(self, proc: subprocess.Popen, port: int, log: Path) -> None:
-        self.proc, self.port, self.log = proc, port, log
+    def __init__(self, proc: subprocess.Popen, ready_file: Path, log: Path) -> None:
+        self.proc, self.ready_file, self.log = proc, ready_file, log
+
+    @property
+    def port(self) -> int:
+        return int(self.ready_file.read_text())
 
 
 def _start_arm_agent(arm_python: Path, client: Any, device_id: str, profile: str, root: Path) -> _ArmAgent:
@@ -119,15 +116,14 @@ def _start_arm_agent(arm_python: Path, client: Any, device_id: str, profile: str
     enrolment = client.enroll(device_id, profile, tags={"site": "emulated"}, telemetry_interval_s=1.0)
     cfg_path = write_agent_config(enrolment, root / device_id / "agent.yaml", str(root / device_id / "state"))
     cfg = yaml.safe_load(cfg_path.read_text())
-    port = _free_port()
-    cfg["api"] = {"host": "127.0.0.1", "port": port}
+    cfg["api"] = {"host": "127.0.0.1", "port": 0}  # the agent writes the port it got to its ready file
     cfg["watchdog"] = {"enabled": False}  # emulated latency is no verdict on a release
     cfg_path.write_text(yaml.safe_dump(cfg))
-    log = root / f"{device_id}.log"
+    log, ready = root / f"{device_id}.log", root / f"{device_id}.port"
     proc = subprocess.Popen([str(arm_python), "-m", "lepton_edge.cli", "agent", "run", "--config", str(cfg_path),
-                             "--log-level", "info"], stdout=open(log, "wb"), stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                             "--log-level", "info", "--ready-file", str(ready)], stdout=open(log, "wb"), stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                             cwd=root)
-    return _ArmAgent(proc, port, log)
+    return _ArmAgent(proc, ready, log)
 
 
 def _triton_infer(port: int, x: np.ndarray) -> tuple[np.ndarray, str]:
@@ -197,7 +193,8 @@ def test_aarch64_agents_serve_rpi5_and_rpi4_bundles_report_and_take_a_rollout(
         def online() -> bool:
             for a in agents.values():
                 assert a.proc.poll() is None, f"the aarch64 agent exited:\n{a.log.read_text()[-3000:]}"
-            return all(client.device(f"emu-{p}")["status"] == "online" for p in PROFILES)
+            return all(a.ready_file.exists() for a in agents.values()) and all(
+                client.device(f"emu-{p}")["status"] == "online" for p in PROFILES)
 
         _wait(online, 600, "both aarch64 agents online")
         # The serving processes say what they run on, from their own state messages.
