@@ -102,6 +102,7 @@ devices = Table(
     Column("telemetry_seq", BigInteger),
     Column("telemetry_interval_s", Float),
     Column("queue_dropped_total", BigInteger),
+    Index("ix_devices_profile", "profile", "device_id"),
 )
 
 telemetry = Table(
@@ -117,6 +118,7 @@ telemetry = Table(
     Column("errors", Integer, nullable=False),
     Column("p95_ms", Float),
     Index("ix_telemetry_model_version", "model", "version", "received_at"),
+    Index("ix_telemetry_device_received", "device_id", "received_at"),
 )
 
 events = Table(
