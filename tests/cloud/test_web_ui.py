@@ -245,3 +245,25 @@ def test_pause_resume_and_rollback_buttons_call_the_rollout_engine(svc, sim_flee
     live = c.get(f"/ui/deployments/{dep_id}/live").text
     assert 'id="deployment-status">rolled_back' in live and 'id="action-rollback"' not in live
     assert json.loads(json.dumps(client.deployment(dep_id)))["reason"] == "rolled back by operator"
+
+
+@pytest.mark.postgres
+def test_the_page_and_metrics_on_postgresql(start_service, private_broker, pg_database, sim_fleet, cloud_bundles):
+    svc = start_service(broker_url=private_broker.url, db=pg_database)
+    _bulk_enroll(svc.engine, 2_000)
+    client = CloudClient(svc.url, svc.token)
+    client.push(cloud_bundles("1", "rpi5"))
+    fleet = sim_fleet(svc.broker_url, interval=0.2)
+    fleet.enroll(client, ["pi-live"], profile="rpi5", tags={"site": "pg"})
+    fleet.start(initial={"digits": "1"})
+    wait_for(lambda: client.device("pi-live")["p95_ms"], 15, "telemetry from pi-live")
+    c = _signed_in(svc.url, svc.token)
+    page = c.get("/ui/fleet", params={"page": "3", "profile": "rpi5"}).text
+    assert re.findall(r'<tr data-device="(dev-\d+)"', page) == [f"dev-{i:05d}" for i in range(1, 2000, 2)][100:150]
+    assert "1334 online" in page or "1335 online" in page  # 1,333 bulk rows online + pi-live
+    assert 'data-device="pi-live"' in c.get("/ui/fleet", params={"tag": "site=pg", "status": "online"}).text
+    device = c.get("/ui/devices/pi-live").text
+    assert "<polyline" in device or "-dot" in device
+    assert c.get("/ui/devices/pi-live", params={"window": "24h"}).status_code == 200
+    metrics = httpx.get(f"{svc.url}/metrics", headers={"Authorization": f"Bearer {svc.token}"}).text
+    assert 'lepton_cloud_devices{status="offline",profile="rpi5"} 333' in metrics

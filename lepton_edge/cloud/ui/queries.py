@@ -124,7 +124,9 @@ def telemetry_series(engine: Engine, device_id: str, window_s: float, interval_s
         first = conn.execute(select(func.min(t.c.received_at)).where(t.c.device_id == device_id, t.c.received_at >= now - window_s)).scalar()
         start = min(max(now - window_s, (first or now) - interval_s), now - 60)
         width = max(interval_s, (now - start) / MAX_POINTS)
-        bucket = cast((t.c.received_at - start) / width, Integer).label("b")
+        offset = (t.c.received_at - start) / width
+        # Bucket = floor(offset): SQLite's CAST truncates (offsets are >= 0), PostgreSQL's rounds.
+        bucket = cast(offset if conn.dialect.name == "sqlite" else func.floor(offset), Integer).label("b")
         rows = conn.execute(select(bucket, func.max(t.c.p95_ms), func.sum(t.c.count), func.count(func.distinct(t.c.ts)))
                             .where(t.c.device_id == device_id, t.c.received_at >= start)
                             .group_by(bucket).order_by(bucket)).all()

@@ -68,8 +68,11 @@ class SessionKeeper:
                 found = conn.execute(select(s.c.value).where(s.c.key == _KEY_SETTING)).scalar()
                 if found is not None:
                     return found
+                key = secrets.token_hex(32)
                 try:
-                    conn.execute(s.insert().values(key=_KEY_SETTING, value=secrets.token_hex(32)))
+                    with conn.begin_nested():
+                        conn.execute(s.insert().values(key=_KEY_SETTING, value=key))
+                    return key
                 except IntegrityError:
                     continue  # another replica won the race: read its key
         raise RuntimeError("could not create the session key")
