@@ -113,9 +113,11 @@ class RequestTimer:
         try:
             await self.app(scope, receive, timed_send)
         finally:
-            # The template of the route that answered; under a mount (the web page) its prefix too.
+            # The template of the route that answered, under its mount's prefix (the web page's /ui);
+            # a mount of files (/ui/static, /docs/assets) by its prefix; anything unmatched as "other".
             path = getattr(scope.get("route"), "path", None)
-            route = (scope.get("root_path", "") + path) if path else "other"
+            prefix = scope.get("root_path", "")
+            route = prefix + path if path else prefix or "other"
             self.stats.observe(scope.get("method", "GET"), route, status["code"], time.perf_counter() - started)
 
 

@@ -51,6 +51,11 @@ def test_metrics_needs_a_bearer_token_and_the_metrics_token_opens_nothing_else(s
     assert scrape(svc.url, svc.token)  # the operator token works too
     assert httpx.get(f"{svc.url}/v1/devices", headers={"Authorization": f"Bearer {METRICS_TOKEN}"}).status_code == 401
     assert value(scrape(svc.url), "lepton_cloud_leader") in (0.0, 1.0)
+    # Requests are counted by route template: files under their mount, unknown paths as one "other".
+    for path in ("/ui/static/ui.css", "/ui/static/ui.js", "/no/such/path", "/another/made/up/path", "/v1/devices/abc"):
+        httpx.get(f"{svc.url}{path}")
+    routes = {dict(labels).get("route") for (name, labels) in scrape(svc.url) if name == "lepton_cloud_http_requests_total"}
+    assert {"/ui/static", "other", "/v1/devices/{device_id}", "/metrics"} <= routes and not any("made" in r for r in routes)
 
 
 @pytest.mark.slow

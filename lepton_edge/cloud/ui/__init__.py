@@ -26,6 +26,7 @@ def install(app: Any, service: Any) -> None:
     from fastapi.responses import HTMLResponse, JSONResponse, RedirectResponse, Response
     from fastapi.staticfiles import StaticFiles
     from sqlalchemy.exc import SQLAlchemyError
+    from starlette.exceptions import HTTPException as StarletteHTTPException
 
     from ..errors import CloudError
     from . import actions, docs, pages
@@ -49,6 +50,12 @@ def install(app: Any, service: Any) -> None:
         title = {400: "Bad request", 401: "Not allowed", 404: "Not found", 409: "Conflict"}.get(e.status_code, "Error")
         return ui.page(request, "error.html", session, status_code=e.status_code, code=e.status_code, title=title,
                        message=e.message, hint=e.hint)
+
+    @sub.exception_handler(StarletteHTTPException)
+    async def _http_error(request: Request, e: StarletteHTTPException) -> HTMLResponse:
+        session = ui.sessions.verify(request.cookies.get("lepton_session"))
+        return ui.page(request, "error.html", session, status_code=e.status_code, code=e.status_code, title="",
+                       message=f"{request.url.path[:200]}: {e.detail}", hint=None)
 
     @sub.exception_handler(SQLAlchemyError)
     async def _db_error(request: Request, e: SQLAlchemyError) -> HTMLResponse:

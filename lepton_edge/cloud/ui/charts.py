@@ -22,11 +22,11 @@ _LEFT, _RIGHT, _TOP, _BOTTOM = 56, 12, 26, 28
 
 
 def _nice_max(value: float) -> float:
-    """The next 1/2/5 × 10^n above ``value``, so the axis reads in round numbers."""
+    """The next 1/2/2.5/5 × 10^n above ``value``, so the axis reads in round numbers."""
     if value <= 0 or not math.isfinite(value):
         return 1.0
     exp = 10 ** math.floor(math.log10(value))
-    for m in (1, 2, 5, 10):
+    for m in (1, 2, 2.5, 5, 10):
         if value <= m * exp:
             return m * exp
     return 10 * exp
