@@ -10,5 +10,7 @@ Modules: :mod:`.registry` (verified bundles), :mod:`.artifacts` (local / memory 
 blob stores), :mod:`.fleet` (enrolment, revocation, broker auth files via
 :mod:`.broker_auth`), :mod:`.client` (HTTP client), :mod:`.cli` (``cloud``, ``devices``,
 ``models``, ``deploy``), :mod:`.simdevice` (light simulated devices for tests and the
-fleet benchmark), :mod:`.broker` (a managed Mosquitto, or :mod:`.embedded_broker`, our own MQTT 5 broker).
+fleet benchmark), :mod:`.broker` (a managed Mosquitto, or :mod:`.embedded_broker`, our own MQTT 5 broker),
+:mod:`.metrics` (``GET /metrics``, Prometheus text) and :mod:`.ui` (the operators' web page at ``/ui``
+and the offline ``/docs``).
 """

@@ -19,6 +19,8 @@ device, for at most a day, and never after the device is revoked. OpenAPI: ``/op
 ``GET  /v1/deployments``, ``/v1/deployments/{id}``
 ``POST /v1/deployments/{id}/pause|resume|rollback``
 ``GET  /v1/bundles/{id}/download``       HTTP Range: 206 + Content-Range, 416
+``GET  /metrics``                        Prometheus text (:mod:`.metrics`; metrics or operator token)
+``GET  /ui``                             the operators' web page (:mod:`.ui`; session cookie)
 =======================================  ==============================================
 """
 
@@ -133,10 +135,16 @@ async def _send_json(send: Callable, status: int, body: dict) -> None:
 
 def create_app(service: Any) -> FastAPI:
     """The app over a running :class:`~lepton_edge.cloud.service.CloudService`."""
-    app = FastAPI(title="lepton-edge cloud", version="1", summary="Model registry, fleet and staged rollouts for edge devices.")
+    # /docs and /redoc are served from local files by the web page's module (no CDN).
+    app = FastAPI(title="lepton-edge cloud", version="1", summary="Model registry, fleet and staged rollouts for edge devices.",
+                  docs_url=None, redoc_url=None)
     app.add_middleware(_BodyLimit)
     downloads: Counter[str] = Counter()
     downloads_lock = threading.Lock()
+    from . import metrics, ui
+
+    metrics.install(app, service, downloads, downloads_lock)  # GET /metrics (Prometheus), request timing
+    ui.install(app, service)  # /ui, /docs, /redoc
 
     @app.exception_handler(CloudError)
     async def _cloud_error(_r: Request, e: CloudError) -> JSONResponse:

@@ -124,6 +124,8 @@ def cloud() -> None:
 @click.option("--port", default=8800, show_default=True, type=click.IntRange(0, 65535), help="0 picks a free port.")
 @click.option("--artifacts", default="lepton-cloud/artifacts", show_default=True, help="Bundle store: a directory, s3://bucket/prefix, or memory: (tests).")
 @click.option("--token", envvar="LEPTON_CLOUD_TOKEN", default=None, help="Operator token; generated (and written to STATE_DIR/token) if absent.")
+@click.option("--metrics-token", envvar="LEPTON_METRICS_TOKEN", default=None,
+              help="A token that opens GET /metrics and nothing else, for Prometheus (LEPTON_METRICS_TOKEN).")
 @click.option("--trusted-key", "trusted_keys", multiple=True, type=click.Path(dir_okay=False, path_type=Path),
               help="Public key that bundles must be signed with (repeatable). Remembered in STATE_DIR/trusted_keys/ "
                    "for later starts; naming keys again replaces the remembered set.")
@@ -153,7 +155,8 @@ def serve(db: str, broker: str | None, broker_username: str, broker_password: st
           port: int, artifacts: str, token: str | None, trusted_keys: tuple[Path, ...], allow_unsigned: bool, state_dir: Path,
           public_url: str | None, public_broker_url: str | None, replica_id: str | None, shared_group: str | None,
           tls_cert: Path | None, tls_key: Path | None, tls_ca: Path | None, tls_hosts: tuple[str, ...], client_certs: bool,
-          insecure_plaintext: bool, tick_s: str, lease_ttl: str, resend: str, baseline_window: str) -> None:
+          insecure_plaintext: bool, tick_s: str, lease_ttl: str, resend: str, baseline_window: str,
+          metrics_token: str | None = None) -> None:
     """Run the service: HTTP API, MQTT ingestion, rollout engine. Prints `ready {json}` once up."""
     import logging
 
@@ -176,7 +179,7 @@ def serve(db: str, broker: str | None, broker_username: str, broker_password: st
                         shared_group=shared_group, insecure_plaintext=insecure_plaintext, tls_cert=tls_cert,
                         tls_key=tls_key, tls_ca=tls_ca, tls_hosts=list(tls_hosts), client_certs=client_certs,
                         tick_s=parse_duration(tick_s), lease_ttl_s=parse_duration(lease_ttl), resend_s=parse_duration(resend),
-                        baseline_window_s=parse_duration(baseline_window))
+                        baseline_window_s=parse_duration(baseline_window), metrics_token=metrics_token)
     svc = CloudService(cfg).start()
     if generated:
         fd = os.open(token_file, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
@@ -192,6 +195,7 @@ def serve(db: str, broker: str | None, broker_username: str, broker_password: st
     click.echo("ready " + json.dumps(ready), nl=True)
     info(f"lepton-edge cloud: API {svc.url} (docs {svc.url}/docs), broker {svc.broker_url}, replica {svc.replica_id}"
          + (f", operator token in {token_file} (mode 0600)" if generated else ""))
+    info(f"web page {svc.url}/ui (sign in with the operator token), Prometheus {svc.url}/metrics (bearer token)")
     _warn_broker_auth(broker, auth_dir)
     if insecure_plaintext:
         warn("--insecure-plaintext: the API and the broker speak without TLS; device passwords and download tokens "

@@ -105,6 +105,7 @@ devices = Table(
     Column("queue_dropped_total", BigInteger),
     Column("platform", Text),  # JSON: the agent's PlatformInfo, from its last state message
     Column("cert_serial", String(40)),  # hex serial of the client certificate issued at enrolment (--client-certs)
+    Index("ix_devices_profile", "profile", "device_id"),
 )
 
 # Client certificates of revoked (or re-enrolled) devices: the CRL the mTLS listener checks.
@@ -129,6 +130,7 @@ telemetry = Table(
     Column("errors", Integer, nullable=False),
     Column("p95_ms", Float),
     Index("ix_telemetry_model_version", "model", "version", "received_at"),
+    Index("ix_telemetry_device_received", "device_id", "received_at"),
 )
 
 events = Table(

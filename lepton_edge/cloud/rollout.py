@@ -45,6 +45,7 @@ import statistics
 import threading
 import time
 import uuid
+from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
@@ -206,6 +207,8 @@ class Rollouts:
         self._resend_s = resend_s
         self._tick_lock = threading.Lock()
         self._profiles: ProfileRegistry | None = None
+        # Commands handed to the publisher, first sends and re-sends apart (``/metrics``).
+        self.stats: Counter[str] = Counter()
 
     # ------------------------------------------------------------------ operator actions
     def create(self, model: str, version: str, selectors: Sequence[str], policy: RolloutPolicy) -> dict[str, Any]:
@@ -468,6 +471,7 @@ class Rollouts:
             cmd = DeployCommand(cmd_id=r["cmd_id"], deployment_id=d["id"], model=d["model"], version=d["version"],
                                 url=f"{self._public_url}/v1/bundles/{b['id']}/download", sha256=b["sha256"], size=b["size"], token=token)
             outbox.append((dev[r["device_id"]]["fleet"], r["device_id"], cmd))
+            self.stats["deploy_resent" if resend else "deploy_sent"] += 1
         if d["wave_started_at"] is None:
             d["wave_started_at"] = now
             self._save_deployment(conn, d, wave_started_at=now)
@@ -597,6 +601,7 @@ class Rollouts:
             self._save_row(conn, r)
             cmd = RollbackCommand(cmd_id=r["rollback_cmd_id"], deployment_id=d["id"], model=d["model"], to_version=r["previous_version"])
             outbox.append((dev[r["device_id"]]["fleet"], r["device_id"], cmd))
+            self.stats["rollback_sent" if moved else "rollback_resent"] += 1
         if not any(r["status"] == "rollback_sent" for r in rows):
             self._save_deployment(conn, d, status="rolled_back", finished_at=now)
 

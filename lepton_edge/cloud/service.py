@@ -61,6 +61,8 @@ class ServiceConfig:
     broker_url: str | None = None
     artifacts: str = "lepton-cloud/artifacts"
     token: str | None = None
+    # Opens GET /metrics and nothing else: what a Prometheus scraper is given instead of the operator token.
+    metrics_token: str | None = None
     trusted_keys: list[Path] = field(default_factory=list)
     allow_unsigned: bool = False
     host: str = "127.0.0.1"
