@@ -36,10 +36,23 @@ def available() -> str | None:
     return None
 
 
+def spki_pin(cert_pem: Path) -> str:
+    """base64(sha256(SubjectPublicKeyInfo)) of a PEM certificate: what chromium's SPKI list takes."""
+    import base64
+    import hashlib
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import serialization
+
+    key = x509.load_pem_x509_certificate(cert_pem.read_bytes()).public_key()
+    spki = key.public_bytes(serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
+    return base64.b64encode(hashlib.sha256(spki).digest()).decode()
+
+
 class Browser:
     """One headless chromium with a fresh profile; :meth:`shot` saves a screenshot by name."""
 
-    def __init__(self, base_url: str, shots: Path = SCREENSHOTS) -> None:
+    def __init__(self, base_url: str, shots: Path = SCREENSHOTS, *, trust_cert: Path | None = None) -> None:
         from selenium import webdriver
         from selenium.webdriver.chrome.service import Service
 
@@ -49,7 +62,9 @@ class Browser:
         self._profile = tempfile.mkdtemp(prefix="lepton-chromium-")
         options = webdriver.ChromeOptions()
         options.binary_location = CHROMIUM
-        for flag in FLAGS + [f"--user-data-dir={self._profile}"]:
+        # Over HTTPS the browser trusts exactly the service's key (its SPKI pin), not every certificate.
+        pin = [f"--ignore-certificate-errors-spki-list={spki_pin(trust_cert)}"] if trust_cert else []
+        for flag in FLAGS + pin + [f"--user-data-dir={self._profile}"]:
             options.add_argument(flag)
         options.set_capability("goog:loggingPrefs", {"browser": "ALL"})
         self.driver = webdriver.Chrome(service=Service(executable_path=CHROMEDRIVER), options=options)

@@ -9,6 +9,7 @@ Screenshots land in benchmarks/results/ui/.
 from __future__ import annotations
 
 import time
+from pathlib import Path
 
 import pytest
 
@@ -35,7 +36,8 @@ def served(tmp_path, keypair):
 
 @pytest.fixture
 def browser(served):
-    b = Browser(served.url)
+    tls = Path(served.ca).parent if served.ca else None
+    b = Browser(served.url, trust_cert=tls / "server.pem" if tls else None)
     yield b
     b.close()
 
@@ -46,10 +48,10 @@ def _status_of(browser: Browser, device_id: str) -> str | None:
 
 
 def test_operator_signs_in_watches_the_fleet_deploys_in_waves_rolls_back_and_reads_a_report(served, browser, converted_bundles):
-    client = CloudClient(served.url, served.token)
+    client = CloudClient(served.url, served.token, ca=served.ca)
     for archive in converted_bundles.values():
         client.push(archive)
-    fleet = SimFleet(served.info["broker"], telemetry_interval_s=0.5)
+    fleet = SimFleet(served.info["broker"], telemetry_interval_s=0.5, ca_file=served.ca)
     try:
         lab = fleet.enroll(client, [f"lab-{i}" for i in range(5)], profile="x86-avx2", tags={"site": "lab"})
         fleet.enroll(client, ["berlin-0"], profile="x86-avx2", tags={"site": "berlin"})
