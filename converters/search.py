@@ -9,9 +9,9 @@ is within the measurement noise of the fastest (:func:`tie_band_ms`: at least
 :data:`TIE_FLOOR_MS` or :data:`TIE_FLOOR` of the p50, whichever is larger) tie on speed, and
 of them the most accurate wins (accuracy or top-1 agreement, then output cosine with the
 original; then the smaller, then the faster). When the profile's default precision is not
-FP32 (an INT8 profile), FP32 takes part in that ranking only when no smaller candidate
-tied with it: the profile asked for a compressed model, and a speed tie is no reason to
-ship one four times larger. A candidate measurably faster than all others wins outright.
+FP32 (an INT8 profile), only the smallest of the tied candidates (files within
+:data:`SIZE_TIE` of the smallest) take part in that ranking: the profile asked for a
+compressed model, and a speed tie is no reason to ship one four times larger. A candidate measurably faster than all others wins outright.
 So no candidate the search tried, the naive configuration included, is both at least as
 fast (within noise) and more accurate than the winner, and differences below the noise do
 not decide anything, so the same inputs give the same winner. Otherwise (host does not
@@ -30,10 +30,11 @@ from typing import Any
 from .evaluate import Agreement
 
 __all__ = ["Budget", "Candidate", "gate", "choose_winner", "tie_band_ms", "speed_ties", "fidelity", "TIE_FLOOR", "TIE_FLOOR_MS",
-           "TIE_CAP", "prefers_compressed"]
+           "TIE_CAP", "SIZE_TIE", "prefers_compressed", "smallest_tied"]
 
 TIE_FLOOR = 0.05  # p50s within 5 % of each other are not told apart (run-to-run noise on a shared host)
 TIE_FLOOR_MS = 0.05  # nor are p50s within 50 µs: a 12 µs model against a 16 µs one is timer and scheduler noise
+SIZE_TIE = 1.10  # files within 10 % of each other are one size class (QDQ vs QOperator encodings of one INT8 model)
 TIE_CAP = 0.20  # however noisy the host, a candidate 20 % slower than the fastest is never called a tie (above the 50 µs floor)
 
 
@@ -143,16 +144,37 @@ def tie_band_ms(fastest: Candidate) -> float:
     return max(TIE_FLOOR_MS, min(TIE_CAP * p50, max(TIE_FLOOR * p50, 2.0 * (fastest.latency_se_ms or 0.0))))
 
 
+def smallest_tied(tied: list[Candidate]) -> list[Candidate]:
+    """The candidates of ``tied`` whose file is within :data:`SIZE_TIE` of the smallest one's.
+
+    A profile that defaults to a compressed precision asked for a small model: among
+    candidates no faster or slower than each other, and all inside the accuracy budget, the
+    size class decides before fidelity does, so an INT8 model four times smaller is not
+    passed over for FP32 or a dynamic-INT8 model that left the Convs in float.
+    """
+    if not tied:
+        return tied
+    smallest = min(c.size_bytes or 0 for c in tied)
+    return [c for c in tied if (c.size_bytes or 0) <= SIZE_TIE * smallest]
+
+
 def prefers_compressed(default_precision: str | None) -> bool:
     """Whether a speed tie goes to a smaller model over FP32: when the profile's default precision is not FP32."""
     return default_precision is not None and default_precision != "fp32"
 
 
 def fidelity(c: Candidate) -> tuple[float, ...]:
-    """How close a candidate is to the original, higher is better: the gate's metric first, then output cosine."""
+    """How close a candidate is to the original, higher is better: the gate's metric first, then output cosine.
+
+    A task-aware fidelity (``converters.tasks.Fidelity``) ranks by its own ``rank_key``: the gated
+    loss, then the task's finer figure (KL for classifiers, score error for detectors, ...).
+    """
     a = c.agreement
     if a is None:
         return (float("-inf"),)
+    rank = getattr(a, "rank_key", None)
+    if rank is not None:
+        return (*rank, a.cosine_mean, a.cosine_min, -a.max_abs_error)
     first = a.accuracy if a.accuracy is not None else a.top1_agreement
     return (first if first is not None else a.cosine_mean, a.cosine_mean, a.cosine_min, -a.max_abs_error)
 
@@ -161,6 +183,8 @@ def _metric(c: Candidate) -> str:
     a = c.agreement
     if a is None:
         return "-"
+    if getattr(a, "metric", None) not in (None, "accuracy_drop", "top1_disagreement"):
+        return f"{a.metric} {a.loss:.4g}"
     if a.accuracy is not None:
         return f"accuracy {a.accuracy:.4f}"
     if a.top1_agreement is not None:
@@ -204,14 +228,13 @@ def choose_winner(cands: list[Candidate], *, host_matches: bool, allowed: list[s
             return best, "no candidate could be timed; the most accurate inside the budget"
         fastest, band, tied = speed_ties(cands)
         assert fastest is not None
-        ranked = tied
-        if prefers_compressed(default) and fp32 is not None and fp32 in tied:
-            ranked = [c for c in tied if c is not fp32 and (c.size_bytes or 0) < (fp32.size_bytes or 0)] or tied
+        ranked = smallest_tied(tied) if prefers_compressed(default) else tied
         best = max(ranked, key=lambda c: (fidelity(c), -(c.size_bytes or 0), -(c.latency_p50_ms or 0.0)))
         why = _why(best, fastest, tied, band, fp32, eligible, ranked)
-        if ranked is not tied:
-            why += (f"; FP32 ({fp32.name}) tied on speed but takes no part in the ranking: the profile's default precision is "  # type: ignore[union-attr]
-                    f"{default}, so a smaller model inside the budget wins a speed tie")
+        left_out = [c.name for c in tied if c not in ranked]
+        if left_out:
+            why += (f"; the profile's default precision is {default}, so among candidates tied on speed the smallest "
+                    f"(within {SIZE_TIE - 1:.0%} of the smallest file) are ranked and {', '.join(left_out)} take no part")
         return best, why
     order = {p: i for i, p in enumerate(allowed)}
     best = min(eligible, key=lambda c: (order.get(c.precision, len(order)), cands.index(c)))
@@ -246,7 +269,7 @@ def _why(best: Candidate, fastest: Candidate, tied: list[Candidate], band: float
 def _decided_by(best: Candidate, other: Candidate) -> str:
     fb, fo = fidelity(best), fidelity(other)
     if fb[0] != fo[0]:
-        return "accuracy"
+        return "accuracy" if getattr(best.agreement, "metric", "accuracy_drop") in ("accuracy_drop", "top1_disagreement") else "the gated metric"
     if fb != fo:
         return "output cosine"
     if (best.size_bytes or 0) != (other.size_bytes or 0):

@@ -74,6 +74,7 @@ def print_report(report: dict[str, Any]) -> None:
             ("accuracy", _f(fp.get("accuracy"), ".4f"), _f(cv.get("accuracy"), ".4f"), ""),
             ("top-1 agreement", _f(fp.get("top1_agreement"), ".4f"), _f(cv.get("top1_agreement"), ".4f"), ""),
         ])
+    _print_frontier(report)
     if budget.get("rule"):
         out.print(f"[bold]budget (gate):[/] {budget['rule']}")
     not_applied = budget.get("not_applied") or {}
@@ -86,3 +87,26 @@ def print_report(report: dict[str, Any]) -> None:
         out.print(f"[dim]{report['latency_note']}[/]")
     for note in report.get("notes") or []:
         out.print(f"[dim]· {note}[/]")
+
+
+def _print_frontier(report: dict[str, Any]) -> None:
+    """The gated metric against measured latency, fastest first, the chosen one and the frontier marked."""
+    fr = report.get("frontier") or {}
+    points = [p for p in fr.get("points") or [] if isinstance(p, dict)]
+    if not points:
+        return
+    fp32 = next((p.get("latency_ms") for p in points if p.get("precision") == "fp32" and isinstance(p.get("latency_ms"), (int, float))), None)
+    timed = sorted(points, key=lambda p: (p.get("latency_ms") is None, p.get("latency_ms") or 0.0))
+    rows = []
+    for p in timed:
+        lat = p.get("latency_ms")
+        ratio = _f(lat / fp32, ".2f") if isinstance(lat, (int, float)) and fp32 else "-"
+        mark = "★" if p.get("chosen") else ("✓" if p.get("within_budget") else "✗")
+        rows.append((mark, p.get("name"), p.get("precision", ""), _f(lat, ".3f"), ratio, _f(p.get("loss"), ".4g"),
+                     "yes" if p.get("on_frontier") else ""))
+    limit = fr.get("limit")
+    metric = fr.get("metric", "gated loss")
+    title = f"frontier: {metric} (lower is better{', budget ' + format(limit, '.4g') if isinstance(limit, (int, float)) else ''}) against p50 latency"
+    if fr.get("plot"):
+        title += f"; plot: {fr['plot']} in the bundle"
+    print_table(title, ["", "candidate", "precision", "p50 ms", "x FP32", metric, "frontier"], rows)

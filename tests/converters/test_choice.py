@@ -30,7 +30,7 @@ def test_microsecond_models_tie_and_the_int8_profile_ships_the_smaller_one():
     fastest, band, tied = speed_ties([fp32, int8])
     assert fastest is fp32 and band == pytest.approx(TIE_FLOOR_MS) and tied == [fp32, int8]
     win, why = choose_winner([fp32, int8], host_matches=True, allowed=["int8", "fp32"], default="int8")
-    assert win is int8 and "default precision is int8" in why
+    assert win is int8 and "default precision is int8" in why and "fp32-optimized take no part" in why
     # Whichever of the two measures faster in a run, the winner is the same.
     fp32.latency_p50_ms, int8.latency_p50_ms = 0.017, 0.011
     assert choose_winner([fp32, int8], host_matches=True, allowed=["int8", "fp32"], default="int8")[0] is int8
@@ -48,6 +48,16 @@ def test_fp32_still_wins_when_the_compressed_ones_are_measurably_slower_or_outsi
     # A tied candidate that is not smaller (an FP16 island-heavy model, say) does not displace FP32 on size.
     big = _cand("int8-big", 5.1, acc=0.98, size=500)
     assert choose_winner([fp32, big], host_matches=True, allowed=["int8", "fp32"], default="int8")[0] is fp32
+
+
+def test_a_dynamic_int8_model_that_left_the_convs_in_float_is_not_the_compressed_one():
+    # Digits: dynamic INT8 quantizes only the Gemm, so it is as large as FP32 and closest to it; static INT8 is 4x smaller.
+    fp32 = _cand("fp32-optimized", 0.068, acc=0.991, cos=1.0, size=228_000, precision="fp32")
+    dyn = _cand("int8-dynamic-pc1", 0.068, acc=0.991, cos=1.0, size=226_731, precision="int8-dynamic")
+    qdq = _cand("int8-qdq-minmax", 0.053, acc=0.991, cos=0.9994, size=60_761)
+    qop = _cand("int8-qoperator-minmax", 0.052, acc=0.991, cos=0.9994, size=59_232)
+    win, why = choose_winner([fp32, qdq, qop, dyn], host_matches=True, allowed=["int8", "int8-dynamic", "fp32"], default="int8")
+    assert win in (qdq, qop) and "int8-dynamic-pc1" in why.split("take no part")[0].split("are ranked and")[-1]
 
 
 def test_among_tied_compressed_candidates_the_most_accurate_wins_then_the_smaller():
