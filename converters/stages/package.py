@@ -125,7 +125,8 @@ def package(winner: Candidate, report: dict[str, Any], prepared: Prepared, ctx: 
         "precision": winner.precision, "model_file": model_file, "inputs": inputs, "outputs": outputs,
         "source": SourceInfo(sha256=original.sha256, format=original.format, name=original.name[:256]),
         "calibration": CalibrationInfo(sha256=calib.sha256, samples=len(calib), synthetic=calib.synthetic),
-        "task": "classification" if ctx.budget.task == "classification" else "regression",
+        # The manifest's schema v1 names four tasks; detection and segmentation bundles say "other".
+        "task": ctx.budget.task if ctx.budget.task in ("classification", "regression", "embedding") else "other",
         "metadata": {"candidate": winner.name, "host_matches_profile": str(host_matches).lower(), **_quantization(prepared)},
     }
     report = {**report, "golden": {"count": len(g_in[0]), **tol}}

@@ -297,6 +297,11 @@ def test_tflite_profile_makes_a_tflite_bundle_that_replays(digits, digits_bundle
     m = r.manifest
     assert m.runtime.name == "tflite" and m.model_file == "model.tflite" and m.precision == "int8"
     assert {c["runtime"] for c in r.report["candidates"]} == {"tflite"}
+    # The TFLite export runs its passes through the registry too, so the pass log names each of them.
+    from lepton_edge.converters.passes import PASS_TABLE
+
+    ran = [p["pass"] for p in r.report["passes"]]
+    assert {"tflite-fp32", "tflite-int8-pt2e"} <= set(ran) <= {s.name for s in PASS_TABLE}
     assert "proxy" in r.report["latency_note"]
     b = read_bundle(r.archive, allow_unsigned=True)
     assert check_golden(*_replay(b), b.manifest.golden)[0]

@@ -147,6 +147,10 @@ def test_precision_keep_packages_a_quantized_onnx_model_as_it_is(digits_onnx, di
         convert(digits[0], "x86-avx2", output_dir=tmp_path / "t", calib=(data.x_train, None), precision="keep")
     with pytest.raises(UnsupportedModelError, match="runs TFLite"):
         convert(q, "rpi4", output_dir=tmp_path / "t", calib=(data.x_train, None), precision="keep")
+    from lepton_edge.converters import PruningError
+
+    with pytest.raises(PruningError, match="packaged as it is"):
+        convert(q, "x86-avx2", output_dir=tmp_path / "t", calib=(data.x_train, None), precision="keep", prune=0.3)
 
 
 @pytest.mark.slow
