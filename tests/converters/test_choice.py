@@ -86,3 +86,19 @@ def test_the_digits_cnn_gives_the_same_bundle_three_times(digits, tmp_path):
         assert fp32["size_bytes"] > 3 * r.report["summary"]["converted"]["size_bytes"]
         seen.add((r.manifest.precision, r.report["winner"], sha256_file(r.bundle_dir / r.manifest.model_file)))
     assert len(seen) == 1, seen
+
+
+def test_off_the_host_later_precisions_are_not_built_once_one_is_inside_the_budget(digits, tmp_path):
+    """Off the host the first precision inside the budget wins, so the search does not spend time on the rest."""
+    from lepton_edge.converters import convert
+    from lepton_edge.profiles import host_matches, load_profile
+
+    profile = next((p for p in ("x86-vnni", "x86-avx2") if not host_matches(load_profile(p))), None)
+    if profile is None:
+        pytest.skip("both x86 profiles match this host")
+    model, data, _ = digits
+    r = convert(model, profile, output_dir=tmp_path, calib=(data.x_train[:400], data.y_train[:400]),
+                eval_data=(data.x_test[:200], data.y_test[:200]), latency_runs=FAST)
+    precisions = {c["precision"] for c in r.report["candidates"]}
+    assert r.manifest.precision == "int8" and "int8-dynamic" not in precisions
+    assert any("int8-dynamic not built" in n for n in r.report["notes"])
