@@ -151,8 +151,10 @@ def frontier_svg(fr: Frontier, *, title: str, subtitle: str = "") -> str:
     if len(front) > 1:
         path = " ".join(f"{x(p.latency_ms):.1f},{y(p.loss):.1f}" for p in front)  # type: ignore[arg-type]
         out.append(f'<polyline points="{path}" fill="none" stroke="{_LINE}" stroke-width="1.5"/>')
+    beyond = sorted((p.latency_ms, i) for i, p in enumerate(pts, 1) if p.loss > y_max)  # type: ignore[operator]
+    row = {i: k % 4 for k, (_, i) in enumerate(beyond)}  # left to right, so neighbours get different rows
     for i, p in enumerate(pts, 1):
-        out += _marker(i, p, x(p.latency_ms), y(min(p.loss, y_max)), beyond=p.loss > y_max)  # type: ignore[arg-type, operator]
+        out += _marker(i, p, x(p.latency_ms), y(min(p.loss, y_max)), beyond_row=row.get(i))  # type: ignore[arg-type, operator]
     out += _key(pts, fr)
     out.append("</svg>")
     return "\n".join(out) + "\n"
@@ -174,12 +176,13 @@ def _grid(x_ticks: Sequence[float], y_ticks: Sequence[float], x: Any, y: Any, me
     return out
 
 
-def _marker(i: int, p: FrontierPoint, cx: float, cy: float, *, beyond: bool = False) -> list[str]:
+def _marker(i: int, p: FrontierPoint, cx: float, cy: float, *, beyond_row: int | None = None) -> list[str]:
     colour = _OK if p.within_budget else _BAD
     out = []
-    if beyond:  # off the top of the axis: an arrow pointing up, its value in the key
+    if beyond_row is not None:  # off the top of the axis: an arrow pointing up, its value in the key
         out.append(f'<path d="M{cx:.1f},{cy - 2:.1f} l-6,10 l12,0 z" fill="{colour}"/>')
-        out.append(f'<text x="{cx + 8:.1f}" y="{cy + 22:.1f}" font-size="11" font-weight="bold" fill="#222">{i} ↑</text>')
+        out.append(f'<text x="{cx - 4:.1f}" y="{cy + 22 + 13 * beyond_row:.1f}" font-size="11" font-weight="bold" '
+                   f'fill="#222">{i}↑</text>')  # staggered: wrecked candidates often share a speed
         return out
     if p.chosen:
         out.append(f'<circle cx="{cx:.1f}" cy="{cy:.1f}" r="11" fill="none" stroke="{_CHOSEN}" stroke-width="3"/>')

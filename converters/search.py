@@ -259,11 +259,12 @@ def _why(best: Candidate, fastest: Candidate, tied: list[Candidate], band: float
     if len(tied) == 1:
         return f"fastest measured candidate inside the budget, faster than the others by more than the noise: {speed}"
     beats = "; ".join(f"{c.name} (p50 {c.latency_p50_ms:.3f} ms, {_metric(c)}, {c.size_bytes} B) on {_decided_by(best, c)}"
-                      for c in (ranked or tied) if c is not best) or "no other candidate in the ranking"
+                      for c in (ranked or tied) if c is not best)
     lead = "fastest measured candidate inside the budget" if best is fastest else f"tied on speed with the fastest ({fastest.name})"
+    ranking = f"it beats {beats}" if beats else "it is the only one left in the ranking"
     return (f"{lead}: {speed}, {_metric(best)}, {best.size_bytes} B; candidates within the noise of the fastest "
             f"(p50 within {band:.3f} ms of {fastest.latency_p50_ms:.3f} ms) are ranked by accuracy, then output cosine, "
-            f"then size, then speed; it beats {beats}")
+            f"then size, then speed; {ranking}")
 
 
 def _decided_by(best: Candidate, other: Candidate) -> str:
