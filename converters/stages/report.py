@@ -12,7 +12,7 @@ from typing import Any
 from lepton_edge.profiles import DeviceProfile
 
 from ..frontier import frontier_of
-from ..search import Budget
+from ..tasks import Budget
 from .choose import Choice
 from .journal import Journal
 from .prepare import Prepared

@@ -6,15 +6,19 @@ from pathlib import Path
 
 import pytest
 
-from lepton_edge.converters.evaluate import Agreement
 from lepton_edge.converters.search import TIE_FLOOR_MS, Candidate, choose_winner, speed_ties, tie_band_ms
+
+from lepton_edge.converters.tasks import Fidelity
 
 from _convert_helpers import FAST
 
 
 def _cand(name: str, p50: float, *, acc: float, size: int, precision: str = "int8", cos: float = 0.999, se: float = 0.0) -> Candidate:
+    # A labelled classifier's fidelity: the gated loss is the error rate here (the ranking only compares losses).
+    fid = Fidelity("classification", "accuracy_drop", 1.0 - acc, {"accuracy": acc, "cosine_min": cos, "cosine_mean": cos,
+                                                                  "max_abs_error": 0.01}, samples=100, tie_breaker=1.0 - cos)
     return Candidate(name, precision, "onnxruntime", path=Path(name), size_bytes=size, latency_p50_ms=p50, latency_se_ms=se,
-                     agreement=Agreement(None, acc, cos, cos, 0.01, 100), within_budget=True)
+                     agreement=fid, within_budget=True)
 
 
 def test_the_band_has_a_50_microsecond_floor():
