@@ -84,7 +84,7 @@ def parse_tflite(data: bytes) -> TfliteMeta:
     except TfliteFormatError:
         raise
     except (struct.error, IndexError, ValueError, UnicodeDecodeError, OverflowError, TypeError) as e:
-        raise TfliteFormatError(f"it is truncated or corrupt: an offset points outside the file ({type(e).__name__})") from None
+        raise TfliteFormatError("it is truncated or corrupt: an offset in it points past the end of the file") from None
 
 
 def _checked_length(length: int, elem_bytes: int, n: int, what: str) -> int:

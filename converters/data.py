@@ -286,6 +286,8 @@ def _load_file(p: Path, what: str, input_names: Sequence[str] | None = None) -> 
                 return _checked(npz[names[0]], y, str(p), what, label=names[0])
             if "x" not in npz.files:
                 hint = "save it with np.savez(path, x=inputs, y=labels)"
+                if input_names is not None and len(names) == 1:
+                    hint = f"the model's input is called {names[0]}: save it with np.savez(path, {names[0]}=inputs, y=labels) (or x=inputs)"
                 if input_names is None and len(arrays) > 1:
                     hint = ("one array per input (named by the input) is read for ONNX models only; a PyTorch source takes one "
                             "input tensor x: export the model to ONNX to convert it with several inputs")

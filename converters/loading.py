@@ -166,6 +166,9 @@ def _check_onnx(p: Path) -> None:
     try:
         model = onnx.load(str(p), load_external_data=False)
     except (DecodeError, ValueError, RuntimeError, UnicodeDecodeError, OSError) as e:
+        if p.suffix.lower() == ".onnx":
+            raise NotAModelError(f"{p.name} is a truncated or corrupt ONNX file: protobuf cannot parse it ({type(e).__name__})",
+                                 hint="copy or export the model again; an .onnx file is one protobuf message") from None
         raise NotAModelError(f"{p.name} is not a model: not ONNX, TorchScript or torch.export ({type(e).__name__})",
                              hint="give an .onnx, a TorchScript .pt, a torch.export .pt2, or a module:callable factory") from None
     # Protobuf parses many random byte strings without complaint; a real model has these.

@@ -109,6 +109,9 @@ def _run(request: Request, bundle: BundleRequest, profile: DeviceProfile, work: 
     if out_dir.exists():
         raise ConversionError(f"{out_dir} already exists", hint="choose another -o directory, --version, or remove it")
     if keep or src.format == "tflite":
+        if request.prune is not None:
+            raise PruningError(f"{src.name} is packaged as it is ({'a .tflite model' if src.format == 'tflite' else '--precision keep'}), "
+                               "so it is not pruned", hint="prune the PyTorch source and convert that")
         prepared = prepare_kept(src, request, profile, journal)
     else:
         prepared = prepare(src, request, profile, work, journal)

@@ -1,24 +1,25 @@
-"""The accuracy gate, the bounded candidate search and the winner policy.
+"""The candidates of a conversion and the winner policy: a pure function of their measured figures.
 
-Gate: with labels, the accuracy drop against the original; without labels, the share of
-top-1 disagreement; for non-classifiers, the profile's min cosine and max abs error.
+The gate itself (task, metric, budget) lives in :mod:`.tasks`; a candidate carries its verdict
+(``within_budget``) and its fidelity (a ``tasks.Fidelity``, ranked by its ``rank_key``).
 
 Winner: when the profile matches this host, among the candidates inside the budget and the
 limits, never one measurably slower than the optimised FP32 model, those whose p50 latency
 is within the measurement noise of the fastest (:func:`tie_band_ms`: at least
 :data:`TIE_FLOOR_MS` or :data:`TIE_FLOOR` of the p50, whichever is larger) tie on speed, and
-of them the most accurate wins (accuracy or top-1 agreement, then output cosine with the
-original; then the smaller, then the faster). When the profile's default precision is not
-FP32 (an INT8 profile), FP32 takes part in that ranking only when no smaller candidate
-tied with it: the profile asked for a compressed model, and a speed tie is no reason to
-ship one four times larger. A candidate measurably faster than all others wins outright.
-So no candidate the search tried, the naive configuration included, is both at least as
-fast (within noise) and more accurate than the winner, and differences below the noise do
-not decide anything, so the same inputs give the same winner. Otherwise (host does not
-match) the first such candidate in the profile's ``precision.allowed`` order wins (host
-latency is then only a proxy, and the report says so).
+of them the closest to the original wins (the gated metric, then the task's finer figure and
+output cosine; then the smaller, then the faster). When the profile's default precision is
+not FP32 (an INT8 profile), only the smallest of the tied candidates (files within
+:data:`SIZE_TIE` of the smallest) take part in that ranking: the profile asked for a
+compressed model, and a speed tie is no reason to ship one four times larger. A candidate
+measurably faster than all others wins outright. So no candidate the search tried, the
+naive configuration included, is both at least as fast (within noise) and closer than the
+winner, and differences below the noise do not decide anything, so the same inputs give the
+same winner. Otherwise (host does not match) the first such candidate in the profile's
+``precision.allowed`` order wins (host latency is then only a proxy, and the report says so).
 
-Public API: :class:`Candidate`, :class:`Budget`, :func:`gate`, :func:`choose_winner`.
+Public API: :class:`Candidate`, :func:`choose_winner`, :func:`speed_ties`, :func:`tie_band_ms`,
+:func:`smallest_tied`, :func:`prefers_compressed`, :func:`fidelity`.
 """
 
 from __future__ import annotations
@@ -27,69 +28,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .evaluate import Agreement
 
-__all__ = ["Budget", "Candidate", "gate", "choose_winner", "tie_band_ms", "speed_ties", "fidelity", "TIE_FLOOR", "TIE_FLOOR_MS",
-           "TIE_CAP", "prefers_compressed"]
+__all__ = ["Candidate", "choose_winner", "tie_band_ms", "speed_ties", "fidelity", "TIE_FLOOR", "TIE_FLOOR_MS",
+           "TIE_CAP", "SIZE_TIE", "prefers_compressed", "smallest_tied"]
 
 TIE_FLOOR = 0.05  # p50s within 5 % of each other are not told apart (run-to-run noise on a shared host)
 TIE_FLOOR_MS = 0.05  # nor are p50s within 50 µs: a 12 µs model against a 16 µs one is timer and scheduler noise
+SIZE_TIE = 1.10  # files within 10 % of each other are one size class (QDQ vs QOperator encodings of one INT8 model)
 TIE_CAP = 0.20  # however noisy the host, a candidate 20 % slower than the fastest is never called a tie (above the 50 µs floor)
-
-
-@dataclass(frozen=True)
-class Budget:
-    max_drop: float
-    min_cosine: float
-    max_abs_error: float
-    reference_accuracy: float | None
-    task: str
-
-    @property
-    def criterion(self) -> str:
-        """Which test the gate applies: ``accuracy`` (labels), ``top1`` (classifier, no labels) or ``cosine-abs``."""
-        if self.task == "classification":
-            return "accuracy" if self.reference_accuracy is not None else "top1"
-        return "cosine-abs"
-
-    def applied(self) -> dict[str, float]:
-        """The limits the gate checks; the others of the profile do not decide anything for this model."""
-        if self.criterion == "cosine-abs":
-            return {"min_cosine": self.min_cosine, "max_abs_error": self.max_abs_error}
-        return {"max_drop": self.max_drop}
-
-    def as_report(self) -> dict[str, object]:
-        """The budget as the report shows it: the applied limits, and apart from them the ones not applied and why."""
-        every = {"max_drop": self.max_drop, "min_cosine": self.min_cosine, "max_abs_error": self.max_abs_error}
-        applied = self.applied()
-        why = {"accuracy": "the evaluation data is labelled, so the gate is the accuracy drop; cosine and abs error are shown, not checked",
-               "top1": "classifier without labels, so the gate is top-1 disagreement with the original; cosine and abs error are shown, not checked",
-               "cosine-abs": "not a classifier, so the gate is output cosine and abs error; max_drop does not apply"}[self.criterion]
-        return {"criterion": self.criterion, "rule": self.describe(), "applied": applied,
-                "not_applied": {k: v for k, v in every.items() if k not in applied}, "not_applied_why": why}
-
-    def describe(self) -> str:
-        if self.task == "classification" and self.reference_accuracy is not None:
-            return f"accuracy drop <= {self.max_drop:.4f} (original {self.reference_accuracy:.4f})"
-        if self.task == "classification":
-            return f"top-1 disagreement with the original <= {self.max_drop:.4f} (no labels)"
-        return f"min cosine >= {self.min_cosine} and max abs error <= {self.max_abs_error}"
-
-
-def gate(a: Agreement, b: Budget) -> tuple[bool, str]:
-    """(inside the budget, why not) for one candidate's agreement with the original."""
-    eps = 1e-9
-    if b.task == "classification" and b.reference_accuracy is not None and a.accuracy is not None:
-        drop = b.reference_accuracy - a.accuracy
-        return drop <= b.max_drop + eps, f"accuracy drop {drop:.4f} > {b.max_drop:.4f}"
-    if b.task == "classification" and a.top1_agreement is not None:
-        dis = 1.0 - a.top1_agreement
-        return dis <= b.max_drop + eps, f"top-1 disagreement {dis:.4f} > {b.max_drop:.4f}"
-    if a.cosine_min < b.min_cosine:
-        return False, f"min cosine {a.cosine_min:.4f} < {b.min_cosine}"
-    if a.max_abs_error > b.max_abs_error:
-        return False, f"max abs error {a.max_abs_error:.4g} > {b.max_abs_error}"
-    return True, ""
 
 
 @dataclass
@@ -104,7 +50,7 @@ class Candidate:
     latency_p50_ms: float | None = None
     latency_p95_ms: float | None = None
     latency_se_ms: float | None = None  # standard error of the p50, from the spread of the timed runs
-    agreement: Agreement | None = None
+    agreement: Any = None  # how close it is to the original: a tasks.Fidelity (evaluate stage)
     quantized_ops: int | None = None
     compute_ops: int | None = None
     within_budget: bool = False
@@ -143,16 +89,37 @@ def tie_band_ms(fastest: Candidate) -> float:
     return max(TIE_FLOOR_MS, min(TIE_CAP * p50, max(TIE_FLOOR * p50, 2.0 * (fastest.latency_se_ms or 0.0))))
 
 
+def smallest_tied(tied: list[Candidate]) -> list[Candidate]:
+    """The candidates of ``tied`` whose file is within :data:`SIZE_TIE` of the smallest one's.
+
+    A profile that defaults to a compressed precision asked for a small model: among
+    candidates no faster or slower than each other, and all inside the accuracy budget, the
+    size class decides before fidelity does, so an INT8 model four times smaller is not
+    passed over for FP32 or a dynamic-INT8 model that left the Convs in float.
+    """
+    if not tied:
+        return tied
+    smallest = min(c.size_bytes or 0 for c in tied)
+    return [c for c in tied if (c.size_bytes or 0) <= SIZE_TIE * smallest]
+
+
 def prefers_compressed(default_precision: str | None) -> bool:
     """Whether a speed tie goes to a smaller model over FP32: when the profile's default precision is not FP32."""
     return default_precision is not None and default_precision != "fp32"
 
 
 def fidelity(c: Candidate) -> tuple[float, ...]:
-    """How close a candidate is to the original, higher is better: the gate's metric first, then output cosine."""
+    """How close a candidate is to the original, higher is better: the gate's metric first, then output cosine.
+
+    A task-aware fidelity (``converters.tasks.Fidelity``) ranks by its own ``rank_key``: the gated
+    loss, then the task's finer figure (KL for classifiers, score error for detectors, ...).
+    """
     a = c.agreement
     if a is None:
         return (float("-inf"),)
+    rank = getattr(a, "rank_key", None)
+    if rank is not None:
+        return (*rank, a.cosine_mean, a.cosine_min, -a.max_abs_error)
     first = a.accuracy if a.accuracy is not None else a.top1_agreement
     return (first if first is not None else a.cosine_mean, a.cosine_mean, a.cosine_min, -a.max_abs_error)
 
@@ -161,6 +128,8 @@ def _metric(c: Candidate) -> str:
     a = c.agreement
     if a is None:
         return "-"
+    if getattr(a, "metric", None) not in (None, "accuracy_drop", "top1_disagreement"):
+        return f"{a.metric} {a.loss:.4g}"
     if a.accuracy is not None:
         return f"accuracy {a.accuracy:.4f}"
     if a.top1_agreement is not None:
@@ -204,14 +173,13 @@ def choose_winner(cands: list[Candidate], *, host_matches: bool, allowed: list[s
             return best, "no candidate could be timed; the most accurate inside the budget"
         fastest, band, tied = speed_ties(cands)
         assert fastest is not None
-        ranked = tied
-        if prefers_compressed(default) and fp32 is not None and fp32 in tied:
-            ranked = [c for c in tied if c is not fp32 and (c.size_bytes or 0) < (fp32.size_bytes or 0)] or tied
+        ranked = smallest_tied(tied) if prefers_compressed(default) else tied
         best = max(ranked, key=lambda c: (fidelity(c), -(c.size_bytes or 0), -(c.latency_p50_ms or 0.0)))
         why = _why(best, fastest, tied, band, fp32, eligible, ranked)
-        if ranked is not tied:
-            why += (f"; FP32 ({fp32.name}) tied on speed but takes no part in the ranking: the profile's default precision is "  # type: ignore[union-attr]
-                    f"{default}, so a smaller model inside the budget wins a speed tie")
+        left_out = [c.name for c in tied if c not in ranked]
+        if left_out:
+            why += (f"; the profile's default precision is {default}, so among candidates tied on speed the smallest "
+                    f"(within {SIZE_TIE - 1:.0%} of the smallest file) are ranked and {', '.join(left_out)} take no part")
         return best, why
     order = {p: i for i, p in enumerate(allowed)}
     best = min(eligible, key=lambda c: (order.get(c.precision, len(order)), cands.index(c)))
@@ -236,17 +204,18 @@ def _why(best: Candidate, fastest: Candidate, tied: list[Candidate], band: float
     if len(tied) == 1:
         return f"fastest measured candidate inside the budget, faster than the others by more than the noise: {speed}"
     beats = "; ".join(f"{c.name} (p50 {c.latency_p50_ms:.3f} ms, {_metric(c)}, {c.size_bytes} B) on {_decided_by(best, c)}"
-                      for c in (ranked or tied) if c is not best) or "no other candidate in the ranking"
+                      for c in (ranked or tied) if c is not best)
     lead = "fastest measured candidate inside the budget" if best is fastest else f"tied on speed with the fastest ({fastest.name})"
+    ranking = f"it beats {beats}" if beats else "it is the only one left in the ranking"
     return (f"{lead}: {speed}, {_metric(best)}, {best.size_bytes} B; candidates within the noise of the fastest "
             f"(p50 within {band:.3f} ms of {fastest.latency_p50_ms:.3f} ms) are ranked by accuracy, then output cosine, "
-            f"then size, then speed; it beats {beats}")
+            f"then size, then speed; {ranking}")
 
 
 def _decided_by(best: Candidate, other: Candidate) -> str:
     fb, fo = fidelity(best), fidelity(other)
     if fb[0] != fo[0]:
-        return "accuracy"
+        return "accuracy" if getattr(best.agreement, "metric", "accuracy_drop") in ("accuracy_drop", "top1_disagreement") else "the gated metric"
     if fb != fo:
         return "output cosine"
     if (best.size_bytes or 0) != (other.size_bytes or 0):

@@ -148,10 +148,7 @@ def _twin_model(fp: Any, q: Any, layers: dict[str, tuple[str, str, int]], in_flo
     q_of = {n.output[0]: n for n in q.graph.node if n.op_type == "QuantizeLinear"}
     m = onnx.ModelProto()
     m.CopyFrom(q)
-    have = {i.name for i in q.graph.initializer} | {o for n in q.graph.node for o in n.output}
-    for init in fp.graph.initializer:
-        if init.name not in have:  # the float weights and biases, under their float names
-            m.graph.initializer.append(init)
+    fp_init = {i.name: i for i in fp.graph.initializer}
     twin_of: dict[str, str] = {}
     for k, node in enumerate(list(q.graph.node)):
         t = node.output[0] if node.output else None
@@ -165,30 +162,48 @@ def _twin_model(fp: Any, q: Any, layers: dict[str, tuple[str, str, int]], in_flo
         name = f"lepton_bc_{k}"
         if act is not None and act.op_type in ("Relu", "Clip") and not any(n.output[0] == src for n in q.graph.node if n.op_type == act.op_type):
             # The quantizer folded this activation into the range; the float layer sees its output.
-            clip = helper.make_node(act.op_type, [src, *act.input[1:]], [f"{name}_act"], name=f"{name}_act")
+            bounds = [_constant_copy(b, fp, fp_init, m, f"{name}_b{j}") if b else "" for j, b in enumerate(act.input[1:])]
+            if None in bounds:
+                continue
+            clip = helper.make_node(act.op_type, [src, *bounds], [f"{name}_act"], name=f"{name}_act")
             clip.attribute.extend(act.attribute)
             m.graph.node.append(clip)
             src = f"{name}_act"
-        twin = helper.make_node(fnode.op_type, [src, *fnode.input[1:]], [f"{name}_twin"], name=f"{name}_twin")
+        # The float weights and bias under names of the twin's own: the quantized graph reuses the float names
+        # for its dequantized copies, and a twin reading the corrected bias would hide the correction.
+        params = []
+        for j, p in enumerate(fnode.input[1:]):
+            if p not in fp_init:
+                break
+            copy = onnx.TensorProto()
+            copy.CopyFrom(fp_init[p])
+            copy.name = f"{name}_p{j}"
+            m.graph.initializer.append(copy)
+            params.append(copy.name)
+        if len(params) != len(fnode.input) - 1:
+            continue
+        twin = helper.make_node(fnode.op_type, [src, *params], [f"{name}_twin"], name=f"{name}_twin")
         twin.attribute.extend(fnode.attribute)
         m.graph.node.append(twin)
         twin_of[f"{name}_twin"] = t
     return (m, twin_of) if twin_of else None
 
 
-def _dequantize(dq_node: Any, inits: dict[str, Any]) -> np.ndarray | None:
+def _constant_copy(name: str, fp: Any, fp_init: dict[str, Any], m: Any, new: str) -> str | None:
+    """A copy in ``m`` under ``new`` of the float model's constant ``name`` (an initializer or a Constant node); None if neither."""
+    import onnx
     from onnx import numpy_helper
 
-    q = numpy_helper.to_array(inits[dq_node.input[0]]).astype(np.float64)
-    scale = numpy_helper.to_array(inits[dq_node.input[1]]).astype(np.float64)
-    zp = numpy_helper.to_array(inits[dq_node.input[2]]).astype(np.float64) if len(dq_node.input) > 2 and dq_node.input[2] in inits else 0.0
-    axis = next((a.i for a in dq_node.attribute if a.name == "axis"), 1)
-    if np.ndim(scale) == 1 and q.ndim > 1:
-        shape = [1] * q.ndim
-        shape[axis] = -1
-        scale = scale.reshape(shape)
-        zp = np.reshape(zp, shape) if np.ndim(zp) == 1 else zp
-    return (q - zp) * scale
+    if name in fp_init:
+        arr = numpy_helper.to_array(fp_init[name])
+    else:
+        node = next((n for n in fp.graph.node if n.op_type == "Constant" and n.output[0] == name), None)
+        attr = next((a for a in node.attribute if a.name == "value"), None) if node is not None else None
+        if attr is None:
+            return None
+        arr = numpy_helper.to_array(attr.t)
+    m.graph.initializer.append(numpy_helper.from_array(arr, new))
+    return new
 
 
 def _float_names(fp: Any, q: Any, layers: dict[str, Any]) -> dict[str, str]:
@@ -201,10 +216,17 @@ def _float_names(fp: Any, q: Any, layers: dict[str, Any]) -> dict[str, str]:
     """
     producer = {o: n for n in fp.graph.node for o in n.output}
     q_producer = {o: n for n in q.graph.node for o in n.output}
+    q_consumer = {i: n for n in q.graph.node for i in n.input}
     names = {}
     for t in layers:
         p = producer.get(t)
         if p is None:
+            # A layer writing a graph output: the quantizer renames its output and the output's Q -> DQ pair carries the name.
+            qn = q_consumer.get(t)
+            dqn = q_consumer.get(qn.output[0]) if qn is not None and qn.op_type == "QuantizeLinear" else None
+            if dqn is not None and dqn.op_type == "DequantizeLinear" and (p := producer.get(dqn.output[0])) is not None \
+                    and p.op_type == q_producer[t].op_type:
+                names[t] = dqn.output[0]
             continue
         if p.op_type == q_producer[t].op_type:
             names[t] = t

@@ -20,6 +20,8 @@ from typing import Any
 __all__ = ["float_nodes", "detection_head_nodes", "transformer_nodes", "is_transformer"]
 
 _PASS_THROUGH = ("Reshape", "Transpose", "Identity", "Squeeze", "Unsqueeze", "Flatten", "Cast")
+_MAX_HEAD_NODES = 400  # a decode is tens to a few hundred small nodes; past that the walk has left the head
+_TINY_WEIGHTS = 64  # the DFL expectation conv has 16 weights; a real layer has thousands
 _TRANSFORMER_OPS = ("LayerNormalization", "SkipLayerNormalization", "Softmax", "Erf", "Gelu", "FastGelu", "BiasGelu")
 
 
@@ -30,9 +32,17 @@ def _load(model: Any) -> Any:
 
 
 def detection_head_nodes(model: Any) -> list[str]:
-    """The head's box/score Concat feeding the first output, and the Sigmoid/Mul nodes right before it."""
+    """The head's decode, from the box/score Concat feeding the first output back to the last weight layers.
+
+    Everything between the head's last convolutions and its output stays float: the Concat of
+    pixels and scores, the Sigmoid making the scores, the stride Mul, and the box decode (the
+    anchor grid, which a dynamic-shape export computes at run time in pixels, and the DFL
+    softmax with its 16-tap expectation conv). Walking back stops at Conv/MatMul/Gemm layers
+    with real weights, which stay INT8; the decode is cheap element-wise work.
+    """
     m = _load(model)
     producer = {o: n for n in m.graph.node for o in n.output}
+    sizes = {i.name: _numel(i.dims) for i in m.graph.initializer}
     if not m.graph.output:
         return []
     node = producer.get(m.graph.output[0].name)
@@ -40,19 +50,25 @@ def detection_head_nodes(model: Any) -> list[str]:
         node = producer.get(node.input[0])
     if node is None or node.op_type != "Concat":
         return []
-    keep = [node.name]
-    for i in node.input:
-        p = producer.get(i)
-        while p is not None and p.op_type in _PASS_THROUGH:
-            p = producer.get(p.input[0])
-        if p is not None and p.op_type in ("Sigmoid", "Mul"):
-            keep.append(p.name)
-            # Boxes: Mul(dist2bbox, strides) whose input is itself a Sub/Add/Concat of offsets; scores: Sigmoid of the logits.
-            if p.op_type == "Mul":
-                q = next((producer[j] for j in p.input if j in producer and producer[j].op_type in ("Concat", "Sigmoid")), None)
-                if q is not None:
-                    keep.append(q.name)
-    return sorted(set(keep))
+    keep: set[str] = set()
+    frontier = [node]
+    while frontier and len(keep) < _MAX_HEAD_NODES:
+        n = frontier.pop()
+        if n.name in keep:
+            continue
+        if n.op_type in ("Conv", "MatMul", "Gemm", "ConvTranspose") and sum(sizes.get(i, 0) for i in n.input[1:2]) > _TINY_WEIGHTS:
+            continue  # a real layer: it stays INT8
+        keep.add(n.name)
+        if n.op_type != "Shape":  # a Shape reads only its input's dimensions: the feature map it measures stays INT8
+            frontier += [producer[i] for i in n.input if i in producer]
+    return sorted(keep)
+
+
+def _numel(dims: Any) -> int:
+    out = 1
+    for d in dims:
+        out *= int(d)
+    return out
 
 
 def is_transformer(model: Any) -> bool:
@@ -98,8 +114,8 @@ def float_nodes(model: Any, task: str | None) -> tuple[list[str], list[str]]:
         head = detection_head_nodes(m)
         if head:
             names |= set(head)
-            why.append(f"detector head: its box/score Concat and the Sigmoid/Mul before it stay float ({len(head)} nodes), "
-                       "or one scale for pixels and scores rounds every score to 0")
+            why.append(f"detector head: its decode stays float ({len(head)} nodes: the box/score Concat, Sigmoid, stride Mul, "
+                       "anchor grid, DFL), or one scale for pixels and scores rounds every score to 0")
     if is_transformer(m):
         tn = transformer_nodes(m)
         names |= set(tn)

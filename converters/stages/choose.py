@@ -12,7 +12,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass, replace
 from typing import Any
 
-from lepton_edge.profiles import DeviceProfile
+from lepton_edge.profiles import DeviceProfile, list_profiles
+from lepton_edge.profiles import host_matches as host_matches_profile
 
 from ..search import TIE_CAP, TIE_FLOOR, TIE_FLOOR_MS, Candidate, choose_winner, prefers_compressed, speed_ties
 
@@ -31,6 +32,10 @@ def choose(cands: tuple[Candidate, ...], profile: DeviceProfile, *, host_matches
     """``kept``: the precision of a model packaged as it is, whose one candidate is the source file."""
     default = profile.precision.default
     winner, why = choose_winner(list(cands), host_matches=host_matches, allowed=list(profile.precision.allowed), default=default)
+    if not host_matches:
+        here = [p.id for p in list_profiles() if p.runtime.name == profile.runtime.name and host_matches_profile(p)]
+        if here:
+            why += f" (this host matches profile {', '.join(here)}: convert for it to have latency decide)"
     if kept is not None and winner is not None:
         p50 = f"p50 {winner.latency_p50_ms:.3f} ms on this host ({winner.runtime}, {profile.threads} threads)" if winner.latency_p50_ms else "not timed"
         why = f"the source model packaged as it is ({kept}), the only candidate: {p50}"

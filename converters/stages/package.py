@@ -22,6 +22,7 @@ from lepton_edge.runtimes import RuntimeLoadError, open_session
 
 from ..errors import ConversionError, ModelTooLargeError, NoCandidateError
 from ..evaluate import run_batched
+from ..frontier import PLOT_NAME, frontier_of, frontier_svg
 from ..golden import check_golden, golden_tolerances, pick_golden
 from ..search import Candidate
 from .evaluate import EvalContext
@@ -124,7 +125,8 @@ def package(winner: Candidate, report: dict[str, Any], prepared: Prepared, ctx: 
         "precision": winner.precision, "model_file": model_file, "inputs": inputs, "outputs": outputs,
         "source": SourceInfo(sha256=original.sha256, format=original.format, name=original.name[:256]),
         "calibration": CalibrationInfo(sha256=calib.sha256, samples=len(calib), synthetic=calib.synthetic),
-        "task": "classification" if ctx.budget.task == "classification" else "regression",
+        # The manifest's schema v1 names four tasks; detection and segmentation bundles say "other".
+        "task": ctx.budget.task if ctx.budget.task in ("classification", "regression", "embedding") else "other",
         "metadata": {"candidate": winner.name, "host_matches_profile": str(host_matches).lower(), **_quantization(prepared)},
     }
     report = {**report, "golden": {"count": len(g_in[0]), **tol}}
@@ -132,12 +134,23 @@ def package(winner: Candidate, report: dict[str, Any], prepared: Prepared, ctx: 
         journal.warn("UNSIGNED bundle: agents refuse it unless their config accepts unsigned bundles; pass --sign-key to sign it")
         report["warnings"] = list(journal.warnings)
     out_dir = req.output_dir / f"{bundle_name}-{req.version}-{profile.id}"
-    bundle_dir = write_bundle(out_dir, manifest_fields=fields, files={model_file: winner.path}, report=report,
+    plot = _frontier_plot(report, winner.path.parent / f"{winner.path.stem}-{PLOT_NAME}")
+    bundle_dir = write_bundle(out_dir, manifest_fields=fields, files={model_file: winner.path, PLOT_NAME: plot}, report=report,
                               golden=(g_in, g_out, tol), sign_key=req.sign_key)
     archive = pack_bundle(bundle_dir)
     bundle = read_bundle(bundle_dir, allow_unsigned=True)
     _self_check(bundle, ctx.threads)
     return ConversionResult(bundle_dir=bundle_dir, archive=archive, manifest=bundle.manifest, report=report)
+
+
+def _frontier_plot(report: dict[str, Any], path: Path) -> Path:
+    """frontier.svg for the bundle, beside report.json: the gated metric of every candidate against its latency."""
+    fr = frontier_of(report)
+    host = "this host matches the profile" if (report.get("host") or {}).get("matches_profile") else "host latency is a proxy for the device"
+    path.write_text(frontier_svg(fr, title=f"accuracy vs latency: {report['source']['name']} for {report['profile']}",
+                                 subtitle=f"{report['runtime']}, {report['threads']} threads, batch 1; gate: "
+                                          f"{(report.get('budget') or {}).get('rule', '')}; {host}"))
+    return path
 
 
 def _quantization(prepared: Prepared) -> dict[str, str]:

@@ -18,7 +18,7 @@ import numpy as np
 from lepton_edge.profiles import DeviceProfile, list_profiles
 
 from ..data import Dataset
-from ..errors import InputShapeError, ModelTooLargeError, PruningError, UnsupportedModelError
+from ..errors import CalibrationDataError, InputShapeError, ModelTooLargeError, PruningError, UnsupportedModelError
 from ..loading import LoadedSource, OnnxModelInfo, onnx_info
 from .inputs import ModelData, load_data, multi_input_data, single_input_data
 from .journal import Journal
@@ -113,10 +113,16 @@ def fixed_sample_shape(info: OnnxModelInfo, given: tuple[int, ...] | None, calib
     if calib_ds is not None:
         x = calib_ds.as_single(info.input_name, "calibration").x
         shape = tuple(int(d) for d in x.shape[1:])  # type: ignore[union-attr]
-        shown = "x".join("?" if d is None else str(d) for d in info.input_shape[1:])
+        want = tuple(info.input_shape[1:])
+        shown = "x".join("?" if d is None else str(d) for d in want)
+        if len(shape) != len(want) or any(w is not None and w != g for w, g in zip(want, shape)):
+            raise CalibrationDataError(
+                f"calibration data {calib_ds.origin}: input {info.input_name} has samples of shape {'x'.join(map(str, shape)) or 'scalar'} "
+                f"({len(shape) + 1}-D with the batch); the model takes N x {shown}",
+                hint=f"give {info.input_name} shaped (N, " + ", ".join("?" if d is None else str(d) for d in want) + ")")
         journal.note(f"input {info.input_name} has dynamic axes (N x {shown}); taken from the calibration data: "
                      f"N x {'x'.join(map(str, shape))}")
-        return shape  # a rank or a fixed axis that disagrees is named by Dataset.fit_to, with both shapes
+        return shape
     raise InputShapeError(f"the model's input {info.input_name} has dynamic axes besides the batch {list(info.input_shape)}",
                           hint="pass --calib data (its samples fix them), or --input-shape like 1x3x320x320")
 

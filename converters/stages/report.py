@@ -11,7 +11,8 @@ from typing import Any
 
 from lepton_edge.profiles import DeviceProfile
 
-from ..search import Budget
+from ..frontier import frontier_of
+from ..tasks import Budget
 from .choose import Choice
 from .journal import Journal
 from .prepare import Prepared
@@ -31,7 +32,7 @@ def build_report(profile: DeviceProfile, prepared: Prepared, budget: Budget, cho
             "fp32": fp32.as_report(), "converted": winner.as_report(),
         }
     original, data = prepared.original, prepared.data
-    return {
+    report = {
         "profile": profile.id, "runtime": profile.runtime.name, "threads": profile.threads,
         "host": {"machine": platform.machine(), "processor": platform.processor(), "matches_profile": host_matches},
         "latency_note": profile.describe_host_match(),
@@ -46,3 +47,5 @@ def build_report(profile: DeviceProfile, prepared: Prepared, budget: Budget, cho
         "winner": winner.name if winner else None, "why": choice.why, "selection": dict(choice.selection), "summary": summary,
         "notes": list(journal.notes), "warnings": list(journal.warnings), "seconds": round(seconds, 2),
     }
+    report["frontier"] = frontier_of(report).as_report()
+    return report

@@ -42,11 +42,21 @@ def build_candidates(ctx: BuildContext) -> Built:
         tflite.search(ctx)
     else:
         fp32.search(ctx)
-        for precision in ctx.profile.precision.allowed:
+        allowed = list(ctx.profile.precision.allowed)
+        for i, precision in enumerate(allowed):
             if not ctx.budget_left():
                 ctx.journal.note(f"search stopped at {MAX_CANDIDATES} candidates")
                 break
             strategy = STRATEGIES.get(precision)
-            if strategy is not None:
-                strategy(ctx)
+            if strategy is None:
+                continue
+            done = [c.name for c in ctx.candidates if c.eligible and c.precision != "fp32"]
+            if not ctx.host_matches and done:
+                # Off the host, latency does not decide: the first precision in the profile's order with a candidate
+                # inside the budget wins, so building the later ones would only cost time.
+                later = [p for p in allowed[i:] if p in STRATEGIES]
+                ctx.journal.note(f"this host does not match the profile, so the first precision inside the budget wins "
+                                 f"({done[0]}); {', '.join(later)} not built")
+                break
+            strategy(ctx)
     return Built(tuple(ctx.candidates), MappingProxyType(dict(ctx.sections)))

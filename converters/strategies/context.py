@@ -63,6 +63,8 @@ class BuildContext:
         A pass that fails gives a candidate without a file whose note says why; the search goes on.
         """
         out = self.work / f"{name}.onnx"
+        # Long searches show where they are: candidate k of at most MAX_CANDIDATES.
+        self.journal.say("candidate", f"{len(self.candidates) + 1} of at most {MAX_CANDIDATES}: {name}")
         settings: dict[str, Any] = {}
         path = None
         note = ""

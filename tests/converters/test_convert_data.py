@@ -145,3 +145,10 @@ def test_convert_warns_about_integer_calibration_data(digits, digits_onnx, tmp_p
     warnings = " ".join(r.report["warnings"])
     assert "holds integers (int64, values 0..16)" in warnings
     assert "calibration values span 0..16 but evaluation values 0..1" in warnings
+
+
+def test_a_wrongly_named_array_is_told_the_input_name(tmp_path):
+    np.savez(tmp_path / "c.npz", pixels=np.zeros((4, 3, 8, 8), np.float32))
+    with pytest.raises(CalibrationDataError) as e:
+        load_dataset(tmp_path / "c.npz", "calibration", input_names=["images"])
+    assert "pixels" in e.value.message and "images=inputs" in (e.value.hint or "")

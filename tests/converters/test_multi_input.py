@@ -195,8 +195,12 @@ def test_fp16_for_jetson(toy, tmp_path, profile):
     from lepton_edge.runtimes import open_session
 
     r = convert_toy(toy, profile, tmp_path)
-    fp16 = next(c for c in r.report["candidates"] if c["precision"] == "fp16")
-    assert fp16["samples"] == 300 and fp16["within_budget"], fp16
+    fp16 = next((c for c in r.report["candidates"] if c["precision"] == "fp16"), None)
+    if fp16 is None:
+        # Off the host the first precision in the profile's order inside the budget wins (orin-nano: int8), so FP16 is not built.
+        assert profile != "jetson-nano" and r.manifest.precision == "int8" and any("fp16 not built" in n for n in r.report["notes"])
+    else:
+        assert fp16["samples"] == 300 and fp16["within_budget"], fp16
     assert [(t.name, t.dtype) for t in r.manifest.inputs] == [("input_ids", "int64"), ("attention_mask", "int64")]
     if profile == "jetson-nano":  # FP16 first in its precision order: the bundle is the FP16 model
         assert r.manifest.precision == "fp16"

@@ -47,3 +47,13 @@ def test_without_data_the_error_says_what_fixes_it(dynamic_hw_onnx, tmp_path):
     res = CliRunner().invoke(main, ["convert", str(dynamic_hw_onnx), "--profile", "x86-avx2", "-o", str(tmp_path),
                                     "--allow-synthetic-calibration"])
     assert res.exit_code != 0 and "Traceback" not in res.output and "dynamic axes" in res.output
+
+
+def test_data_of_the_wrong_rank_is_named_before_onnxruntime_sees_it(dynamic_hw_onnx, tmp_path):
+    x = np.random.default_rng(0).random((8, 3, 32), dtype=np.float32)
+    with pytest.raises(CalibrationDataError) as e:
+        convert(dynamic_hw_onnx, "x86-avx2", output_dir=tmp_path, calib=(x, None), latency_runs=FAST)
+    assert "3x32 (3-D with the batch); the model takes N x 3x?x?" in e.value.message and "ONNXRuntime" not in e.value.message
+    x4 = np.random.default_rng(0).random((8, 1, 32, 32), dtype=np.float32)  # a fixed axis (3 channels) that disagrees
+    with pytest.raises(CalibrationDataError, match="1x32x32"):
+        convert(dynamic_hw_onnx, "x86-avx2", output_dir=tmp_path, calib=(x4, None), latency_runs=FAST)
