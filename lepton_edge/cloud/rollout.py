@@ -203,6 +203,8 @@ class Rollouts:
         self._baseline_window_s = baseline_window_s
         self._resend_s = resend_s
         self._tick_lock = threading.Lock()
+        # Steps that raised: each costs its deployment one tick, never the engine.
+        self.step_failures = 0
 
     # ------------------------------------------------------------------ operator actions
     def create(self, model: str, version: str, selectors: Sequence[str], policy: RolloutPolicy) -> dict[str, Any]:
@@ -339,6 +341,7 @@ class Rollouts:
                 try:
                     self._step(dep_id)
                 except Exception:
+                    self.step_failures += 1
                     log.exception("rollout %s: step failed; retrying next tick", dep_id)
 
     def _step(self, dep_id: str) -> None:

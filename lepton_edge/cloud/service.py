@@ -287,6 +287,7 @@ class CloudService:
                         with self.engine.begin() as conn:
                             conn.execute(delete(db.telemetry).where(db.telemetry.c.received_at < time.time() - self.config.telemetry_retention_s))
             except Exception:
+                self.engine_failures += 1
                 log.exception("rollout engine tick failed; retrying")
             self._stop.wait(self.config.tick_s)
 
@@ -323,6 +324,14 @@ class CloudService:
         return bool(self.lease and self.lease.held)
 
     _engine_beat = 0.0
+    engine_failures = 0
+
+    def worker_errors(self) -> dict[str, int]:
+        """Items each worker loop dropped or retried instead of dying."""
+        ingest = self.ingestor.stats if self.ingestor else {}
+        return {"engine_ticks_failed": self.engine_failures,
+                "rollout_steps_failed": getattr(getattr(self, "rollouts", None), "step_failures", 0),
+                "ingest_rejected": ingest.get("rejected", 0), "ingest_dropped_unexpected": ingest.get("dropped_unexpected", 0)}
 
     def workers(self) -> dict[str, bool]:
         """Each worker thread: alive (and, for the rollout engine, ticking)."""
