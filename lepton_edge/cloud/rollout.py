@@ -122,7 +122,7 @@ def parse_waves(text: str | Sequence[float]) -> list[float]:
     return waves
 
 
-_ID_PREFIX_RE = re.compile(r"^[0-9a-f]{1,32}$")
+_ID_PREFIX_RE = re.compile(r"[0-9a-f]{1,32}")
 
 
 @dataclass(frozen=True)
@@ -264,7 +264,7 @@ class Rollouts:
 
     def resolve(self, dep_id: str) -> str:
         """A full deployment id from itself or a unique prefix (git-style: the CLI prints 12 characters)."""
-        if not _ID_PREFIX_RE.match(dep_id):
+        if not _ID_PREFIX_RE.fullmatch(dep_id):
             raise NotFoundError(f"deployment {dep_id[:40]!r} does not exist", hint="ids are hex; see `lepton-edge deploy list`")
         with self._engine.connect() as conn:
             ids = [r.id for r in conn.execute(select(db.deployments.c.id).where(db.deployments.c.id.startswith(dep_id)).limit(6))]
