@@ -9,6 +9,11 @@ In-process (the demo, the fleet benchmark, tests)::
     svc.url, svc.token          # the HTTP API; also svc.registry / svc.fleet / svc.rollouts
     svc.stop()
 
+TLS is on unless ``insecure_plaintext``: the service makes a private CA and certificate in
+``state_dir/tls`` (:mod:`.tls`) or uses ``tls_cert/tls_key/tls_ca``, serves the API over HTTPS
+and its own broker on mqtts (``svc.tls.ca`` is what clients verify against). The state dir is
+0700 and the SQLite file 0600: they hold the service's broker password and operator token.
+
 With ``broker_url=None`` the service starts its own broker (``lepton_edge.cloud.broker``: Mosquitto, else the embedded one)
 with per-device passwords and ACL under ``state_dir/broker``. As a child process::
 
