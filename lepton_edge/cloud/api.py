@@ -194,6 +194,7 @@ def create_app(service: Any) -> FastAPI:
             dl = dict(downloads)
         return {"replica": service.replica_id, "leader": service.is_leader, "ingest": dict(service.ingest_stats()),
                 "ingest_backlog": service.ingest_backlog(), "downloads": dl, "workers": service.workers(),
+                "worker_errors": service.worker_errors(),
                 "broker": service.broker_stats()}
 
     @app.post("/v1/models", dependencies=auth, status_code=201, openapi_extra={"requestBody": {

@@ -26,12 +26,12 @@ from .errors import CloudConfigError, NotFoundError, StoreError
 
 __all__ = ["ArtifactStore", "LocalArtifactStore", "MemoryArtifactStore", "S3ArtifactStore", "open_store"]
 
-_KEY_RE = re.compile(r"^[a-z0-9][a-z0-9._-]{0,200}$")
+_KEY_RE = re.compile(r"[a-z0-9][a-z0-9._-]{0,200}")
 _CHUNK = 256 * 1024
 
 
 def _check_key(key: str) -> str:
-    if not _KEY_RE.match(key) or ".." in key:
+    if not isinstance(key, str) or not _KEY_RE.fullmatch(key) or ".." in key:
         raise StoreError(f"bad artifact key {key!r}")
     return key
 

@@ -192,8 +192,8 @@ class ManagedMosquitto:
             "max_queued_messages 100000",
             # Per client: a device that never reads its commands cannot eat the broker's memory.
             "max_queued_bytes 134217728",
-            # lepton/v1 payloads are at most 64 KiB; the broker drops anything far beyond that.
-            "message_size_limit 262144",
+            # lepton/v1 payloads are at most 64 KiB (protocol.MAX_PAYLOAD_BYTES): bigger ones would only fill the service's queue.
+            "message_size_limit 65536",
             "max_inflight_messages 100",
             f"log_dest file {self.log_path}",
             "log_type error",

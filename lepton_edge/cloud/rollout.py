@@ -125,7 +125,7 @@ def parse_waves(text: str | Sequence[float]) -> list[float]:
     return waves
 
 
-_ID_PREFIX_RE = re.compile(r"^[0-9a-f]{1,32}$")
+_ID_PREFIX_RE = re.compile(r"[0-9a-f]{1,32}")
 
 
 @dataclass(frozen=True)
@@ -209,6 +209,8 @@ class Rollouts:
         self._profiles: ProfileRegistry | None = None
         # Commands handed to the publisher, first sends and re-sends apart (``/metrics``).
         self.stats: Counter[str] = Counter()
+        # Steps that raised: each costs its deployment one tick, never the engine.
+        self.step_failures = 0
 
     # ------------------------------------------------------------------ operator actions
     def create(self, model: str, version: str, selectors: Sequence[str], policy: RolloutPolicy) -> dict[str, Any]:
@@ -296,7 +298,7 @@ class Rollouts:
 
     def resolve(self, dep_id: str) -> str:
         """A full deployment id from itself or a unique prefix (git-style: the CLI prints 12 characters)."""
-        if not _ID_PREFIX_RE.match(dep_id):
+        if not _ID_PREFIX_RE.fullmatch(dep_id):
             raise NotFoundError(f"deployment {dep_id[:40]!r} does not exist", hint="ids are hex; see `lepton-edge deploy list`")
         with self._engine.connect() as conn:
             ids = [r.id for r in conn.execute(select(db.deployments.c.id).where(db.deployments.c.id.startswith(dep_id)).limit(6))]
@@ -373,6 +375,7 @@ class Rollouts:
                 try:
                     self._step(dep_id)
                 except Exception:
+                    self.step_failures += 1
                     log.exception("rollout %s: step failed; retrying next tick", dep_id)
 
     def _step(self, dep_id: str) -> None:

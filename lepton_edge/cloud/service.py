@@ -9,6 +9,11 @@ In-process (the demo, the fleet benchmark, tests)::
     svc.url, svc.token          # the HTTP API; also svc.registry / svc.fleet / svc.rollouts
     svc.stop()
 
+TLS is on unless ``insecure_plaintext``: the service makes a private CA and certificate in
+``state_dir/tls`` (:mod:`.tls`) or uses ``tls_cert/tls_key/tls_ca``, serves the API over HTTPS
+and its own broker on mqtts (``svc.tls.ca`` is what clients verify against). The state dir is
+0700 and the SQLite file 0600: they hold the service's broker password and operator token.
+
 With ``broker_url=None`` the service starts its own broker (``lepton_edge.cloud.broker``: Mosquitto, else the embedded one)
 with per-device passwords and ACL under ``state_dir/broker``. As a child process::
 
@@ -289,6 +294,7 @@ class CloudService:
                         with self.engine.begin() as conn:
                             conn.execute(delete(db.telemetry).where(db.telemetry.c.received_at < time.time() - self.config.telemetry_retention_s))
             except Exception:
+                self.engine_failures += 1
                 log.exception("rollout engine tick failed; retrying")
             self._stop.wait(self.config.tick_s)
 
@@ -325,6 +331,14 @@ class CloudService:
         return bool(self.lease and self.lease.held)
 
     _engine_beat = 0.0
+    engine_failures = 0
+
+    def worker_errors(self) -> dict[str, int]:
+        """Items each worker loop dropped or retried instead of dying."""
+        ingest = self.ingestor.stats if self.ingestor else {}
+        return {"engine_ticks_failed": self.engine_failures,
+                "rollout_steps_failed": getattr(getattr(self, "rollouts", None), "step_failures", 0),
+                "ingest_rejected": ingest.get("rejected", 0), "ingest_dropped_unexpected": ingest.get("dropped_unexpected", 0)}
 
     def workers(self) -> dict[str, bool]:
         """Each worker thread: alive (and, for the rollout engine, ticking)."""

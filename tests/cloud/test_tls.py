@@ -94,3 +94,23 @@ def test_health_is_503_when_a_worker_is_dead_and_names_no_replica_without_auth(s
     svc.ingestor._writer = dead  # as if the writer thread had died
     r = httpx.get(f"{svc.url}/v1/health")
     assert r.status_code == 503 and r.json()["ok"] is False and r.json()["workers"]["ingest"] is False
+
+
+def test_a_rollout_step_that_raises_is_counted_and_the_engine_keeps_ticking(start_service, private_broker, monkeypatch):
+    from cloud_helpers import wait_for
+
+    svc = start_service(broker_url=private_broker.url)
+    monkeypatch.setattr(svc.rollouts, "_step", lambda dep_id: (_ for _ in ()).throw(ValueError("poisoned row")))
+    from lepton_edge.cloud import db
+
+    import time
+
+    with svc.engine.begin() as conn:  # one active deployment whose every step raises
+        conn.execute(db.deployments.insert().values(
+            id="d" * 32, model="m", version="1", selectors="[]", waves="[100.0]", soak_s=0, timeout_s=60, max_error_rate=0.01,
+            max_p95_regression=0.2, min_healthy=0.9, on_failure="rollback", status="running", current_wave=0,
+            created_at=time.time(), updated_at=time.time(), reason="", wave_results="[]"))
+    wait_for(lambda: svc.rollouts.step_failures >= 3, 10, "three failed steps")
+    metrics = CloudClient(svc.url, svc.token).metrics()
+    assert metrics["worker_errors"]["rollout_steps_failed"] >= 3 and metrics["workers"]["rollouts"] is True
+    assert httpx.get(f"{svc.url}/v1/health").status_code == 200

@@ -307,3 +307,26 @@ def test_plain_http_and_plain_mqtt_are_off(cloud):
     # And the certificate is checked: the system CAs do not know the private one.
     with pytest.raises(httpx.ConnectError):
         httpx.get(f"{cloud.proc.url}/v1/health", timeout=3)
+
+
+def _flatten(d, prefix=""):
+    for k, v in (d or {}).items():
+        if isinstance(v, dict):
+            yield from _flatten(v, f"{prefix}{k}.")
+        elif isinstance(v, int) and not isinstance(v, bool):
+            yield f"{prefix}{k}", v
+
+
+def test_the_brokers_refusals_show_in_the_clouds_metrics(cloud, mallory):
+    poison = mallory()
+    poison.publish(topic("default", "mallory", "telemetry"), b'{"seq": ' + b"9" * 5000 + b"}")
+    m = mallory(client_id="lepton-default-bob", connect=False)  # refused (embedded) / renamed (Mosquitto)
+    m.connect(expect_ok=False)
+    wait_until(lambda: cloud.client.metrics()["worker_errors"]["ingest_rejected"] > 0, 10, "the poisoned payload counted")
+    metrics = cloud.client.metrics()
+    assert metrics["workers"] == {"http": True, "rollouts": True, "ingest": True, "broker": True}
+    if cloud.broker_kind == "mosquitto":
+        return  # Mosquitto reports no per-client refusals to the service (README says so)
+    refused = wait_until(lambda: [kv for kv in _flatten(cloud.client.metrics()["broker"]) if "refused" in kv[0] and kv[1] > 0],
+                         10, "the embedded broker's refusal counters in /v1/metrics")
+    assert refused

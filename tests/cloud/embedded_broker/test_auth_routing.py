@@ -132,3 +132,23 @@ def test_the_broker_package_imports_only_the_standard_library():
                           capture_output=True, text=True, check=True).stdout.strip().split(",")
     assert all(m.startswith("lepton_edge.cloud.embedded_broker") or m in ("lepton_edge", "lepton_edge.cloud")
                for m in mods), mods
+
+
+def test_the_stats_file_has_the_agreed_names_and_is_private(tmp_path):
+    """The cloud reads these names for its metrics (agreed in the worktree's coordination notes)."""
+    import json
+    import stat
+
+    from lepton_edge.cloud.embedded_broker.limits import DROP_REASONS, REFUSAL_REASONS, write_stats_file
+
+    broker = Broker(BrokerConfig())
+    broker.stats.drop("queue_full")
+    broker.stats.refuse("subscribe_acl")
+    path = tmp_path / "stats.json"
+    write_stats_file(path, broker.snapshot())
+    data = json.loads(path.read_text())
+    assert {"ts", "connections", "preauth_connections", "sessions", "retained", "queued_bytes", "received", "sent",
+            "dropped", "refused", "throttled", "protocol_errors"} <= set(data)
+    assert set(data["dropped"]) >= set(DROP_REASONS) and data["dropped"]["queue_full"] == 1
+    assert set(data["refused"]) >= set(REFUSAL_REASONS) and data["refused"]["subscribe_acl"] == 1
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600
