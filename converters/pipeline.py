@@ -119,6 +119,9 @@ class _Conversion:
         self.latency_runs = latency_runs
         self.threads = profile.threads
         self.host_matches = host_matches(profile)
+        # Accuracy and golden vectors as the device computes them: without x86's INT8 saturation
+        # when the profile quantizes with full 8-bit weights (see runtimes.open_session).
+        self._exact_int8 = not profile.quantization.reduce_range
         self.passes: list[dict[str, Any]] = []
         self.warnings: list[str] = []
         self.notes: list[str] = []
@@ -351,7 +354,8 @@ class _Conversion:
         lim = self.profile.limits
         rss0 = rss_bytes()
         try:
-            sess = open_session(c.path, c.runtime, threads=self.threads, delegates=self.profile.runtime.delegates)
+            sess = open_session(c.path, c.runtime, threads=self.threads, delegates=self.profile.runtime.delegates,
+                                exact_int8=self._exact_int8)
             out = run_batched(c.path, c.runtime, self.eval_ds.x, threads=self.threads, session=sess)[0]
         except RuntimeLoadError as e:
             c.note = f"does not run: {e.message}"
@@ -627,7 +631,7 @@ class _Conversion:
         model_file = f"model{suffix}"
         try:
             # Every bundle of one source speaks the source's tensor names, whatever the runtime calls them.
-            sess = open_session(winner.path, winner.runtime, threads=self.threads,
+            sess = open_session(winner.path, winner.runtime, threads=self.threads, exact_int8=self._exact_int8,
                                 input_names=[n for n, _, _ in self.info.inputs], output_names=list(self.info.output_names))
         except RuntimeLoadError as e:
             raise ConversionError(f"candidate {winner.name} does not keep the source model's signature: {e.message}",
@@ -676,7 +680,7 @@ class _Conversion:
         """Replay the golden vectors from the written bundle, as a device will, before handing it out."""
         g_in, g_out = bundle.golden_vectors()
         m = bundle.manifest
-        sess = open_session(bundle.model_path, m.runtime.name, threads=self.threads,
+        sess = open_session(bundle.model_path, m.runtime.name, threads=self.threads, exact_int8=self._exact_int8,
                             input_names=[t.name for t in m.inputs], output_names=[t.name for t in m.outputs])
         feed = {t.name: a for t, a in zip(m.inputs, g_in)} if len(m.inputs) > 1 else g_in[0]
         got = run_batched(bundle.model_path, m.runtime.name, feed, threads=self.threads, session=sess)

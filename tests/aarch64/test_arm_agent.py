@@ -163,6 +163,10 @@ def _x86_reference(profile: str, bundle: Path, public_key: Path, root: Path, x: 
         svc.close()
 
 
+def _logs(agents: dict[str, "_ArmAgent"]) -> str:
+    return "\n".join(f"--- {p} agent log:\n{a.log.read_text()[-2500:]}" for p, a in agents.items() if a.log.exists())
+
+
 def _activated_events(service: Any) -> dict[tuple[str, str], dict]:
     from sqlalchemy import select
 
@@ -209,7 +213,7 @@ def test_aarch64_agents_serve_rpi5_and_rpi4_bundles_report_and_take_a_rollout(
         first = client.deploy("digits", "1", ["tag:site=emulated"], soak="0s", timeout="400s", on_no_data="pass")
         done = _wait(lambda: (d := client.deployment(first["id"]))["status"] in ("completed", "rolled_back") and d, 600,
                      "digits v1 on both aarch64 agents")
-        assert done["status"] == "completed", (done["reason"], done["devices"])
+        assert done["status"] == "completed", (done["reason"], done["devices"], _logs(agents))
         print(f"v1 active after {time.monotonic() - t0:.0f}s")
 
         x = digits[1].x_test[:8]
@@ -230,7 +234,7 @@ def test_aarch64_agents_serve_rpi5_and_rpi4_bundles_report_and_take_a_rollout(
                                max_p95_regression="1000%")
         done = _wait(lambda: (d := client.deployment(second["id"]))["status"] in ("completed", "rolled_back") and d, 600,
                      "the rollout of digits v2 to both aarch64 agents")
-        assert done["status"] == "completed", (done["reason"], done["devices"])
+        assert done["status"] == "completed", (done["reason"], done["devices"], _logs(agents))
         assert sorted(x["previous_version"] for x in done["devices"]) == ["1", "1"]
         assert all(client.device(f"emu-{p}")["active"] == {"digits": "2"} for p in PROFILES)
         for profile in PROFILES:
