@@ -39,10 +39,3 @@ def test_exact_int8_sessions_do_not_saturate_on_any_cpu(tmp_path):
     fast = open_session(path, "onnxruntime", threads=1).run({"a": a})[0]
     assert (fast <= exact).all()
 
-
-def test_agent_and_converter_ask_for_exact_int8_where_weights_are_8_bit():
-    from lepton_edge.profiles import load_profile
-
-    # reduce_range keeps weights in 7 bits, where the fast kernel cannot saturate: x86-avx2 keeps it.
-    assert load_profile("x86-avx2").quantization.reduce_range
-    assert not load_profile("rpi5").quantization.reduce_range and not load_profile("x86-vnni").quantization.reduce_range
