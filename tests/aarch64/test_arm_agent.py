@@ -127,16 +127,19 @@ def _start_arm_agent(arm_python: Path, client: Any, device_id: str, profile: str
 
 
 def _triton_infer(port: int, x: np.ndarray) -> tuple[np.ndarray, str]:
+    """Triton's own HTTP client, with the tensor names the served model's metadata gives."""
     import tritonclient.http as httpclient
 
-    with_client = httpclient.InferenceServerClient(url=f"127.0.0.1:{port}", network_timeout=300, connection_timeout=60)
+    triton = httpclient.InferenceServerClient(url=f"127.0.0.1:{port}", network_timeout=300, connection_timeout=60)
     try:
-        inp = httpclient.InferInput("input", list(x.shape), "FP32")
+        meta = triton.get_model_metadata("digits")
+        inp = httpclient.InferInput(meta["inputs"][0]["name"], list(x.shape), "FP32")
         inp.set_data_from_numpy(x)
-        result = with_client.infer("digits", [inp], outputs=[httpclient.InferRequestedOutput("logits")])
-        return result.as_numpy("logits"), result.get_response()["model_version"]
+        out_name = meta["outputs"][0]["name"]
+        result = triton.infer("digits", [inp], outputs=[httpclient.InferRequestedOutput(out_name)])
+        return result.as_numpy(out_name), result.get_response()["model_version"]
     finally:
-        with_client.close()
+        triton.close()
 
 
 def _x86_reference(profile: str, bundle: Path, public_key: Path, root: Path, x: np.ndarray) -> tuple[np.ndarray, Any]:
