@@ -125,7 +125,8 @@ def load_model(bundle: Bundle, profile: DeviceProfile) -> LoadedModel:
     try:
         session = open_session(bundle.model_path, m.runtime.name, providers=profile.runtime.execution_providers,
                                threads=profile.threads, delegates=profile.runtime.delegates,
-                               input_names=[s.name for s in m.inputs], output_names=[s.name for s in m.outputs])
+                               input_names=[s.name for s in m.inputs], output_names=[s.name for s in m.outputs],
+                               exact_int8=not profile.quantization.reduce_range)
     except RuntimeLoadError as e:
         raise ActivationError(e.message, hint=e.hint) from None
     if len(session.outputs) != len(m.outputs):

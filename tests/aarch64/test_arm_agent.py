@@ -127,16 +127,19 @@ def _start_arm_agent(arm_python: Path, client: Any, device_id: str, profile: str
 
 
 def _triton_infer(port: int, x: np.ndarray) -> tuple[np.ndarray, str]:
+    """Triton's own HTTP client, with the tensor names the served model's metadata gives."""
     import tritonclient.http as httpclient
 
-    with_client = httpclient.InferenceServerClient(url=f"127.0.0.1:{port}", network_timeout=300, connection_timeout=60)
+    triton = httpclient.InferenceServerClient(url=f"127.0.0.1:{port}", network_timeout=300, connection_timeout=60)
     try:
-        inp = httpclient.InferInput("input", list(x.shape), "FP32")
+        meta = triton.get_model_metadata("digits")
+        inp = httpclient.InferInput(meta["inputs"][0]["name"], list(x.shape), "FP32")
         inp.set_data_from_numpy(x)
-        result = with_client.infer("digits", [inp], outputs=[httpclient.InferRequestedOutput("logits")])
-        return result.as_numpy("logits"), result.get_response()["model_version"]
+        out_name = meta["outputs"][0]["name"]
+        result = triton.infer("digits", [inp], outputs=[httpclient.InferRequestedOutput(out_name)])
+        return result.as_numpy(out_name), result.get_response()["model_version"]
     finally:
-        with_client.close()
+        triton.close()
 
 
 def _x86_reference(profile: str, bundle: Path, public_key: Path, root: Path, x: np.ndarray) -> tuple[np.ndarray, Any]:
@@ -161,6 +164,10 @@ def _x86_reference(profile: str, bundle: Path, public_key: Path, root: Path, x: 
     finally:
         server.drain(5)
         svc.close()
+
+
+def _logs(agents: dict[str, "_ArmAgent"]) -> str:
+    return "\n".join(f"--- {p} agent log:\n{a.log.read_text()[-2500:]}" for p, a in agents.items() if a.log.exists())
 
 
 def _activated_events(service: Any) -> dict[tuple[str, str], dict]:
@@ -209,7 +216,7 @@ def test_aarch64_agents_serve_rpi5_and_rpi4_bundles_report_and_take_a_rollout(
         first = client.deploy("digits", "1", ["tag:site=emulated"], soak="0s", timeout="400s", on_no_data="pass")
         done = _wait(lambda: (d := client.deployment(first["id"]))["status"] in ("completed", "rolled_back") and d, 600,
                      "digits v1 on both aarch64 agents")
-        assert done["status"] == "completed", (done["reason"], done["devices"])
+        assert done["status"] == "completed", (done["reason"], done["devices"], _logs(agents))
         print(f"v1 active after {time.monotonic() - t0:.0f}s")
 
         x = digits[1].x_test[:8]
@@ -230,7 +237,7 @@ def test_aarch64_agents_serve_rpi5_and_rpi4_bundles_report_and_take_a_rollout(
                                max_p95_regression="1000%")
         done = _wait(lambda: (d := client.deployment(second["id"]))["status"] in ("completed", "rolled_back") and d, 600,
                      "the rollout of digits v2 to both aarch64 agents")
-        assert done["status"] == "completed", (done["reason"], done["devices"])
+        assert done["status"] == "completed", (done["reason"], done["devices"], _logs(agents))
         assert sorted(x["previous_version"] for x in done["devices"]) == ["1", "1"]
         assert all(client.device(f"emu-{p}")["active"] == {"digits": "2"} for p in PROFILES)
         for profile in PROFILES:
