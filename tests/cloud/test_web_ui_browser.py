@@ -8,7 +8,6 @@ Screenshots land in benchmarks/results/ui/.
 
 from __future__ import annotations
 
-import time
 
 import pytest
 
