@@ -30,6 +30,7 @@ def install(app: Any, service: Any) -> None:
 
     from ..errors import CloudError
     from . import actions, docs, pages
+    from .sessions import SESSION_COOKIE
     from .web import SignInNeeded, Ui, security_headers
 
     ui = Ui(service)
@@ -46,14 +47,14 @@ def install(app: Any, service: Any) -> None:
 
     @sub.exception_handler(CloudError)
     async def _cloud_error(request: Request, e: CloudError) -> HTMLResponse:
-        session = ui.sessions.verify(request.cookies.get("lepton_session"))
+        session = ui.sessions.verify(request.cookies.get(SESSION_COOKIE))
         title = {400: "Bad request", 401: "Not allowed", 404: "Not found", 409: "Conflict"}.get(e.status_code, "Error")
         return ui.page(request, "error.html", session, status_code=e.status_code, code=e.status_code, title=title,
                        message=e.message, hint=e.hint)
 
     @sub.exception_handler(StarletteHTTPException)
     async def _http_error(request: Request, e: StarletteHTTPException) -> HTMLResponse:
-        session = ui.sessions.verify(request.cookies.get("lepton_session"))
+        session = ui.sessions.verify(request.cookies.get(SESSION_COOKIE))
         return ui.page(request, "error.html", session, status_code=e.status_code, code=e.status_code, title="",
                        message=f"{request.url.path[:200]}: {e.detail}", hint=None)
 

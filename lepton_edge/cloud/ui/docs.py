@@ -41,6 +41,8 @@ def _declare_bearer(app: Any) -> None:
             schemes["operatorToken"] = {"type": "http", "scheme": "bearer",
                                         "description": "The operator token (lepton-cloud/token or --token)."}
             schema["security"] = [{"operatorToken": []}]
+            for op in (schema.get("paths", {}).get("/v1/health") or {}).values():
+                op["security"] = []  # liveness needs no token
         return schema
 
     app.openapi = openapi

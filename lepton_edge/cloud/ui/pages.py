@@ -20,6 +20,7 @@ from ..errors import CloudError, NotFoundError
 from . import queries
 from .charts import line_chart
 from .reports import IMAGE_TYPES, report_tables, shown_files
+from .sessions import SESSION_COOKIE
 from .web import Ui
 
 __all__ = ["router"]
@@ -41,7 +42,7 @@ def router(ui: Ui) -> APIRouter:
 
     @r.get("/login")
     def login(request: Request) -> Response:
-        if ui.sessions.verify(request.cookies.get("lepton_session")) is not None:
+        if ui.sessions.verify(request.cookies.get(SESSION_COOKIE)) is not None:
             return RedirectResponse("/ui/fleet", status_code=303)
         return ui.login_page(request)
 

@@ -46,7 +46,7 @@ class FleetFilter:
 
     tag: str = ""        # key=value
     profile: str = ""
-    status: str = ""     # online | stale | offline | unknown (stale is checked per row)
+    status: str = ""     # online | stale | offline | unknown, as metrics.device_status judges it
     q: str = ""          # device id prefix
 
     def __post_init__(self) -> None:
