@@ -34,6 +34,12 @@ from ..tasks import Budget, Fidelity, LayoutError, gate, infer_task, measure
 from .journal import Journal
 from .prepare import Prepared
 
+
+def exact_int8(profile: Any) -> bool:
+    """Accuracy and golden vectors as the device computes them: without x86's INT8 saturation when the
+    profile quantizes with full 8-bit weights (see runtimes.open_session)."""
+    return not profile.quantization.reduce_range
+
 __all__ = ["EvalContext", "evaluation_context", "task_budget", "fidelity_and_gate", "evaluate_candidate", "measure_latencies",
            "LATENCY_SECONDS", "LATENCY_ROUNDS"]
 
@@ -101,7 +107,8 @@ def evaluate_candidate(c: Candidate, ctx: EvalContext, journal: Journal) -> Cand
     lim = ctx.profile.limits
     rss0 = rss_bytes()
     try:
-        sess = open_session(c.path, c.runtime, threads=ctx.threads, delegates=ctx.profile.runtime.delegates)
+        sess = open_session(c.path, c.runtime, threads=ctx.threads, delegates=ctx.profile.runtime.delegates,
+                            exact_int8=exact_int8(ctx.profile))
         out = run_batched(c.path, c.runtime, ctx.evaluation.x, threads=ctx.threads, session=sess)[0]
     except RuntimeLoadError as e:
         return replace(c, size_bytes=size, note=f"does not run: {e.message}", within_budget=False, path=None)

@@ -25,7 +25,7 @@ from ..evaluate import run_batched
 from ..frontier import PLOT_NAME, frontier_of, frontier_svg
 from ..golden import check_golden, golden_tolerances, pick_golden
 from ..search import Candidate
-from .evaluate import EvalContext
+from .evaluate import EvalContext, exact_int8
 from .journal import Journal
 from .prepare import Prepared, size_hint
 
@@ -110,7 +110,7 @@ def package(winner: Candidate, report: dict[str, Any], prepared: Prepared, ctx: 
     model_file = "model.tflite" if winner.runtime == "tflite" else "model.onnx"
     try:
         # Every bundle of one source speaks the source's tensor names, whatever the runtime calls them.
-        sess = open_session(winner.path, winner.runtime, threads=ctx.threads,
+        sess = open_session(winner.path, winner.runtime, threads=ctx.threads, exact_int8=exact_int8(profile),
                             input_names=[n for n, _, _ in info.inputs], output_names=list(info.output_names))
     except RuntimeLoadError as e:
         raise ConversionError(f"candidate {winner.name} does not keep the source model's signature: {e.message}",
@@ -139,7 +139,7 @@ def package(winner: Candidate, report: dict[str, Any], prepared: Prepared, ctx: 
                               golden=(g_in, g_out, tol), sign_key=req.sign_key)
     archive = pack_bundle(bundle_dir)
     bundle = read_bundle(bundle_dir, allow_unsigned=True)
-    _self_check(bundle, ctx.threads)
+    _self_check(bundle, ctx.threads, exact_int8(profile))
     return ConversionResult(bundle_dir=bundle_dir, archive=archive, manifest=bundle.manifest, report=report)
 
 
@@ -162,11 +162,12 @@ def _quantization(prepared: Prepared) -> dict[str, str]:
             for t in (*meta.inputs, *meta.outputs) if t.scale}
 
 
-def _self_check(bundle: Any, threads: int) -> None:
+def _self_check(bundle: Any, threads: int, exact: bool) -> None:
     """Replay the golden vectors from the written bundle, as a device will, before handing it out."""
     g_in, g_out = bundle.golden_vectors()
     m = bundle.manifest
     sess = open_session(bundle.model_path, m.runtime.name, threads=threads,
+                        exact_int8=exact,
                         input_names=[t.name for t in m.inputs], output_names=[t.name for t in m.outputs])
     feed = {t.name: a for t, a in zip(m.inputs, g_in)} if len(m.inputs) > 1 else g_in[0]
     got = run_batched(bundle.model_path, m.runtime.name, feed, threads=threads, session=sess)
