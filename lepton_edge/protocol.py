@@ -163,6 +163,9 @@ EventType = Literal[
     "rolled_back",
     "watchdog_rollback",
     "error",
+    # closing the loop: a version installed beside the active one (never served), and dropped
+    "shadow_started",
+    "shadow_dropped",
 ]
 
 
@@ -192,6 +195,8 @@ class DeployCommand(_Cmd):
     sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
     size: int = Field(gt=0, description="Archive size: the device refuses to download more.")
     token: str | None = Field(default=None, max_length=512)
+    shadow: float | None = Field(default=None, gt=0, le=1, description=(
+        "Install in shadow: loaded beside the active version, never served; this share of live requests also runs on it."))
 
 
 class RollbackCommand(_Cmd):

@@ -45,6 +45,9 @@ __all__ = [
     "deployments",
     "deployment_devices",
     "leases",
+    "shadow_reports",
+    "drift_reports",
+    "alerts",
     "database_url",
     "connect",
     "dumps",
@@ -163,6 +166,7 @@ deployments = Table(
     Column("finished_at", Float),
     Column("reason", Text, nullable=False, default=""),
     Column("wave_results", Text, nullable=False, default="[]"),
+    Column("gates", Text, nullable=False, default="{}", server_default="{}"),  # shadow and drift settings (JSON)
 )
 
 deployment_devices = Table(
@@ -184,6 +188,7 @@ deployment_devices = Table(
     Column("updated_at", Float, nullable=False),
     Column("last_event", String(32)),
     Column("detail", Text, nullable=False, default=""),
+    Column("phase", String(16)),  # "shadow" while the row's version runs beside the active one; else serve
     UniqueConstraint("deployment_id", "device_id", name="uq_deployment_devices"),
     Index("ix_deployment_devices_token", "token"),
 )
@@ -194,6 +199,58 @@ leases = Table(
     Column("name", String(64), primary_key=True),
     Column("holder", String(128)),
     Column("expires_at", Float, nullable=False),
+)
+
+
+# ---- closing the loop (migration 0006): what devices report about shadows and input drift, and alerts
+_ROW_ID = BigInteger().with_variant(Integer, "sqlite")
+
+shadow_reports = Table(
+    "shadow_reports",
+    metadata,
+    Column("id", _ROW_ID, primary_key=True, autoincrement=True),
+    Column("device_id", String(64), nullable=False),
+    Column("received_at", Float, nullable=False),
+    Column("model", String(128), nullable=False),
+    Column("version", String(64), nullable=False),
+    Column("active_version", String(64), nullable=False),
+    Column("metric", String(16), nullable=False),
+    Column("compared", BigInteger, nullable=False),
+    Column("disagreements", BigInteger, nullable=False),
+    Column("dropped", BigInteger, nullable=False),
+    Column("p50_ms", Float),
+    Column("p95_ms", Float),
+    Column("active_p95_ms", Float),
+    Index("ix_shadow_reports_model_version", "model", "version", "received_at"),
+)
+
+drift_reports = Table(
+    "drift_reports",
+    metadata,
+    Column("id", _ROW_ID, primary_key=True, autoincrement=True),
+    Column("device_id", String(64), nullable=False),
+    Column("received_at", Float, nullable=False),
+    Column("model", String(128), nullable=False),
+    Column("version", String(64), nullable=False),
+    Column("psi", Float, nullable=False),
+    Column("input", String(128), nullable=False),
+    Column("channel", Integer),
+    Column("samples", Integer, nullable=False),
+    Index("ix_drift_reports_device", "device_id", "received_at"),
+)
+
+alerts = Table(
+    "alerts",
+    metadata,
+    Column("id", _ROW_ID, primary_key=True, autoincrement=True),
+    Column("key", String(256), nullable=False, unique=True),
+    Column("kind", String(32), nullable=False),
+    Column("device_id", String(64)),
+    Column("deployment_id", String(32)),
+    Column("detail", Text, nullable=False),
+    Column("first_at", Float, nullable=False),
+    Column("last_at", Float, nullable=False),
+    Column("count", Integer, nullable=False),
 )
 
 
