@@ -55,7 +55,8 @@ class AgentDaemon:
             self.service.add_state_listener(self.link.publish_state)
             self.link.publish_state(self.service.state_message())
             self.link.start()
-            self.telemetry = TelemetryReporter(self.link, self.service.metrics, self.config.telemetry_interval_s)
+            self.telemetry = TelemetryReporter(self.link, self.service.metrics, self.config.telemetry_interval_s,
+                                               extras=self.service.loop_reports)
             self.telemetry.start()
         if self.server is not None:
             self.server.start()

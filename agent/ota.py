@@ -15,6 +15,9 @@ worker thread carries commands out in order:
   and the rollback then finds the device on the version it asks for. Otherwise a rolled-back
   deployment would still download, and briefly activate, the release it rolled back.
 * **ping**: answered with a ``command_received`` event carrying ``pong``.
+* **deploy with** ``shadow``: downloaded and verified the same way, then handed to the
+  service's shadow install (loaded beside the active version, never served); a later plain
+  deploy of the same version activates it, a rollback of the model drops it.
 
 Each step is reported as an :class:`~lepton_edge.protocol.EventMessage` through the link.
 Commands are idempotent by ``cmd_id``: the outcome is remembered on disk, and a repeat
@@ -57,7 +60,7 @@ _MAX_PENDING_COMMANDS = 32
 _REMEMBERED_COMMANDS = 1000
 # A command that crashed the agent this many times is given up on (no crash loop).
 _MAX_RESUMES = 3
-_TERMINAL_EVENTS = {"activated", "activation_failed", "rolled_back", "watchdog_rollback", "error"}
+_TERMINAL_EVENTS = {"activated", "activation_failed", "rolled_back", "watchdog_rollback", "error", "shadow_started"}
 
 
 class _Superseded(DownloadError):
@@ -277,13 +280,17 @@ class OtaHandler:
             return
         try:
             self._check_superseded(cmd)
-            result = self.service.activate(final, cmd_id=cmd.cmd_id, deployment_id=cmd.deployment_id)
+            if cmd.shadow is not None:
+                result = self.service.install_shadow(final, sample=cmd.shadow, cmd_id=cmd.cmd_id, deployment_id=cmd.deployment_id)
+            else:
+                result = self.service.activate(final, cmd_id=cmd.cmd_id, deployment_id=cmd.deployment_id)
         except _Superseded as e:
             self._finish(cmd, ok=False, stage="download", reason=str(e))
             return
         finally:
             final.unlink(missing_ok=True)
-        self._finish(cmd, ok=result.ok, reason=result.reason, stage="activate", result=result)
+        self._finish(cmd, ok=result.ok, reason=result.reason, stage="shadow" if cmd.shadow is not None else "activate",
+                     result=result)
 
     def _download(self, cmd: DeployCommand, part: Path) -> None:
         free = shutil.disk_usage(self.downloads).free
@@ -361,6 +368,8 @@ class OtaHandler:
         kind = "rollback" if cmd.type == "rollback" else "deploy"
         etype = ("rolled_back" if kind == "rollback" else "activated") if ok else (
             "error" if kind == "rollback" else "activation_failed")
+        if ok and outcome.get("stage") == "shadow":
+            etype = "shadow_started"
         data = {"stage": outcome.get("stage"), "previous": outcome.get("previous")}
         if repeat:
             data["repeat"] = True

@@ -3,7 +3,7 @@
 :class:`~.ota.OtaHandler` needs three things and nothing more:
 
 * an :class:`ActivationTarget` (the :class:`~.service.AgentService`): safe activation,
-  rollback, and a way to hear the events they emit;
+  rollback, shadow installs, and a way to hear the events they emit;
 * an :class:`EventSink` (the :class:`~.link.MqttLink`): where its own events go;
 * :class:`OtaSettings` (the :class:`~.config.AgentConfig`): the state directory, the
   download bound and the TLS trust.
@@ -57,6 +57,9 @@ class ActivationTarget(Protocol):
 
     def rollback(self, model: str, to_version: str | None = None, *, reason: str, cmd_id: str | None = None,
                  deployment_id: str | None = None) -> ActivationOutcome: ...
+
+    def install_shadow(self, bundle_path: Path, *, sample: float, cmd_id: str | None = None,
+                       deployment_id: str | None = None) -> ActivationOutcome: ...
 
     def add_event_listener(self, fn: EventListener) -> None: ...
 

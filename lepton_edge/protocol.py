@@ -40,6 +40,8 @@ __all__ = [
     "TelemetryMessage",
     "ModelStats",
     "SystemStats",
+    "ShadowStats",
+    "DriftStats",
     "EventMessage",
     "DeployCommand",
     "RollbackCommand",
@@ -140,6 +142,33 @@ class SystemStats(_Msg):
     temperature_c: float | None = None
 
 
+class ShadowStats(_Msg):
+    """A version running in shadow beside the active one: cumulative since the shadow started."""
+
+    version: str = Field(max_length=64)
+    active_version: str = Field(max_length=64)
+    metric: Literal["top1", "cosine", "relative_error"] = "top1"
+    compared: int = Field(ge=0)
+    disagreements: int = Field(ge=0)
+    errors: int = Field(default=0, ge=0)
+    dropped: int = Field(ge=0, description="Sampled requests not compared because the shadow queue was full.")
+    p50_ms: float | None = Field(default=None, ge=0)
+    p95_ms: float | None = Field(default=None, ge=0)
+    active_p50_ms: float | None = Field(default=None, ge=0)
+    active_p95_ms: float | None = Field(default=None, ge=0, description="The active model on the same requests.")
+
+
+class DriftStats(_Msg):
+    """How far this interval's sampled live inputs are from the bundle's calibration reference."""
+
+    version: str = Field(max_length=64)
+    samples: int = Field(ge=0)
+    psi: dict[str, float] = Field(default_factory=dict, max_length=64, description="PSI per input (worst channel's).")
+    worst_input: str = Field(default="", max_length=128)
+    worst_channel: int | None = Field(default=None, ge=0)
+    worst_psi: float = Field(default=0.0, ge=0)
+
+
 class TelemetryMessage(_Msg):
     ts: float
     seq: int = Field(ge=0, description="Per-device sequence number: gaps show loss, repeats show redelivery.")
@@ -149,6 +178,8 @@ class TelemetryMessage(_Msg):
     dropped: int = Field(default=0, ge=0, description="Records dropped from the offline queue since the last report.")
     # A report can itself be dropped, taking its ``dropped`` with it; the running total cannot be lost that way.
     dropped_total: int = Field(default=0, ge=0, description="Records dropped from the offline queue since the queue was created.")
+    shadows: dict[str, ShadowStats] = Field(default_factory=dict, max_length=64, description="By model name.")
+    drift: dict[str, DriftStats] = Field(default_factory=dict, max_length=64, description="By model name.")
 
 
 EventType = Literal[

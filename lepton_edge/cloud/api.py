@@ -78,6 +78,11 @@ class DeployRequest(_Body):
     p95_floor: str | float = Field(default="1ms", description="p95 rises up to this much always pass (a duration).")
     on_no_data: str = Field(default="fail", description="A wave that reported no requests: fail once the timeout passes "
                                                        "(default), or pass (idle fleets).")
+    shadow: str | float = Field(default="0%", description="Share of live requests each wave's devices also run on the new "
+                                                        "version in shadow before it activates (0%: no shadow).")
+    shadow_min: int = Field(default=200, ge=1, le=10_000_000)
+    max_disagreement: str | float = "2%"
+    max_drift: float | None = Field(default=None, ge=0, le=100)
 
 
 class _BodyLimit:
@@ -220,7 +225,8 @@ def create_app(service: Any) -> FastAPI:
             max_error_rate=parse_fraction(body.max_error_rate), max_p95_regression=parse_fraction(body.max_p95_regression),
             min_healthy=parse_fraction(body.min_healthy), on_failure=body.on_failure,
             p95_floor_ms=parse_duration(body.p95_floor) * 1000,
-            on_no_data=body.on_no_data,
+            on_no_data=body.on_no_data, shadow_sample=parse_fraction(body.shadow), shadow_min=body.shadow_min,
+            max_disagreement=parse_fraction(body.max_disagreement), max_drift=body.max_drift,
         )
         return service.rollouts.create(body.model, body.version, body.to, policy)
 

@@ -394,11 +394,19 @@ def deploy() -> None:
 @click.option("--on-failure", type=click.Choice(["rollback", "pause"]), default="rollback", show_default=True)
 @click.option("--on-no-data", type=click.Choice(["fail", "pass"]), default="fail", show_default=True,
               help="A wave whose devices report no requests: wait for data and fail at the timeout, or pass (idle fleets).")
+@click.option("--shadow", "shadow", default="0%", show_default=True,
+              help="Run each wave's new version in shadow first, on this share of live requests (e.g. 10%); 0% skips shadow.")
+@click.option("--shadow-min", default=200, show_default=True, type=click.IntRange(1, 10_000_000),
+              help="Requests each device must compare in shadow before its wave may activate.")
+@click.option("--max-disagreement", default="2%", show_default=True,
+              help="The most a shadow may disagree with the active model (top-1, cosine or relative error by task).")
+@click.option("--max-drift", default=None, type=click.FloatRange(0, 100),
+              help="Fail a wave whose devices report an input drift PSI above this (0.2 is a common alarm level).")
 @click.option("--wait", is_flag=True, help="Follow the rollout until it ends; exit 1 if it was rolled back.")
 @_client_options
 def deploy_create(target: str, selectors: tuple[str, ...], waves: str, soak: str, max_error_rate: str, max_p95_regression: str,
-                  min_healthy: str, p95_floor: str, timeout: str, on_failure: str, on_no_data: str, wait: bool, server: str,
-                  token: str | None) -> None:
+                  min_healthy: str, p95_floor: str, timeout: str, on_failure: str, on_no_data: str, shadow: str, shadow_min: int,
+                  max_disagreement: str, max_drift: float | None, wait: bool, server: str, token: str | None) -> None:
     """Roll MODEL@VERSION out in waves."""
     from .errors import InvalidRequestError
 
@@ -408,7 +416,8 @@ def deploy_create(target: str, selectors: tuple[str, ...], waves: str, soak: str
     with _client(server, token) as c:
         d = c.deploy(model, version, list(selectors), waves=waves, soak=soak, timeout=timeout, max_error_rate=max_error_rate,
                      max_p95_regression=max_p95_regression, min_healthy=min_healthy, on_failure=on_failure, p95_floor=p95_floor,
-                     on_no_data=on_no_data)
+                     on_no_data=on_no_data, shadow=shadow, shadow_min=shadow_min, max_disagreement=max_disagreement,
+                     max_drift=max_drift)
         out.print(f"deployment {d['id'][:12]}: {model}@{version} to "
                   f"{_plural(len(d['devices']) - len(d['missing_bundles']), 'device')} in {_plural(len(d['waves_detail']), 'wave')}")
         if d["missing_bundles"]:
@@ -442,6 +451,9 @@ def _follow(c: CloudClient, dep_id: str, interval: float = 1.0) -> dict[str, Any
 def _gate_text(g: dict[str, Any]) -> str:
     if not g:
         return "-"
+    if g["passed"] and g.get("stage") == "shadow":
+        dis = g.get("shadow_disagreement")
+        return f"shadow passed ({g.get('shadow_compared', 0)} compared, {_pct(dis)} disagree)"
     if g["passed"]:
         return "passed (no data)" if g.get("no_data") else "passed"
     return "FAILED: " + "; ".join(g["reasons"])

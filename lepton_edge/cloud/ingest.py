@@ -30,6 +30,7 @@ from ..errors import ProtocolError
 from ..protocol import decode_event, decode_state, decode_telemetry, encode, parse_topic, subscription, topic
 from . import broker_auth, db
 from .errors import CloudConfigError
+from .loop_ingest import LoopRows
 from .mqtt import connect_and_wait, new_client, parse_broker_url
 
 __all__ = ["Ingestor"]
@@ -159,6 +160,7 @@ class Ingestor:
         tel_rows: list[dict[str, Any]] = []
         tel_devices: dict[str, dict[str, Any]] = {}
         event_rows: list[dict[str, Any]] = []
+        loop_rows = LoopRows()  # shadow and drift figures of the telemetry
         seen: dict[str, float] = {}
         with self._engine.begin() as conn:
             for t, payload, received in batch:
@@ -183,6 +185,7 @@ class Ingestor:
                             raise ProtocolError("telemetry names a model longer than 128 characters")
                         if tm.seq > _INT64 or tm.dropped_total > _INT64 or any(st.count > _INT32 or st.errors > _INT32 for st in tm.models.values()):
                             raise ProtocolError("telemetry counters are out of range")
+                        loop_rows.add(device_id, received, tm)
                         total = errors = 0
                         p95 = None
                         for model, st in tm.models.items():
@@ -219,6 +222,7 @@ class Ingestor:
                                          last_seen=bindparam("last_seen")), s)
             if tel_rows:
                 conn.execute(db.telemetry.insert(), tel_rows)
+            loop_rows.store(conn)
             if tel_devices:
                 conn.execute(update(db.devices).where(db.devices.c.device_id == bindparam("b_id"))
                              .values(last_seen=bindparam("last_seen"), p95_ms=bindparam("p95_ms"), error_rate=bindparam("error_rate"),

@@ -82,6 +82,25 @@ def test_ota_runs_on_an_in_memory_downloader(tmp_path):
     assert link.types("c1")[-1] == "activated"
 
 
+def test_a_shadow_deploy_goes_to_the_shadow_install_not_to_activation(tmp_path):
+    blob = b"shadow" * 1000
+    url = "http://cloud.invalid/b.lepton"
+    svc, link = FakeService(), EventLink()
+    svc.add_event_listener(link.publish_event)
+    h = OtaHandler(svc, link, make_config(tmp_path / "state", None), downloader=MemoryDownloader({url: blob}))
+    try:
+        h.handle(DeployCommand(cmd_id="s1", model="digits", version="2.0.0", url=url, shadow=0.1,
+                               sha256=hashlib.sha256(blob).hexdigest(), size=len(blob)))
+        assert h.wait_idle(30)
+        h.handle(DeployCommand(cmd_id="s1", model="digits", version="2.0.0", url=url, shadow=0.1,
+                               sha256=hashlib.sha256(blob).hexdigest(), size=len(blob)))
+        assert h.wait_idle(30)
+    finally:
+        h.close()
+    assert svc.activated == [] and svc.shadowed == [(blob, "s1", 0.1)]
+    assert link.types("s1").count("shadow_started") == 2  # the repeat re-reports, once applied
+
+
 def test_the_public_fetch_turns_io_failures_into_the_two_download_errors(tmp_path):
     dest = tmp_path / "x.part"
     with pytest.raises(TransientDownloadError, match="cannot write"):
