@@ -82,6 +82,8 @@ class AgentConfig(_Strict):
     download_max_bytes: int = Field(default=512 << 20, ge=1024)
     profiles_dir: Path | None = None
     drain_timeout_s: float = Field(default=10.0, ge=0, le=600, description="How long SIGTERM waits for in-flight work.")
+    drift_sample_rate: float = Field(default=0.1, ge=0, le=1, description=(
+        "Share of requests whose inputs are counted for the drift report (0: off); the bundle must carry a reference."))
 
     @field_validator("broker")
     @classmethod

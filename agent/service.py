@@ -32,6 +32,7 @@ from lepton_edge.signing import load_public_key
 from .config import AgentConfig
 from .errors import ActivationError, InferenceFailed, ModelNotLoaded, StoreError
 from .inference import LoadedModel, load_model, replay_golden
+from .drift_monitor import DriftMonitor
 from .metrics import InferenceMetrics
 from .shadow import ShadowSet
 from .store import ModelStore
@@ -80,6 +81,7 @@ class AgentService:
         self.config = config
         self.metrics = InferenceMetrics()
         self.shadows = ShadowSet()
+        self.drift = DriftMonitor(sample_rate=config.drift_sample_rate)
         self.profile = load_profile(config.profile, config.profiles_dir)
         self._keys = [self._trusted_key(k) for k in config.trusted_keys]
         self._limits = ReadLimits(max_file_bytes=config.download_max_bytes, max_total_bytes=config.download_max_bytes)
@@ -122,6 +124,7 @@ class AgentService:
                 try:
                     bundle = self._verify(self.store.version_dir(name, version))
                     self._active[name] = load_model(bundle, self.profile)
+                    self.drift.attach(self._active[name])
                     self._previous[name] = ptr.previous if ptr is not None and version == ptr.version else None
                     break
                 except LeptonEdgeError as e:
@@ -255,6 +258,7 @@ class AgentService:
         _crash_point("committed")
         self._active[loaded.name] = loaded
         self._previous[loaded.name] = previous
+        self.drift.attach(loaded)
         _crash_point("swapped")
         removed = self.store.prune(loaded.name)
         if removed:
@@ -419,6 +423,7 @@ class AgentService:
         latency = time.perf_counter() - t0
         self.metrics.record(loaded.name, loaded.version, latency, True)
         answer = dict(zip(loaded.output_names, outs))
+        self.drift.observe(loaded.name, loaded.version, inputs)
         if self.shadows.get(loaded.name) is not None:  # after the answer is complete, off its critical work
             self.shadows.offer(loaded.name, loaded.version, inputs, answer, latency)
         return answer
@@ -426,7 +431,7 @@ class AgentService:
     # ------------------------------------------------------------------ closing the loop: reports
     def loop_reports(self) -> dict[str, Any]:
         """The telemetry fields about shadows (and input drift): taken once per report."""
-        return {"shadows": dict(list(self.shadows.stats().items())[:64])}
+        return {"shadows": dict(list(self.shadows.stats().items())[:64]), "drift": dict(list(self.drift.report().items())[:64])}
 
     def loop_prometheus_text(self) -> str:
         return self.shadows.prometheus_text()

@@ -666,7 +666,7 @@ class _Conversion:
             report["warnings"] = self.warnings
         out_dir = output_dir / f"{bundle_name}-{version}-{self.profile.id}"
         bundle_dir = write_bundle(out_dir, manifest_fields=fields, files={model_file: winner.path}, report=report,
-                                  golden=(g_in, g_out, tol), sign_key=sign_key)
+                                  golden=(g_in, g_out, tol), sign_key=sign_key, reference_inputs=self.calib_ds.x)
         archive = pack_bundle(bundle_dir)
         bundle = read_bundle(bundle_dir, allow_unsigned=True)
         self._self_check(bundle)

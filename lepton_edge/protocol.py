@@ -11,6 +11,9 @@ topic           direction  QoS     payload
 ``cmd``         →device    1       :class:`CommandMessage`: deploy, rollback, ping
 ==============  =========  ======  ========================================================
 
+and one fleet-wide topic, ``lepton/v1/{fleet}/alerts`` (cloud→operators, QoS 1):
+:class:`AlertMessage`, the same JSON the ``--alert-webhook`` receives (see :func:`alerts_topic`).
+
 Payloads are UTF-8 JSON objects, at most :data:`MAX_PAYLOAD_BYTES`. Every parser here
 treats its bytes as hostile and raises :class:`~lepton_edge.errors.ProtocolError`.
 The broker ACL lets a device publish only under its own prefix and read only its
@@ -53,6 +56,9 @@ __all__ = [
     "decode_event",
     "decode_command",
     "new_id",
+    "AlertMessage",
+    "alerts_topic",
+    "decode_alert",
 ]
 
 PROTOCOL = "lepton/v1"
@@ -76,6 +82,11 @@ def topic(fleet: str, device_id: str, channel: Channel) -> str:
     if channel not in CHANNELS:
         raise ProtocolError(f"unknown channel {channel!r}")
     return f"{PROTOCOL}/{_check_name('fleet', fleet)}/{_check_name('device id', device_id)}/{channel}"
+
+
+def alerts_topic(fleet: str) -> str:
+    """Where the cloud publishes its alerts about one fleet (operators subscribe; devices cannot read it)."""
+    return f"{PROTOCOL}/{_check_name('fleet', fleet)}/alerts"
 
 
 def subscription(channel: Channel, fleet: str = "+", shared_group: str | None = None) -> str:
@@ -210,6 +221,29 @@ class EventMessage(_Msg):
     version: str | None = Field(default=None, max_length=64)
     detail: str = Field(default="", max_length=4096)
     data: dict[str, Any] = Field(default_factory=dict, max_length=32)
+
+
+AlertKind = Literal["device_offline", "watchdog_rollback", "deployment_rolled_back", "drift", "queue_drops"]
+
+
+class AlertMessage(_Msg):
+    """One alert, deduplicated by ``key``: the cloud sends each key once (and a group at most once per interval)."""
+
+    alert_id: str = Field(default_factory=new_id, max_length=64)
+    key: str = Field(max_length=256)
+    kind: AlertKind
+    severity: Literal["info", "warning", "critical"] = "warning"
+    ts: float = Field(default_factory=time.time)
+    fleet: str = Field(default="", max_length=64)
+    device_id: str | None = Field(default=None, max_length=64)
+    deployment_id: str | None = Field(default=None, max_length=64)
+    model: str | None = Field(default=None, max_length=128)
+    detail: str = Field(default="", max_length=4096)
+    data: dict[str, Any] = Field(default_factory=dict, max_length=32)
+
+
+def decode_alert(payload: bytes | str) -> "AlertMessage":
+    return _validate(AlertMessage, _load(payload, "alert"), "alert")
 
 
 class _Cmd(_Msg):

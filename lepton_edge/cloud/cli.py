@@ -134,10 +134,19 @@ def cloud() -> None:
 @click.option("--lease-ttl", default="10s", show_default=True, help="How long a dead leader holds the lease.")
 @click.option("--resend", default="30s", show_default=True, help="Re-send unanswered commands after this long.")
 @click.option("--baseline-window", default="10m", show_default=True, help="Telemetry before a deployment that forms its baseline.")
+@click.option("--alert-webhook", default=None, help="POST each alert as JSON here (they also go to lepton/v1/{fleet}/alerts over MQTT).")
+@click.option("--alert-offline-intervals", default=3, show_default=True, type=click.IntRange(1, 10_000),
+              help="Alert when a device is silent for this many of its telemetry intervals.")
+@click.option("--alert-drift-psi", default=0.25, show_default=True, type=click.FloatRange(0, 100),
+              help="Alert when a device's input drift PSI stays above this ...")
+@click.option("--alert-drift-intervals", default=3, show_default=True, type=click.IntRange(1, 1000),
+              help="... for this many telemetry reports in a row.")
+@click.option("--alert-min-interval", default="5m", show_default=True, help="At most one alert per kind and device this often.")
 def serve(db: str, broker: str | None, broker_username: str, broker_password: str | None, auth_dir: Path | None, host: str,
           port: int, artifacts: str, token: str | None, trusted_keys: tuple[Path, ...], allow_unsigned: bool, state_dir: Path,
           public_url: str | None, public_broker_url: str | None, replica_id: str | None, shared_group: str, tick_s: str, lease_ttl: str,
-          resend: str, baseline_window: str) -> None:
+          resend: str, baseline_window: str, alert_webhook: str | None, alert_offline_intervals: int, alert_drift_psi: float,
+          alert_drift_intervals: int, alert_min_interval: str) -> None:
     """Run the service: HTTP API, MQTT ingestion, rollout engine. Prints `ready {json}` once up."""
     import logging
 
@@ -156,7 +165,9 @@ def serve(db: str, broker: str | None, broker_username: str, broker_password: st
                         broker_username=broker_username, broker_password=broker_password, replica_id=replica_id,
                         shared_group=shared_group,
                         tick_s=parse_duration(tick_s), lease_ttl_s=parse_duration(lease_ttl), resend_s=parse_duration(resend),
-                        baseline_window_s=parse_duration(baseline_window))
+                        baseline_window_s=parse_duration(baseline_window), alert_webhook=alert_webhook,
+                        alert_offline_intervals=alert_offline_intervals, alert_drift_psi=alert_drift_psi,
+                        alert_drift_intervals=alert_drift_intervals, alert_min_interval_s=parse_duration(alert_min_interval))
     svc = CloudService(cfg).start()
     if generated:
         fd = os.open(token_file, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
@@ -255,11 +266,30 @@ def _device_rows(items: list[dict[str, Any]], stale_after: float | None = None) 
         active = ", ".join(f"{m}@{v}" for m, v in sorted(d["active"].items())) or "-"
         status = _status(d, stale_after)
         rows.append((d["device_id"], d["fleet"], d["profile"], status, active, _ms(d["p95_ms"]), _pct(d["error_rate"]),
-                     _ago(d["last_seen"]), ", ".join(f"{k}={v}" for k, v in sorted(d["tags"].items()))))
+                     _drift_cell(d.get("drift")), _shadow_cell(d.get("shadow")), _ago(d["last_seen"]),
+                     ", ".join(f"{k}={v}" for k, v in sorted(d["tags"].items()))))
     return rows
 
 
-_DEVICE_COLUMNS = ["device", "fleet", "profile", "status", "active model", "p95 ms", "error rate", "last seen", "tags"]
+def _drift_cell(drift: dict[str, Any] | None) -> str:
+    """The worst input drift the device reported (PSI, and where), or -."""
+    if not drift:
+        return "-"
+    model, worst = max(drift.items(), key=lambda kv: kv[1].get("psi") or 0.0)
+    where = worst.get("input", "") + (f"[{worst['channel']}]" if worst.get("channel") is not None else "")
+    flag = " (shifted)" if (worst.get("psi") or 0) > 0.25 else ""
+    return f"{worst.get('psi', 0):.2f} {model}:{where}{flag}"
+
+
+def _shadow_cell(shadow: dict[str, Any] | None) -> str:
+    """The agreement of the version running in shadow with the active one, or -."""
+    if not shadow:
+        return "-"
+    return ", ".join(f"{m}@{x['version']} {_pct(x.get('agreement'))} agree ({x.get('compared', 0)})" for m, x in sorted(shadow.items()))
+
+
+_DEVICE_COLUMNS = ["device", "fleet", "profile", "status", "active model", "p95 ms", "error rate", "drift PSI", "shadow",
+                   "last seen", "tags"]
 
 
 @devices.command("list")
@@ -298,6 +328,9 @@ def devices_show(device_id: str, server: str, token: str | None) -> None:
     rows = [("status", _status(d))]
     for k, v in d.items():
         if k in ("status", "stale"):
+            continue
+        if k in ("drift", "shadow"):
+            rows.append((k, _drift_cell(v) if k == "drift" else _shadow_cell(v)))
             continue
         rows.append((k.replace("_", " "), _when(v) if k in times else _ms(v) if k == "p95_ms" else _pct(v) if k == "error_rate"
                      else _pairs(v)))

@@ -105,6 +105,8 @@ devices = Table(
     Column("telemetry_seq", BigInteger),
     Column("telemetry_interval_s", Float),
     Column("queue_dropped_total", BigInteger),
+    Column("drift", Text),  # JSON: the latest drift report per model (migration 0006)
+    Column("shadow", Text),  # JSON: the latest shadow report per model
 )
 
 telemetry = Table(

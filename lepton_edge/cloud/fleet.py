@@ -72,6 +72,7 @@ def device_view(r: Mapping[str, Any], now: float | None = None) -> dict[str, Any
         "last_seen": r["last_seen"], "p95_ms": r["p95_ms"], "error_rate": r["error_rate"],
         "telemetry_interval_s": interval, "stale_after_s": stale_after, "stale": stale,
         "queue_dropped_total": r.get("queue_dropped_total"),
+        "drift": db.loads(r.get("drift"), {}), "shadow": db.loads(r.get("shadow"), {}),
     }
 
 

@@ -108,6 +108,13 @@ class Ingestor:
             log.warning("publishing a command to %s failed: %s", device_id, paho.error_string(info.rc))
         self.stats["commands_sent"] += 1
 
+    def publish_alert(self, fleet: str, payload: bytes) -> None:
+        from ..protocol import alerts_topic
+
+        info = self._client.publish(alerts_topic(fleet), payload, qos=1)
+        if info.rc not in (paho.MQTT_ERR_SUCCESS, paho.MQTT_ERR_NO_CONN):
+            log.warning("publishing an alert to fleet %s failed: %s", fleet, paho.error_string(info.rc))
+
     def publish(self, fleet: str, device_id: str, msg: Any) -> None:
         self.publish_command(fleet, device_id, encode(msg))
 

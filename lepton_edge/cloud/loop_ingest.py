@@ -13,6 +13,7 @@ import math
 from dataclasses import dataclass, field
 from typing import Any
 
+from sqlalchemy import bindparam, update
 from sqlalchemy.engine import Connection
 
 from ..errors import ProtocolError
@@ -33,6 +34,8 @@ def _finite(x: float | None) -> float | None:
 class LoopRows:
     shadow: list[dict[str, Any]] = field(default_factory=list)
     drift: list[dict[str, Any]] = field(default_factory=list)
+    # The latest figures per device, for `devices list/show` (one UPDATE per device per batch).
+    latest: dict[str, dict[str, Any]] = field(default_factory=dict)
 
     def add(self, device_id: str, received: float, tm: TelemetryMessage) -> None:
         """Rows of one report; raises ProtocolError (the report is refused whole) on out-of-range figures."""
@@ -55,9 +58,23 @@ class LoopRows:
                           "samples": dr.samples})
         self.shadow += shadow
         self.drift += drift
+        if tm.shadows or tm.drift:
+            self.latest[device_id] = {
+                "b_id": device_id,
+                "shadow": db.dumps({r["model"]: {"version": r["version"], "compared": r["compared"],
+                                                 "agreement": 1 - r["disagreements"] / r["compared"] if r["compared"] else None,
+                                                 "p95_ms": r["p95_ms"], "dropped": r["dropped"]} for r in shadow}) if shadow else None,
+                "drift": db.dumps({r["model"]: {"version": r["version"], "psi": r["psi"], "input": r["input"],
+                                                "channel": r["channel"], "at": received} for r in drift}) if drift else None,
+            }
 
     def store(self, conn: Connection) -> None:
         if self.shadow:
             conn.execute(db.shadow_reports.insert(), self.shadow)
         if self.drift:
             conn.execute(db.drift_reports.insert(), self.drift)
+        for values in self.latest.values():
+            changes = {k: bindparam(k) for k in ("shadow", "drift") if values[k] is not None}
+            if changes:
+                conn.execute(update(db.devices).where(db.devices.c.device_id == bindparam("b_id")).values(**changes),
+                             [{k: v for k, v in values.items() if k == "b_id" or k in changes}])

@@ -4,7 +4,8 @@
   class axis): every answer is wrong, at the same speed, and its own golden vectors pass.
 * :func:`slow_onnx`: the model plus a dead branch of real work (``0 × mean(branch)``):
   the same answers, slower.
-* :func:`variant_bundle`: a signed bundle of either, golden vectors from onnxruntime.
+* :func:`variant_bundle`: a signed bundle of either, golden vectors from onnxruntime (and, given
+  calibration inputs, the drift reference statistics).
 """
 
 from __future__ import annotations
@@ -77,7 +78,7 @@ def slow_onnx(src: Path, dst: Path, *, width: int = 1024, depth: int = 8, seed: 
 
 
 def variant_bundle(out: Path, model_path: Path, *, version: str, golden_x: np.ndarray, sign_key: Path,
-                   profile: str = "x86-avx2", name: str = "digits") -> Path:
+                   profile: str = "x86-avx2", name: str = "digits", calibration: np.ndarray | None = None) -> Path:
     """A packed, signed ``.lepton`` of ``model_path`` whose golden vectors are its own outputs."""
     import onnxruntime as ort
 
@@ -93,5 +94,5 @@ def variant_bundle(out: Path, model_path: Path, *, version: str, golden_x: np.nd
         "outputs": [{"name": "logits", "dtype": "float32", "shape": [None, 10]}],
         "source": {"sha256": sha256_file(model_path), "format": "onnx", "name": model_path.name},
     }, files={"model.onnx": model_path}, golden=([golden_x], [gy], {"atol": 1e-4, "rtol": 1e-3, "top1_must_match": True}),
-        sign_key=sign_key)
+        sign_key=sign_key, reference_inputs=None if calibration is None else [calibration])
     return pack_bundle(d)

@@ -20,6 +20,9 @@ def upgrade() -> None:
         batch.add_column(sa.Column("gates", sa.Text, nullable=False, server_default="{}"))
     with op.batch_alter_table("deployment_devices") as batch:
         batch.add_column(sa.Column("phase", sa.String(16), nullable=True))
+    with op.batch_alter_table("devices") as batch:
+        batch.add_column(sa.Column("drift", sa.Text, nullable=True))
+        batch.add_column(sa.Column("shadow", sa.Text, nullable=True))
     op.create_table(
         "shadow_reports",
         sa.Column("id", _ID, primary_key=True, autoincrement=True),
@@ -68,6 +71,9 @@ def downgrade() -> None:
     op.drop_table("alerts")
     op.drop_table("drift_reports")
     op.drop_table("shadow_reports")
+    with op.batch_alter_table("devices") as batch:
+        batch.drop_column("shadow")
+        batch.drop_column("drift")
     with op.batch_alter_table("deployment_devices") as batch:
         batch.drop_column("phase")
     with op.batch_alter_table("deployments") as batch:
