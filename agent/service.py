@@ -32,6 +32,7 @@ from lepton_edge.signing import load_public_key
 from .config import AgentConfig
 from .errors import ActivationError, InferenceFailed, ModelNotLoaded, StoreError
 from .inference import LoadedModel, load_model, replay_golden
+from .capture import CaptureRing
 from .drift_monitor import DriftMonitor
 from .metrics import InferenceMetrics
 from .shadow import ShadowSet
@@ -82,6 +83,9 @@ class AgentService:
         self.metrics = InferenceMetrics()
         self.shadows = ShadowSet()
         self.drift = DriftMonitor(sample_rate=config.drift_sample_rate)
+        cap = config.capture
+        self.capture = CaptureRing(config.state_dir / "capture", sample_rate=cap.sample_rate, max_bytes=cap.max_bytes,
+                                   include_outputs=cap.include_outputs) if cap.sample_rate > 0 else None
         self.profile = load_profile(config.profile, config.profiles_dir)
         self._keys = [self._trusted_key(k) for k in config.trusted_keys]
         self._limits = ReadLimits(max_file_bytes=config.download_max_bytes, max_total_bytes=config.download_max_bytes)
@@ -424,6 +428,8 @@ class AgentService:
         self.metrics.record(loaded.name, loaded.version, latency, True)
         answer = dict(zip(loaded.output_names, outs))
         self.drift.observe(loaded.name, loaded.version, inputs)
+        if self.capture is not None:
+            self.capture.offer(loaded.name, loaded.version, inputs, answer)
         if self.shadows.get(loaded.name) is not None:  # after the answer is complete, off its critical work
             self.shadows.offer(loaded.name, loaded.version, inputs, answer, latency)
         return answer
@@ -432,6 +438,22 @@ class AgentService:
     def loop_reports(self) -> dict[str, Any]:
         """The telemetry fields about shadows (and input drift): taken once per report."""
         return {"shadows": dict(list(self.shadows.stats().items())[:64]), "drift": dict(list(self.drift.report().items())[:64])}
+
+    def upload_capture(self, cmd: Any) -> None:
+        """Carry out a CaptureCommand (on the caller's thread); the outcome is an event either way."""
+        if self.capture is None:
+            self._emit(EventMessage(type="error", cmd_id=cmd.cmd_id, detail="capture is off on this device "
+                                    "(set capture.sample_rate in its agent config)", data={"capture_id": cmd.capture_id}))
+            return
+        try:
+            self.capture.wait_written(2.0)
+            res = self.capture.upload(cmd.url, cmd.token, cmd.max_bytes)
+        except Exception as e:  # noqa: BLE001 - the ring stays as it was; the cloud hears why
+            self._emit(EventMessage(type="error", cmd_id=cmd.cmd_id, detail=f"capture upload failed: {e}"[:4000],
+                                    data={"capture_id": cmd.capture_id}))
+            return
+        self._emit(EventMessage(type="capture_uploaded", cmd_id=cmd.cmd_id, detail=f"{res['records']} records, {res['bytes']} bytes",
+                                data={"capture_id": cmd.capture_id, **res}))
 
     def loop_prometheus_text(self) -> str:
         return self.shadows.prometheus_text()
@@ -449,6 +471,8 @@ class AgentService:
         )
 
     def close(self) -> None:
+        if self.capture is not None:
+            self.capture.close()
         self.shadows.close()
         self.watchdog.close()
         self._active.clear()

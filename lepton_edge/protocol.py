@@ -49,6 +49,7 @@ __all__ = [
     "DeployCommand",
     "RollbackCommand",
     "PingCommand",
+    "CaptureCommand",
     "CommandMessage",
     "encode",
     "decode_state",
@@ -208,6 +209,7 @@ EventType = Literal[
     # closing the loop: a version installed beside the active one (never served), and dropped
     "shadow_started",
     "shadow_dropped",
+    "capture_uploaded",
 ]
 
 
@@ -274,7 +276,17 @@ class PingCommand(_Cmd):
     type: Literal["ping"] = "ping"
 
 
-CommandMessage = Annotated[Union[DeployCommand, RollbackCommand, PingCommand], Field(discriminator="type")]
+class CaptureCommand(_Cmd):
+    """Upload the device's capture ring (then clear what was uploaded)."""
+
+    type: Literal["capture"] = "capture"
+    capture_id: str = Field(min_length=1, max_length=64)
+    url: str = Field(max_length=2048, description="Where to PUT the .npz.")
+    token: str = Field(max_length=512)
+    max_bytes: int = Field(gt=0, description="The cloud refuses a larger upload.")
+
+
+CommandMessage = Annotated[Union[DeployCommand, RollbackCommand, PingCommand, CaptureCommand], Field(discriminator="type")]
 _COMMAND = TypeAdapter(CommandMessage)
 
 
@@ -321,5 +333,5 @@ def decode_event(payload: bytes | str) -> EventMessage:
     return _validate(EventMessage, _load(payload, "event"), "event")
 
 
-def decode_command(payload: bytes | str) -> DeployCommand | RollbackCommand | PingCommand:
+def decode_command(payload: bytes | str) -> DeployCommand | RollbackCommand | PingCommand | CaptureCommand:
     return _validate(_COMMAND, _load(payload, "command"), "command")

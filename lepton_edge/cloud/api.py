@@ -245,6 +245,25 @@ def create_app(service: Any) -> FastAPI:
             raise NotFoundError(f"unknown action {action[:32]!r}", hint="use pause, resume or rollback")
         return actions[action](dep_id)
 
+    @app.post("/v1/devices/{device_id}/capture", dependencies=auth, status_code=201)
+    def request_capture(device_id: str, max_bytes: int = 16 << 20) -> dict[str, Any]:
+        return service.captures.request(device_id, max_bytes)
+
+    @app.get("/v1/captures/{capture_id}", dependencies=auth)
+    def get_capture(capture_id: str) -> dict[str, Any]:
+        return service.captures.get(capture_id)
+
+    @app.put("/v1/captures/{capture_id}/upload")
+    async def upload_capture(capture_id: str, request: Request) -> dict[str, Any]:
+        bearer = request.headers.get("authorization", "").removeprefix("Bearer ")
+        return await service.captures.receive(capture_id, bearer[:512], request.stream())
+
+    @app.get("/v1/captures/{capture_id}/download", dependencies=auth)
+    def download_capture(capture_id: str) -> Response:
+        key, size = service.captures.download(capture_id)
+        return StreamingResponse(service.store.read_range(key, 0, size), media_type="application/octet-stream",
+                                 headers={"Content-Length": str(size)})
+
     @app.get("/v1/bundles/{bundle_id}/download")
     def download(bundle_id: str, request: Request, token: str | None = None) -> Response:
         given = token or request.headers.get("authorization", "").removeprefix("Bearer ")

@@ -337,6 +337,40 @@ def devices_show(device_id: str, server: str, token: str | None) -> None:
     print_table(device_id, ["field", "value"], rows)
 
 
+@devices.command("capture")
+@click.argument("device_id")
+@click.option("--pull", is_flag=True, required=True, help="Ask the device to upload its capture ring, then download it.")
+@click.option("-o", "--output", "output", type=click.Path(dir_okay=False, path_type=Path), default=Path("capture.npz"),
+              show_default=True)
+@click.option("--max-bytes", default="16MB", show_default=True, help="The most the device may upload (e.g. 512KB, 16MB).")
+@click.option("--timeout", "timeout_s", default=60.0, show_default=True, help="Seconds to wait for the upload.")
+@_client_options
+def devices_capture(device_id: str, pull: bool, output: Path, max_bytes: str, timeout_s: float, server: str, token: str | None) -> None:
+    """Pull a device's sampled live inputs (agent config capture:) into an .npz; its ring is cleared after upload."""
+    from .errors import CloudError, InvalidRequestError
+
+    units = {"KB": 1 << 10, "MB": 1 << 20, "GB": 1 << 30, "B": 1}
+    text = max_bytes.strip().upper()
+    unit = next((u for u in units if text.endswith(u)), "B")
+    try:
+        limit = int(float(text[: len(text) - len(unit)] if text.endswith(unit) else text) * units[unit])
+    except ValueError:
+        raise InvalidRequestError(f"bad --max-bytes {max_bytes!r}", hint="e.g. 512KB or 16MB") from None
+    with _client(server, token) as c:
+        cap = c.request_capture(device_id, limit)
+        deadline = time.monotonic() + timeout_s
+        while cap["status"] == "requested" and time.monotonic() < deadline:
+            time.sleep(0.5)
+            cap = c.capture(cap["id"])
+        if cap["status"] == "failed":
+            raise CloudError(f"{device_id} could not upload its capture: {cap.get('detail', '')}")
+        if cap["status"] != "uploaded":
+            raise CloudError(f"{device_id} did not upload its capture within {timeout_s:g}s",
+                             hint="is it online? (`lepton-edge devices show`); capture must be on in its agent config")
+        size = c.download_capture(cap["id"], output)
+    out.print(f"capture {cap['id'][:12]} from {device_id}: {size} bytes in {output}")
+
+
 @devices.command("revoke")
 @click.argument("device_id")
 @_client_options

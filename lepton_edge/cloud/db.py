@@ -48,6 +48,7 @@ __all__ = [
     "shadow_reports",
     "drift_reports",
     "alerts",
+    "captures",
     "database_url",
     "connect",
     "dumps",
@@ -239,6 +240,21 @@ drift_reports = Table(
     Column("channel", Integer),
     Column("samples", Integer, nullable=False),
     Index("ix_drift_reports_device", "device_id", "received_at"),
+)
+
+captures = Table(
+    "captures",
+    metadata,
+    Column("id", String(32), primary_key=True),
+    Column("device_id", String(64), nullable=False),
+    Column("cmd_id", String(64), nullable=False),
+    Column("token", String(64), nullable=False),
+    Column("status", String(16), nullable=False),  # requested, uploaded, failed
+    Column("max_bytes", BigInteger, nullable=False),
+    Column("size", BigInteger),
+    Column("artifact_key", String(256)),
+    Column("requested_at", Float, nullable=False),
+    Column("uploaded_at", Float),
 )
 
 alerts = Table(

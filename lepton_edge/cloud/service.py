@@ -161,6 +161,9 @@ class CloudService:
                                      baseline_window_s=cfg.baseline_window_s, resend_s=cfg.resend_s)
             self.lease = Lease(self.engine, "rollouts", self.replica_id, cfg.lease_ttl_s)
             self.alerts = self._alert_engine()
+            from .captures import Captures
+
+            self.captures = Captures(self.engine, self.store, self.ingestor.publish, cfg.public_url or self.url)
             self._start_http(sock)
             self._spawn(self._engine_loop, "lepton-rollouts")
         except BaseException:

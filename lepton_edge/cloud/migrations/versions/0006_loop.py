@@ -54,6 +54,19 @@ def upgrade() -> None:
     )
     op.create_index("ix_drift_reports_device", "drift_reports", ["device_id", "received_at"])
     op.create_table(
+        "captures",
+        sa.Column("id", sa.String(32), primary_key=True),
+        sa.Column("device_id", sa.String(64), nullable=False),
+        sa.Column("cmd_id", sa.String(64), nullable=False),
+        sa.Column("token", sa.String(64), nullable=False),
+        sa.Column("status", sa.String(16), nullable=False),
+        sa.Column("max_bytes", sa.BigInteger, nullable=False),
+        sa.Column("size", sa.BigInteger),
+        sa.Column("artifact_key", sa.String(256)),
+        sa.Column("requested_at", sa.Float, nullable=False),
+        sa.Column("uploaded_at", sa.Float),
+    )
+    op.create_table(
         "alerts",
         sa.Column("id", _ID, primary_key=True, autoincrement=True),
         sa.Column("key", sa.String(256), nullable=False, unique=True),
@@ -69,6 +82,7 @@ def upgrade() -> None:
 
 def downgrade() -> None:
     op.drop_table("alerts")
+    op.drop_table("captures")
     op.drop_table("drift_reports")
     op.drop_table("shadow_reports")
     with op.batch_alter_table("devices") as batch:
