@@ -64,6 +64,14 @@ class WatchdogConfig(_Strict):
     enabled: bool = True
 
 
+class CaptureConfig(_Strict):
+    """Sampled capture of live inputs into a bounded on-disk ring (off unless sample_rate > 0)."""
+
+    sample_rate: float = Field(default=0.0, ge=0, le=1)
+    max_bytes: int = Field(default=16 << 20, ge=4096, le=4 << 30, description="The ring never holds more than this.")
+    include_outputs: bool = False
+
+
 class AgentConfig(_Strict):
     device_id: str = Field(pattern=_ID)
     fleet: str = Field(default="default", pattern=_ID)
@@ -84,6 +92,9 @@ class AgentConfig(_Strict):
     download_max_bytes: int = Field(default=512 << 20, ge=1024)
     profiles_dir: Path | None = None
     drain_timeout_s: float = Field(default=10.0, ge=0, le=600, description="How long SIGTERM waits for in-flight work.")
+    capture: CaptureConfig = CaptureConfig()
+    drift_sample_rate: float = Field(default=0.1, ge=0, le=1, description=(
+        "Share of requests whose inputs are counted for the drift report (0: off); the bundle must carry a reference."))
 
     @field_validator("broker")
     @classmethod

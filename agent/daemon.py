@@ -42,6 +42,7 @@ class AgentDaemon:
         self.link: Any = None
         self.telemetry: Any = None
         self.ota: Any = None
+        self._capture_lock = threading.Lock()
 
     def start(self) -> "AgentDaemon":
         if self.config.broker:
@@ -58,7 +59,8 @@ class AgentDaemon:
             self.service.add_state_listener(self.link.publish_state)
             self.link.publish_state(self.service.state_message())
             self.link.start()
-            self.telemetry = TelemetryReporter(self.link, self.service.metrics, self.config.telemetry_interval_s)
+            self.telemetry = TelemetryReporter(self.link, self.service.metrics, self.config.telemetry_interval_s,
+                                               extras=self.service.loop_reports)
             self.telemetry.start()
         if self.server is not None:
             self.server.start()
@@ -76,7 +78,19 @@ class AgentDaemon:
         return self.server is None or self.server.serving
 
     def _on_command(self, cmd: Any) -> None:
-        if self.ota is not None:
+        if getattr(cmd, "type", None) == "capture":
+            # Not OTA's business (nothing changes what is served); its own thread, one at a time.
+            if not self._capture_lock.acquire(blocking=False):
+                return  # an upload is running; the cloud asks again if it needs to
+
+            def run() -> None:
+                try:
+                    self.service.upload_capture(cmd)
+                finally:
+                    self._capture_lock.release()
+
+            threading.Thread(target=run, name="capture-upload", daemon=True).start()
+        elif self.ota is not None:
             self.ota.handle(cmd)
 
     def stop(self) -> None:

@@ -438,7 +438,8 @@ class _Handler(socketserver.StreamRequestHandler):
             self._send(200, json.dumps({"name": "lepton-edge", "version": __version__,
                                         "extensions": ["binary_tensor_data"]}).encode())
         elif path == "/metrics":
-            self._send(200, svc.metrics.prometheus_text().encode(), "text/plain; version=0.0.4; charset=utf-8")
+            text = svc.metrics.prometheus_text() + svc.loop_prometheus_text()
+            self._send(200, text.encode(), "text/plain; version=0.0.4; charset=utf-8")
         else:
             parts = self._model_path(path)
             if parts is None:

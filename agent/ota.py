@@ -15,6 +15,9 @@ worker thread carries commands out in order:
   and the rollback then finds the device on the version it asks for. Otherwise a rolled-back
   deployment would still download, and briefly activate, the release it rolled back.
 * **ping**: answered with a ``command_received`` event carrying ``pong``.
+* **deploy with** ``shadow``: downloaded and verified the same way, then handed to the
+  service's shadow install (loaded beside the active version, never served); a later plain
+  deploy of the same version activates it, a rollback of the model drops it.
 
 Each step is reported as an :class:`~lepton_edge.protocol.EventMessage` through the link.
 Commands are idempotent by ``cmd_id``: the outcome is remembered on disk, and a repeat
@@ -22,29 +25,30 @@ of a finished command re-reports its result without applying it again. A transie
 download failure (network, timeout, 5xx) is not final: a repeat resumes the download.
 A command interrupted by an agent crash is resumed when the agent starts again.
 
-Public API: :class:`OtaHandler`, :class:`HttpDownloader`, :class:`DownloadError`,
-:class:`TransientDownloadError`.
+The handler's collaborators are typed by the Protocols of :mod:`.seams` (what it activates
+through, where its events go, its settings) and by :class:`~.download.DownloaderInterface`.
+
+Public API: :class:`OtaHandler`; :class:`HttpDownloader`, :class:`DownloadError` and
+:class:`TransientDownloadError` are re-exported from :mod:`.download`.
 """
 
 from __future__ import annotations
 
 import hashlib
-import http.client
 import json
 import logging
 import os
 import queue
 import shutil
-import ssl
 import threading
 import time
 from pathlib import Path
-from typing import Any, Callable
-from urllib.parse import urljoin, urlsplit
+from typing import Any
 
 from lepton_edge.protocol import DeployCommand, EventMessage, PingCommand, RollbackCommand
 
-from .errors import AgentError
+from .download import DownloadError, DownloaderInterface, HttpDownloader, TransientDownloadError
+from .seams import ActivationTarget, EventSink, OtaSettings
 
 __all__ = ["OtaHandler", "HttpDownloader", "DownloadError", "TransientDownloadError"]
 
@@ -52,197 +56,15 @@ log = logging.getLogger(__name__)
 
 Command = DeployCommand | RollbackCommand | PingCommand
 
-_CHUNK = 64 * 1024
-_MAX_REDIRECTS = 3
 _MAX_PENDING_COMMANDS = 32
 _REMEMBERED_COMMANDS = 1000
 # A command that crashed the agent this many times is given up on (no crash loop).
 _MAX_RESUMES = 3
-_TERMINAL_EVENTS = {"activated", "activation_failed", "rolled_back", "watchdog_rollback", "error"}
-
-
-class DownloadError(AgentError):
-    """The bundle cannot be downloaded as the command describes it (final: retrying won't help)."""
-
-
-class TransientDownloadError(DownloadError):
-    """The download failed for a reason that may pass (network, timeout, server error)."""
+_TERMINAL_EVENTS = {"activated", "activation_failed", "rolled_back", "watchdog_rollback", "error", "shadow_started"}
 
 
 class _Superseded(DownloadError):
     """A rollback of the same model arrived: this deploy must not go on."""
-
-
-class _RangeRefused(TransientDownloadError):
-    """HTTP 416: the partial file does not fit the server's file (it changed, or the part is bad)."""
-
-
-# ---------------------------------------------------------------------------------------------
-# downloading
-
-
-class HttpDownloader:
-    """GET a file into ``dest`` (resuming what is there) with bounds on bytes and time.
-
-    ``io_timeout_s`` bounds connecting and each read; ``deadline_s`` bounds the whole
-    download, retries included. Connection failures are retried with a short backoff while
-    progress is being made (``max_stalls`` failures in a row without a new byte end it).
-    """
-
-    def __init__(self, *, io_timeout_s: float = 30.0, deadline_s: float = 1800.0, max_stalls: int = 5,
-                 ca_file: Path | None = None) -> None:
-        self.io_timeout_s = io_timeout_s
-        self.deadline_s = deadline_s
-        self.max_stalls = max_stalls
-        self._ssl = ssl.create_default_context()
-        if ca_file:
-            self._ssl.load_verify_locations(cafile=str(ca_file))
-
-    def fetch(self, url: str, dest: Path, size: int, *, token: str | None = None,
-              progress: Callable[[int, int], None] | None = None, on_attempt: Callable[[int], None] | None = None) -> int:
-        """Download until ``dest`` holds exactly ``size`` bytes; returns the bytes transferred over the network."""
-        _check_url(url)
-        deadline = time.monotonic() + self.deadline_s
-        transferred = [0]  # bytes over the network, failed attempts included
-        stalls = 0
-        while True:
-            have = dest.stat().st_size if dest.exists() else 0
-            if have > size:
-                dest.unlink()
-                have = 0
-            if have == size:
-                return transferred[0]
-            if on_attempt:
-                on_attempt(have)
-            before = have
-            try:
-                self._attempt(url, dest, have, size, token, deadline, progress, transferred)
-            except TransientDownloadError as e:
-                now_have = dest.stat().st_size if dest.exists() else 0
-                stalls = 0 if now_have > before else stalls + 1
-                if stalls >= self.max_stalls:
-                    raise TransientDownloadError(f"{e} ({stalls} attempts without progress)") from None
-                pause = min(2.0 ** stalls * 0.25, 5.0)
-                if time.monotonic() + pause >= deadline:
-                    raise TransientDownloadError(f"{e}; the {self.deadline_s:.0f}s download deadline has passed") from None
-                log.info("download interrupted at %d of %d bytes (%s); resuming", now_have, size, e)
-                time.sleep(pause)
-
-    def _attempt(self, url: str, dest: Path, have: int, size: int, token: str | None, deadline: float,
-                 progress: Callable[[int, int], None] | None, transferred: list[int]) -> None:
-        headers = {"User-Agent": "lepton-edge-agent", "Accept-Encoding": "identity"}
-        if token:
-            headers["Authorization"] = f"Bearer {token}"
-        if have:
-            headers["Range"] = f"bytes={have}-"
-        conn, resp = self._open(url, headers, deadline)
-        try:
-            try:
-                start = self._start_offset(resp, have, size)
-            except _RangeRefused:
-                dest.unlink(missing_ok=True)
-                raise
-            if start == 0 and have:
-                log.info("server ignored the Range request; downloading from the start")
-            length = resp.getheader("Content-Length")
-            if length is not None and length.isdigit() and start + int(length) > size:
-                raise DownloadError(f"the server offers {start + int(length)} bytes; the command says {size}")
-            with open(dest, "r+b" if start else "wb") as f:
-                f.seek(start)
-                f.truncate()
-                pos = start
-                while pos < size:
-                    if time.monotonic() > deadline:
-                        raise TransientDownloadError(f"download deadline of {self.deadline_s:.0f}s passed")
-                    try:
-                        chunk = resp.read(min(_CHUNK, size - pos))
-                    except (OSError, http.client.HTTPException) as e:
-                        raise TransientDownloadError(f"connection lost after {pos} of {size} bytes: {e}") from None
-                    if not chunk:
-                        raise TransientDownloadError(f"connection closed after {pos} of {size} bytes")
-                    f.write(chunk)
-                    pos += len(chunk)
-                    transferred[0] += len(chunk)
-                    if progress:
-                        progress(pos, size)
-                f.flush()
-                os.fsync(f.fileno())
-            # Whatever the server still has for us beyond the announced size is refused unread
-            # (the connection is closed, not drained).
-        finally:
-            conn.close()
-
-    def _start_offset(self, resp: http.client.HTTPResponse, have: int, size: int) -> int:
-        if resp.status == 200:
-            return 0
-        if resp.status == 206:
-            first, total = _content_range(resp.getheader("Content-Range", ""))
-            if first != have:
-                raise TransientDownloadError(f"server resumed at byte {first}, not at {have}")
-            if total is not None and total != size:
-                raise DownloadError(f"the server's file is {total} bytes; the command says {size}")
-            return have
-        if resp.status == 416:
-            raise _RangeRefused("server refused the resume range; the partial file was discarded")
-        if 500 <= resp.status < 600 or resp.status in (408, 429):
-            raise TransientDownloadError(f"server answered HTTP {resp.status} {resp.reason}")
-        raise DownloadError(f"server answered HTTP {resp.status} {resp.reason}")
-
-    def _open(self, url: str, headers: dict[str, str], deadline: float) -> tuple[http.client.HTTPConnection, Any]:
-        first_host = urlsplit(url).netloc
-        for _ in range(_MAX_REDIRECTS + 1):
-            parts = _check_url(url)
-            timeout = max(0.1, min(self.io_timeout_s, deadline - time.monotonic()))
-            if parts.scheme == "https":
-                conn: http.client.HTTPConnection = http.client.HTTPSConnection(
-                    parts.hostname, parts.port, timeout=timeout, context=self._ssl)
-            else:
-                conn = http.client.HTTPConnection(parts.hostname, parts.port, timeout=timeout)
-            path = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
-            try:
-                conn.request("GET", path, headers=headers)
-                resp = conn.getresponse()
-            except (OSError, http.client.HTTPException) as e:
-                conn.close()
-                raise TransientDownloadError(f"cannot fetch {_redact(url)}: {e}") from None
-            if resp.status in (301, 302, 303, 307, 308) and resp.getheader("Location"):
-                target = urljoin(url, resp.getheader("Location"))
-                conn.close()
-                if parts.scheme == "https" and urlsplit(target).scheme != "https":
-                    raise DownloadError(f"{_redact(url)} redirects from https to plain http; refused")
-                if urlsplit(target).netloc != first_host:
-                    headers = {k: v for k, v in headers.items() if k != "Authorization"}
-                url = target
-                continue
-            return conn, resp
-        raise DownloadError(f"more than {_MAX_REDIRECTS} redirects from {_redact(url)}")
-
-
-def _check_url(url: str):
-    parts = urlsplit(url)
-    if parts.scheme not in ("http", "https") or not parts.hostname:
-        raise DownloadError(f"download URL must be http(s)://host/..., got {_redact(url)!r}")
-    try:
-        parts.port
-    except ValueError:
-        raise DownloadError(f"download URL has a bad port: {_redact(url)!r}") from None
-    return parts
-
-
-def _redact(url: str) -> str:
-    # Never put a query string (it may hold a token) into events or logs.
-    return url.split("?", 1)[0][:200]
-
-
-def _content_range(value: str) -> tuple[int | None, int | None]:
-    """``bytes first-last/total`` → (first, total); (None, None) when unparsable."""
-    try:
-        unit, _, rest = value.strip().partition(" ")
-        span, _, total = rest.partition("/")
-        first = int(span.split("-", 1)[0])
-        return (first, None if total.strip() == "*" else int(total)) if unit == "bytes" else (None, None)
-    except ValueError:
-        return None, None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -303,7 +125,8 @@ class _CommandLog:
 class OtaHandler:
     """Carries out cloud commands on one worker thread (see the module docstring)."""
 
-    def __init__(self, service: Any, link: Any, config: Any, *, downloader: HttpDownloader | None = None,
+    def __init__(self, service: ActivationTarget, link: EventSink, config: OtaSettings, *,
+                 downloader: DownloaderInterface | None = None,
                  progress_every_s: float = 2.0) -> None:
         self.service = service
         self.link = link
@@ -457,13 +280,17 @@ class OtaHandler:
             return
         try:
             self._check_superseded(cmd)
-            result = self.service.activate(final, cmd_id=cmd.cmd_id, deployment_id=cmd.deployment_id)
+            if cmd.shadow is not None:
+                result = self.service.install_shadow(final, sample=cmd.shadow, cmd_id=cmd.cmd_id, deployment_id=cmd.deployment_id)
+            else:
+                result = self.service.activate(final, cmd_id=cmd.cmd_id, deployment_id=cmd.deployment_id)
         except _Superseded as e:
             self._finish(cmd, ok=False, stage="download", reason=str(e))
             return
         finally:
             final.unlink(missing_ok=True)
-        self._finish(cmd, ok=result.ok, reason=result.reason, stage="activate", result=result)
+        self._finish(cmd, ok=result.ok, reason=result.reason, stage="shadow" if cmd.shadow is not None else "activate",
+                     result=result)
 
     def _download(self, cmd: DeployCommand, part: Path) -> None:
         free = shutil.disk_usage(self.downloads).free
@@ -541,6 +368,8 @@ class OtaHandler:
         kind = "rollback" if cmd.type == "rollback" else "deploy"
         etype = ("rolled_back" if kind == "rollback" else "activated") if ok else (
             "error" if kind == "rollback" else "activation_failed")
+        if ok and outcome.get("stage") == "shadow":
+            etype = "shadow_started"
         data = {"stage": outcome.get("stage"), "previous": outcome.get("previous")}
         if repeat:
             data["repeat"] = True

@@ -19,6 +19,7 @@ import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -32,7 +33,10 @@ from lepton_edge.signing import load_public_key
 from .config import AgentConfig
 from .errors import ActivationError, InferenceFailed, ModelNotLoaded, StoreError
 from .inference import LoadedModel, load_model, replay_golden
+from .capture import CaptureRing
+from .drift_monitor import DriftMonitor
 from .metrics import InferenceMetrics
+from .shadow import ShadowSet
 from .store import ModelStore
 from .sysinfo import read_platform
 from .watchdog import Watchdog
@@ -79,6 +83,11 @@ class AgentService:
     def __init__(self, config: AgentConfig, *, activate_configured: bool = True) -> None:
         self.config = config
         self.metrics = InferenceMetrics()
+        self.shadows = ShadowSet()
+        self.drift = DriftMonitor(sample_rate=config.drift_sample_rate)
+        cap = config.capture
+        self.capture = CaptureRing(config.state_dir / "capture", sample_rate=cap.sample_rate, max_bytes=cap.max_bytes,
+                                   include_outputs=cap.include_outputs) if cap.sample_rate > 0 else None
         self.profile = load_profile(config.profile, config.profiles_dir)
         self.platform = read_platform(import_onnxruntime=self.profile.runtime.name == "onnxruntime")
         self.platform_warnings = self._check_platform()
@@ -123,6 +132,7 @@ class AgentService:
                 try:
                     bundle = self._verify(self.store.version_dir(name, version))
                     self._active[name] = load_model(bundle, self.profile)
+                    self.drift.attach(self._active[name])
                     self._previous[name] = ptr.previous if ptr is not None and version == ptr.version else None
                     break
                 except LeptonEdgeError as e:
@@ -246,6 +256,7 @@ class AgentService:
                 _crash_point("golden_passed")
                 previous = current.version if current else None
                 self._commit_and_swap(loaded, previous)
+                self._drop_shadow_quietly(name, version)
                 self.watchdog.watch(name, version, previous)
                 self._emit(EventMessage(type="activated", cmd_id=cmd_id, deployment_id=deployment_id, model=name,
                                         version=version, detail=f"previous {previous or 'none'}",
@@ -276,6 +287,7 @@ class AgentService:
         _crash_point("committed")
         self._active[loaded.name] = loaded
         self._previous[loaded.name] = previous
+        self.drift.attach(loaded)
         _crash_point("swapped")
         removed = self.store.prune(loaded.name)
         if removed:
@@ -290,12 +302,87 @@ class AgentService:
                                 data={"kept": current.version if current else None}))
         return ActivationResult(False, name or "", version, current.version if current else None, reason)
 
+    # ------------------------------------------------------------------ shadow
+    def install_shadow(self, bundle_path: Path, *, sample: float, cmd_id: str | None = None,
+                       deployment_id: str | None = None) -> ActivationResult:
+        """Verify, install, load and self-test a bundle, then run it in shadow beside the active version.
+
+        Nothing a restart loads changes (the store's pointer is not touched) and no request is
+        answered by it. Never raises for a bad bundle.
+        """
+        bundle_path = Path(bundle_path)
+        with self._change_lock:
+            name: str | None = None
+            version: str | None = None
+            staging: Path | None = None
+            installed_here = False
+            try:
+                staging = self.store.stage(bundle_path, None, self._limits)
+                try:
+                    bundle = self._verify(staging)
+                except LeptonEdgeError:
+                    name, version = _peek_identity(staging)
+                    raise
+                m = bundle.manifest
+                name, version = m.name, m.version
+                self._check_profile(m.profile)
+                current = self._active.get(name)
+                if current is None:
+                    raise ActivationError(f"{name} has no active version to shadow", hint="deploy it without --shadow first")
+                if current.version == version:
+                    raise ActivationError(f"{name} {version} is already active; there is nothing to shadow")
+                existed = self.store.version_dir(name, version).exists()
+                vdir = self.store.install(staging, name, version, (staging / MANIFEST_NAME).read_bytes())
+                installed_here = not existed
+                loaded = load_model(replace(bundle, root=vdir), self.profile)
+                figures = replay_golden(loaded, replace(bundle, root=vdir))
+                self.shadows.drop(name)
+                self.shadows.start(loaded, sample=sample, active_version=current.version)
+                self._emit(EventMessage(type="shadow_started", cmd_id=cmd_id, deployment_id=deployment_id, model=name,
+                                        version=version, detail=f"beside {current.version}, {sample:.0%} of requests",
+                                        data={"active": current.version, "sample": sample, "signed_by": bundle.signed_by,
+                                              "metric": self.shadows.stats()[name].metric, **figures}))
+                return ActivationResult(True, name, version, current.version, f"in shadow beside {current.version}")
+            except Exception as e:  # noqa: BLE001 - as for an activation: the device keeps serving what it served
+                if not isinstance(e, LeptonEdgeError):
+                    log.exception("shadow install of %s failed unexpectedly", bundle_path)
+                if staging is not None and staging.exists():
+                    self.store.remove_staging(staging)
+                if installed_here and name and version:
+                    self.store.discard(name, version)
+                reason = str(e) if isinstance(e, LeptonEdgeError) else f"unexpected {type(e).__name__}: {e}"
+                return self._failed(name, version, f"shadow: {reason}", cmd_id, deployment_id)
+
+    def drop_shadow(self, model: str, *, reason: str, cmd_id: str | None = None, deployment_id: str | None = None) -> bool:
+        """Stop the model's shadow and remove its files unless the store's pointer knows that version."""
+        with self._change_lock:
+            loaded = self.shadows.drop(model)
+            if loaded is None:
+                return False
+            ptr = self._pointer_or_none(model)
+            if ptr is None or loaded.version not in ptr.history:
+                self.store.discard(model, loaded.version)
+            self._emit(EventMessage(type="shadow_dropped", cmd_id=cmd_id, deployment_id=deployment_id, model=model,
+                                    version=loaded.version, detail=reason[:4000]))
+            return True
+
+    def _drop_shadow_quietly(self, model: str, activated: str) -> None:
+        # The activated version is the shadow's (promotion) or replaces what it shadowed: either way it ends.
+        shadow = self.shadows.get(model)
+        if shadow is not None:
+            self.shadows.drop(model)
+            if shadow.version != activated:
+                self._emit(EventMessage(type="shadow_dropped", model=model, version=shadow.version,
+                                        detail=f"{activated} was activated"))
+
     # ------------------------------------------------------------------ rollback
 
     def rollback(self, model: str, to_version: str | None = None, *, reason: str, cmd_id: str | None = None,
                  deployment_id: str | None = None, _event_type: str = "rolled_back") -> ActivationResult:
         """Switch ``model`` back to ``to_version`` (default: the previous one), re-verifying it first."""
         with self._change_lock:
+            # Undoing a deployment undoes its shadow too: the version it shadows was never served.
+            self.drop_shadow(model, reason=reason, cmd_id=cmd_id, deployment_id=deployment_id)
             current = self._active.get(model)
             ptr = self._pointer_or_none(model)
             target = to_version or (ptr.previous if ptr else None)
@@ -362,8 +449,39 @@ class AgentService:
         except LeptonEdgeError as e:
             self.metrics.record(loaded.name, loaded.version, time.perf_counter() - t0, False)
             raise InferenceFailed(f"model {loaded.name} {loaded.version} failed: {e.message}") from None
-        self.metrics.record(loaded.name, loaded.version, time.perf_counter() - t0, True)
-        return dict(zip(loaded.output_names, outs))
+        latency = time.perf_counter() - t0
+        self.metrics.record(loaded.name, loaded.version, latency, True)
+        answer = dict(zip(loaded.output_names, outs))
+        self.drift.observe(loaded.name, loaded.version, inputs)
+        if self.capture is not None:
+            self.capture.offer(loaded.name, loaded.version, inputs, answer)
+        if self.shadows.get(loaded.name) is not None:  # after the answer is complete, off its critical work
+            self.shadows.offer(loaded.name, loaded.version, inputs, answer, latency)
+        return answer
+
+    # ------------------------------------------------------------------ closing the loop: reports
+    def loop_reports(self) -> dict[str, Any]:
+        """The telemetry fields about shadows (and input drift): taken once per report."""
+        return {"shadows": dict(list(self.shadows.stats().items())[:64]), "drift": dict(list(self.drift.report().items())[:64])}
+
+    def upload_capture(self, cmd: Any) -> None:
+        """Carry out a CaptureCommand (on the caller's thread); the outcome is an event either way."""
+        if self.capture is None:
+            self._emit(EventMessage(type="error", cmd_id=cmd.cmd_id, detail="capture is off on this device "
+                                    "(set capture.sample_rate in its agent config)", data={"capture_id": cmd.capture_id}))
+            return
+        try:
+            self.capture.wait_written(2.0)
+            res = self.capture.upload(cmd.url, cmd.token, cmd.max_bytes)
+        except Exception as e:  # noqa: BLE001 - the ring stays as it was; the cloud hears why
+            self._emit(EventMessage(type="error", cmd_id=cmd.cmd_id, detail=f"capture upload failed: {e}"[:4000],
+                                    data={"capture_id": cmd.capture_id}))
+            return
+        self._emit(EventMessage(type="capture_uploaded", cmd_id=cmd.cmd_id, detail=f"{res['records']} records, {res['bytes']} bytes",
+                                data={"capture_id": cmd.capture_id, **res}))
+
+    def loop_prometheus_text(self) -> str:
+        return self.shadows.prometheus_text()
 
     # ------------------------------------------------------------------ state
 
@@ -379,5 +497,8 @@ class AgentService:
         )
 
     def close(self) -> None:
+        if self.capture is not None:
+            self.capture.close()
+        self.shadows.close()
         self.watchdog.close()
         self._active.clear()

@@ -15,6 +15,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from collections.abc import Callable
 from typing import Any
 
 from lepton_edge.protocol import ModelStats, SystemStats, TelemetryMessage
@@ -29,13 +30,15 @@ log = logging.getLogger(__name__)
 class TelemetryReporter:
     """Reports on a timer in its own daemon thread; :meth:`report_now` makes one report immediately."""
 
-    def __init__(self, link: Any, metrics: Any, interval_s: float, *, sampler: SystemSampler | None = None) -> None:
+    def __init__(self, link: Any, metrics: Any, interval_s: float, *, sampler: SystemSampler | None = None,
+                 extras: Callable[[], dict[str, Any]] | None = None) -> None:
         if not interval_s > 0:
             raise ValueError("telemetry interval must be positive")
         self.link = link
         self.metrics = metrics
         self.interval_s = float(interval_s)
         self._sampler = sampler or SystemSampler()
+        self._extras = extras  # more report fields (shadow and drift figures), built by their owner
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._report_lock = threading.Lock()
@@ -82,5 +85,12 @@ class TelemetryReporter:
         except Exception:  # noqa: BLE001 - stats are a nicety; the model figures still go out
             log.exception("could not sample system stats")
             system = SystemStats()
+        extras: dict[str, Any] = {}
+        if self._extras is not None:
+            try:
+                extras = self._extras()
+            except Exception:  # noqa: BLE001 - the model figures still go out
+                log.exception("could not build the shadow/drift figures")
         return TelemetryMessage(ts=time.time(), seq=outbox.next_sequence("telemetry"), interval_s=self.interval_s,
-                                models=models, system=system, dropped=outbox.take_dropped(), dropped_total=outbox.dropped_total())
+                                models=models, system=system, dropped=outbox.take_dropped(), dropped_total=outbox.dropped_total(),
+                                **extras)

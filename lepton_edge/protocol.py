@@ -11,6 +11,9 @@ topic           direction  QoS     payload
 ``cmd``         →device    1       :class:`CommandMessage`: deploy, rollback, ping
 ==============  =========  ======  ========================================================
 
+and one fleet-wide topic, ``lepton/v1/{fleet}/alerts`` (cloud→operators, QoS 1):
+:class:`AlertMessage`, the same JSON the ``--alert-webhook`` receives (see :func:`alerts_topic`).
+
 Payloads are UTF-8 JSON objects, at most :data:`MAX_PAYLOAD_BYTES`. Every parser here
 treats its bytes as hostile and raises :class:`~lepton_edge.errors.ProtocolError`.
 The broker ACL lets a device publish only under its own prefix and read only its
@@ -42,10 +45,13 @@ __all__ = [
     "ModelStats",
     "SystemStats",
     "PlatformInfo",
+    "ShadowStats",
+    "DriftStats",
     "EventMessage",
     "DeployCommand",
     "RollbackCommand",
     "PingCommand",
+    "CaptureCommand",
     "CommandMessage",
     "encode",
     "decode_state",
@@ -57,6 +63,9 @@ __all__ = [
     "check_name",
     "JSON_MAX_DEPTH",
     "JSON_MAX_NUMBER_DIGITS",
+    "AlertMessage",
+    "alerts_topic",
+    "decode_alert",
 ]
 
 PROTOCOL = "lepton/v1"
@@ -91,6 +100,11 @@ def topic(fleet: str, device_id: str, channel: Channel) -> str:
     if channel not in CHANNELS:
         raise ProtocolError(f"unknown channel {channel!r}")
     return f"{PROTOCOL}/{_check_name('fleet', fleet)}/{_check_name('device id', device_id)}/{channel}"
+
+
+def alerts_topic(fleet: str) -> str:
+    """Where the cloud publishes its alerts about one fleet (operators subscribe; devices cannot read it)."""
+    return f"{PROTOCOL}/{_check_name('fleet', fleet)}/alerts"
 
 
 def subscription(channel: Channel, fleet: str = "+", shared_group: str | None = None) -> str:
@@ -178,6 +192,33 @@ class SystemStats(_Msg):
     temperature_c: float | None = None
 
 
+class ShadowStats(_Msg):
+    """A version running in shadow beside the active one: cumulative since the shadow started."""
+
+    version: str = Field(max_length=64)
+    active_version: str = Field(max_length=64)
+    metric: Literal["top1", "cosine", "relative_error"] = "top1"
+    compared: int = Field(ge=0)
+    disagreements: int = Field(ge=0)
+    errors: int = Field(default=0, ge=0)
+    dropped: int = Field(ge=0, description="Sampled requests not compared because the shadow queue was full.")
+    p50_ms: float | None = Field(default=None, ge=0)
+    p95_ms: float | None = Field(default=None, ge=0)
+    active_p50_ms: float | None = Field(default=None, ge=0)
+    active_p95_ms: float | None = Field(default=None, ge=0, description="The active model on the same requests.")
+
+
+class DriftStats(_Msg):
+    """How far this interval's sampled live inputs are from the bundle's calibration reference."""
+
+    version: str = Field(max_length=64)
+    samples: int = Field(ge=0)
+    psi: dict[str, float] = Field(default_factory=dict, max_length=64, description="PSI per input (worst channel's).")
+    worst_input: str = Field(default="", max_length=128)
+    worst_channel: int | None = Field(default=None, ge=0)
+    worst_psi: float = Field(default=0.0, ge=0)
+
+
 class TelemetryMessage(_Msg):
     ts: float
     seq: int = Field(ge=0, description="Per-device sequence number: gaps show loss, repeats show redelivery.")
@@ -187,6 +228,8 @@ class TelemetryMessage(_Msg):
     dropped: int = Field(default=0, ge=0, description="Records dropped from the offline queue since the last report.")
     # A report can itself be dropped, taking its ``dropped`` with it; the running total cannot be lost that way.
     dropped_total: int = Field(default=0, ge=0, description="Records dropped from the offline queue since the queue was created.")
+    shadows: dict[str, ShadowStats] = Field(default_factory=dict, max_length=64, description="By model name.")
+    drift: dict[str, DriftStats] = Field(default_factory=dict, max_length=64, description="By model name.")
 
 
 EventType = Literal[
@@ -201,6 +244,10 @@ EventType = Literal[
     "rolled_back",
     "watchdog_rollback",
     "error",
+    # closing the loop: a version installed beside the active one (never served), and dropped
+    "shadow_started",
+    "shadow_dropped",
+    "capture_uploaded",
 ]
 
 
@@ -214,6 +261,29 @@ class EventMessage(_Msg):
     version: str | None = Field(default=None, max_length=64)
     detail: str = Field(default="", max_length=4096)
     data: dict[str, Any] = Field(default_factory=dict, max_length=32)
+
+
+AlertKind = Literal["device_offline", "watchdog_rollback", "deployment_rolled_back", "drift", "queue_drops"]
+
+
+class AlertMessage(_Msg):
+    """One alert, deduplicated by ``key``: the cloud sends each key once (and a group at most once per interval)."""
+
+    alert_id: str = Field(default_factory=new_id, max_length=64)
+    key: str = Field(max_length=256)
+    kind: AlertKind
+    severity: Literal["info", "warning", "critical"] = "warning"
+    ts: float = Field(default_factory=time.time)
+    fleet: str = Field(default="", max_length=64)
+    device_id: str | None = Field(default=None, max_length=64)
+    deployment_id: str | None = Field(default=None, max_length=64)
+    model: str | None = Field(default=None, max_length=128)
+    detail: str = Field(default="", max_length=4096)
+    data: dict[str, Any] = Field(default_factory=dict, max_length=32)
+
+
+def decode_alert(payload: bytes | str) -> "AlertMessage":
+    return _validate(AlertMessage, _load(payload, "alert"), "alert")
 
 
 class _Cmd(_Msg):
@@ -230,6 +300,8 @@ class DeployCommand(_Cmd):
     sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
     size: int = Field(gt=0, description="Archive size: the device refuses to download more.")
     token: str | None = Field(default=None, max_length=512)
+    shadow: float | None = Field(default=None, gt=0, le=1, description=(
+        "Install in shadow: loaded beside the active version, never served; this share of live requests also runs on it."))
 
 
 class RollbackCommand(_Cmd):
@@ -243,7 +315,17 @@ class PingCommand(_Cmd):
     type: Literal["ping"] = "ping"
 
 
-CommandMessage = Annotated[Union[DeployCommand, RollbackCommand, PingCommand], Field(discriminator="type")]
+class CaptureCommand(_Cmd):
+    """Upload the device's capture ring (then clear what was uploaded)."""
+
+    type: Literal["capture"] = "capture"
+    capture_id: str = Field(min_length=1, max_length=64)
+    url: str = Field(max_length=2048, description="Where to PUT the .npz.")
+    token: str = Field(max_length=512)
+    max_bytes: int = Field(gt=0, description="The cloud refuses a larger upload.")
+
+
+CommandMessage = Annotated[Union[DeployCommand, RollbackCommand, PingCommand, CaptureCommand], Field(discriminator="type")]
 _COMMAND = TypeAdapter(CommandMessage)
 
 
@@ -345,5 +427,5 @@ def decode_event(payload: bytes | str) -> EventMessage:
     return _validate(EventMessage, _load(payload, "event"), "event")
 
 
-def decode_command(payload: bytes | str) -> DeployCommand | RollbackCommand | PingCommand:
+def decode_command(payload: bytes | str) -> DeployCommand | RollbackCommand | PingCommand | CaptureCommand:
     return _validate(_COMMAND, _load(payload, "command"), "command")

@@ -136,7 +136,7 @@ def package(winner: Candidate, report: dict[str, Any], prepared: Prepared, ctx: 
     out_dir = req.output_dir / f"{bundle_name}-{req.version}-{profile.id}"
     plot = _frontier_plot(report, winner.path.parent / f"{winner.path.stem}-{PLOT_NAME}")
     bundle_dir = write_bundle(out_dir, manifest_fields=fields, files={model_file: winner.path, PLOT_NAME: plot}, report=report,
-                              golden=(g_in, g_out, tol), sign_key=req.sign_key)
+                              golden=(g_in, g_out, tol), sign_key=req.sign_key, reference_inputs=prepared.data.calibration.x)
     archive = pack_bundle(bundle_dir)
     bundle = read_bundle(bundle_dir, allow_unsigned=True)
     _self_check(bundle, ctx.threads, exact_int8(profile))

@@ -71,12 +71,15 @@ def write_bundle(
     golden: tuple[Sequence[np.ndarray], Sequence[np.ndarray], Mapping[str, Any]] | None = None,
     sign_key: Path | str | None = None,
     overwrite: bool = False,
+    reference_inputs: Any = None,
 ) -> Path:
     """Write a bundle directory at ``out_dir`` and return its path.
 
     ``files`` maps member names to source files (the model file, external weights, ...).
     ``golden`` is ``(inputs, outputs, tolerances)``, tolerances holding atol, rtol and
-    optionally min_cosine and top1_must_match. Hashes, sizes, toolkit version and time are
+    optionally min_cosine and top1_must_match. ``reference_inputs`` (the calibration arrays, one
+    per input, or a mapping by input name) adds the drift reference statistics of
+    :mod:`lepton_edge.drift` as a signed member. Hashes, sizes, toolkit version and time are
     filled in here, so callers cannot get them wrong. The bundle is written next to its
     final place and renamed into it, so a crash never leaves half a bundle under that name.
     """
@@ -98,6 +101,11 @@ def write_bundle(
             g_in, g_out, tol = golden
             write_golden(tmp / GOLDEN_NAME, g_in, g_out)
             fields["golden"] = Golden(file=GOLDEN_NAME, count=int(np.asarray(g_in[0]).shape[0]), **dict(tol))
+        if reference_inputs is not None:
+            from ..drift import REFERENCE_NAME, write_reference
+
+            write_reference(tmp / REFERENCE_NAME, reference_inputs, [t["name"] if isinstance(t, Mapping) else t.name
+                                                                      for t in fields.get("inputs", [])])
         if report is not None:
             (tmp / REPORT_NAME).write_text(json.dumps(report, indent=2, sort_keys=True, default=_json_default))
         for p in sorted(tmp.rglob("*")):

@@ -83,6 +83,11 @@ class DeployRequest(_Body):
     p95_floor: str | float = Field(default="1ms", description="p95 rises up to this much always pass (a duration).")
     on_no_data: str = Field(default="fail", description="A wave that reported no requests: fail once the timeout passes "
                                                        "(default), or pass (idle fleets).")
+    shadow: str | float = Field(default="0%", description="Share of live requests each wave's devices also run on the new "
+                                                        "version in shadow before it activates (0%: no shadow).")
+    shadow_min: int = Field(default=200, ge=1, le=10_000_000)
+    max_disagreement: str | float = "2%"
+    max_drift: float | None = Field(default=None, ge=0, le=100)
 
 
 class _BodyLimit:
@@ -245,7 +250,8 @@ def create_app(service: Any) -> FastAPI:
             max_error_rate=parse_fraction(body.max_error_rate), max_p95_regression=parse_fraction(body.max_p95_regression),
             min_healthy=parse_fraction(body.min_healthy), on_failure=body.on_failure,
             p95_floor_ms=parse_duration(body.p95_floor) * 1000,
-            on_no_data=body.on_no_data,
+            on_no_data=body.on_no_data, shadow_sample=parse_fraction(body.shadow), shadow_min=body.shadow_min,
+            max_disagreement=parse_fraction(body.max_disagreement), max_drift=body.max_drift,
         )
         return service.rollouts.create(body.model, body.version, body.to, policy)
 
@@ -263,6 +269,25 @@ def create_app(service: Any) -> FastAPI:
         if action not in actions:
             raise NotFoundError(f"unknown action {action[:32]!r}", hint="use pause, resume or rollback")
         return actions[action](dep_id)
+
+    @app.post("/v1/devices/{device_id}/capture", dependencies=auth, status_code=201)
+    def request_capture(device_id: str, max_bytes: int = 16 << 20) -> dict[str, Any]:
+        return service.captures.request(device_id, max_bytes)
+
+    @app.get("/v1/captures/{capture_id}", dependencies=auth)
+    def get_capture(capture_id: str) -> dict[str, Any]:
+        return service.captures.get(capture_id)
+
+    @app.put("/v1/captures/{capture_id}/upload")
+    async def upload_capture(capture_id: str, request: Request) -> dict[str, Any]:
+        bearer = request.headers.get("authorization", "").removeprefix("Bearer ")
+        return await service.captures.receive(capture_id, bearer[:512], request.stream())
+
+    @app.get("/v1/captures/{capture_id}/download", dependencies=auth)
+    def download_capture(capture_id: str) -> Response:
+        key, size = service.captures.download(capture_id)
+        return StreamingResponse(service.store.read_range(key, 0, size), media_type="application/octet-stream",
+                                 headers={"Content-Length": str(size)})
 
     @app.get("/v1/bundles/{bundle_id}/download")
     def download(bundle_id: str, request: Request) -> Response:

@@ -168,6 +168,7 @@ def render_acl_file(devices: Iterable[tuple[str, str, str]], service_user: str =
         f"user {_check_user(service_user)}",
         *(f"topic read {PROTOCOL}/+/+/{channel}" for channel in ("state", "telemetry", "events")),
         f"topic write {PROTOCOL}/+/+/cmd",
+        f"topic readwrite {PROTOCOL}/+/alerts",
     ]
     seen: set[str] = {service_user}
     for fleet, device_id, username in sorted(map(_acl_entry, devices), key=lambda d: (d[2], str(d[0]), str(d[1]))):

@@ -151,12 +151,21 @@ def cloud() -> None:
 @click.option("--lease-ttl", default="10s", show_default=True, help="How long a dead leader holds the lease.")
 @click.option("--resend", default="30s", show_default=True, help="Re-send unanswered commands after this long.")
 @click.option("--baseline-window", default="10m", show_default=True, help="Telemetry before a deployment that forms its baseline.")
+@click.option("--alert-webhook", default=None, help="POST each alert as JSON here (they also go to lepton/v1/{fleet}/alerts over MQTT).")
+@click.option("--alert-offline-intervals", default=3, show_default=True, type=click.IntRange(1, 10_000),
+              help="Alert when a device is silent for this many of its telemetry intervals.")
+@click.option("--alert-drift-psi", default=0.25, show_default=True, type=click.FloatRange(0, 100),
+              help="Alert when a device's input drift PSI stays above this ...")
+@click.option("--alert-drift-intervals", default=3, show_default=True, type=click.IntRange(1, 1000),
+              help="... for this many telemetry reports in a row.")
+@click.option("--alert-min-interval", default="5m", show_default=True, help="At most one alert per kind and device this often.")
 def serve(db: str, broker: str | None, broker_username: str, broker_password: str | None, auth_dir: Path | None, host: str,
           port: int, artifacts: str, token: str | None, trusted_keys: tuple[Path, ...], allow_unsigned: bool, state_dir: Path,
           public_url: str | None, public_broker_url: str | None, replica_id: str | None, shared_group: str | None,
           tls_cert: Path | None, tls_key: Path | None, tls_ca: Path | None, tls_hosts: tuple[str, ...], client_certs: bool,
           insecure_plaintext: bool, tick_s: str, lease_ttl: str, resend: str, baseline_window: str,
-          metrics_token: str | None = None) -> None:
+          alert_webhook: str | None, alert_offline_intervals: int, alert_drift_psi: float,
+          alert_drift_intervals: int, alert_min_interval: str, metrics_token: str | None = None) -> None:
     """Run the service: HTTP API, MQTT ingestion, rollout engine. Prints `ready {json}` once up."""
     import logging
 
@@ -179,7 +188,9 @@ def serve(db: str, broker: str | None, broker_username: str, broker_password: st
                         shared_group=shared_group, insecure_plaintext=insecure_plaintext, tls_cert=tls_cert,
                         tls_key=tls_key, tls_ca=tls_ca, tls_hosts=list(tls_hosts), client_certs=client_certs,
                         tick_s=parse_duration(tick_s), lease_ttl_s=parse_duration(lease_ttl), resend_s=parse_duration(resend),
-                        baseline_window_s=parse_duration(baseline_window), metrics_token=metrics_token)
+                        baseline_window_s=parse_duration(baseline_window), metrics_token=metrics_token, alert_webhook=alert_webhook,
+                        alert_offline_intervals=alert_offline_intervals, alert_drift_psi=alert_drift_psi,
+                        alert_drift_intervals=alert_drift_intervals, alert_min_interval_s=parse_duration(alert_min_interval))
     svc = CloudService(cfg).start()
     if generated:
         fd = os.open(token_file, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
@@ -299,11 +310,30 @@ def _device_rows(items: list[dict[str, Any]], stale_after: float | None = None) 
         active = ", ".join(f"{m}@{v}" for m, v in sorted(d["active"].items())) or "-"
         status = _status(d, stale_after)
         rows.append((d["device_id"], d["fleet"], d["profile"], status, active, _ms(d["p95_ms"]), _pct(d["error_rate"]),
-                     _ago(d["last_seen"]), ", ".join(f"{k}={v}" for k, v in sorted(d["tags"].items()))))
+                     _drift_cell(d.get("drift")), _shadow_cell(d.get("shadow")), _ago(d["last_seen"]),
+                     ", ".join(f"{k}={v}" for k, v in sorted(d["tags"].items()))))
     return rows
 
 
-_DEVICE_COLUMNS = ["device", "fleet", "profile", "status", "active model", "p95 ms", "error rate", "last seen", "tags"]
+def _drift_cell(drift: dict[str, Any] | None) -> str:
+    """The worst input drift the device reported (PSI, and where), or -."""
+    if not drift:
+        return "-"
+    model, worst = max(drift.items(), key=lambda kv: kv[1].get("psi") or 0.0)
+    where = worst.get("input", "") + (f"[{worst['channel']}]" if worst.get("channel") is not None else "")
+    flag = " (shifted)" if (worst.get("psi") or 0) > 0.25 else ""
+    return f"{worst.get('psi', 0):.2f} {model}:{where}{flag}"
+
+
+def _shadow_cell(shadow: dict[str, Any] | None) -> str:
+    """The agreement of the version running in shadow with the active one, or -."""
+    if not shadow:
+        return "-"
+    return ", ".join(f"{m}@{x['version']} {_pct(x.get('agreement'))} agree ({x.get('compared', 0)})" for m, x in sorted(shadow.items()))
+
+
+_DEVICE_COLUMNS = ["device", "fleet", "profile", "status", "active model", "p95 ms", "error rate", "drift PSI", "shadow",
+                   "last seen", "tags"]
 
 
 @devices.command("list")
@@ -343,6 +373,9 @@ def devices_show(device_id: str, server: str, token: str | None, ca: str | None 
     for k, v in d.items():
         if k in ("status", "stale", "platform"):
             continue
+        if k in ("drift", "shadow"):
+            rows.append((k, _drift_cell(v) if k == "drift" else _shadow_cell(v)))
+            continue
         rows.append((k.replace("_", " "), _when(v) if k in times else _ms(v) if k == "p95_ms" else _pct(v) if k == "error_rate"
                      else _pairs(v)))
     rows += _platform_rows(d.get("platform"))
@@ -358,6 +391,41 @@ def _platform_rows(p: dict[str, Any] | None) -> list[tuple[str, str]]:
             ("runtimes", _pairs(p.get("runtimes") or {})),
             ("execution providers", ", ".join(p.get("execution_providers") or []) or "-"),
             ("python", p.get("python") or "-")]
+
+
+@devices.command("capture")
+@click.argument("device_id")
+@click.option("--pull", is_flag=True, required=True, help="Ask the device to upload its capture ring, then download it.")
+@click.option("-o", "--output", "output", type=click.Path(dir_okay=False, path_type=Path), default=Path("capture.npz"),
+              show_default=True)
+@click.option("--max-bytes", default="16MB", show_default=True, help="The most the device may upload (e.g. 512KB, 16MB).")
+@click.option("--timeout", "timeout_s", default=60.0, show_default=True, help="Seconds to wait for the upload.")
+@_client_options
+def devices_capture(device_id: str, pull: bool, output: Path, max_bytes: str, timeout_s: float, server: str, token: str | None,
+                    ca: str | None = None) -> None:
+    """Pull a device's sampled live inputs (agent config capture:) into an .npz; its ring is cleared after upload."""
+    from .errors import CloudError, InvalidRequestError
+
+    units = {"KB": 1 << 10, "MB": 1 << 20, "GB": 1 << 30, "B": 1}
+    text = max_bytes.strip().upper()
+    unit = next((u for u in units if text.endswith(u)), "B")
+    try:
+        limit = int(float(text[: len(text) - len(unit)] if text.endswith(unit) else text) * units[unit])
+    except ValueError:
+        raise InvalidRequestError(f"bad --max-bytes {max_bytes!r}", hint="e.g. 512KB or 16MB") from None
+    with _client(server, token, ca) as c:
+        cap = c.request_capture(device_id, limit)
+        deadline = time.monotonic() + timeout_s
+        while cap["status"] == "requested" and time.monotonic() < deadline:
+            time.sleep(0.5)
+            cap = c.capture(cap["id"])
+        if cap["status"] == "failed":
+            raise CloudError(f"{device_id} could not upload its capture: {cap.get('detail', '')}")
+        if cap["status"] != "uploaded":
+            raise CloudError(f"{device_id} did not upload its capture within {timeout_s:g}s",
+                             hint="is it online? (`lepton-edge devices show`); capture must be on in its agent config")
+        size = c.download_capture(cap["id"], output)
+    out.print(f"capture {cap['id'][:12]} from {device_id}: {size} bytes in {output}")
 
 
 @devices.command("revoke")
@@ -450,11 +518,19 @@ def deploy() -> None:
 @click.option("--on-failure", type=click.Choice(["rollback", "pause"]), default="rollback", show_default=True)
 @click.option("--on-no-data", type=click.Choice(["fail", "pass"]), default="fail", show_default=True,
               help="A wave whose devices report no requests: wait for data and fail at the timeout, or pass (idle fleets).")
+@click.option("--shadow", "shadow", default="0%", show_default=True,
+              help="Run each wave's new version in shadow first, on this share of live requests (e.g. 10%); 0% skips shadow.")
+@click.option("--shadow-min", default=200, show_default=True, type=click.IntRange(1, 10_000_000),
+              help="Requests each device must compare in shadow before its wave may activate.")
+@click.option("--max-disagreement", default="2%", show_default=True,
+              help="The most a shadow may disagree with the active model (top-1, cosine or relative error by task).")
+@click.option("--max-drift", default=None, type=click.FloatRange(0, 100),
+              help="Fail a wave whose devices report an input drift PSI above this (0.2 is a common alarm level).")
 @click.option("--wait", is_flag=True, help="Follow the rollout until it ends; exit 1 if it was rolled back.")
 @_client_options
 def deploy_create(target: str, selectors: tuple[str, ...], waves: str, soak: str, max_error_rate: str, max_p95_regression: str,
-                  min_healthy: str, p95_floor: str, timeout: str, on_failure: str, on_no_data: str, wait: bool, server: str,
-                  token: str | None, ca: str | None = None) -> None:
+                  min_healthy: str, p95_floor: str, timeout: str, on_failure: str, on_no_data: str, shadow: str, shadow_min: int,
+                  max_disagreement: str, max_drift: float | None, wait: bool, server: str, token: str | None, ca: str | None = None) -> None:
     """Roll MODEL@VERSION out in waves."""
     from .errors import InvalidRequestError
 
@@ -464,7 +540,8 @@ def deploy_create(target: str, selectors: tuple[str, ...], waves: str, soak: str
     with _client(server, token, ca) as c:
         d = c.deploy(model, version, list(selectors), waves=waves, soak=soak, timeout=timeout, max_error_rate=max_error_rate,
                      max_p95_regression=max_p95_regression, min_healthy=min_healthy, on_failure=on_failure, p95_floor=p95_floor,
-                     on_no_data=on_no_data)
+                     on_no_data=on_no_data, shadow=shadow, shadow_min=shadow_min, max_disagreement=max_disagreement,
+                     max_drift=max_drift)
         out.print(f"deployment {d['id'][:12]}: {model}@{version} to "
                   f"{_plural(len(d['devices']) - len(d['missing_bundles']), 'device')} in {_plural(len(d['waves_detail']), 'wave')}")
         for line in d.get("platform_warnings") or []:
@@ -500,6 +577,9 @@ def _follow(c: CloudClient, dep_id: str, interval: float = 1.0) -> dict[str, Any
 def _gate_text(g: dict[str, Any]) -> str:
     if not g:
         return "-"
+    if g["passed"] and g.get("stage") == "shadow":
+        dis = g.get("shadow_disagreement")
+        return f"shadow passed ({g.get('shadow_compared', 0)} compared, {_pct(dis)} disagree)"
     if g["passed"]:
         return "passed (no data)" if g.get("no_data") else "passed"
     return "FAILED: " + "; ".join(g["reasons"])

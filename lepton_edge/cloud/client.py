@@ -133,6 +133,25 @@ class CloudClient:
     def deploy(self, model: str, version: str, to: list[str], **policy: Any) -> dict[str, Any]:
         return self.request("POST", "/v1/deployments", json={"model": model, "version": version, "to": to, **policy})
 
+    def request_capture(self, device_id: str, max_bytes: int = 16 << 20) -> dict[str, Any]:
+        return self.request("POST", f"/v1/devices/{device_id}/capture", params={"max_bytes": max_bytes})
+
+    def capture(self, capture_id: str) -> dict[str, Any]:
+        return self.request("GET", f"/v1/captures/{capture_id}")
+
+    def download_capture(self, capture_id: str, dest: Path) -> int:
+        """Stream the uploaded capture into ``dest``; returns its size."""
+        self.capture(capture_id)  # a clear error for an unknown or not-yet-uploaded capture comes from here
+        size = 0
+        with self._http.stream("GET", f"/v1/captures/{capture_id}/download") as r:
+            if r.status_code >= 400:
+                raise CloudError(f"downloading capture {capture_id} failed with HTTP {r.status_code}")
+            with open(dest, "wb") as f:
+                for chunk in r.iter_bytes():
+                    f.write(chunk)
+                    size += len(chunk)
+        return size
+
     def deployments(self) -> list[dict[str, Any]]:
         return self.request("GET", "/v1/deployments")
 

@@ -46,6 +46,10 @@ __all__ = [
     "deployment_devices",
     "leases",
     "revoked_certs",
+    "shadow_reports",
+    "drift_reports",
+    "alerts",
+    "captures",
     "database_url",
     "connect",
     "dumps",
@@ -105,6 +109,8 @@ devices = Table(
     Column("queue_dropped_total", BigInteger),
     Column("platform", Text),  # JSON: the agent's PlatformInfo, from its last state message
     Column("cert_serial", String(40)),  # hex serial of the client certificate issued at enrolment (--client-certs)
+    Column("drift", Text),  # JSON: the latest drift report per model (migration 0006)
+    Column("shadow", Text),  # JSON: the latest shadow report per model
     Index("ix_devices_profile", "profile", "device_id"),
 )
 
@@ -177,6 +183,7 @@ deployments = Table(
     Column("finished_at", Float),
     Column("reason", Text, nullable=False, default=""),
     Column("wave_results", Text, nullable=False, default="[]"),
+    Column("gates", Text, nullable=False, default="{}", server_default="{}"),  # shadow and drift settings (JSON)
 )
 
 deployment_devices = Table(
@@ -200,6 +207,7 @@ deployment_devices = Table(
     Column("updated_at", Float, nullable=False),
     Column("last_event", String(32)),
     Column("detail", Text, nullable=False, default=""),
+    Column("phase", String(16)),  # "shadow" while the row's version runs beside the active one; else serve
     UniqueConstraint("deployment_id", "device_id", name="uq_deployment_devices"),
     Index("ix_deployment_devices_token", "token"),
     Index("ix_deployment_devices_token_prev", "token_prev"),
@@ -211,6 +219,73 @@ leases = Table(
     Column("name", String(64), primary_key=True),
     Column("holder", String(128)),
     Column("expires_at", Float, nullable=False),
+)
+
+
+# ---- closing the loop (migration 0006): what devices report about shadows and input drift, and alerts
+_ROW_ID = BigInteger().with_variant(Integer, "sqlite")
+
+shadow_reports = Table(
+    "shadow_reports",
+    metadata,
+    Column("id", _ROW_ID, primary_key=True, autoincrement=True),
+    Column("device_id", String(64), nullable=False),
+    Column("received_at", Float, nullable=False),
+    Column("model", String(128), nullable=False),
+    Column("version", String(64), nullable=False),
+    Column("active_version", String(64), nullable=False),
+    Column("metric", String(16), nullable=False),
+    Column("compared", BigInteger, nullable=False),
+    Column("disagreements", BigInteger, nullable=False),
+    Column("dropped", BigInteger, nullable=False),
+    Column("p50_ms", Float),
+    Column("p95_ms", Float),
+    Column("active_p95_ms", Float),
+    Index("ix_shadow_reports_model_version", "model", "version", "received_at"),
+)
+
+drift_reports = Table(
+    "drift_reports",
+    metadata,
+    Column("id", _ROW_ID, primary_key=True, autoincrement=True),
+    Column("device_id", String(64), nullable=False),
+    Column("received_at", Float, nullable=False),
+    Column("model", String(128), nullable=False),
+    Column("version", String(64), nullable=False),
+    Column("psi", Float, nullable=False),
+    Column("input", String(128), nullable=False),
+    Column("channel", Integer),
+    Column("samples", Integer, nullable=False),
+    Index("ix_drift_reports_device", "device_id", "received_at"),
+)
+
+captures = Table(
+    "captures",
+    metadata,
+    Column("id", String(32), primary_key=True),
+    Column("device_id", String(64), nullable=False),
+    Column("cmd_id", String(64), nullable=False),
+    Column("token", String(64), nullable=False),
+    Column("status", String(16), nullable=False),  # requested, uploaded, failed
+    Column("max_bytes", BigInteger, nullable=False),
+    Column("size", BigInteger),
+    Column("artifact_key", String(256)),
+    Column("requested_at", Float, nullable=False),
+    Column("uploaded_at", Float),
+)
+
+alerts = Table(
+    "alerts",
+    metadata,
+    Column("id", _ROW_ID, primary_key=True, autoincrement=True),
+    Column("key", String(256), nullable=False, unique=True),
+    Column("kind", String(32), nullable=False),
+    Column("device_id", String(64)),
+    Column("deployment_id", String(32)),
+    Column("detail", Text, nullable=False),
+    Column("first_at", Float, nullable=False),
+    Column("last_at", Float, nullable=False),
+    Column("count", Integer, nullable=False),
 )
 
 

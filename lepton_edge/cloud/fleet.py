@@ -73,6 +73,7 @@ def device_view(r: Mapping[str, Any], now: float | None = None) -> dict[str, Any
         "telemetry_interval_s": interval, "stale_after_s": stale_after, "stale": stale,
         "queue_dropped_total": r.get("queue_dropped_total"),
         "platform": db.loads(r.get("platform"), None),
+        "drift": db.loads(r.get("drift"), {}), "shadow": db.loads(r.get("shadow"), {}),
     }
 
 

@@ -30,6 +30,7 @@ from ..errors import ProtocolError
 from ..protocol import decode_event, decode_state, decode_telemetry, encode, parse_topic, subscription, topic
 from . import broker_auth, db
 from .errors import CloudConfigError
+from .loop_ingest import LoopRows
 from .mqtt import connect_and_wait, new_client, parse_broker_url
 
 __all__ = ["Ingestor"]
@@ -108,6 +109,13 @@ class Ingestor:
             log.warning("publishing a command to %s failed: %s", device_id, paho.error_string(info.rc))
         self.stats["commands_sent"] += 1
 
+    def publish_alert(self, fleet: str, payload: bytes) -> None:
+        from ..protocol import alerts_topic
+
+        info = self._client.publish(alerts_topic(fleet), payload, qos=1)
+        if info.rc not in (paho.MQTT_ERR_SUCCESS, paho.MQTT_ERR_NO_CONN):
+            log.warning("publishing an alert to fleet %s failed: %s", fleet, paho.error_string(info.rc))
+
     def publish(self, fleet: str, device_id: str, msg: Any) -> None:
         self.publish_command(fleet, device_id, encode(msg))
 
@@ -178,6 +186,7 @@ class Ingestor:
         tel_rows: list[dict[str, Any]] = []
         tel_devices: dict[str, dict[str, Any]] = {}
         event_rows: list[dict[str, Any]] = []
+        loop_rows = LoopRows()  # shadow and drift figures of the telemetry
         seen: dict[str, float] = {}
         with self._engine.begin() as conn:
             for t, payload, received in batch:
@@ -203,6 +212,7 @@ class Ingestor:
                             raise ProtocolError("telemetry names a model longer than 128 characters")
                         if tm.seq > _INT64 or tm.dropped_total > _INT64 or any(st.count > _INT32 or st.errors > _INT32 for st in tm.models.values()):
                             raise ProtocolError("telemetry counters are out of range")
+                        loop_rows.add(device_id, received, tm)
                         total = errors = 0
                         p95 = None
                         for model, st in tm.models.items():
@@ -243,6 +253,7 @@ class Ingestor:
                                          last_seen=bindparam("last_seen"), platform=bindparam("platform")), s)
             if tel_rows:
                 conn.execute(db.telemetry.insert(), tel_rows)
+            loop_rows.store(conn)
             if tel_devices:
                 conn.execute(update(db.devices).where(db.devices.c.device_id == bindparam("b_id"))
                              .values(last_seen=bindparam("last_seen"), p95_ms=bindparam("p95_ms"), error_rate=bindparam("error_rate"),

@@ -41,7 +41,6 @@ import logging
 import math
 import re
 import secrets
-import statistics
 import threading
 import time
 import uuid
@@ -59,17 +58,17 @@ from ..protocol import DeployCommand, RollbackCommand, new_id
 from . import db
 from .errors import ConflictError, InvalidRequestError, NotFoundError
 from .fleet import device_view
+from .gate_facts import shadow_facts, wave_facts
+from .gates import GatePolicy, evaluate, evaluate_shadow
 from .registry import Registry
+from .rollout_states import ACTIVE_STATES, MOVED, WAITING, DeploymentStatus, DeviceStatus, check_move, sources_of
 
 __all__ = ["Rollouts", "RolloutPolicy", "parse_waves", "parse_duration", "parse_fraction", "ACTIVE_STATES",
            "token_hash", "TOKEN_MAX_AGE_S", "DOWNLOADABLE"]
 
 log = logging.getLogger("lepton_edge.cloud.rollout")
 
-ACTIVE_STATES = ("running", "paused", "rolling_back")
-# "retrying": the device reported a failure it marked retryable (a broken download); a
-# re-sent command with the same id resumes it, and the timeout still bounds it.
-_WAITING = ("sent", "in_progress", "retrying")
+_WAITING = WAITING  # see rollout_states for what each status means
 _MAX_TARGETS = 100_000
 # A download token dies with its deployment row leaving these states, with its device's
 # revocation, and at the latest this long after it was issued.
@@ -139,9 +138,22 @@ class RolloutPolicy:
     on_failure: str = "rollback"
     p95_floor_ms: float = 1.0
     on_no_data: str = "fail"
+    # Shadow before activation (0: off): the share of live requests each device also runs on the new version.
+    shadow_sample: float = 0.0
+    shadow_min: int = 200
+    max_disagreement: float = 0.02
+    max_drift: float | None = None
 
     def __post_init__(self) -> None:
         parse_waves(list(self.waves))
+        if not 0 <= self.shadow_sample <= 1:
+            raise InvalidRequestError("--shadow must lie between 0% and 100% of requests")
+        if not 1 <= self.shadow_min <= 10_000_000:
+            raise InvalidRequestError("--shadow-min must be at least 1 request")
+        if not 0 <= self.max_disagreement <= 1:
+            raise InvalidRequestError("--max-disagreement must lie between 0% and 100%")
+        if self.max_drift is not None and not 0 <= self.max_drift <= 100:
+            raise InvalidRequestError("--max-drift is a PSI between 0 and 100 (0.2 is a common alarm level)")
         if self.on_no_data not in ("fail", "pass"):
             raise InvalidRequestError(f"on_no_data must be fail or pass, not {self.on_no_data!r}")
         if self.on_failure not in ("rollback", "pause"):
@@ -240,11 +252,12 @@ class Rollouts:
         for i, d in enumerate(with_bundle):
             wave = next(k for k, c in enumerate(sizes) if i < c)
             rows.append(dict(deployment_id=dep_id, device_id=d["device_id"], wave=wave, status="pending",
-                             bundle_id=by_profile[d["profile"]]["id"], updated_at=now, detail=""))
+                             bundle_id=by_profile[d["profile"]]["id"], updated_at=now, detail="",
+                             phase="shadow" if policy.shadow_sample > 0 else None))
         for device_id in missing:
             profile = next(d["profile"] for d in targets if d["device_id"] == device_id)
             rows.append(dict(deployment_id=dep_id, device_id=device_id, wave=-1, status="no_bundle", bundle_id=None, updated_at=now,
-                             detail=f"{model}@{version} has no bundle for profile {profile}"))
+                             detail=f"{model}@{version} has no bundle for profile {profile}", phase=None))
         with self._engine.begin() as conn:
             busy = conn.execute(
                 select(db.deployment_devices.c.device_id, db.deployments.c.id)
@@ -260,6 +273,7 @@ class Rollouts:
                 soak_s=policy.soak_s, timeout_s=policy.timeout_s, max_error_rate=policy.max_error_rate,
                 max_p95_regression=policy.max_p95_regression, min_healthy=policy.min_healthy, on_failure=policy.on_failure,
                 p95_floor_ms=policy.p95_floor_ms, on_no_data=policy.on_no_data, status="running", current_wave=0, created_at=now, updated_at=now, reason="", wave_results="[]",
+                gates=db.dumps(_gates_extra(policy)),
             ))
             conn.execute(db.deployment_devices.insert(), rows)
         view = self.get(dep_id)
@@ -311,25 +325,27 @@ class Rollouts:
                                       + (" and more" if len(ids) > 5 else ""), hint="give more characters of the id")
         return ids[0]
 
-    def _transition(self, dep_id: str, allowed: Sequence[str], **values: Any) -> dict[str, Any]:
+    def _transition(self, dep_id: str, target: DeploymentStatus, **values: Any) -> dict[str, Any]:
+        """Compare-and-set to ``target`` from any status the transition table allows."""
+        allowed = sources_of(target)
         d = self.get(dep_id)
         dep_id = d["id"]
         with self._engine.begin() as conn:
             n = conn.execute(update(db.deployments).where(db.deployments.c.id == dep_id, db.deployments.c.status.in_(allowed))
-                             .values(updated_at=time.time(), **values)).rowcount
+                             .values(updated_at=time.time(), status=target, **values)).rowcount
         if n == 0:
             raise ConflictError(f"deployment {dep_id} is {d['status']}; this needs it {' or '.join(allowed)}")
         return self.get(dep_id)
 
     def pause(self, dep_id: str) -> dict[str, Any]:
-        return self._transition(dep_id, ["running"], status="paused", reason="paused by operator")
+        return self._transition(dep_id, DeploymentStatus.PAUSED, reason="paused by operator")
 
     def resume(self, dep_id: str) -> dict[str, Any]:
         # A fresh soak: after a gate pause the operator gets one more measured look, not a blind pass.
-        return self._transition(dep_id, ["paused"], status="running", reason="resumed by operator", soak_started_at=None)
+        return self._transition(dep_id, DeploymentStatus.RUNNING, reason="resumed by operator", soak_started_at=None)
 
     def rollback(self, dep_id: str, reason: str = "rolled back by operator") -> dict[str, Any]:
-        return self._transition(dep_id, ["running", "paused", "completed"], status="rolling_back", reason=reason[:500])
+        return self._transition(dep_id, DeploymentStatus.ROLLING_BACK, reason=reason[:500])
 
     # ------------------------------------------------------------------ views
     def list(self) -> list[dict[str, Any]]:
@@ -352,7 +368,7 @@ class Rollouts:
                                 .order_by(db.deployment_devices.c.wave, db.deployment_devices.c.device_id)).mappings().all()
         view = _deployment_view(d)
         view["devices"] = [{k: r[k] for k in ("device_id", "wave", "status", "previous_version", "sent_at", "activated_at",
-                                                "last_event", "detail", "cmd_id", "rollback_cmd_id")} for r in rows]
+                                                "last_event", "detail", "cmd_id", "rollback_cmd_id", "phase")} for r in rows]
         waves: list[dict[str, Any]] = []
         results = {w["wave"]: w for w in view["wave_results"]}
         for k in range(max((r["wave"] for r in rows), default=-1) + 1):
@@ -415,6 +431,8 @@ class Rollouts:
                     r["last_event"] = e.type
                     if e.type == "activated":
                         r.update(status="activated", activated_at=e.received_at, detail=e.detail[:500])
+                    elif e.type == "shadow_started" and r.get("phase") == "shadow":
+                        r.update(status=DeviceStatus.SHADOWING, detail=e.detail[:500])
                     elif e.type == "activation_failed" and db.loads(e.data, {}).get("retryable"):
                         r.update(status="retrying", detail=f"retryable: {e.detail}"[:500])
                     elif e.type in ("activation_failed", "error", "rolled_back", "watchdog_rollback"):
@@ -423,7 +441,7 @@ class Rollouts:
                         r["status"] = "in_progress"
                     if r["status"] not in _WAITING:
                         break
-                if r["status"] in _WAITING and active == version:
+                if r["status"] in _WAITING and active == version and r.get("phase") != "shadow":
                     r.update(status="activated", activated_at=now, detail="confirmed by the device's reported state")
                 if r["status"] in _WAITING and r["sent_at"] is not None and now - r["sent_at"] > d["timeout_s"]:
                     r.update(status="timed_out", detail=f"no confirmation within {d['timeout_s']:g}s (last event: {r['last_event'] or 'none'})")
@@ -449,7 +467,7 @@ class Rollouts:
     def _save_row(conn: Connection, r: dict[str, Any]) -> None:
         conn.execute(update(db.deployment_devices).where(db.deployment_devices.c.id == r["id"]).values(
             **{k: r[k] for k in ("status", "cmd_id", "token", "token_prev", "token_issued_at", "previous_version", "sent_at",
-                                 "activated_at", "rollback_cmd_id", "rollback_sent_at", "updated_at", "last_event", "detail")}))
+                                 "activated_at", "rollback_cmd_id", "rollback_sent_at", "updated_at", "last_event", "detail", "phase")}))
 
     def _advance(self, conn: Connection, d: dict[str, Any], rows: list[dict[str, Any]], dev: dict[str, dict[str, Any]],
                  now: float, outbox: list[tuple[str, str, Any]]) -> None:
@@ -471,8 +489,10 @@ class Rollouts:
             token = secrets.token_urlsafe(24)
             r.update(token_prev=r.get("token"), token=token_hash(token), token_issued_at=now, updated_at=now)
             self._save_row(conn, r)
+            shadow = db.loads(d.get("gates"), {}).get("shadow_sample") if r.get("phase") == "shadow" else None
             cmd = DeployCommand(cmd_id=r["cmd_id"], deployment_id=d["id"], model=d["model"], version=d["version"],
-                                url=f"{self._public_url}/v1/bundles/{b['id']}/download", sha256=b["sha256"], size=b["size"], token=token)
+                                url=f"{self._public_url}/v1/bundles/{b['id']}/download", sha256=b["sha256"], size=b["size"], token=token,
+                                shadow=shadow or None)
             outbox.append((dev[r["device_id"]]["fleet"], r["device_id"], cmd))
             self.stats["deploy_resent" if resend else "deploy_sent"] += 1
         if d["wave_started_at"] is None:
@@ -489,12 +509,17 @@ class Rollouts:
             return
         if waiting:
             return
+        in_shadow = [r for r in in_wave if r.get("phase") == "shadow" and r["status"] == DeviceStatus.SHADOWING]
+        if in_shadow:
+            self._judge_shadow(conn, d, in_shadow, now)
+            return
         if d["soak_started_at"] is None:
             self._save_deployment(conn, d, soak_started_at=now)
             return
         if now - d["soak_started_at"] < d["soak_s"]:
             return
-        result = self._gates(conn, d, rows, in_wave, dev, now)
+        facts = wave_facts(conn, d, rows, in_wave, dev, baseline_window_s=self._baseline_window_s, now=now)
+        result = evaluate(facts, GatePolicy.from_row(d, db.loads(d.get("gates"), {}))).as_dict()
         if result["no_data"] and result["passed"] and d["on_no_data"] != "pass":
             # Silence is not health: wait for the wave's telemetry, and fail once the timeout passes without any.
             if now - d["soak_started_at"] < max(d["soak_s"], d["timeout_s"]):
@@ -512,74 +537,23 @@ class Rollouts:
         else:
             self._save_deployment(conn, d, current_wave=wave + 1, wave_started_at=None, soak_started_at=None, wave_results=db.dumps(results))
 
-    def _gates(self, conn: Connection, d: dict[str, Any], rows: list[dict[str, Any]], in_wave: list[dict[str, Any]],
-               dev: dict[str, dict[str, Any]], now: float) -> dict[str, Any]:
-        model, version = d["model"], d["version"]
-        healthy = [r["device_id"] for r in in_wave if r["status"] == "activated" and dev.get(r["device_id"], {}).get("status") == "online"
-                   and db.loads(dev[r["device_id"]]["active"], {}).get(model) == version]
-        t = db.telemetry
-        new_rows = []
-        activated = [r["device_id"] for r in in_wave if r["status"] == "activated"]
-        for i in range(0, len(activated), 500):
-            new_rows += conn.execute(select(t.c.device_id, t.c.count, t.c.errors, t.c.p95_ms).where(
-                t.c.model == model, t.c.version == version, t.c.received_at >= d["soak_started_at"],
-                t.c.device_id.in_(activated[i:i + 500]))).all()
-        targets = [r["device_id"] for r in rows if r["wave"] >= 0]
-        old_rows = []
-        for i in range(0, len(targets), 500):
-            old_rows += conn.execute(select(t.c.device_id, t.c.p95_ms).where(
-                t.c.model == model, t.c.version != version, t.c.p95_ms.is_not(None), t.c.count > 0,
-                t.c.received_at >= d["created_at"] - self._baseline_window_s, t.c.device_id.in_(targets[i:i + 500]))).all()
-        requests = sum(x.count for x in new_rows)
-        errors = sum(x.errors for x in new_rows)
-        res: dict[str, Any] = {"wave": d["current_wave"], "devices": len(in_wave), "passed": True, "at": now,
-                               "healthy": len(healthy) / len(in_wave), "requests": requests,
-                               "error_rate": errors / requests if requests else None,
-                               "reasons": [], "notes": [], "no_data": requests == 0}
-        if res["healthy"] < d["min_healthy"]:
-            unhealthy = sorted(set(r["device_id"] for r in in_wave) - set(healthy))
-            res["reasons"].append(f"healthy {res['healthy']:.0%} < {d['min_healthy']:.0%} (not healthy: {', '.join(unhealthy[:5])})")
-        if res["error_rate"] is None:
-            res["notes"].append("no requests on the new version during the soak: error-rate gate not measurable")
-        elif res["error_rate"] > d["max_error_rate"]:
-            res["reasons"].append(f"error rate {res['error_rate']:.2%} > {d['max_error_rate']:.2%} ({errors} of {requests} requests)")
-        self._p95_gate(d, res, new_rows, old_rows, {k: v.get("profile") for k, v in dev.items()})
-        res["passed"] = not res["reasons"]
-        return res
-
-    @staticmethod
-    def _p95_gate(d: dict[str, Any], res: dict[str, Any], new_rows: Sequence[Any], old_rows: Sequence[Any],
-                  profile_of: dict[str, str | None]) -> None:
-        """The latency gate, one comparison per device profile; the worst one is the wave's headline."""
-        new_by: dict[str, list[float]] = {}
-        old_by: dict[str, list[float]] = {}
-        for x in new_rows:
-            if x.p95_ms is not None and x.count > 0:
-                new_by.setdefault(profile_of.get(x.device_id) or "?", []).append(x.p95_ms)
-        for x in old_rows:
-            old_by.setdefault(profile_of.get(x.device_id) or "?", []).append(x.p95_ms)
-        per_profile = []
-        for profile in sorted(new_by):
-            new_ms = statistics.median(new_by[profile])
-            old_ms = statistics.median(old_by[profile]) if profile in old_by else None
-            regression = None if old_ms is None else (new_ms / old_ms - 1 if old_ms > 0 else 0.0)
-            failed = regression is not None and regression > d["max_p95_regression"] and new_ms - old_ms > d["p95_floor_ms"]
-            per_profile.append({"profile": profile, "p95_new_ms": new_ms, "p95_old_ms": old_ms, "p95_regression": regression,
-                                "passed": not failed})
-            if old_ms is None:
-                res["notes"].append(f"{profile}: no p95 baseline from the old version, latency gate not measurable")
-            elif failed:
-                res["reasons"].append(f"p95 on {profile} {new_ms:.2f} ms vs {old_ms:.2f} ms before: +{regression:.0%} > "
-                                      f"+{d['max_p95_regression']:.0%} (and +{new_ms - old_ms:.2f} ms > the {d['p95_floor_ms']:g} ms floor)")
-        res["p95_by_profile"] = per_profile
-        measured = [p for p in per_profile if p["p95_regression"] is not None]
-        worst = max(measured, key=lambda p: p["p95_regression"]) if measured else None
-        res["p95_new_ms"] = worst["p95_new_ms"] if worst else None
-        res["p95_old_ms"] = worst["p95_old_ms"] if worst else None
-        res["p95_regression"] = worst["p95_regression"] if worst else None
-        res["p95_profile"] = worst["profile"] if worst else None
-        if not per_profile:
-            res["notes"].append("no p95 from the new version: latency gate not measurable")
+    def _judge_shadow(self, conn: Connection, d: dict[str, Any], in_shadow: list[dict[str, Any]], now: float) -> None:
+        """The wave runs the new version in shadow: activate it, wait for more comparisons, or fail."""
+        result = evaluate_shadow(shadow_facts(conn, d, in_shadow, now), GatePolicy.from_row(d, db.loads(d.get("gates"), {})))
+        if result.waiting:
+            if now - (d["wave_started_at"] or now) <= d["timeout_s"]:
+                return
+            result.waiting = False
+            result.reasons.append(f"too few requests compared in shadow within the {d['timeout_s']:g}s timeout "
+                                  f"({'; '.join(result.notes[:3])}): send traffic, lower --shadow-min or raise --shadow")
+        if not result.passed:
+            self._fail(conn, d, result.as_dict())
+            return
+        results = db.loads(d["wave_results"], []) + [result.as_dict()]
+        for r in in_shadow:  # the shadow passed: the next tick sends each device a plain deploy of the same bundle
+            r.update(phase="serve", status=DeviceStatus.PENDING, detail="shadow passed", updated_at=now)
+            self._save_row(conn, r)
+        self._save_deployment(conn, d, wave_results=db.dumps(results), wave_started_at=None)
 
     def _fail(self, conn: Connection, d: dict[str, Any], result: dict[str, Any]) -> None:
         results = db.loads(d["wave_results"], []) + [result]
@@ -594,7 +568,7 @@ class Rollouts:
             if r["status"] == "pending":
                 r.update(status="not_sent", detail="the deployment was rolled back before this device's wave", updated_at=now)
                 self._save_row(conn, r)
-            moved = r["status"] in ("sent", "in_progress", "activated", "timed_out")
+            moved = r["status"] in MOVED
             resend = r["status"] == "rollback_sent" and now - r["updated_at"] > self._resend_s
             if not (moved or resend):
                 continue
@@ -611,19 +585,27 @@ class Rollouts:
     @staticmethod
     def _save_deployment(conn: Connection, d: dict[str, Any], **values: Any) -> None:
         # Conditional on the status we read: an operator's pause/rollback in between wins.
+        if "status" in values:
+            check_move(d["status"], values["status"])
         n = conn.execute(update(db.deployments).where(db.deployments.c.id == d["id"], db.deployments.c.status == d["status"])
                          .values(updated_at=time.time(), **values)).rowcount
         if n:
             d.update(values)
 
 
+def _gates_extra(policy: RolloutPolicy) -> dict[str, Any]:
+    return {"shadow_sample": policy.shadow_sample, "shadow_min": policy.shadow_min,
+            "max_disagreement": policy.max_disagreement, "max_drift": policy.max_drift}
+
+
 def _deployment_view(d: Any) -> dict[str, Any]:
+    extra = db.loads(d.get("gates"), {}) if hasattr(d, "get") else {}
     return {
         "id": d["id"], "model": d["model"], "version": d["version"], "selectors": db.loads(d["selectors"], []),
         "policy": asdict(RolloutPolicy(waves=tuple(db.loads(d["waves"], [100.0])), soak_s=d["soak_s"], timeout_s=d["timeout_s"],
                                        max_error_rate=d["max_error_rate"], max_p95_regression=d["max_p95_regression"],
                                        min_healthy=d["min_healthy"], on_failure=d["on_failure"], p95_floor_ms=d["p95_floor_ms"],
-                                       on_no_data=d["on_no_data"])),
+                                       on_no_data=d["on_no_data"], **extra)),
         "status": d["status"], "current_wave": d["current_wave"], "created_at": d["created_at"], "updated_at": d["updated_at"],
         "finished_at": d["finished_at"], "reason": d["reason"], "wave_results": db.loads(d["wave_results"], []),
     }

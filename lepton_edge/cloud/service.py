@@ -98,6 +98,12 @@ class ServiceConfig:
     tls_hosts: list[str] = field(default_factory=list)
     # Issue each enrolled device a client certificate (CN = device id) beside its password.
     client_certs: bool = False
+    # Alerts (see cloud/alerts.py): a webhook URL, and the thresholds of the rules.
+    alert_webhook: str | None = None
+    alert_offline_intervals: int = 3
+    alert_drift_psi: float = 0.25
+    alert_drift_intervals: int = 3
+    alert_min_interval_s: float = 300.0
 
 
 
@@ -204,12 +210,35 @@ class CloudService:
             self.rollouts = Rollouts(self.engine, self.registry, self.ingestor.publish, public_url=cfg.public_url or self.url,
                                      baseline_window_s=cfg.baseline_window_s, resend_s=cfg.resend_s)
             self.lease = Lease(self.engine, "rollouts", self.replica_id, cfg.lease_ttl_s)
+            self.alerts = self._alert_engine()
+            from .captures import Captures
+
+            self.captures = Captures(self.engine, self.store, self.ingestor.publish, cfg.public_url or self.url)
             self._start_http(sock)
             self._spawn(self._engine_loop, "lepton-rollouts")
         except BaseException:
             self.stop()
             raise
         return self
+
+    def _alert_engine(self) -> Any:
+        from .alerts import AlertEngine, AlertPolicy, MqttAlertSink, WebhookSink
+
+        cfg = self.config
+        assert self.ingestor is not None
+        ingestor = self.ingestor
+
+        def fleets() -> list[str]:
+            with self.engine.connect() as conn:
+                return sorted({r.fleet for r in conn.execute(select(db.devices.c.fleet).distinct())})
+
+        sinks: list[Any] = [MqttAlertSink(ingestor.publish_alert, fleets)]
+        if cfg.alert_webhook:
+            self.webhook = WebhookSink(cfg.alert_webhook)
+            sinks.append(self.webhook)
+        policy = AlertPolicy(offline_intervals=cfg.alert_offline_intervals, drift_psi=cfg.alert_drift_psi,
+                             drift_intervals=cfg.alert_drift_intervals, min_interval_s=cfg.alert_min_interval_s)
+        return AlertEngine(self.engine, policy, sinks)
 
     def _start_broker_side(self) -> None:
         cfg = self.config
@@ -289,14 +318,28 @@ class CloudService:
             try:
                 if self.lease.acquire():
                     self.rollouts.tick()
+                    self._alerts_tick()
                     if time.monotonic() - last_prune > 600:
                         last_prune = time.monotonic()
+                        cutoff = time.time() - self.config.telemetry_retention_s
                         with self.engine.begin() as conn:
-                            conn.execute(delete(db.telemetry).where(db.telemetry.c.received_at < time.time() - self.config.telemetry_retention_s))
+                            conn.execute(delete(db.telemetry).where(db.telemetry.c.received_at < cutoff))
+                            conn.execute(delete(db.shadow_reports).where(db.shadow_reports.c.received_at < cutoff))
+                            conn.execute(delete(db.drift_reports).where(db.drift_reports.c.received_at < cutoff))
             except Exception:
                 self.engine_failures += 1
                 log.exception("rollout engine tick failed; retrying")
             self._stop.wait(self.config.tick_s)
+
+    def _alerts_tick(self) -> None:
+        # At most once a second: each tick reads the device table, recent events and drift reports.
+        if time.monotonic() - getattr(self, "_alerts_at", 0.0) < 1.0:
+            return
+        self._alerts_at = time.monotonic()
+        try:
+            self.alerts.tick()
+        except Exception:  # noqa: BLE001 - alerts must never stop the rollouts
+            log.exception("alert tick failed; retrying")
 
     def stop(self) -> None:
         self._stop.set()
@@ -309,6 +352,8 @@ class CloudService:
                 self.lease.release()
             except Exception:
                 pass
+        if getattr(self, "webhook", None) is not None:
+            self.webhook.close()
         if self.ingestor is not None:
             self.ingestor.stop()
         if self.broker is not None:

@@ -124,11 +124,12 @@ class BlobServer:
 
 
 class FakeService:
-    """The AgentService seam OTA uses (activate, rollback, add_event_listener), in memory."""
+    """The AgentService seam OTA uses (activate, install_shadow, rollback, add_event_listener), in memory."""
 
     def __init__(self) -> None:
         self.activated: list[tuple[bytes, str | None]] = []
         self.rollbacks: list[tuple[str, str | None]] = []
+        self.shadowed: list[tuple[bytes, str | None, float]] = []
         self.listeners = []
         self.version = "1.0.0"
 
@@ -144,6 +145,11 @@ class FakeService:
         previous, self.version = self.version, "2.0.0"
         self._emit(type="activated", cmd_id=cmd_id, deployment_id=deployment_id, model="digits", version="2.0.0")
         return ActivationResult(True, "digits", "2.0.0", previous, "activated")
+
+    def install_shadow(self, bundle_path: Path, *, sample, cmd_id=None, deployment_id=None) -> ActivationResult:
+        self.shadowed.append((Path(bundle_path).read_bytes(), cmd_id, sample))
+        self._emit(type="shadow_started", cmd_id=cmd_id, deployment_id=deployment_id, model="digits", version="2.0.0")
+        return ActivationResult(True, "digits", "2.0.0", self.version, "in shadow")
 
     def rollback(self, model, to_version=None, *, reason, cmd_id=None, deployment_id=None) -> ActivationResult:
         self.rollbacks.append((model, to_version))

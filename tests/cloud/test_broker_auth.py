@@ -54,6 +54,7 @@ def test_acl_gives_devices_only_their_own_prefix():
     assert sections[f"user {SERVICE_USER}"] == [
         "topic read lepton/v1/+/+/state", "topic read lepton/v1/+/+/telemetry",
         "topic read lepton/v1/+/+/events", "topic write lepton/v1/+/+/cmd",
+        "topic readwrite lepton/v1/+/alerts",  # the fleet's alerts: published by the service, read by its operators
     ]
     pi1 = sections["user pi-01"]
     assert "topic read lepton/v1/demo/pi-01/cmd" in pi1
