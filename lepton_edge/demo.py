@@ -533,7 +533,9 @@ def run_demo(workdir: Path, profiles: list[str], budget_s: float) -> bool:
         clock.say(f"working in {workdir}; signing key {priv.name}")
         service = CloudService(ServiceConfig(db=str(workdir / "cloud" / "cloud.db"), broker_url=None,
                                              artifacts=str(workdir / "cloud" / "artifacts"), trusted_keys=[pub],
-                                             state_dir=workdir / "cloud", tick_s=0.5, resend_s=10.0)).start()
+                                             state_dir=workdir / "cloud", tick_s=0.5, resend_s=10.0,
+                                             # The rpi4 agents are x86 processes here, and say so.
+                                             allow_arch_mismatch=True)).start()
         clock.say(f"cloud service on {service.url}, its own {service.broker.kind} broker on {service.broker_url} "
                   f"(passwords + ACL in {service.broker.workdir})")
         client = CloudClient(service.url, service.token, ca=service.tls.ca if service.tls else None)

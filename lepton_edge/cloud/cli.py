@@ -145,6 +145,8 @@ def cloud() -> None:
               help="The CA that signed --tls-cert (written into agent configs).")
 @click.option("--tls-host", "tls_hosts", multiple=True, help="Another name or address the generated certificate covers (repeatable).")
 @click.option("--client-certs", is_flag=True, help="Also issue each enrolled device a client certificate from the private CA.")
+@click.option("--allow-arch-mismatch", is_flag=True,
+              help="Deploy bundles whose profile's arch differs from what a device reports (a warning, not a refusal): labs and demos only.")
 @click.option("--insecure-plaintext", is_flag=True,
               help="Plain HTTP and plain MQTT, no TLS (development only: passwords and tokens travel in clear).")
 @click.option("--tick", "tick_s", default="1s", show_default=True, help="How often the leader steps rollouts.")
@@ -163,7 +165,7 @@ def serve(db: str, broker: str | None, broker_username: str, broker_password: st
           port: int, artifacts: str, token: str | None, trusted_keys: tuple[Path, ...], allow_unsigned: bool, state_dir: Path,
           public_url: str | None, public_broker_url: str | None, replica_id: str | None, shared_group: str | None,
           tls_cert: Path | None, tls_key: Path | None, tls_ca: Path | None, tls_hosts: tuple[str, ...], client_certs: bool,
-          insecure_plaintext: bool, tick_s: str, lease_ttl: str, resend: str, baseline_window: str,
+          allow_arch_mismatch: bool, insecure_plaintext: bool, tick_s: str, lease_ttl: str, resend: str, baseline_window: str,
           alert_webhook: str | None, alert_offline_intervals: int, alert_drift_psi: float,
           alert_drift_intervals: int, alert_min_interval: str, metrics_token: str | None = None) -> None:
     """Run the service: HTTP API, MQTT ingestion, rollout engine. Prints `ready {json}` once up."""
@@ -185,7 +187,7 @@ def serve(db: str, broker: str | None, broker_username: str, broker_password: st
                         allow_unsigned=allow_unsigned, host=host, port=port, public_url=public_url,
                         public_broker_url=public_broker_url, state_dir=state_dir, auth_dir=auth_dir,
                         broker_username=broker_username, broker_password=broker_password, replica_id=replica_id,
-                        shared_group=shared_group, insecure_plaintext=insecure_plaintext, tls_cert=tls_cert,
+                        shared_group=shared_group, insecure_plaintext=insecure_plaintext, allow_arch_mismatch=allow_arch_mismatch, tls_cert=tls_cert,
                         tls_key=tls_key, tls_ca=tls_ca, tls_hosts=list(tls_hosts), client_certs=client_certs,
                         tick_s=parse_duration(tick_s), lease_ttl_s=parse_duration(lease_ttl), resend_s=parse_duration(resend),
                         baseline_window_s=parse_duration(baseline_window), metrics_token=metrics_token, alert_webhook=alert_webhook,

@@ -210,8 +210,10 @@ def _wave_sizes(n: int, waves: Sequence[float]) -> list[int]:
 
 class Rollouts:
     def __init__(self, engine: Engine, registry: Registry, publish: Publisher, *, public_url: str,
-                 baseline_window_s: float = 600.0, resend_s: float = 30.0) -> None:
+                 baseline_window_s: float = 600.0, resend_s: float = 30.0, allow_arch_mismatch: bool = False) -> None:
         self._engine = engine
+        # Labs and demos run Pi profiles on x86 hosts on purpose: the refusal becomes a warning.
+        self._allow_arch_mismatch = allow_arch_mismatch
         self._registry = registry
         self._publish = publish
         self._public_url = public_url.rstrip("/")
@@ -299,7 +301,10 @@ class Rollouts:
             except ProfileError:
                 continue  # a profile only the converter's side knows: nothing to compare with
             arch_error, missing = platform_mismatch(profile, str(reported.get("arch") or ""), reported.get("cpu_features"))
-            if arch_error:
+            if arch_error and self._allow_arch_mismatch:
+                warnings.append(f"device {d['device_id']} reports {normalize_arch(reported['arch'])}, but profile {profile.id} "
+                                f"is built for {profile.arch} (allowed by --allow-arch-mismatch)")
+            elif arch_error:
                 wrong.append(f"device {d['device_id']} reports {normalize_arch(reported['arch'])}, but {model}@{version} "
                              f"for its profile {profile.id} is built for {profile.arch}")
             elif missing and reported.get("cpu_features"):

@@ -91,6 +91,8 @@ class ServiceConfig:
     # TLS: on unless insecure_plaintext. Without tls_cert/tls_key/tls_ca the service makes its own CA
     # and certificate in state_dir/tls on first start.
     insecure_plaintext: bool = False
+    # Deploy bundles whose profile's arch differs from the device's (a lab or a demo on one host).
+    allow_arch_mismatch: bool = False
     tls_cert: Path | None = None
     tls_key: Path | None = None
     tls_ca: Path | None = None
@@ -208,7 +210,8 @@ class CloudService:
             except ConnectionError as e:
                 raise CloudConfigError(f"cannot connect to the MQTT broker: {e}", hint="check --broker and its credentials") from None
             self.rollouts = Rollouts(self.engine, self.registry, self.ingestor.publish, public_url=cfg.public_url or self.url,
-                                     baseline_window_s=cfg.baseline_window_s, resend_s=cfg.resend_s)
+                                     baseline_window_s=cfg.baseline_window_s, resend_s=cfg.resend_s,
+                                     allow_arch_mismatch=cfg.allow_arch_mismatch)
             self.lease = Lease(self.engine, "rollouts", self.replica_id, cfg.lease_ttl_s)
             self.alerts = self._alert_engine()
             from .captures import Captures
