@@ -190,7 +190,7 @@ def test_aarch64_agents_serve_rpi5_and_rpi4_bundles_report_and_take_a_rollout(
                                          trusted_keys=[keypair[1]], state_dir=tmp_path / "cloud", broker_url=None,
                                          tick_s=0.2, lease_ttl_s=1.5, resend_s=20.0)).start()
     agents: dict[str, _ArmAgent] = {}
-    client = CloudClient(service.url, service.token)
+    client = CloudClient(service.url, service.token, ca=service.tls.ca if service.tls else None)
     try:
         for archive in arm_bundles.values():
             client.push(archive)
