@@ -381,8 +381,9 @@ class ManagedEmbeddedBroker(ManagedMosquitto):
         pass
 
     def _conf_lines(self) -> list[str]:
-        # "user" is Mosquitto's privilege drop (a Python child has none); message_size_limit is max_packet_size here.
-        return [line for line in super()._conf_lines()[1:] if not line.startswith("message_size_limit")] + [
+        # "user" is Mosquitto's privilege drop (a Python child has none). message_size_limit stays: both
+        # brokers refuse a lepton/v1 payload over 64 KiB at the broker, counted, before the service sees it.
+        return super()._conf_lines()[1:] + [
             f"max_packet_size {self.max_packet_size}",
             f"max_connections {self.max_connections}",
             f"connect_timeout {self.connect_timeout_s}",

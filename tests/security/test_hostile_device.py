@@ -110,6 +110,24 @@ def test_oversized_payloads_and_a_flood_leave_the_others_complete(cloud, mallory
     _victims_intact(cloud, n=20)
 
 
+def _ingest_seen(cloud: HostileCloud) -> int:
+    """Telemetry the service accepted plus everything it refused: each message that reached it counts once."""
+    m = cloud.client.metrics()
+    ingest = m.get("ingest", m)
+    return int(ingest.get("telemetry_received", 0)) + int(ingest.get("rejected", 0))
+
+
+def test_a_payload_over_64_kib_stops_at_the_broker(cloud, mallory):
+    """Both brokers bound a lepton/v1 payload (message_size_limit): the service never reads the oversized one."""
+    m = mallory()
+    before = _ingest_seen(cloud)
+    m.publish(topic("default", "mallory", "telemetry"), b'{"pad": "' + b"x" * 70_000 + b'"}')
+    seqs = _fresh_seqs(1)
+    m.send_telemetry(seqs)  # same client, same topic, QoS 1: it arrives after the oversized one would have
+    wait_until(lambda: set(seqs) <= set(cloud.telemetry_rows("mallory")), 20, "mallory's small telemetry to be stored")
+    assert _ingest_seen(cloud) - before == 1
+
+
 # ---------------------------------------------------------------------------------------- reading others' traffic
 @pytest.mark.parametrize("filt", [
     "$share/lepton-cloud/lepton/v1/+/+/telemetry",  # the old well-known group
