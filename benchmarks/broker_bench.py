@@ -323,6 +323,7 @@ def main() -> None:
     if len(kinds) == 1:
         warn("no mosquitto binary: measuring the embedded broker alone, without its baseline")
     modes = ["plain"] if args.no_tls else ["plain", "tls"]
+    load_start = os.getloadavg()
     with tempfile.TemporaryDirectory(prefix="lepton-broker-bench-") as tmp:
         tls = None if args.no_tls else _tls_files(Path(tmp))
         measured = {kind: bench_broker(kind, Path(tmp), args, tls) for kind in kinds}
@@ -359,10 +360,12 @@ def main() -> None:
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
     RESULTS.write_text(json.dumps({
         "host": {"machine": platform.machine(), "python": platform.python_version(), "cpus": os.cpu_count()},
+        # Other jobs on two shared cores move every figure here; the ratios share that load, the absolutes do not.
+        "loadavg_1m": {"start": round(load_start[0], 2), "end": round(os.getloadavg()[0], 2)},
         "settings": vars(args), "results": measured, "ratio_embedded_over_mosquitto": ratios,
         "tls_cost": tls_cost,
     }, indent=2) + "\n")
-    info(f"wrote {RESULTS}")
+    info(f"load average (1 min) {load_start[0]:.1f} at start, {os.getloadavg()[0]:.1f} at end; wrote {RESULTS}")
 
 
 if __name__ == "__main__":
