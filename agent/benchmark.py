@@ -47,7 +47,7 @@ from lepton_edge.protocol import BenchmarkCommand, BenchmarkResult, EventMessage
 
 from .download import DownloadError, DownloaderInterface, HttpDownloader
 from .inference import load_model, open_model_session, replay_golden
-from .seams import EventSink, OtaSettings
+from .seams import BenchmarkTarget, EventSink, OtaSettings
 
 __all__ = ["BenchmarkRunner", "available_memory_bytes"]
 
@@ -95,9 +95,8 @@ def _p(sorted_ms: list[float], q: float) -> float:
 class BenchmarkRunner:
     """Carries out benchmark commands, one at a time (see the module docstring)."""
 
-    def __init__(self, service: Any, link: EventSink, config: OtaSettings, *, downloader: DownloaderInterface | None = None,
-                 memory_available: Any = available_memory_bytes) -> None:
-        # ``service``: the AgentService (verify_bundle, profile, platform, models, metrics).
+    def __init__(self, service: BenchmarkTarget, link: EventSink, config: OtaSettings, *,
+                 downloader: DownloaderInterface | None = None, memory_available: Any = available_memory_bytes) -> None:
         self.service, self.link, self.config = service, link, config
         tls = getattr(config, "tls", None)
         self.downloader = downloader or HttpDownloader(ca_file=tls.ca_file if tls else None, deadline_s=600.0)
@@ -191,7 +190,9 @@ class BenchmarkRunner:
             except LeptonEdgeError as e:
                 return self._refusal(cmd, f"the candidate does not load here: {e}", **base)
             rss1 = _rss_bytes()
-            base.update(threads=threads, execution_provider=(loaded.session.providers or [""])[0][:64],
+            from lepton_edge.runtimes import effective_threads
+
+            base.update(threads=effective_threads(threads), execution_provider=(loaded.session.providers or [""])[0][:64],
                         rss_added_mb=round((rss1 - rss0) / 2**20, 3) if rss0 is not None and rss1 is not None else None)
             try:
                 replay_golden(loaded, bundle)
