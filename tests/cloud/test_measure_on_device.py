@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import os
 import subprocess
+import time
 import sys
 from pathlib import Path
 
@@ -168,3 +169,37 @@ def test_allow_host_latency_falls_back_and_the_report_says_so(start_service, dig
     assert src["source"] == "host" and "sleeping-device" in src["fallback"] and "cannot measure" in src["fallback"], src
     assert "latency from this host, not the device" in res.stdout, res.stdout[-2000:]
     assert all(c.get("device_latency_p50_ms") is None for c in report["candidates"])
+
+
+@pytest.mark.slow
+def test_a_device_that_never_answers_is_a_clear_error_after_the_timeout(start_service, digits, digits_onnx, keypair, tmp_path):
+    from sqlalchemy import update
+
+    from lepton_edge.cloud import db
+
+    _, data, _ = digits
+    calib = tmp_path / "calib.npz"
+    np.savez(calib, x=data.x_test[:128], y=data.y_test[:128])
+    svc = start_service(broker_url=None)
+    CloudClient(svc.url, svc.token).enroll("silent-device", "x86-avx2", telemetry_interval_s=3600)
+
+    def seems_online() -> None:  # its last state said online; its agent hangs and answers nothing
+        with svc.engine.begin() as conn:
+            conn.execute(update(db.devices).values(status="online", status_ts=time.time(), last_seen=time.time()))
+
+    seems_online()
+    res = _convert(digits_onnx, calib, keypair[0], tmp_path / "out", svc, "--measure-on", "silent-device", "--measure-timeout", "8")
+    err = _error_line(res)
+    assert "silent-device" in err and "did not answer within --measure-timeout 8s" in err, err
+    assert not (tmp_path / "out" / "digits-3-x86-avx2").exists()
+    # What it was sent is a benchmark artifact, not a model version.
+    assert CloudClient(svc.url, svc.token).models() == []
+
+
+def test_measure_on_argument_errors_are_one_line(digits_onnx, keypair, tmp_path):
+    base = [sys.executable, "-m", "lepton_edge.cli", "convert", str(digits_onnx), "--profile", "x86-avx2",
+            "--allow-synthetic-calibration", "-o", str(tmp_path)]
+    alone = subprocess.run([*base, "--sign-key", str(keypair[0]), "--allow-host-latency"], capture_output=True, text=True, timeout=120)
+    assert "--allow-host-latency goes with --measure-on" in _error_line(alone)
+    unsigned = subprocess.run([*base, "--measure-on", "dev-1"], capture_output=True, text=True, timeout=120)
+    assert "--measure-on needs --sign-key" in _error_line(unsigned)
