@@ -14,10 +14,12 @@ from __future__ import annotations
 import json
 import os
 import subprocess
+import threading
 import time
 import sys
 from pathlib import Path
 
+import httpx
 import numpy as np
 import pytest
 import yaml
@@ -50,7 +52,8 @@ class _RestrictedAgent:
         enrolment = client.enroll(device_id, "x86-avx2", telemetry_interval_s=0.5)
         cfg_path = write_agent_config(enrolment, root / device_id / "agent.yaml", str(root / device_id / "state"))
         cfg = yaml.safe_load(cfg_path.read_text())
-        cfg["api"] = {"host": "127.0.0.1", "port": free_port()}
+        self.port = free_port()
+        cfg["api"] = {"host": "127.0.0.1", "port": self.port}
         cfg["watchdog"] = {"enabled": False}
         cfg_path.write_text(yaml.safe_dump(cfg))
         if subprocess.run(["chrt", "-f", "10", "true"], capture_output=True).returncode != 0:
@@ -71,6 +74,12 @@ class _RestrictedAgent:
         except subprocess.TimeoutExpired:
             self.proc.kill()
         self.log.close()
+
+
+def _ort_logits(model: Path, x: np.ndarray) -> np.ndarray:
+    import onnxruntime as ort
+
+    return ort.InferenceSession(str(model), providers=["CPUExecutionProvider"]).run(None, {"input": x})[0]
 
 
 def _convert(digits_onnx: Path, calib: Path, key: Path, out: Path, svc, *extra: str) -> subprocess.CompletedProcess:
@@ -112,19 +121,46 @@ def test_the_device_measures_the_candidates_and_its_numbers_choose(start_service
         dep = client.deploy("digits", "1", ["device:slow-device"], soak="0s", timeout="60s", on_no_data="pass")
         wait_for(lambda: client.deployment(dep["id"])["status"] == "completed", 90, "v1 active on the device")
 
-        res = _convert(digits_onnx, calib, keypair[0], tmp_path / "out", svc, "--measure-on", "slow-device",
-                       "--measure-timeout", "600")
+        # Live traffic on the device's active v1 meanwhile (from core 0, away from the host's measurement):
+        # every answer must stay v1's, while the candidates are measured beside it.
+        x = np.ascontiguousarray(data.x_test[:1])
+        expected = _ort_logits(digits_onnx, x)
+        answers: list = []
+        stop = threading.Event()
+
+        def traffic() -> None:
+            os.sched_setaffinity(0, {0})
+            body = {"inputs": [{"name": "input", "shape": list(x.shape), "datatype": "FP32", "data": x.reshape(-1).tolist()}]}
+            with httpx.Client(timeout=30) as http:
+                while not stop.wait(0.01):
+                    r = http.post(f"http://127.0.0.1:{agent.port}/v2/models/digits/infer", json=body)
+                    answers.append((r.status_code, r.json()))
+
+        t = threading.Thread(target=traffic, daemon=True)
+        t.start()
+        try:
+            res = _convert(digits_onnx, calib, keypair[0], tmp_path / "out", svc, "--measure-on", "slow-device",
+                           "--measure-timeout", "600")
+        finally:
+            stop.set()
+            t.join(30)
         assert res.returncode == 0, (res.stdout[-3000:], res.stderr[-3000:], (tmp_path / "slow-device.log").read_text()[-3000:])
         report = json.loads((tmp_path / "out" / "digits-3-x86-avx2" / "report.json").read_text())
     finally:
         agent.stop()
 
+    assert answers and all(code == 200 for code, _ in answers), [a for a in answers if a[0] != 200][:3]
+    for _, body in answers:
+        out = body["outputs"][0]
+        assert body["model_version"] == "1"
+        np.testing.assert_allclose(np.array(out["data"], dtype=np.float32).reshape(out["shape"]), expected, rtol=1e-4, atol=1e-5)
     src = report["latency_source"]
     assert src["source"] == "device" and src["device_id"] == "slow-device", src
     assert src["profile"] == "x86-avx2" and src["arch"] == "x86_64" and src["runtime"] == "onnxruntime", src
     assert src["runtime_version"] and src["execution_provider"] == "CPUExecutionProvider", src
     assert src["threads"] == 1, src  # taskset left the agent one core: the profile's 2 threads are capped there
     assert src["active_version"] == "1", src  # timed in alternation with the device's active digits
+    assert src["serving_traffic"] is True, src  # and it says it was answering requests meanwhile
     measured = [c for c in report["candidates"] if c.get("device_latency_p50_ms") is not None]
     eligible = [c for c in report["candidates"] if c["within_budget"] and c["fits_limits"]]
     assert len(measured) >= 2 and {c["name"] for c in measured} == {c["name"] for c in eligible}, report["candidates"]
