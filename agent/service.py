@@ -214,10 +214,7 @@ class AgentService:
                            extract_dir=extract_dir, limits=self._limits)
 
     def verify_bundle(self, archive: Path, extract_dir: Path) -> Bundle:
-        """Check an archive as an activation would (signature, hashes, bounds, profile) without installing it.
-
-        The benchmark runner measures candidates this way: nothing in the store changes.
-        """
+        """Check an archive as an activation would (signature, hashes, bounds, profile); the store is not touched."""
         bundle = self._verify(archive, extract_dir=extract_dir)
         self._check_profile(bundle.manifest.profile)
         return bundle

@@ -52,7 +52,8 @@ def choose(cands: tuple[Candidate, ...], profile: DeviceProfile, *, host_matches
         if here:
             why += f" (this host matches profile {', '.join(here)}: convert for it to have latency decide)"
     if kept is not None and winner is not None:
-        p50 = f"p50 {winner.latency_p50_ms:.3f} ms on this host ({winner.runtime}, {profile.threads} threads)" if winner.latency_p50_ms else "not timed"
+        where = f"on device {latency.device_id}" if on_device and latency is not None else "on this host"
+        p50 = f"p50 {winner.latency_p50_ms:.3f} ms {where} ({winner.runtime}, {profile.threads} threads)" if winner.latency_p50_ms else "not timed"
         why = f"the source model packaged as it is ({kept}), the only candidate: {p50}"
     if winner is not None:
         marked = replace(winner, chosen=True)

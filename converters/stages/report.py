@@ -49,6 +49,12 @@ def build_report(profile: DeviceProfile, prepared: Prepared, budget: Budget, cho
         "winner": winner.name if winner else None, "why": choice.why, "selection": dict(choice.selection), "summary": summary,
         "notes": list(journal.notes), "warnings": list(journal.warnings), "seconds": round(seconds, 2),
     }
+    if latency is not None and latency.source == "device":
+        report["latency_note"] = (f"latency measured on device {latency.device_id} ({latency.device.get('arch')}, "
+                                  f"{latency.device.get('runtime')} {latency.device.get('runtime_version')}); "
+                                  "host figures beside it for comparison")
+    elif latency is not None and latency.fallback:
+        report["latency_note"] = f"{report['latency_note']} (--allow-host-latency: {latency.fallback})"
     report["frontier"] = frontier_of(report).as_report()
     return report
 
