@@ -25,9 +25,10 @@ async def _chunks(data: bytes, step: int = 300):
         yield data[i : i + step]
 
 
-@pytest.fixture
-def bench(tmp_path):
-    engine = db.connect(f"sqlite:///{tmp_path / 'cloud.db'}")
+@pytest.fixture(params=["sqlite", "postgresql"])
+def bench(request, tmp_path):
+    url = f"sqlite:///{tmp_path / 'cloud.db'}" if request.param == "sqlite" else request.getfixturevalue("pg_database")
+    engine = db.connect(url)
     now = time.time()
     with engine.begin() as conn:
         for dev, status in (("dev-1", "online"), ("dev-off", "offline")):
@@ -180,3 +181,28 @@ def test_the_http_upload_is_capped_declared_or_streamed_and_larger_than_a_json_b
     assert r.status_code == 413 and "100000-byte limit" in r.json()["error"]
     # Past the 64 KiB JSON cap, inside the benchmark cap: it reaches the handler (which knows no such device).
     assert httpx.post(f"{svc.url}/v1/benchmarks", params=q, content=b"x" * 90_000, headers=h).status_code == 404
+
+
+def test_migration_0010_matches_the_table_and_goes_down_and_up_again(tmp_path):
+    from alembic import command
+    from alembic.autogenerate import compare_metadata
+    from alembic.config import Config
+    from alembic.migration import MigrationContext
+    from pathlib import Path
+    from sqlalchemy import inspect
+
+    engine = db.connect(f"sqlite:///{tmp_path / 'cloud.db'}")
+    with engine.connect() as conn:
+        diff = [d for d in compare_metadata(MigrationContext.configure(conn), db.metadata)
+                if "benchmarks" in repr(d)]
+    assert diff == []
+    cfg = Config()
+    cfg.set_main_option("script_location", str(Path(db.__file__).with_name("migrations")))
+    with engine.begin() as conn:
+        cfg.attributes["connection"] = conn
+        command.downgrade(cfg, "0009")
+    assert "benchmarks" not in inspect(engine).get_table_names()
+    with engine.begin() as conn:
+        cfg.attributes["connection"] = conn
+        command.upgrade(cfg, "head")
+    assert "benchmarks" in inspect(engine).get_table_names()
