@@ -154,6 +154,10 @@ def test_the_device_measures_the_candidates_and_its_numbers_choose(start_service
         out = body["outputs"][0]
         assert body["model_version"] == "1"
         np.testing.assert_allclose(np.array(out["data"], dtype=np.float32).reshape(out["shape"]), expected, rtol=1e-4, atol=1e-5)
+    # The printed report: host and device latency side by side, the device named.
+    assert "host p50 ms" in res.stdout and "device p50 ms" in res.stdout and "latency measured on device slow-device" in res.stdout, \
+        res.stdout[-3000:]
+    print(res.stdout)
     src = report["latency_source"]
     assert src["source"] == "device" and src["device_id"] == "slow-device", src
     assert src["profile"] == "x86-avx2" and src["arch"] == "x86_64" and src["runtime"] == "onnxruntime", src
