@@ -129,7 +129,7 @@ def measure_on_device(cands: tuple[Candidate, ...], target: DeviceTarget, journa
     first = measured[0]
     device = {"profile": profile_id, "arch": first.get("arch"), "runtime": first.get("runtime"),
               "runtime_version": first.get("runtime_version"), "execution_provider": first.get("execution_provider"),
-              "cpu_features": len(first.get("cpu_features") or []), "threads": first.get("threads"),
+              "cpu_features": list(first.get("cpu_features") or []), "threads": first.get("threads"),
               "serving_traffic": any(r.get("serving_traffic") for r in measured),
               "active_version": first.get("active_version")}
     out = []
