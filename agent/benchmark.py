@@ -19,7 +19,9 @@ full one is a polite refusal), each within the command's ``timeout_s``:
    :class:`~lepton_edge.protocol.BenchmarkResult`, ``ok`` false with a reason on any refusal
    or failure, and delete every file and the session.
 
-The active model's answers are never touched: requests keep running on their own session,
+The deadline is checked while downloading and between timed runs; loading and the golden
+replay are native calls that cannot be interrupted, and are bounded by the bundle's size
+limits instead. The active model's answers are never touched: requests keep running on their own session,
 the alternating timing runs a second session of the active model's own file, and nothing is
 recorded in the serving metrics.
 
@@ -159,7 +161,7 @@ class BenchmarkRunner:
         limit = int(self.config.download_max_bytes)
         if cmd.size > limit:
             return self._refusal(cmd, f"the candidate is {cmd.size} bytes; this device downloads at most {limit} (download_max_bytes)")
-        need = cmd.size * _LOAD_FACTOR + _RESERVE_BYTES
+        need = (cmd.size + self._active_model_bytes()) * _LOAD_FACTOR + _RESERVE_BYTES  # the active one is opened twice
         free = self._memory_available()
         if free is not None and free < need:
             return self._refusal(cmd, f"short of memory: {free >> 20} MiB available, measuring this candidate needs about "
@@ -207,6 +209,15 @@ class BenchmarkRunner:
             loaded = None
             gc.collect()  # the session's memory goes back before the next benchmark
             shutil.rmtree(work, ignore_errors=True)
+
+    def _active_model_bytes(self) -> int:
+        total = 0
+        for m in self.service.models().values():
+            try:
+                total = max(total, (m.root / m.manifest.model_file).stat().st_size)
+            except OSError:
+                pass
+        return total
 
     def _download(self, cmd: BenchmarkCommand, dest: Path, deadline: float) -> None:
         def in_time(*_: Any) -> None:

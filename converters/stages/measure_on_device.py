@@ -122,6 +122,9 @@ def measure_on_device(cands: tuple[Candidate, ...], target: DeviceTarget, journa
         waiting = ", ".join(sorted(asked))
         return cands, _unusable(target, f"--measure-on {target.device_id}: the device did not answer within "
                                         f"--measure-timeout {target.timeout_s:g}s (waiting for {waiting})", journal)
+    for name, r in results.items():  # a device that says ok without figures measured nothing
+        if r.get("ok") and not all(isinstance(r.get(k), (int, float)) for k in ("p50_ms", "p95_ms")):
+            results[name] = {**r, "ok": False, "reason": "the device reported no latency figures"}
     measured = [r for r in results.values() if r.get("ok")]
     if not measured:
         reasons = "; ".join(f"{n}: {r.get('reason')}" for n, r in sorted(results.items()))

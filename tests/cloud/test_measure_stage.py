@@ -116,13 +116,15 @@ def test_the_choice_follows_the_devices_figures_not_the_hosts(cloud, tmp_path):
 def test_a_candidate_the_device_cannot_reproduce_is_out(cloud, tmp_path):
     device = _ScriptedDevice(cloud, "pi-1", {"fp32": {"ok": True, "p50_ms": 3.0, "p95_ms": 3.5},
                                              "int8": {"ok": False, "golden": "failed", "reason": "golden replay failed on this device"},
-                                             "int8-dyn": {"ok": True, "p50_ms": 6.0, "p95_ms": 7.0}})
+                                             "int8-dyn": {"ok": True}})  # says ok, measured nothing
     try:
         cands, latency, journal = _measure(cloud, tmp_path)
     finally:
         device.close()
     int8 = next(c for c in cands if c.name == "int8")
     assert not int8.eligible and "pi-1: golden replay failed" in int8.note
+    dyn = next(c for c in cands if c.name == "int8-dyn")
+    assert not dyn.eligible and "no latency figures" in dyn.note
     assert any("int8 is out" in w for w in journal.warnings)
     assert choose(cands, load_profile("rpi5"), host_matches=False, latency=latency).winner.name == "fp32"
 
