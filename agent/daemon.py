@@ -42,6 +42,7 @@ class AgentDaemon:
         self.link: Any = None
         self.telemetry: Any = None
         self.ota: Any = None
+        self.benchmarks: Any = None
         self._capture_lock = threading.Lock()
 
     def start(self) -> "AgentDaemon":
@@ -55,6 +56,9 @@ class AgentDaemon:
             self.outbox = Outbox(self.config.state_dir / OUTBOX_NAME, self.config.queue_max_bytes)
             self.link = MqttLink(self.config, self.outbox, on_command=self._on_command)
             self.ota = OtaHandler(self.service, self.link, self.config)
+            from .benchmark import BenchmarkRunner
+
+            self.benchmarks = BenchmarkRunner(self.service, self.link, self.config)
             self.service.add_event_listener(self.link.publish_event)
             self.service.add_state_listener(self.link.publish_state)
             self.link.publish_state(self.service.state_message())
@@ -90,6 +94,10 @@ class AgentDaemon:
                     self._capture_lock.release()
 
             threading.Thread(target=run, name="capture-upload", daemon=True).start()
+        elif getattr(cmd, "type", None) == "benchmark":
+            # Not OTA's business either: a candidate measured in its own session, never activated.
+            if self.benchmarks is not None:
+                self.benchmarks.handle(cmd)
         elif self.ota is not None:
             self.ota.handle(cmd)
 
@@ -102,6 +110,8 @@ class AgentDaemon:
             self.telemetry.stop()
         if self.ota is not None:
             self.ota.close(timeout=min(drain_s, 5.0))
+        if self.benchmarks is not None:
+            self.benchmarks.close(timeout=min(drain_s, 5.0))
         if self.link is not None:
             self.link.stop(flush_timeout=drain_s)
         if self.outbox is not None:

@@ -1,7 +1,7 @@
 """A loaded model version: its runtime session, its signature from the manifest, input
 checks, and the golden-vector replay that gates activation.
 
-Public API: :class:`LoadedModel`, :func:`load_model`, :func:`replay_golden`, :data:`NP_TO_V2`, :data:`V2_TO_NP`.
+Public API: :class:`LoadedModel`, :func:`load_model`, :func:`open_model_session`, :func:`replay_golden`, :data:`NP_TO_V2`, :data:`V2_TO_NP`.
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ from lepton_edge.runtimes import RuntimeLoadError, Session, open_session
 
 from .errors import ActivationError, InferenceFailed, InvalidInput
 
-__all__ = ["LoadedModel", "load_model", "replay_golden", "NP_TO_V2", "V2_TO_NP"]
+__all__ = ["LoadedModel", "load_model", "open_model_session", "replay_golden", "NP_TO_V2", "V2_TO_NP"]
 
 log = logging.getLogger("lepton_edge.agent")
 
@@ -117,18 +117,23 @@ def _feed_names(manifest: Manifest, session: Session) -> list[str]:
     raise ActivationError(f"the manifest lists {len(declared)} inputs but the model has {len(actual)}")
 
 
+def open_model_session(model_path: Path, m: Manifest, profile: DeviceProfile) -> Session:
+    """A new runtime session of a bundle's model file with the profile's settings (ActivationError if it will not open)."""
+    try:
+        return open_session(model_path, m.runtime.name, providers=profile.runtime.execution_providers,
+                            threads=profile.threads, delegates=profile.runtime.delegates,
+                            input_names=[s.name for s in m.inputs], output_names=[s.name for s in m.outputs],
+                            exact_int8=not profile.quantization.reduce_range)
+    except RuntimeLoadError as e:
+        raise ActivationError(e.message, hint=e.hint) from None
+
+
 def load_model(bundle: Bundle, profile: DeviceProfile) -> LoadedModel:
     """Open the bundle's model with the device profile's runtime settings and check its signature."""
     m = bundle.manifest
     if m.runtime.name != profile.runtime.name:
         raise ActivationError(f"bundle runs on {m.runtime.name} but this device ({profile.id}) runs {profile.runtime.name}")
-    try:
-        session = open_session(bundle.model_path, m.runtime.name, providers=profile.runtime.execution_providers,
-                               threads=profile.threads, delegates=profile.runtime.delegates,
-                               input_names=[s.name for s in m.inputs], output_names=[s.name for s in m.outputs],
-                               exact_int8=not profile.quantization.reduce_range)
-    except RuntimeLoadError as e:
-        raise ActivationError(e.message, hint=e.hint) from None
+    session = open_model_session(bundle.model_path, m, profile)
     if len(session.outputs) != len(m.outputs):
         raise ActivationError(f"the manifest lists {len(m.outputs)} outputs but the model has {len(session.outputs)}")
     inputs = tuple(

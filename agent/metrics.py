@@ -80,6 +80,11 @@ class InferenceMetrics:
             s.last_seen = now
             s.recent.append((now, latency_s, ok))
 
+    def total_requests(self) -> int:
+        """Requests answered since the agent started, every model and version (did traffic flow meanwhile?)."""
+        with self._lock:
+            return sum(s.total for s in self._series.values())
+
     def record_http_error(self, status: int) -> None:
         """An HTTP request answered with an error status (a 4xx never reached the model)."""
         with self._lock:

@@ -50,7 +50,7 @@ from lepton_edge.protocol import DeployCommand, EventMessage, PingCommand, Rollb
 from .download import DownloadError, DownloaderInterface, HttpDownloader, TransientDownloadError
 from .seams import ActivationTarget, EventSink, OtaSettings
 
-__all__ = ["OtaHandler", "HttpDownloader", "DownloadError", "TransientDownloadError"]
+__all__ = ["OtaHandler", "HttpDownloader", "DownloadError", "TransientDownloadError", "verify_sha256"]
 
 log = logging.getLogger(__name__)
 
@@ -329,10 +329,7 @@ class OtaHandler:
             raise _Superseded(f"superseded by rollback command {rollback_id} before activation; not applied")
 
     def _verify(self, cmd: DeployCommand, part: Path, final: Path) -> None:
-        digest = _sha256(part)
-        if digest != cmd.sha256:
-            part.unlink(missing_ok=True)
-            raise DownloadError(f"sha256 of the download is {digest[:16]}…, the command says {cmd.sha256[:16]}…")
+        digest = verify_sha256(part, cmd.sha256)
         os.replace(part, final)
         self._event("verified", cmd, "sha256 matches", data={"sha256": digest})
 
@@ -423,6 +420,18 @@ class _Resumed:
     def __init__(self, cmd: Command) -> None:
         self.cmd = cmd
         self.cmd_id = cmd.cmd_id
+
+
+def verify_sha256(path: Path, expected: str) -> str:
+    """The file's sha256 when it is ``expected``; otherwise the file is deleted and DownloadError says so.
+
+    What every download the cloud sends is checked with before anything opens it (deploys and benchmarks).
+    """
+    digest = _sha256(path)
+    if digest != expected:
+        path.unlink(missing_ok=True)
+        raise DownloadError(f"sha256 of the download is {digest[:16]}…, the command says {expected[:16]}…")
+    return digest
 
 
 def _sha256(path: Path) -> str:

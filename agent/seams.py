@@ -8,6 +8,10 @@
 * :class:`OtaSettings` (the :class:`~.config.AgentConfig`): the state directory, the
   download bound and the TLS trust.
 
+The benchmark runner (:mod:`.benchmark`) measures candidates through a
+:class:`BenchmarkTarget` (the service again: verification without installing, the profile,
+the platform, the active models and the request counter) and the same :class:`EventSink`.
+
 Downloading goes through :class:`~.download.DownloaderInterface` (an ABC with one abstract
 method, like python-tuf's ``FetcherInterface``). The Protocols are ``runtime_checkable``
 so tests can assert that their in-memory fakes still have the shape of the real thing
@@ -16,7 +20,7 @@ so tests can assert that their in-memory fakes still have the shape of the real 
 Imports nothing of the agent at run time (only the protocol's message type).
 
 Public API: :class:`ActivationTarget`, :class:`ActivationOutcome`, :class:`EventSink`,
-:class:`OtaSettings`, :data:`EventListener`.
+:class:`OtaSettings`, :class:`BenchmarkTarget`, :data:`EventListener`.
 """
 
 from __future__ import annotations
@@ -25,9 +29,9 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
 
-from lepton_edge.protocol import EventMessage
+from lepton_edge.protocol import EventMessage, PlatformInfo
 
-__all__ = ["ActivationTarget", "ActivationOutcome", "EventSink", "OtaSettings", "EventListener"]
+__all__ = ["ActivationTarget", "ActivationOutcome", "EventSink", "OtaSettings", "BenchmarkTarget", "EventListener"]
 
 EventListener = Callable[[EventMessage], None]
 
@@ -81,3 +85,16 @@ class OtaSettings(Protocol):
     def download_max_bytes(self) -> int: ...
     @property
     def tls(self) -> Any: ...
+
+
+@runtime_checkable
+class BenchmarkTarget(Protocol):
+    """What measuring a candidate reads of the service; it changes nothing the service serves."""
+
+    profile: Any  # the device profile (threads, runtime settings)
+    platform: PlatformInfo
+    metrics: Any  # InferenceMetrics: total_requests() tells whether traffic was served meanwhile
+
+    def verify_bundle(self, archive: Path, extract_dir: Path) -> Any: ...
+
+    def models(self) -> dict[str, Any]: ...

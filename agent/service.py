@@ -213,6 +213,12 @@ class AgentService:
         return read_bundle(path, trusted_keys=self._keys, allow_unsigned=self.config.allow_unsigned_bundles,
                            extract_dir=extract_dir, limits=self._limits)
 
+    def verify_bundle(self, archive: Path, extract_dir: Path) -> Bundle:
+        """Check an archive as an activation would (signature, hashes, bounds, profile); the store is not touched."""
+        bundle = self._verify(archive, extract_dir=extract_dir)
+        self._check_profile(bundle.manifest.profile)
+        return bundle
+
     def activate(self, bundle_path: Path, *, cmd_id: str | None = None, deployment_id: str | None = None) -> ActivationResult:
         """Verify, load and test a bundle, then make it active. Never raises for a bad bundle."""
         bundle_path = Path(bundle_path)

@@ -87,11 +87,24 @@ class _Progress:
 @click.option("--allow-synthetic-calibration", is_flag=True, help="Calibrate on random inputs when no --calib is given (the result is not trustworthy).")
 @click.option("--profiles-dir", type=click.Path(path_type=Path), help="Extra directory of device profile YAML files.")
 @click.option("--latency-runs", type=click.IntRange(1, 100_000), help="Timed runs per candidate (default 50).")
+@click.option("--measure-on", "measure_on", metavar="DEVICE_ID",
+              help="Have this enrolled device time every candidate inside the budget (via the cloud); its numbers choose the winner.")
+@click.option("--server", envvar="LEPTON_CLOUD_URL", default="https://127.0.0.1:8800", show_default=True,
+              help="The cloud service (for --measure-on).")
+@click.option("--token", envvar="LEPTON_CLOUD_TOKEN", help="Operator token for --server (default: LEPTON_CLOUD_TOKEN or lepton-cloud/token).")
+@click.option("--ca", type=click.Path(dir_okay=False, path_type=Path), envvar="LEPTON_CLOUD_CA",
+              help="CA file the --server certificate is checked against (default: lepton-cloud/tls/ca.pem).")
+@click.option("--measure-timeout", type=click.FloatRange(1, 3600), default=300.0, show_default=True,
+              help="Seconds to wait for the device's measurements of all candidates.")
+@click.option("--allow-host-latency", is_flag=True,
+              help="With --measure-on: when the device cannot measure, let this host's latency decide (the report says so).")
 @click.option("--list-passes", is_flag=True, help="List the registered passes and their config fields, then exit.")
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON instead of a table.")
 def convert(source: str | None, profile: str | None, calib: Path | None, eval_data: Path | None, max_drop: float | None,
             task: str | None, precision: str | None, output_dir: Path, sign_key: Path | None, input_shape: str | None, name: str | None, version: str, prune: float | None,
-            allow_synthetic_calibration: bool, profiles_dir: Path | None, latency_runs: int | None, list_passes: bool, as_json: bool) -> None:
+            allow_synthetic_calibration: bool, profiles_dir: Path | None, latency_runs: int | None, measure_on: str | None,
+            server: str, token: str | None, ca: Path | None, measure_timeout: float, allow_host_latency: bool,
+            list_passes: bool, as_json: bool) -> None:
     """Convert SOURCE (model.onnx, model.pt, model.pt2, model.tflite or package.module:factory) into a bundle for --profile."""
     if list_passes:
         _print_passes()
@@ -108,6 +121,16 @@ def convert(source: str | None, profile: str | None, calib: Path | None, eval_da
     from .errors import NoCandidateError
     from .pipeline import convert as run_convert
 
+    target = None
+    if measure_on:
+        from lepton_edge.cloud.client import default_ca, default_token
+
+        from .stages.measure_on_device import DeviceTarget
+
+        target = DeviceTarget(measure_on, server, token or default_token(), str(ca) if ca else default_ca(),
+                              timeout_s=measure_timeout, allow_host_latency=allow_host_latency)
+    elif allow_host_latency:
+        raise LeptonEdgeError("--allow-host-latency goes with --measure-on DEVICE_ID")
     progress = _Progress()
     ours = logging.getLogger("lepton_edge")
     handler = progress.log_handler()
@@ -116,7 +139,8 @@ def convert(source: str | None, profile: str | None, calib: Path | None, eval_da
         result = run_convert(source, profile, output_dir=output_dir, calib=calib, eval_data=eval_data, max_drop=max_drop,
                              sign_key=sign_key, name=name, version=version, input_shape=input_shape, prune=prune,
                              allow_synthetic_calibration=allow_synthetic_calibration, profiles_dir=profiles_dir,
-                             latency_runs=latency_runs, progress=progress, task=task, precision=precision)
+                             latency_runs=latency_runs, progress=progress, task=task, precision=precision,
+                             measure_on=target)
     except NoCandidateError as e:
         if e.report:
             print_report(e.report)

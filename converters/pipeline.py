@@ -7,6 +7,8 @@ The conversion is a sequence of stages, each handing the next a frozen value:
     build candidates strategies/ (one module per precision) -> Built
     evaluate         stages/evaluate.py (fidelity + gate per candidate as it is built;
                      then latency of all of them)       -> candidates with their verdicts
+    measure on device stages/measure_on_device.py (--measure-on: every candidate inside the
+                     budget timed by the real device; its numbers replace the host's)
     choose           stages/choose.py (rule in search.py)  -> Choice
     package          stages/package.py                     -> ConversionResult
 
@@ -33,6 +35,7 @@ from .stages.choose import choose
 from .stages.evaluate import evaluate_candidate, evaluation_context, measure_latencies
 from .stages.journal import Journal, Progress
 from .stages.keep import prepare_kept, refuse_keep
+from .stages.measure_on_device import DeviceLatency, DeviceTarget, check_device, measure_on_device
 from .stages.package import BundleRequest, ConversionResult, fail, package, safe_name
 from .stages.prepare import Request, load, prepare
 from .stages.report import build_report
@@ -63,6 +66,7 @@ def convert(
     progress: Progress | None = None,
     task: str | None = None,
     precision: str | None = None,
+    measure_on: DeviceTarget | None = None,
 ) -> ConversionResult:
     """Convert ``source`` for ``profile`` and write ``output_dir/<name>-<version>-<profile>/`` plus its ``.lepton``.
 
@@ -73,18 +77,21 @@ def convert(
     ``attention_mask``, optional ``y``) or a ``({name: array}, y | None)`` tuple. ``max_drop`` defaults to
     the profile's accuracy budget. ``task`` (one of :data:`TASKS`) overrides the task inferred
     from the outputs. ``precision="keep"`` packages a finished ONNX model as it is (a ``.tflite``
-    source always is): signature, golden vectors and latency from the file itself. Raises a :class:`ConversionError` subclass on failure;
+    source always is): signature, golden vectors and latency from the file itself. ``measure_on``:
+    a device enrolled in the cloud that times the candidates, whose numbers then decide. Raises a :class:`ConversionError` subclass on failure;
     :class:`NoCandidateError` carries the report of everything tried.
     """
     prof = profile if isinstance(profile, DeviceProfile) else load_profile(profile, profiles_dir)
     _check_arguments(max_drop, prune, latency_runs, version, task)
     if precision not in (None, "keep"):
         raise ConversionError(f"precision {precision!r} is not one convert takes", hint="use --precision keep, or leave it out to search")
+    if measure_on is not None and sign_key is None:
+        raise ConversionError("--measure-on needs --sign-key: devices verify the candidates as deployments and refuse unsigned bundles")
     request = Request(source, calib, eval_data, parse_input_shape(input_shape), prune, allow_synthetic_calibration)
     bundle = BundleRequest(Path(output_dir), name, version, sign_key)
     with tempfile.TemporaryDirectory(prefix="lepton-convert-") as work:
         return _run(request, bundle, prof, Path(work), Journal(progress), max_drop=max_drop, task=task,
-                    latency_runs=latency_runs or DEFAULT_LATENCY_RUNS, keep=precision == "keep")
+                    latency_runs=latency_runs or DEFAULT_LATENCY_RUNS, keep=precision == "keep", measure_on=measure_on)
 
 
 def _check_arguments(max_drop: float | None, prune: float | None, latency_runs: int | None, version: str, task: str | None) -> None:
@@ -101,8 +108,11 @@ def _check_arguments(max_drop: float | None, prune: float | None, latency_runs: 
 
 
 def _run(request: Request, bundle: BundleRequest, profile: DeviceProfile, work: Path, journal: Journal, *,
-         max_drop: float | None, task: str | None, latency_runs: int, keep: bool) -> ConversionResult:
+         max_drop: float | None, task: str | None, latency_runs: int, keep: bool,
+         measure_on: DeviceTarget | None = None) -> ConversionResult:
     t_start = time.perf_counter()
+    # Before any work: an unknown or offline device is an error now, not after minutes of conversion.
+    latency: DeviceLatency | None = check_device(measure_on, journal) if measure_on is not None else None
     src = load(request, profile, journal)
     refuse_keep(src, profile, keep)
     out_dir = bundle.output_dir / f"{safe_name(bundle.name or src.name)}-{bundle.version}-{profile.id}"
@@ -121,9 +131,22 @@ def _run(request: Request, bundle: BundleRequest, profile: DeviceProfile, work: 
                            task=ctx.budget.spec)
     built = build_candidates(builder)
     timed = measure_latencies(built.candidates, ctx, latency_runs, journal)
-    choice = choose(timed, profile, host_matches=matches, kept=prepared.kept)
+    if measure_on is not None and latency is None:
+        host_choice = choose(timed, profile, host_matches=matches, kept=prepared.kept)
+        host_report = build_report(profile, prepared, ctx.budget, host_choice, built.sections, journal, host_matches=matches,
+                                   seconds=time.perf_counter() - t_start)
+
+        def package_one(cand: Any, version: str) -> Path:
+            # The final bundle's name: the device times it against its active model of that name.
+            req = BundleRequest(work / "measure" / version, bundle.name or src.name, version, bundle.sign_key)
+            return package(cand, host_report, prepared, ctx, req, journal, host_matches=matches).archive
+
+        timed, latency = measure_on_device(timed, measure_on, journal, package_one=package_one, runs=latency_runs,
+                                           threads=profile.threads, profile_id=profile.id,
+                                           model_name=safe_name(bundle.name or src.name))
+    choice = choose(timed, profile, host_matches=matches, kept=prepared.kept, latency=latency)
     report = build_report(profile, prepared, ctx.budget, choice, built.sections, journal, host_matches=matches,
-                          seconds=time.perf_counter() - t_start)
+                          seconds=time.perf_counter() - t_start, latency=latency)
     if choice.winner is None:
         fail(choice.candidates, profile, prepared, ctx, report)
     return package(choice.winner, report, prepared, ctx, bundle, journal, host_matches=matches)

@@ -8,7 +8,7 @@ topic           direction  QoS     payload
 ``state``       device→    1, ret  :class:`StateMessage`; the Last Will sets ``offline``
 ``telemetry``   device→    1       :class:`TelemetryMessage`, every ``telemetry_interval_s``
 ``events``      device→    1       :class:`EventMessage`: activation, rollback, download, error
-``cmd``         →device    1       :class:`CommandMessage`: deploy, rollback, ping
+``cmd``         →device    1       :class:`CommandMessage`: deploy, rollback, ping, capture, benchmark
 ==============  =========  ======  ========================================================
 
 and one fleet-wide topic, ``lepton/v1/{fleet}/alerts`` (cloud→operators, QoS 1):
@@ -52,12 +52,16 @@ __all__ = [
     "RollbackCommand",
     "PingCommand",
     "CaptureCommand",
+    "BenchmarkCommand",
+    "BenchmarkResult",
     "CommandMessage",
     "encode",
     "decode_state",
     "decode_telemetry",
     "decode_event",
     "decode_command",
+    "decode_benchmark_result",
+    "MAX_BENCHMARK_RUNS",
     "new_id",
     "parse_json",
     "check_name",
@@ -248,6 +252,8 @@ EventType = Literal[
     "shadow_started",
     "shadow_dropped",
     "capture_uploaded",
+    # a benchmark artifact measured (never activated, never served): data is a BenchmarkResult
+    "benchmark_result",
 ]
 
 
@@ -325,7 +331,58 @@ class CaptureCommand(_Cmd):
     max_bytes: int = Field(gt=0, description="The cloud refuses a larger upload.")
 
 
-CommandMessage = Annotated[Union[DeployCommand, RollbackCommand, PingCommand, CaptureCommand], Field(discriminator="type")]
+MAX_BENCHMARK_RUNS = 2000
+
+
+class BenchmarkCommand(_Cmd):
+    """Measure a candidate bundle on this device: verify it as a deployment, never activate or serve it.
+
+    The answer is one ``benchmark_result`` event (``cmd_id`` of this command) whose ``data``
+    is a :class:`BenchmarkResult`, also when the device refuses (``ok`` false, ``reason`` says why).
+    """
+
+    type: Literal["benchmark"] = "benchmark"
+    benchmark_id: str = Field(pattern=r"^[0-9a-f]{32}$")
+    url: str = Field(max_length=2048, description="Where to GET the candidate's .lepton archive (Range supported).")
+    sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
+    size: int = Field(gt=0, description="Archive size: the device refuses to download more.")
+    token: str = Field(min_length=1, max_length=512)
+    runs: int = Field(default=50, ge=1, le=MAX_BENCHMARK_RUNS, description="Timed runs of the candidate.")
+    threads: int = Field(default=0, ge=0, le=256, description="Intra-op threads; 0: the device profile's.")
+    timeout_s: float = Field(default=120.0, gt=0, le=3600, description="The device gives up (and says so) after this.")
+
+
+class BenchmarkResult(_Msg):
+    """What a device measured of one benchmark artifact (the ``data`` of a ``benchmark_result`` event)."""
+
+    benchmark_id: str = Field(pattern=r"^[0-9a-f]{32}$")
+    ok: bool
+    reason: str = Field(default="", max_length=1000)
+    model: str = Field(default="", max_length=128)
+    precision: str = Field(default="", max_length=32)
+    runs: int = Field(default=0, ge=0, le=MAX_BENCHMARK_RUNS)
+    threads: int = Field(default=0, ge=0, le=256)
+    p50_ms: float | None = Field(default=None, ge=0)
+    p95_ms: float | None = Field(default=None, ge=0)
+    se_ms: float | None = Field(default=None, ge=0, description="Standard error of the p50 (from the runs' spread).")
+    active_version: str | None = Field(default=None, max_length=64, description="The active model timed in alternation.")
+    active_p50_ms: float | None = Field(default=None, ge=0)
+    active_p95_ms: float | None = Field(default=None, ge=0)
+    rss_added_mb: float | None = Field(default=None, description="Resident memory the loaded candidate added.")
+    golden: Literal["passed", "failed", "not_run"] = "not_run"
+    golden_detail: str = Field(default="", max_length=500)
+    runtime: str = Field(default="", max_length=32)
+    runtime_version: str = Field(default="", max_length=32)
+    execution_provider: str = Field(default="", max_length=64)
+    arch: str = Field(default="", max_length=32)
+    cpu_features: list[_Short] = Field(default_factory=list, max_length=512)
+    serving_traffic: bool = Field(default=False, description="Requests were answered while it measured.")
+    requests_during: int = Field(default=0, ge=0)
+    seconds: float = Field(default=0.0, ge=0)
+
+
+CommandMessage = Annotated[Union[DeployCommand, RollbackCommand, PingCommand, CaptureCommand, BenchmarkCommand],
+                           Field(discriminator="type")]
 _COMMAND = TypeAdapter(CommandMessage)
 
 
@@ -427,5 +484,12 @@ def decode_event(payload: bytes | str) -> EventMessage:
     return _validate(EventMessage, _load(payload, "event"), "event")
 
 
-def decode_command(payload: bytes | str) -> DeployCommand | RollbackCommand | PingCommand | CaptureCommand:
+def decode_command(payload: bytes | str) -> DeployCommand | RollbackCommand | PingCommand | CaptureCommand | BenchmarkCommand:
     return _validate(_COMMAND, _load(payload, "command"), "command")
+
+
+def decode_benchmark_result(data: Any) -> BenchmarkResult:
+    """The :class:`BenchmarkResult` in a ``benchmark_result`` event's ``data`` (already parsed JSON, still hostile)."""
+    if not isinstance(data, dict):
+        raise ProtocolError("benchmark_result data must be a JSON object")
+    return _validate(BenchmarkResult, data, "benchmark_result")

@@ -60,18 +60,30 @@ def print_report(report: dict[str, Any]) -> None:
     classifier = criterion in _CLASSIFIER
     # A classifier's table shows its agreement figures; other tasks show output cosine, marked when the gate did not check it.
     extra = ["accuracy", "top-1 agree"] if classifier else [f"min cos{'' if criterion in (None, 'cosine-abs', 'cosine_gap') else ' (info)'}"]
+    src = report.get("latency_source") or {}
+    on_device = src.get("source") == "device"
+    lat_cols = ["host p50 ms", "device p50 ms", "device p95 ms"] if on_device else ["p50 ms", "p95 ms"]
     rows = []
     for c in report.get("candidates", []):
         mark = "★" if c.get("chosen") else ("✓" if c.get("within_budget") and c.get("fits_limits", True) else "✗")
         figures = [_f(c.get("accuracy"), ".4f"), _f(c.get("top1_agreement"), ".4f")] if classifier else [_f(c.get("cosine_min"), ".4f")]
         rows.append((mark, c.get("name"), c.get("precision", ""), _mb(c.get("size_bytes")), _ops(c),
-                     _f(c.get("latency_p50_ms"), ".3f"), _f(c.get("latency_p95_ms"), ".3f"), _gate_value(c, criterion, ref_acc),
+                     *((_f(c.get("host_latency_p50_ms"), ".3f"), _f(c.get("device_latency_p50_ms"), ".3f"),
+                        _f(c.get("device_latency_p95_ms"), ".3f")) if on_device else
+                       (_f(c.get("latency_p50_ms"), ".3f"), _f(c.get("latency_p95_ms"), ".3f"))),
+                     _gate_value(c, criterion, ref_acc),
                      *figures, c.get("note", "")))
     gate = f"gate: {_GATE_LABEL[criterion]}" if criterion in _GATE_LABEL else "gate: see budget"
     title = f"conversion candidates (★ chosen, ✓ within budget and limits, ✗ rejected; {gate})"
     if report.get("profile"):
         title += f" — profile {report['profile']}, {report.get('runtime', '')}, {report.get('threads', '?')} threads, batch 1"
-    print_table(title, ["", "candidate", "precision", "MB", "INT8 ops", "p50 ms", "p95 ms", "gated", *extra, "note"], rows)
+    print_table(title, ["", "candidate", "precision", "MB", "INT8 ops", *lat_cols, "gated", *extra, "note"], rows)
+    if on_device:
+        out.print(f"[bold]latency measured on device {src.get('device_id')}[/] (profile {src.get('profile')}, {src.get('arch')}, "
+                  f"{src.get('runtime')} {src.get('runtime_version')}, {src.get('execution_provider')}, {src.get('threads')} threads"
+                  f"{', serving traffic meanwhile' if src.get('serving_traffic') else ''}): its numbers chose the winner")
+    elif src.get("fallback"):
+        out.print(f"[bold yellow]latency from this host, not the device[/] (--allow-host-latency): {src['fallback']}")
     summary = report.get("summary") or {}
     if summary.get("fp32") and summary.get("converted"):
         fp, cv = summary["fp32"], summary["converted"]
@@ -79,8 +91,8 @@ def print_report(report: dict[str, Any]) -> None:
         print_table("FP32 vs converted", ["", "FP32 (optimised)", f"converted ({cv.get('name')})", "ratio"], [
             ("size MB", _mb(fp.get("size_bytes")), _mb(cv.get("size_bytes")), _f(summary.get("size_ratio"), ".3f")),
             ("INT8 ops", _ops(fp), _ops(cv), ""),
-            ("host p50 ms", _f(fp.get("latency_p50_ms"), ".3f"), _f(cv.get("latency_p50_ms"), ".3f"), _f(ratio, ".2f")),
-            ("host p95 ms", _f(fp.get("latency_p95_ms"), ".3f"), _f(cv.get("latency_p95_ms"), ".3f"), ""),
+            ("device p50 ms" if on_device else "host p50 ms", _f(fp.get("latency_p50_ms"), ".3f"), _f(cv.get("latency_p50_ms"), ".3f"), _f(ratio, ".2f")),
+            ("device p95 ms" if on_device else "host p95 ms", _f(fp.get("latency_p95_ms"), ".3f"), _f(cv.get("latency_p95_ms"), ".3f"), ""),
             ("accuracy", _f(fp.get("accuracy"), ".4f"), _f(cv.get("accuracy"), ".4f"), ""),
             ("top-1 agreement", _f(fp.get("top1_agreement"), ".4f"), _f(cv.get("top1_agreement"), ".4f"), ""),
         ])

@@ -15,6 +15,7 @@ from typing import Any
 from lepton_edge.profiles import DeviceProfile, list_profiles
 from lepton_edge.profiles import host_matches as host_matches_profile
 
+from .measure_on_device import DeviceLatency
 from ..search import TIE_CAP, TIE_FLOOR, TIE_FLOOR_MS, Candidate, choose_winner, prefers_compressed, speed_ties
 
 __all__ = ["Choice", "choose"]
@@ -28,22 +29,39 @@ class Choice:
     selection: Mapping[str, Any]
 
 
-def choose(cands: tuple[Candidate, ...], profile: DeviceProfile, *, host_matches: bool, kept: str | None = None) -> Choice:
-    """``kept``: the precision of a model packaged as it is, whose one candidate is the source file."""
+def choose(cands: tuple[Candidate, ...], profile: DeviceProfile, *, host_matches: bool, kept: str | None = None,
+           latency: DeviceLatency | None = None) -> Choice:
+    """``kept``: the precision of a model packaged as it is, whose one candidate is the source file.
+
+    ``latency`` from the measure-on-device stage: when its source is the device, the candidates'
+    latencies are the device's and they decide with the same tie rules as a matching host's would.
+    """
     default = profile.precision.default
-    winner, why = choose_winner(list(cands), host_matches=host_matches, allowed=list(profile.precision.allowed), default=default)
-    if not host_matches:
+    on_device = latency is not None and latency.source == "device"
+    decides = host_matches or on_device
+    winner, why = choose_winner(list(cands), host_matches=decides, allowed=list(profile.precision.allowed), default=default)
+    if on_device:
+        assert latency is not None
+        dev = latency.device
+        why = (f"measured on device {latency.device_id} (profile {dev.get('profile')}, {dev.get('arch')}, {dev.get('runtime')} "
+               f"{dev.get('runtime_version')}): {why.replace('on this host', 'on the device')}")
+    elif latency is not None and latency.fallback:
+        why += f" (--allow-host-latency: {latency.fallback})"
+    if not decides:
         here = [p.id for p in list_profiles() if p.runtime.name == profile.runtime.name and host_matches_profile(p)]
         if here:
             why += f" (this host matches profile {', '.join(here)}: convert for it to have latency decide)"
     if kept is not None and winner is not None:
-        p50 = f"p50 {winner.latency_p50_ms:.3f} ms on this host ({winner.runtime}, {profile.threads} threads)" if winner.latency_p50_ms else "not timed"
+        where = f"on device {latency.device_id}" if on_device and latency is not None else "on this host"
+        p50 = f"p50 {winner.latency_p50_ms:.3f} ms {where} ({winner.runtime}, {profile.threads} threads)" if winner.latency_p50_ms else "not timed"
         why = f"the source model packaged as it is ({kept}), the only candidate: {p50}"
     if winner is not None:
         marked = replace(winner, chosen=True)
         cands = tuple(marked if c is winner else c for c in cands)
         winner = marked
-    return Choice(cands, winner, why, _selection(cands, host_matches, default))
+    selection = _selection(cands, decides, default)
+    selection["latency_source"] = latency.source if latency is not None else "host"
+    return Choice(cands, winner, why, selection)
 
 
 def _selection(cands: tuple[Candidate, ...], host_matches: bool, default: str) -> dict[str, Any]:

@@ -15,13 +15,14 @@ from ..frontier import frontier_of
 from ..tasks import Budget
 from .choose import Choice
 from .journal import Journal
+from .measure_on_device import DeviceLatency
 from .prepare import Prepared
 
 __all__ = ["build_report"]
 
 
 def build_report(profile: DeviceProfile, prepared: Prepared, budget: Budget, choice: Choice, sections: Mapping[str, Any],
-                 journal: Journal, *, host_matches: bool, seconds: float) -> dict[str, Any]:
+                 journal: Journal, *, host_matches: bool, seconds: float, latency: DeviceLatency | None = None) -> dict[str, Any]:
     winner, cands = choice.winner, choice.candidates
     fp32 = next((c for c in cands if c.precision == "fp32" and c.path is not None), None)
     summary: dict[str, Any] = {}
@@ -42,10 +43,30 @@ def build_report(profile: DeviceProfile, prepared: Prepared, budget: Budget, cho
         "reference": {"accuracy": budget.reference_accuracy, "eval_samples": len(data.evaluation),
                       "eval_labelled": data.evaluation.y is not None},
         "calibration": {"samples": len(data.calibration), "synthetic": data.calibration.synthetic, "origin": data.calibration.origin},
-        "passes": list(journal.passes), "candidates": [c.as_report() for c in cands],
+        "passes": list(journal.passes), "candidates": [_row(c, latency) for c in cands],
+        "latency_source": latency.as_report() if latency is not None else {"source": "host", "fallback": None},
         "sensitivity": list(sections.get("sensitivity", [])), "pruning": prepared.pruning,
         "winner": winner.name if winner else None, "why": choice.why, "selection": dict(choice.selection), "summary": summary,
         "notes": list(journal.notes), "warnings": list(journal.warnings), "seconds": round(seconds, 2),
     }
+    if latency is not None and latency.source == "device":
+        report["latency_note"] = (f"latency measured on device {latency.device_id} ({latency.device.get('arch')}, "
+                                  f"{latency.device.get('runtime')} {latency.device.get('runtime_version')}); "
+                                  "host figures beside it for comparison")
+    elif latency is not None and latency.fallback:
+        report["latency_note"] = f"{report['latency_note']} (--allow-host-latency: {latency.fallback})"
     report["frontier"] = frontier_of(report).as_report()
     return report
+
+
+def _row(c: Any, latency: DeviceLatency | None) -> dict[str, Any]:
+    """A candidate's report row; measured on a device, its latency is the device's and the host's stands beside it."""
+    row = c.as_report()
+    if latency is not None and latency.source == "device":
+        host = latency.host.get(c.name, (None, None))
+        r = latency.results.get(c.name) or {}
+        row.update(host_latency_p50_ms=host[0], host_latency_p95_ms=host[1],
+                   device_latency_p50_ms=r.get("p50_ms"), device_latency_p95_ms=r.get("p95_ms"),
+                   device_rss_added_mb=r.get("rss_added_mb"), device_golden=r.get("golden"),
+                   device_active_p50_ms=r.get("active_p50_ms"), device_note=None if r.get("ok", True) else r.get("reason"))
+    return row

@@ -19,6 +19,9 @@ device, for at most a day, and never after the device is revoked. OpenAPI: ``/op
 ``GET  /v1/deployments``, ``/v1/deployments/{id}``
 ``POST /v1/deployments/{id}/pause|resume|rollback``
 ``GET  /v1/bundles/{id}/download``       HTTP Range: 206 + Content-Range, 416
+``POST /v1/benchmarks?device_id=…``      body: a candidate ``.lepton`` to measure on that device (:mod:`.benchmarks`)
+``GET  /v1/benchmarks/{id}``             its status and the device's result
+``GET  /v1/benchmarks/{id}/download``    the device's download, with the command's token
 ``GET  /metrics``                        Prometheus text (:mod:`.metrics`; metrics or operator token)
 ``GET  /ui``                             the operators' web page (:mod:`.ui`; session cookie)
 =======================================  ==============================================
@@ -100,7 +103,13 @@ class _BodyLimit:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        cap = MAX_BUNDLE_BYTES if scope["method"] == "POST" and scope["path"] == "/v1/models" else MAX_JSON_BYTES
+        cap = MAX_JSON_BYTES
+        if scope["method"] == "POST" and scope["path"] == "/v1/models":
+            cap = MAX_BUNDLE_BYTES
+        elif scope["method"] == "POST" and scope["path"] == "/v1/benchmarks":
+            from .benchmarks import MAX_BENCHMARK_BYTES
+
+            cap = MAX_BENCHMARK_BYTES
         declared = dict(scope.get("headers") or []).get(b"content-length")
         if declared is not None and (not declared.isdigit() or int(declared) > cap):
             await _send_json(send, 413, {"error": f"request body is over the {cap}-byte limit"})
@@ -288,6 +297,28 @@ def create_app(service: Any) -> FastAPI:
         key, size = service.captures.download(capture_id)
         return StreamingResponse(service.store.read_range(key, 0, size), media_type="application/octet-stream",
                                  headers={"Content-Length": str(size)})
+
+    @app.post("/v1/benchmarks", dependencies=auth, status_code=201, openapi_extra={"requestBody": {
+        "required": True, "content": {"application/octet-stream": {"schema": {"type": "string", "format": "binary"}}}}})
+    async def create_benchmark(request: Request, device_id: str, model: str, candidate: str, runs: int = 50,
+                               threads: int = 0, timeout_s: float = 120.0) -> dict[str, Any]:
+        return await service.benchmarks.create(device_id, request.stream(), model=model, candidate=candidate, runs=runs,
+                                               threads=threads, timeout_s=timeout_s)
+
+    @app.get("/v1/benchmarks/{benchmark_id}", dependencies=auth)
+    def get_benchmark(benchmark_id: str) -> dict[str, Any]:
+        return service.benchmarks.get(benchmark_id)
+
+    @app.get("/v1/benchmarks/{benchmark_id}/download")
+    def download_benchmark(benchmark_id: str, request: Request) -> Response:
+        if "token" in request.query_params:
+            raise AuthError("a download token goes in the Authorization header, never in the URL",
+                            hint="send Authorization: Bearer TOKEN")
+        bearer = request.headers.get("authorization", "").removeprefix("Bearer ")[:512]
+        key, size, sha = service.benchmarks.download(benchmark_id, bearer)
+        # Whole files only (no Range): the device's downloader starts again on a 200, and candidates are small.
+        return StreamingResponse(service.store.read_range(key, 0, size), media_type="application/octet-stream",
+                                 headers={"Content-Length": str(size), "ETag": f'"{sha}"'})
 
     @app.get("/v1/bundles/{bundle_id}/download")
     def download(bundle_id: str, request: Request) -> Response:

@@ -136,6 +136,17 @@ class CloudClient:
     def request_capture(self, device_id: str, max_bytes: int = 16 << 20) -> dict[str, Any]:
         return self.request("POST", f"/v1/devices/{device_id}/capture", params={"max_bytes": max_bytes})
 
+    def request_benchmark(self, device_id: str, archive: Path, *, model: str, candidate: str, runs: int = 50,
+                          threads: int = 0, timeout_s: float = 120.0) -> dict[str, Any]:
+        """Upload a candidate bundle as a benchmark artifact and have ``device_id`` measure it."""
+        with open(archive, "rb") as f:
+            return self.request("POST", "/v1/benchmarks", content=f, headers={"Content-Type": "application/octet-stream"},
+                                params={"device_id": device_id, "model": model, "candidate": candidate, "runs": runs,
+                                        "threads": threads, "timeout_s": timeout_s})
+
+    def benchmark(self, benchmark_id: str) -> dict[str, Any]:
+        return self.request("GET", f"/v1/benchmarks/{benchmark_id}")
+
     def capture(self, capture_id: str) -> dict[str, Any]:
         return self.request("GET", f"/v1/captures/{capture_id}")
 

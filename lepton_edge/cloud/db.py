@@ -50,6 +50,7 @@ __all__ = [
     "drift_reports",
     "alerts",
     "captures",
+    "benchmarks",
     "database_url",
     "connect",
     "dumps",
@@ -272,6 +273,28 @@ captures = Table(
     Column("artifact_key", String(256)),
     Column("requested_at", Float, nullable=False),
     Column("uploaded_at", Float),
+)
+
+# A candidate measured on one device (issue 10): its archive is a benchmark artifact, never a model version.
+benchmarks = Table(
+    "benchmarks",
+    metadata,
+    Column("id", String(32), primary_key=True),
+    Column("device_id", String(64), nullable=False),
+    Column("cmd_id", String(64), nullable=False),
+    Column("token", String(64), nullable=False),  # sha256 of the device's download token, never the token
+    Column("status", String(16), nullable=False),  # requested, done, failed
+    Column("model", String(128), nullable=False),
+    Column("candidate", String(128), nullable=False),
+    Column("sha256", String(64), nullable=False),
+    Column("size", BigInteger, nullable=False),
+    Column("artifact_key", String(256)),  # cleared once the device answered (the blob is deleted)
+    Column("runs", Integer, nullable=False),
+    Column("threads", Integer, nullable=False),
+    Column("requested_at", Float, nullable=False),
+    Column("expires_at", Float, nullable=False),
+    Column("finished_at", Float),
+    Column("result", Text),
 )
 
 alerts = Table(

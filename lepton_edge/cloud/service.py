@@ -217,6 +217,9 @@ class CloudService:
             from .captures import Captures
 
             self.captures = Captures(self.engine, self.store, self.ingestor.publish, cfg.public_url or self.url)
+            from .benchmarks import Benchmarks
+
+            self.benchmarks = Benchmarks(self.engine, self.store, self.ingestor.publish, cfg.public_url or self.url)
             self._start_http(sock)
             self._spawn(self._engine_loop, "lepton-rollouts")
         except BaseException:

@@ -133,3 +133,67 @@ def test_a_rollback_to_version_is_a_name_not_a_path():
     for bad in (b"../../etc", b"a/b", b"1.0\\n", b".hidden"):
         with pytest.raises(ProtocolError):
             decode_command(base % bad)
+
+
+# ---------------------------------------------------------------- benchmark (issue 10: the device measures the candidates)
+_BID = "ab" * 16
+
+
+def _bench(**over):
+    cmd = {"type": "benchmark", "cmd_id": "c1", "benchmark_id": _BID, "url": "https://cloud/v1/benchmarks/x/download",
+           "sha256": "a" * 64, "size": 1000, "token": "t", "runs": 20, "threads": 2}
+    cmd.update(over)
+    return json.dumps(cmd).encode()
+
+
+def test_benchmark_command_and_result_round_trip():
+    cmd = p.decode_command(_bench())
+    assert isinstance(cmd, p.BenchmarkCommand) and (cmd.runs, cmd.threads, cmd.size) == (20, 2, 1000)
+    assert p.decode_command(p.encode(cmd)) == cmd
+    res = p.BenchmarkResult(benchmark_id=_BID, ok=True, p50_ms=1.5, p95_ms=2.0, golden="passed", runtime="onnxruntime",
+                            runtime_version="1.20.1", execution_provider="CPUExecutionProvider", arch="x86_64",
+                            cpu_features=["avx2"], serving_traffic=True, requests_during=3, rss_added_mb=4.5)
+    event = p.EventMessage(type="benchmark_result", cmd_id="c1", data=res.model_dump(mode="json"))
+    back = p.decode_event(p.encode(event))
+    assert back.type == "benchmark_result" and p.decode_benchmark_result(back.data) == res
+
+
+@pytest.mark.parametrize(
+    "over, match",
+    [
+        ({"benchmark_id": "../../etc"}, "benchmark_id"),
+        ({"sha256": "zz"}, "sha256"),
+        ({"size": 0}, "size"),
+        ({"runs": 0}, "runs"),
+        ({"runs": p.MAX_BENCHMARK_RUNS + 1}, "runs"),
+        ({"runs": 10**30}, "runs"),
+        ({"threads": -1}, "threads"),
+        ({"token": ""}, "token"),
+        ({"token": "x" * 600}, "token"),
+        ({"timeout_s": 0}, "timeout_s"),
+        ({"timeout_s": 1e9}, "timeout_s"),
+        ({"url": "u" * 5000}, "url"),
+    ],
+)
+def test_hostile_benchmark_commands(over, match):
+    with pytest.raises(ProtocolError, match=match):
+        p.decode_command(_bench(**over))
+
+
+@pytest.mark.parametrize(
+    "data, match",
+    [
+        ([1, 2], "object"),
+        ({"ok": True}, "benchmark_id"),
+        ({"benchmark_id": _BID, "ok": True, "p50_ms": -1}, "p50_ms"),
+        ({"benchmark_id": _BID, "ok": "maybe"}, "ok"),
+        ({"benchmark_id": _BID, "ok": True, "golden": "skipped"}, "golden"),
+        ({"benchmark_id": _BID, "ok": True, "cpu_features": ["x" * 100]}, "cpu_features"),
+        ({"benchmark_id": _BID, "ok": True, "cpu_features": ["a"] * 600}, "cpu_features"),
+        ({"benchmark_id": _BID, "ok": True, "reason": "r" * 2000}, "reason"),
+        ({"benchmark_id": _BID, "ok": True, "requests_during": -4}, "requests_during"),
+    ],
+)
+def test_hostile_benchmark_results(data, match):
+    with pytest.raises(ProtocolError, match=match):
+        p.decode_benchmark_result(data)
