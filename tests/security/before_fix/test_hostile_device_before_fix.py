@@ -85,6 +85,7 @@ def start_old_cloud(tmp: Path, broker_kind: str) -> HostileCloud:
 
 @pytest.fixture(params=suite.BROKERS)
 def cloud(request, tmp_path_factory) -> HostileCloud:
+    """main's ``cloud`` fixture with function scope (see the module docstring) and the old service."""
     c = start_old_cloud(tmp_path_factory.mktemp(f"before-{request.param}"), request.param)
     for name in ("alice", "bob", "mallory", "carol", "dave", "trent"):
         c.enroll(name)
