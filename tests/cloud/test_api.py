@@ -7,6 +7,8 @@ import io
 import json
 import tarfile
 
+import time
+
 import httpx
 import pytest
 
@@ -135,6 +137,46 @@ def test_download_needs_the_deployment_token_and_honours_ranges(svc, client, clo
     assert beyond.status_code == 416 and beyond.headers["content-range"] == f"bytes */{len(data)}"
     assert httpx.get(url, headers={**h, "Range": "bytes=abc"}).status_code == 200  # malformed: ignored, whole file
     assert httpx.get(f"{svc.url}/v1/bundles/nope/download", headers=h).status_code == 404
+
+
+def test_a_device_download_token_dies_with_its_deployment_and_by_age(svc, client, cloud_bundles, private_broker, sim_fleet):
+    """Issue 9: a token grants its bundle only while its row waits in a running deployment, and for a day at most."""
+    from sqlalchemy import update
+
+    from cloud_helpers import wait_deployment
+    from lepton_edge.cloud import db
+    from lepton_edge.cloud import rollout as rollout_mod
+
+    for v in ("1", "2"):
+        client.push(cloud_bundles(v))
+    fleet = sim_fleet(svc.broker_url)
+    (dev,) = fleet.enroll(client, ["tok-01"], profile="rpi5")
+    seen: list[tuple[str, str]] = []  # (url, token) of every download the device made
+    real_download = dev._download
+
+    def recording(cmd):  # type: ignore[no-untyped-def]
+        seen.append((cmd.url, cmd.token))
+        return real_download(cmd)
+
+    dev._download = recording
+    fleet.start(initial={"digits": "1"})
+    d = client.deploy("digits", "2", ["device:tok-01"], soak="0s", timeout="20s")
+    assert wait_deployment(client, d["id"])["status"] == "completed"
+    (url, token), = seen
+    url = url if url.startswith("http") else f"{svc.url}{url}"
+    # The deployment is over: the token that fetched the bundle a moment ago grants nothing now.
+    assert httpx.get(url, headers={"Authorization": f"Bearer {token}"}).status_code == 401
+
+    # By age: the same row, made downloadable again, still refuses a token issued over TOKEN_MAX_AGE_S ago.
+    with svc.engine.begin() as conn:
+        conn.execute(update(db.deployments).where(db.deployments.c.id == d["id"]).values(status="running"))
+        conn.execute(update(db.deployment_devices).where(db.deployment_devices.c.deployment_id == d["id"])
+                     .values(status=sorted(rollout_mod.DOWNLOADABLE)[0]))
+    assert httpx.get(url, headers={"Authorization": f"Bearer {token}"}).status_code == 200  # the control: a live row grants
+    with svc.engine.begin() as conn:
+        conn.execute(update(db.deployment_devices).where(db.deployment_devices.c.deployment_id == d["id"])
+                     .values(token_issued_at=time.time() - rollout_mod.TOKEN_MAX_AGE_S - 60))
+    assert httpx.get(url, headers={"Authorization": f"Bearer {token}"}).status_code == 401
 
 
 def test_interrupted_device_download_resumes_with_range(svc, client, cloud_bundles, private_broker, sim_fleet):
