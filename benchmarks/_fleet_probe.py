@@ -39,9 +39,16 @@ class ProcSampler:
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, daemon=True, name="proc-sampler")
 
+    def add(self, name: str, proc: psutil.Process) -> None:
+        """Watch one more process from now on (earlier marks count its CPU from here)."""
+        self.procs[name] = proc
+        self.peak_rss[name] = 0
+        for _t, cpu in self._marks.values():
+            cpu[name] = self.cpu().get(name, 0.0)
+
     def cpu(self) -> dict[str, float]:
         out = {}
-        for k, p in self.procs.items():
+        for k, p in list(self.procs.items()):
             try:
                 t = p.cpu_times()
                 out[k] = t.user + t.system
@@ -51,7 +58,7 @@ class ProcSampler:
 
     def _loop(self) -> None:
         while not self._stop.wait(1.0):
-            for k, p in self.procs.items():
+            for k, p in list(self.procs.items()):
                 try:
                     self.peak_rss[k] = max(self.peak_rss[k], p.memory_info().rss)
                 except psutil.Error:
@@ -111,7 +118,7 @@ class ApiProber:
                 rows = self._timed("devices_page", "/v1/devices", params)
                 after = rows[-1]["device_id"] if rows and len(rows) == self.page else None
                 if self.deployment_id:
-                    self._timed("deployment", f"/v1/deployments/{self.deployment_id}")
+                    self._timed("deployment", f"/v1/deployments/{self.deployment_id}", {"devices_limit": self.page})
             except httpx.HTTPError as e:
                 self.errors.append(f"{type(e).__name__}: {e}"[:200])
             self._stop.wait(0.25)
@@ -183,6 +190,8 @@ class DeviceProcesses:
                         vs[ver] = vs.get(ver, 0) + n
                 elif k == "errors":
                     total.setdefault(k, []).extend(v)
+                elif k == "started_at":
+                    total[k] = min(total.get(k) or v or 0, v or 0) or None
                 elif k == "all_connected_at":
                     total[k] = None if v is None or (k in total and total[k] is None) else max(total.get(k) or 0, v)
                 else:

@@ -85,7 +85,8 @@ class Stats:
     connected: int = 0
     connect_failures: int = 0
     reconnects: int = 0
-    all_connected_at: float | None = None  # wall clock, so the parent can compare processes
+    started_at: float | None = None  # wall clock, so the parent can compare processes
+    all_connected_at: float | None = None
     telemetry_sent: int = 0
     telemetry_acked: int = 0
     publishes_unacked: int = 0
@@ -321,12 +322,23 @@ class SimDevice:
         got = 0
         headers = {"Authorization": f"Bearer {cmd.token}"} if cmd.token else {}
         cut_at = cmd.size // 2 if self.interrupt else None
-        for _attempt in range(4):
+        for attempt in range(4):
             req = dict(headers)
             if got:
                 req["Range"] = f"bytes={got}-"
             async with self.sim.http_slots:
-                async with self.sim.http.stream("GET", cmd.url, headers=req) as r:
+                try:
+                    stream = self.sim.http.stream("GET", cmd.url, headers=req)
+                    r = await stream.__aenter__()
+                except (httpx.RemoteProtocolError, httpx.ConnectError, httpx.ReadError) as e:
+                    # A kept-alive connection the server had just closed, or a refused connect under load:
+                    # the agent's downloader retries with a back-off (and resumes from what it has).
+                    if attempt == 3:
+                        raise
+                    self.note(f"download retry: {type(e).__name__}")
+                    await asyncio.sleep(0.5 * (attempt + 1))
+                    continue
+                try:
                     self.sim.stats.download_responses += 1
                     if r.status_code not in (200, 206) or (got and r.status_code != 206):
                         raise RuntimeError(f"HTTP {r.status_code} for the bundle")
@@ -341,6 +353,12 @@ class SimDevice:
                             self.interrupt = False
                             self.sim.stats.resumed += 1
                             break  # leaving the block drops the connection mid-body, as a flaky link would
+                except (httpx.ReadError, httpx.RemoteProtocolError) as e:
+                    if attempt == 3:
+                        raise
+                    self.note(f"download resumed after {type(e).__name__}")  # the next round asks for the rest
+                finally:
+                    await stream.__aexit__(None, None, None)
             if got >= cmd.size:
                 return h.hexdigest(), got
         raise RuntimeError(f"download incomplete after 4 responses ({got} of {cmd.size} bytes)")
@@ -382,6 +400,7 @@ class Simulator:
             self.stats.all_connected_at = time.time()
 
     async def start(self) -> None:
+        self.stats.started_at = time.time()
         self.handshakes = asyncio.Semaphore(self.spec.connect_concurrency)
         self.http_slots = asyncio.Semaphore(self.spec.http_connections)
         verify: Any = ssl.create_default_context(cafile=self.spec.ca_file) if self.spec.ca_file else True

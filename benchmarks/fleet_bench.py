@@ -36,6 +36,7 @@ import json
 import os
 import platform
 import resource
+import signal
 import shutil
 import sys
 import tempfile
@@ -132,7 +133,7 @@ def _broker_process(service_pid: int) -> psutil.Process | None:
 
 
 def run_size(devices: int, bundles: tuple[Path, Path, Path], *, tls: bool, pg: str | None, broker: str, interval: float,
-             window: float, replicas: int = 1) -> dict:
+             window: float, profile_dir: Path | None = None) -> dict:
     work = Path(tempfile.mkdtemp(prefix=f"lepton-fleet-{devices}-"))
     v1, v2, pub = bundles
     db_url = pg or str(work / "cloud.db")
@@ -180,8 +181,12 @@ def run_size(devices: int, bundles: tuple[Path, Path, Path], *, tls: bool, pg: s
         t = time.monotonic()
         fleet = DeviceProcesses(specs)
         fleet.collect(timeout=120)
+        for i, pid in enumerate(fleet.pids):
+            sampler.add(f"devices{i}", psutil.Process(pid))
         _wait("every device connected", lambda: (fleet.report().get("connected", 0) >= devices), 600, 1.0)
         connected_s = time.monotonic() - t
+        rep = fleet.report()
+        result["connect_in_process_s"] = round(rep["all_connected_at"] - rep["started_at"], 2) if rep.get("all_connected_at") else None
         _wait("the service to count every device online", lambda: _online(client) >= devices, 300, 1.0)
         result.update(connect_s=round(connected_s, 2), online_at_service_s=round(time.monotonic() - t, 2),
                       cpu_connect=sampler.since("connect"))
@@ -209,13 +214,14 @@ def run_size(devices: int, bundles: tuple[Path, Path, Path], *, tls: bool, pg: s
         prober.reset()
         served0 = client.metrics()["downloads"].get("bytes", 0)
         sampler.mark("rollout")
+        spy = _profile(service.proc.pid, profile_dir, f"{devices}-{'tls' if tls else 'plain'}") if profile_dir else None
         t0 = time.monotonic()
         dep = client.deploy(MODEL, "2.0.0", [f"fleet:{fleet_name}"], waves="1%,10%,100%", soak="2s", timeout="300s",
                             max_error_rate="5%", max_p95_regression="50%", min_healthy="99%")
         prober.deployment_id = dep["id"]
         last, status, all_on_v2_s = None, "running", None
         while time.monotonic() - t0 < 600:
-            d = client.deployment(dep["id"])
+            d = client.deployment(dep["id"], devices_limit=0)  # the counts only: the rows are paged (the prober reads pages)
             status = d["status"]
             line = " | ".join(f"w{w['wave'] + 1}: " + ",".join(f"{n} {s}" for s, n in sorted(w["counts"].items())) for w in d["waves_detail"])
             if line != last:
@@ -227,6 +233,9 @@ def run_size(devices: int, bundles: tuple[Path, Path, Path], *, tls: bool, pg: s
                 break
             time.sleep(1.0)
         rollout_s = time.monotonic() - t0
+        if spy is not None:
+            spy.send_signal(signal.SIGINT)  # py-spy writes its file on SIGINT (SIGTERM loses it)
+            spy.wait(60)
         rep = fleet.report()
         served = client.metrics()["downloads"].get("bytes", 0) - served0
         result.update(rollout_status=status, rollout_reason=d.get("reason"), rollout_s=round(rollout_s, 2),
@@ -257,6 +266,7 @@ def run_size(devices: int, bundles: tuple[Path, Path, Path], *, tls: bool, pg: s
         m = client.metrics()
         got = m["ingest"].get("telemetry_received", 0)
         result.update(telemetry_acked_total=acked, telemetry_received_total=got, telemetry_lost=max(0, acked - got),
+                      telemetry_duplicates=max(0, got - acked),
                       telemetry_dropped=sum(v for k, v in m["ingest"].items() if k.startswith("dropped")),
                       device_errors=rep.get("errors", [])[:5], reconnects=rep.get("reconnects", 0),
                       connect_failures=rep.get("connect_failures", 0))
@@ -272,6 +282,16 @@ def run_size(devices: int, bundles: tuple[Path, Path, Path], *, tls: bool, pg: s
         result["wall_s"] = round(time.monotonic() - t_start, 1)
         shutil.rmtree(work, ignore_errors=True)
     return result
+
+
+def _profile(pid: int, out_dir: Path, name: str):  # type: ignore[no-untyped-def]
+    """py-spy on the service for the rollout: a flame graph (SVG) and the raw stacks, to name the bottleneck."""
+    import subprocess
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    spy = shutil.which("py-spy") or str(Path(sys.executable).with_name("py-spy"))
+    return subprocess.Popen([spy, "record", "-p", str(pid), "-r", "50", "-f", "raw", "-o", str(out_dir / f"service-{name}.txt")],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 
 
 def _reset_pg(url: str) -> None:
@@ -298,6 +318,7 @@ def main() -> int:
     ap.add_argument("--broker", default="embedded", choices=("embedded", "mosquitto"), help="the broker the service starts")
     ap.add_argument("--interval", type=float, default=10.0, help="telemetry interval of every device (s)")
     ap.add_argument("--window", type=float, default=60.0, help="steady telemetry window (s)")
+    ap.add_argument("--profile", type=Path, default=None, metavar="DIR", help="py-spy the service during each rollout into DIR")
     args = ap.parse_args()
     sizes = [500] if args.quick else [int(s) for s in args.sizes.split(",")]
     window = 30.0 if args.quick else args.window
@@ -311,7 +332,8 @@ def main() -> int:
         for n in sizes:
             for tls in variants:
                 info(f"==== {n} devices, {'TLS' if tls else 'plaintext'}, {'PostgreSQL' if args.pg else 'SQLite'}, {args.broker} broker")
-                r = run_size(n, bundles, tls=tls, pg=args.pg, broker=args.broker, interval=args.interval, window=window)
+                r = run_size(n, bundles, tls=tls, pg=args.pg, broker=args.broker, interval=args.interval, window=window,
+                             profile_dir=args.profile)
                 r["measured_at"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
                 runs[_key(r)] = r
                 RESULTS.parent.mkdir(parents=True, exist_ok=True)

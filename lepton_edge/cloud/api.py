@@ -18,7 +18,7 @@ device, for at most a day, and never after the device is revoked. OpenAPI: ``/op
 ``GET  /v1/devices/{id}``
 ``POST /v1/devices/{id}/revoke``
 ``POST /v1/deployments``                 ``{model, version, to: [...], waves, soak, ...}``
-``GET  /v1/deployments``, ``/v1/deployments/{id}``
+``GET  /v1/deployments``, ``/v1/deployments/{id}`` (``?devices_limit=N&devices_offset=M``: a page of its devices)
 ``POST /v1/deployments/{id}/pause|resume|rollback``
 ``GET  /v1/bundles/{id}/download``       HTTP Range: 206 + Content-Range, 416
 ``GET  /metrics``                        Prometheus text (:mod:`.metrics`; metrics or operator token)
@@ -285,8 +285,9 @@ def create_app(service: Any) -> FastAPI:
         return service.rollouts.list()
 
     @app.get("/v1/deployments/{dep_id}", dependencies=auth)
-    def get_deployment(dep_id: str) -> dict[str, Any]:
-        return service.rollouts.get(dep_id)
+    def get_deployment(dep_id: str, devices_limit: int | None = Query(default=None, ge=0, le=10_000),
+                       devices_offset: int = Query(default=0, ge=0)) -> dict[str, Any]:
+        return service.rollouts.get(dep_id, devices_limit=devices_limit, devices_offset=devices_offset)
 
     @app.post("/v1/deployments/{dep_id}/{action}", dependencies=auth)
     def steer(dep_id: str, action: str) -> dict[str, Any]:

@@ -170,8 +170,10 @@ class CloudClient:
     def deployments(self) -> list[dict[str, Any]]:
         return self.request("GET", "/v1/deployments")
 
-    def deployment(self, dep_id: str) -> dict[str, Any]:
-        return self.request("GET", f"/v1/deployments/{dep_id}")
+    def deployment(self, dep_id: str, *, devices_limit: int | None = None, devices_offset: int = 0) -> dict[str, Any]:
+        """A deployment with its waves; every per-device row, or one page of ``devices_limit`` (0: none)."""
+        params = {} if devices_limit is None else {"devices_limit": devices_limit, "devices_offset": devices_offset}
+        return self.request("GET", f"/v1/deployments/{dep_id}", params=params)
 
     def steer(self, dep_id: str, action: str) -> dict[str, Any]:
         return self.request("POST", f"/v1/deployments/{dep_id}/{action}")

@@ -49,7 +49,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
 
-from sqlalchemy import select, update
+from sqlalchemy import func, select, update
 from sqlalchemy.engine import Connection, Engine
 
 from ..errors import ProfileError
@@ -363,27 +363,37 @@ class Rollouts:
                 c[r.status] = c.get(r.status, 0) + 1
         return [{**_deployment_view(d), "counts": counts.get(d["id"], {})} for d in deps]
 
-    def get(self, dep_id: str) -> dict[str, Any]:
+    def get(self, dep_id: str, *, devices_limit: int | None = None, devices_offset: int = 0) -> dict[str, Any]:
+        """The deployment, its waves' counts and its per-device rows (all, or one page of ``devices_limit``).
+
+        The counts come from one GROUP BY, so a dashboard polling a 10,000-device rollout pages the
+        rows (``devices_limit=0``: none) instead of fetching and serialising all of them each time.
+        """
         dep_id = self.resolve(dep_id)
+        dd = db.deployment_devices
         with self._engine.connect() as conn:
             d = conn.execute(select(db.deployments).where(db.deployments.c.id == dep_id)).mappings().first()
             if d is None:
                 raise NotFoundError(f"deployment {dep_id} does not exist", hint="see `lepton-edge deploy list`")
-            rows = conn.execute(select(db.deployment_devices).where(db.deployment_devices.c.deployment_id == dep_id)
-                                .order_by(db.deployment_devices.c.wave, db.deployment_devices.c.device_id)).mappings().all()
+            counted = conn.execute(select(dd.c.wave, dd.c.status, func.count()).where(dd.c.deployment_id == dep_id)
+                                   .group_by(dd.c.wave, dd.c.status)).all()
+            q = (select(*(dd.c[k] for k in _DEVICE_ROW_KEYS)).where(dd.c.deployment_id == dep_id)
+                 .order_by(dd.c.wave, dd.c.device_id))
+            if devices_limit is not None:
+                q = q.limit(devices_limit).offset(max(0, devices_offset))
+            rows = conn.execute(q).mappings().all()
+            missing = [r.device_id for r in conn.execute(select(dd.c.device_id).where(dd.c.deployment_id == dep_id, dd.c.status == "no_bundle")
+                                                          .order_by(dd.c.device_id))]
         view = _deployment_view(d)
-        view["devices"] = [{k: r[k] for k in ("device_id", "wave", "status", "previous_version", "sent_at", "activated_at",
-                                                "last_event", "detail", "cmd_id", "rollback_cmd_id", "phase")} for r in rows]
-        waves: list[dict[str, Any]] = []
+        view["devices"] = [dict(r) for r in rows]
+        per_wave: dict[int, dict[str, int]] = {}
+        for wave, status, n in counted:
+            per_wave.setdefault(wave, {})[status] = n
+        view["devices_total"] = sum(n for _w, _s, n in counted)
         results = {w["wave"]: w for w in view["wave_results"]}
-        for k in range(max((r["wave"] for r in rows), default=-1) + 1):
-            counts: dict[str, int] = {}
-            for r in rows:
-                if r["wave"] == k:
-                    counts[r["status"]] = counts.get(r["status"], 0) + 1
-            waves.append({"wave": k, "devices": sum(counts.values()), "counts": counts, "gate": results.get(k)})
-        view["waves_detail"] = waves
-        view["missing_bundles"] = [r["device_id"] for r in rows if r["status"] == "no_bundle"]
+        view["waves_detail"] = [{"wave": k, "devices": sum(per_wave.get(k, {}).values()), "counts": per_wave.get(k, {}), "gate": results.get(k)}
+                                for k in range(max(per_wave, default=-1) + 1)]
+        view["missing_bundles"] = missing
         return view
 
     # ------------------------------------------------------------------ the engine (leader only)
@@ -596,6 +606,10 @@ class Rollouts:
                          .values(updated_at=time.time(), **values)).rowcount
         if n:
             d.update(values)
+
+
+_DEVICE_ROW_KEYS = ("device_id", "wave", "status", "previous_version", "sent_at", "activated_at", "last_event", "detail", "cmd_id",
+                    "rollback_cmd_id", "phase")
 
 
 def _gates_extra(policy: RolloutPolicy) -> dict[str, Any]:

@@ -117,3 +117,27 @@ def test_enroll_many_cli_reads_ids_and_writes_one_config_each(start_service, tmp
         assert (cfg.device_id, cfg.username) == (d, d)
     r = CliRunner().invoke(main, ["devices", "enroll-many", "--profile", "rpi5", "--server", svc.url, "--token", svc.token])
     assert r.exit_code == 2 and "give device ids" in r.output
+
+
+def test_deployment_view_counts_by_sql_and_pages_its_device_rows(start_service, cloud_bundles):
+    svc = start_service()
+    client = CloudClient(svc.url, svc.token)
+    client.push(cloud_bundles("1", "rpi5"))
+    ids = [f"dep-{i:03d}" for i in range(250)]
+    client.enroll_many(ids, "rpi5", fleet="f1")
+    dep = client.deploy("digits", "1", ["fleet:f1"], waves="10%,100%", soak="1s", timeout="60s")
+    full = client.deployment(dep["id"])
+    assert full["devices_total"] == 250 and len(full["devices"]) == 250
+    assert [w["devices"] for w in full["waves_detail"]] == [25, 225]
+    assert sum(sum(w["counts"].values()) for w in full["waves_detail"]) == 250
+    none = client.deployment(dep["id"], devices_limit=0)
+    assert none["devices"] == [] and [w["devices"] for w in none["waves_detail"]] == [25, 225]
+    pages = [client.deployment(dep["id"], devices_limit=100, devices_offset=o)["devices"] for o in (0, 100, 200)]
+    assert [len(p) for p in pages] == [100, 100, 50]
+    paged = [r["device_id"] for p in pages for r in p]
+    assert paged == [r["device_id"] for r in full["devices"]]  # same order (wave, device id), nothing twice
+    assert set(pages[0][0]) == set(full["devices"][0])  # the same fields per row
+    h = {"Authorization": f"Bearer {svc.token}"}
+    for params in ({"devices_limit": -1}, {"devices_offset": -5}, {"devices_limit": "many"}):
+        r = httpx.get(f"{svc.url}/v1/deployments/{dep['id']}", params=params, headers=h)
+        assert r.status_code == 422 and "error" in r.json(), params
