@@ -76,7 +76,7 @@ class WorkerSpec:
     ca_file: str | None = None  # set: MQTT over TLS and HTTPS downloads, verified against it
     telemetry_interval_s: float = 10.0
     resume_share: float = 0.05  # this share of devices cuts its first download half-way and resumes
-    connect_concurrency: int = 200  # handshakes in flight at once (a real fleet does not connect in one instant)
+    connect_concurrency: int = 100  # handshakes in flight at once (a real fleet does not connect in one instant)
     http_connections: int = 100
 
 

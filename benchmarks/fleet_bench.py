@@ -133,7 +133,7 @@ def _broker_process(service_pid: int) -> psutil.Process | None:
 
 
 def run_size(devices: int, bundles: tuple[Path, Path, Path], *, tls: bool, pg: str | None, broker: str, interval: float,
-             window: float, profile_dir: Path | None = None) -> dict:
+             window: float, profile_dir: Path | None = None, replicas: int = 1) -> dict:
     work = Path(tempfile.mkdtemp(prefix=f"lepton-fleet-{devices}-"))
     v1, v2, pub = bundles
     db_url = pg or str(work / "cloud.db")
@@ -151,6 +151,7 @@ def run_size(devices: int, bundles: tuple[Path, Path, Path], *, tls: bool, pg: s
     fleet = None
     prober = None
     sampler = None
+    second = None
     try:
         ca = service.info.get("ca")
         client = CloudClient(service.url, service.token, timeout=120, ca=ca)
@@ -159,6 +160,10 @@ def run_size(devices: int, bundles: tuple[Path, Path, Path], *, tls: bool, pg: s
         if broker_proc is not None:
             procs["broker"] = broker_proc
         sampler = ProcSampler(procs).start()
+        if replicas == 2:
+            second = _second_replica(pg, service, work, pub)
+            sampler.add("service2", psutil.Process(second.proc.pid))
+            result["replicas"] = 2
         for archive in (v1, v2):
             client.push(archive)
         fleet_name = "bench"
@@ -195,13 +200,21 @@ def run_size(devices: int, bundles: tuple[Path, Path, Path], *, tls: bool, pg: s
         # ---- steady telemetry
         time.sleep(min(interval, 10.0))  # every device has started its telemetry round
         sampler.mark("steady")
+        other = CloudClient(second.url, second.token, timeout=120) if second is not None else None
         r0, m0 = fleet.report(), client.metrics()
+        o0 = other.metrics() if other else None
         time.sleep(window)
         r1, m1 = fleet.report(), client.metrics()
+        o1 = other.metrics() if other else None
         steady = sampler.since("steady")
         wall = steady["wall_s"]
         offered = (r1["telemetry_acked"] - r0["telemetry_acked"]) / wall
         ingested = (m1["ingest"].get("telemetry_received", 0) - m0["ingest"].get("telemetry_received", 0)) / wall
+        if o0 is not None and o1 is not None:
+            # Two replicas share the ingest through the MQTT 5 shared subscription: each takes a part.
+            ingested_2 = (o1["ingest"].get("telemetry_received", 0) - o0["ingest"].get("telemetry_received", 0)) / wall
+            result["telemetry_ingested_per_replica_per_s"] = [round(ingested, 1), round(ingested_2, 1)]
+            ingested += ingested_2
         result.update(telemetry_offered_per_s=round(offered, 1), telemetry_ingested_per_s=round(ingested, 1),
                       telemetry_expected_per_s=round(devices / interval, 1), cpu_steady=steady,
                       ingest_backlog_steady=m1.get("ingest_backlog"))
@@ -220,7 +233,7 @@ def run_size(devices: int, bundles: tuple[Path, Path, Path], *, tls: bool, pg: s
                             max_error_rate="5%", max_p95_regression="50%", min_healthy="99%")
         prober.deployment_id = dep["id"]
         last, status, all_on_v2_s = None, "running", None
-        while time.monotonic() - t0 < 600:
+        while time.monotonic() - t0 < 480:
             d = client.deployment(dep["id"], devices_limit=0)  # the counts only: the rows are paged (the prober reads pages)
             status = d["status"]
             line = " | ".join(f"w{w['wave'] + 1}: " + ",".join(f"{n} {s}" for s, n in sorted(w["counts"].items())) for w in d["waves_detail"])
@@ -255,16 +268,20 @@ def run_size(devices: int, bundles: tuple[Path, Path, Path], *, tls: bool, pg: s
         time.sleep(3)
         acked = fleet.report()["telemetry_acked"]
 
+        def received() -> tuple[int, int]:
+            ms = [client.metrics()] + ([other.metrics()] if other else [])
+            return (sum(m["ingest"].get("telemetry_received", 0) for m in ms), sum(m.get("ingest_backlog") or 0 for m in ms))
+
         def drained() -> bool:
-            m = client.metrics()
-            return m["ingest"].get("telemetry_received", 0) >= acked and not m.get("ingest_backlog")
+            got, backlog = received()
+            return got >= acked and not backlog
 
         try:
             _wait("the ingest to drain", drained, 120, 1.0)
         except TimeoutError as e:
             warn(str(e))
         m = client.metrics()
-        got = m["ingest"].get("telemetry_received", 0)
+        got = received()[0]
         result.update(telemetry_acked_total=acked, telemetry_received_total=got, telemetry_lost=max(0, acked - got),
                       telemetry_duplicates=max(0, got - acked),
                       telemetry_dropped=sum(v for k, v in m["ingest"].items() if k.startswith("dropped")),
@@ -275,6 +292,8 @@ def run_size(devices: int, bundles: tuple[Path, Path, Path], *, tls: bool, pg: s
             prober.stop()
         if fleet is not None:
             fleet.stop()
+        if second is not None:
+            second.stop()
         if sampler is not None:
             result["peak_rss_mb"] = {k: round(v / 2**20, 1) for k, v in sampler.stop().items()}
         service.stop()
@@ -282,6 +301,28 @@ def run_size(devices: int, bundles: tuple[Path, Path, Path], *, tls: bool, pg: s
         result["wall_s"] = round(time.monotonic() - t_start, 1)
         shutil.rmtree(work, ignore_errors=True)
     return result
+
+
+def _second_replica(pg: str | None, first, work: Path, pub: Path):  # type: ignore[no-untyped-def]
+    """Another ``cloud serve`` on the same PostgreSQL and the first one's broker, as a second machine would run it.
+
+    It logs in as the service's broker user (the password the first replica keeps in the shared
+    database) on the broker's service listener, and joins the same shared subscription group, so
+    the broker splits telemetry and events between the two.
+    """
+    from sqlalchemy import create_engine, text
+
+    if not pg:
+        raise SystemExit("--replicas 2 needs --pg (replicas share a PostgreSQL database)")
+    eng = create_engine(pg.replace("postgresql://", "postgresql+psycopg://", 1))
+    with eng.connect() as conn:
+        kv = dict(conn.execute(text("SELECT key, value FROM settings")).all())
+    eng.dispose()
+    broker = f"mqtt://127.0.0.1:{kv['managed_broker_service_port']}"
+    return spawn_service(["--db", pg, "--port", "0", "--broker", broker, "--broker-password", kv["service_mqtt_password"],
+                          "--artifacts", str(work / "artifacts"), "--trusted-key", str(pub), "--state-dir", str(work / "replica-2"),
+                          "--token", first.token, "--replica-id", "replica-2", "--tick", "0.5s", "--resend", "60s",
+                          "--insecure-plaintext"], log_path=work / "replica-2.log", timeout=120)
 
 
 def _profile(pid: int, out_dir: Path, name: str):  # type: ignore[no-untyped-def]
@@ -305,7 +346,7 @@ def _reset_pg(url: str) -> None:
 
 
 def _key(r: dict) -> str:
-    return f"{r['devices']}-{r['db']}-{'tls' if r['tls'] else 'plain'}-{r['broker']}"
+    return f"{r['devices']}-{r['db']}-{'tls' if r['tls'] else 'plain'}-{r['broker']}" + ("-2replicas" if r.get("replicas") == 2 else "")
 
 
 def main() -> int:
@@ -318,6 +359,8 @@ def main() -> int:
     ap.add_argument("--broker", default="embedded", choices=("embedded", "mosquitto"), help="the broker the service starts")
     ap.add_argument("--interval", type=float, default=10.0, help="telemetry interval of every device (s)")
     ap.add_argument("--window", type=float, default=60.0, help="steady telemetry window (s)")
+    ap.add_argument("--replicas", type=int, default=1, choices=(1, 2),
+                    help="2: a second service replica on the same PostgreSQL shares the ingest (needs --pg and --plaintext)")
     ap.add_argument("--profile", type=Path, default=None, metavar="DIR", help="py-spy the service during each rollout into DIR")
     args = ap.parse_args()
     sizes = [500] if args.quick else [int(s) for s in args.sizes.split(",")]
@@ -333,7 +376,7 @@ def main() -> int:
             for tls in variants:
                 info(f"==== {n} devices, {'TLS' if tls else 'plaintext'}, {'PostgreSQL' if args.pg else 'SQLite'}, {args.broker} broker")
                 r = run_size(n, bundles, tls=tls, pg=args.pg, broker=args.broker, interval=args.interval, window=window,
-                             profile_dir=args.profile)
+                             profile_dir=args.profile, replicas=args.replicas)
                 r["measured_at"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
                 runs[_key(r)] = r
                 RESULTS.parent.mkdir(parents=True, exist_ok=True)

@@ -141,3 +141,21 @@ def test_deployment_view_counts_by_sql_and_pages_its_device_rows(start_service, 
     for params in ({"devices_limit": -1}, {"devices_offset": -5}, {"devices_limit": "many"}):
         r = httpx.get(f"{svc.url}/v1/deployments/{dep['id']}", params=params, headers=h)
         assert r.status_code == 422 and "error" in r.json(), params
+
+
+def test_the_managed_embedded_broker_is_sized_for_a_10000_device_fleet(tmp_path):
+    from lepton_edge.cloud.broker import MANAGED_MAX_CONNECTIONS, MANAGED_MAX_PREAUTH, ManagedEmbeddedBroker
+    from lepton_edge.cloud.embedded_broker.config import load_config
+
+    b = ManagedEmbeddedBroker(tmp_path / "broker", auth=False)
+    b.start()
+    try:
+        cfg = load_config(b.conf_path)
+        assert cfg.max_connections == MANAGED_MAX_CONNECTIONS >= 10_000
+        assert cfg.max_preauth_connections == MANAGED_MAX_PREAUTH >= 1024
+        # It raised its own open-file limit so those connections fit (the hard limit permitting).
+        limits = open(f"/proc/{b.pid}/limits").read()
+        soft, hard = next(line.split()[3:5] for line in limits.splitlines() if line.startswith("Max open files"))
+        assert int(soft) >= min(int(hard), MANAGED_MAX_CONNECTIONS + 256)
+    finally:
+        b.stop()
