@@ -318,11 +318,23 @@ def _second_replica(pg: str | None, first, work: Path, pub: Path):  # type: igno
     with eng.connect() as conn:
         kv = dict(conn.execute(text("SELECT key, value FROM settings")).all())
     eng.dispose()
-    broker = f"mqtt://127.0.0.1:{kv['managed_broker_service_port']}"
+    # Mosquitto gives the service a listener of its own; the embedded broker has one for all.
+    port = kv["managed_broker_service_port"] if first.info["broker"].endswith(f":{kv['managed_broker_port']}") is False else None
+    broker = f"mqtt://127.0.0.1:{port}" if port else first.info["broker"]
+    try:
+        return _spawn_replica(pg, broker, kv, first, work, pub)
+    except Exception:
+        log = work / "replica-2.log"
+        warn("the second replica did not start: " + (log.read_text()[-2000:] if log.exists() else "no log"))
+        raise
+
+
+def _spawn_replica(pg: str, broker: str, kv: dict, first, work: Path, pub: Path):  # type: ignore[no-untyped-def]
     return spawn_service(["--db", pg, "--port", "0", "--broker", broker, "--broker-password", kv["service_mqtt_password"],
                           "--artifacts", str(work / "artifacts"), "--trusted-key", str(pub), "--state-dir", str(work / "replica-2"),
                           "--token", first.token, "--replica-id", "replica-2", "--tick", "0.5s", "--resend", "60s",
-                          "--insecure-plaintext"], log_path=work / "replica-2.log", timeout=120)
+                          "--insecure-plaintext"], log_path=work / "replica-2.log", timeout=120,
+                         env={"LEPTON_EDGE_BROKER": "embedded"})
 
 
 def _profile(pid: int, out_dir: Path, name: str):  # type: ignore[no-untyped-def]
