@@ -133,7 +133,7 @@ def _broker_process(service_pid: int) -> psutil.Process | None:
 
 
 def run_size(devices: int, bundles: tuple[Path, Path, Path], *, tls: bool, pg: str | None, broker: str, interval: float,
-             window: float, profile_dir: Path | None = None, replicas: int = 1) -> dict:
+             window: float, profile_dir: Path | None = None, replicas: int = 1, rollout_cap_s: float = 480.0) -> dict:
     work = Path(tempfile.mkdtemp(prefix=f"lepton-fleet-{devices}-"))
     v1, v2, pub = bundles
     db_url = pg or str(work / "cloud.db")
@@ -233,7 +233,7 @@ def run_size(devices: int, bundles: tuple[Path, Path, Path], *, tls: bool, pg: s
                             max_error_rate="5%", max_p95_regression="50%", min_healthy="99%")
         prober.deployment_id = dep["id"]
         last, status, all_on_v2_s = None, "running", None
-        while time.monotonic() - t0 < 480:
+        while time.monotonic() - t0 < rollout_cap_s:
             d = client.deployment(dep["id"], devices_limit=0)  # the counts only: the rows are paged (the prober reads pages)
             status = d["status"]
             line = " | ".join(f"w{w['wave'] + 1}: " + ",".join(f"{n} {s}" for s, n in sorted(w["counts"].items())) for w in d["waves_detail"])
@@ -373,6 +373,7 @@ def main() -> int:
     ap.add_argument("--window", type=float, default=60.0, help="steady telemetry window (s)")
     ap.add_argument("--replicas", type=int, default=1, choices=(1, 2),
                     help="2: a second service replica on the same PostgreSQL shares the ingest (needs --pg and --plaintext)")
+    ap.add_argument("--rollout-cap", type=float, default=480.0, help="seconds to wait for the rollout before reporting it unfinished")
     ap.add_argument("--profile", type=Path, default=None, metavar="DIR", help="py-spy the service during each rollout into DIR")
     args = ap.parse_args()
     sizes = [500] if args.quick else [int(s) for s in args.sizes.split(",")]
@@ -388,7 +389,8 @@ def main() -> int:
             for tls in variants:
                 info(f"==== {n} devices, {'TLS' if tls else 'plaintext'}, {'PostgreSQL' if args.pg else 'SQLite'}, {args.broker} broker")
                 r = run_size(n, bundles, tls=tls, pg=args.pg, broker=args.broker, interval=args.interval, window=window,
-                             profile_dir=args.profile, replicas=args.replicas)
+                             profile_dir=args.profile, replicas=args.replicas,
+                             rollout_cap_s=args.rollout_cap)
                 r["measured_at"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
                 runs[_key(r)] = r
                 RESULTS.parent.mkdir(parents=True, exist_ok=True)
