@@ -49,7 +49,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
 
-from sqlalchemy import func, select, update
+from sqlalchemy import bindparam, func, select, update
 from sqlalchemy.engine import Connection, Engine
 
 from ..errors import ProfileError
@@ -417,12 +417,17 @@ class Rollouts:
             dev = {r["device_id"]: dict(r) for r in conn.execute(
                 select(db.devices.c.device_id, db.devices.c.fleet, db.devices.c.profile, db.devices.c.status, db.devices.c.active)
                 .where(db.devices.c.device_id.in_([r["device_id"] for r in rows]))).mappings()}
-            self._fold(conn, d, rows, dev, now)
-            outbox: list[tuple[str, str, Any]] = []
-            if d["status"] == "running":
-                self._advance(conn, d, rows, dev, now, outbox)
-            elif d["status"] == "rolling_back":
-                self._advance_rollback(conn, d, rows, dev, now, outbox)
+            self._dirty = {}
+            try:
+                self._fold(conn, d, rows, dev, now)
+                outbox: list[tuple[str, str, Any]] = []
+                if d["status"] == "running":
+                    self._advance(conn, d, rows, dev, now, outbox)
+                elif d["status"] == "rolling_back":
+                    self._advance_rollback(conn, d, rows, dev, now, outbox)
+                self._flush_rows(conn)
+            finally:
+                self._dirty = None
         # Published only after the commit: a command a device sees always exists in the DB.
         for fleet, device_id, msg in outbox:
             self._publish(fleet, device_id, msg)
@@ -478,11 +483,29 @@ class Rollouts:
                 r["updated_at"] = now
                 self._save_row(conn, r)
 
-    @staticmethod
-    def _save_row(conn: Connection, r: dict[str, Any]) -> None:
-        conn.execute(update(db.deployment_devices).where(db.deployment_devices.c.id == r["id"]).values(
-            **{k: r[k] for k in ("status", "cmd_id", "token", "token_prev", "token_issued_at", "previous_version", "sent_at",
-                                 "activated_at", "rollback_cmd_id", "rollback_sent_at", "updated_at", "last_event", "detail", "phase")}))
+    # Rows a step changed, by id, written in one executemany before its commit (None: outside a step).
+    _dirty: dict[int, dict[str, Any]] | None = None
+
+    def _save_row(self, conn: Connection, r: dict[str, Any]) -> None:
+        if self._dirty is not None:
+            self._dirty[r["id"]] = r  # the same dict: its last state is what gets written
+            return
+        conn.execute(update(db.deployment_devices).where(db.deployment_devices.c.id == r["id"]).values(**{k: r[k] for k in _ROW_FIELDS}))
+
+    def _flush_rows(self, conn: Connection) -> None:
+        """One batched UPDATE for every row the step changed.
+
+        Starting a 9,000-device wave used to issue 9,000 single-row UPDATEs inside the step's
+        transaction; on SQLite that held the one write lock long enough to stall ingestion
+        (fleet_bench at 10,000 devices). Batched, the statement is prepared once.
+        """
+        rows = list((self._dirty or {}).values())
+        if not rows:
+            return
+        dd = db.deployment_devices
+        stmt = update(dd).where(dd.c.id == bindparam("row_id")).values({k: bindparam(f"new_{k}") for k in _ROW_FIELDS})
+        for i in range(0, len(rows), 1000):
+            conn.execute(stmt, [{"row_id": r["id"], **{f"new_{k}": r[k] for k in _ROW_FIELDS}} for r in rows[i:i + 1000]])
 
     def _advance(self, conn: Connection, d: dict[str, Any], rows: list[dict[str, Any]], dev: dict[str, dict[str, Any]],
                  now: float, outbox: list[tuple[str, str, Any]]) -> None:
@@ -608,6 +631,8 @@ class Rollouts:
             d.update(values)
 
 
+_ROW_FIELDS = ("status", "cmd_id", "token", "token_prev", "token_issued_at", "previous_version", "sent_at", "activated_at",
+               "rollback_cmd_id", "rollback_sent_at", "updated_at", "last_event", "detail", "phase")
 _DEVICE_ROW_KEYS = ("device_id", "wave", "status", "previous_version", "sent_at", "activated_at", "last_event", "detail", "cmd_id",
                     "rollback_cmd_id", "phase")
 
