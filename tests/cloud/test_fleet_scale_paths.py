@@ -159,3 +159,27 @@ def test_the_managed_embedded_broker_is_sized_for_a_10000_device_fleet(tmp_path)
         assert int(soft) >= min(int(hard), MANAGED_MAX_CONNECTIONS + 256)
     finally:
         b.stop()
+
+
+def test_a_rollout_step_writes_its_changed_device_rows_in_one_batch(start_service, cloud_bundles):
+    from sqlalchemy import event
+
+    svc = start_service()
+    client = CloudClient(svc.url, svc.token)
+    client.push(cloud_bundles("1", "rpi5"))
+    client.enroll_many([f"batch-{i:03d}" for i in range(300)], "rpi5", fleet="fb")
+    single, batched = [], []
+
+    def seen(_conn, _cursor, statement, params, _context, executemany):
+        if statement.lstrip().upper().startswith("UPDATE DEPLOYMENT_DEVICES"):
+            (batched if executemany else single).append(len(params) if executemany else 1)
+
+    event.listen(svc.engine, "before_cursor_execute", seen)
+    try:
+        dep = client.deploy("digits", "1", ["fleet:fb"], waves="100%", soak="1s", timeout="60s")
+        wait_for(lambda: client.deployment(dep["id"], devices_limit=0)["waves_detail"][0]["counts"].get("sent") == 300, 30,
+                 "every row sent")
+    finally:
+        event.remove(svc.engine, "before_cursor_execute", seen)
+    assert single == []  # no row-at-a-time UPDATEs from the engine
+    assert max(batched) == 300  # the wave's 300 rows went out in one statement
