@@ -1,79 +1,76 @@
-"""Fleet benchmark: 500 simulated devices, one rollout, one telemetry flood, against a real broker.
+"""Fleet benchmark: up to 10,000 simulated devices on one control plane, each with its own MQTT connection.
 
-What it measures, in one run:
+Per fleet size, one ``lepton-edge cloud serve`` child (its own managed broker, TLS unless
+``--plaintext``; SQLite or ``--pg``) and the devices of ``_fleet_sim`` (asyncio, one real MQTT 5
+connection each with its own enrolled credentials, lepton/v1, real HTTP downloads with a Range
+resume for 5 % of them). It measures:
 
-* **rollout completion**: seconds from ``deploy create`` (waves 10%,50%,100%, 2 s soak) until
-  the service marks the deployment completed, and until the last device reports the version;
-* **bytes served per device / bundle size**: the service's own download counter, divided
-  by the number of devices and the archive size (target ≤ 1.05×: no device downloads twice);
-* **telemetry ingestion**: every device publishes a burst of telemetry (QoS 1, the agent's
-  payloads); messages per second the service stored, against what a bare paho subscriber
-  on the same topics drained from the same broker during the same burst (target ≥ 0.5).
+* **enrolment**: ``POST /v1/devices/bulk`` in batches of 1,000;
+* **connect**: from starting the device processes until every device is connected and the
+  service counts all of them online;
+* **telemetry**: every device publishes every ``--interval`` s (10 s: the agent's default);
+  over a ``--window`` s steady window, what the service ingested per second against what the
+  broker acknowledged from the devices (offered); **loss** = acknowledged − received by the
+  service over the whole run, after the devices stop and the service drains;
+* **rollout**: waves 1 %, 10 %, 100 % (soak 2 s, gates on): seconds until the deployment is
+  completed and every device runs the new version (target ≤ 120 s at 10,000);
+* **bytes served per device ÷ bundle size** (target ≤ 1.05: resumes cost no re-download);
+* **API p95** while the rollout runs: ``/v1/devices`` paged (200 a page, through the fleet)
+  and ``/v1/deployments/{id}``, called in a loop by a dashboard-like thread;
+* **CPU and peak RSS** of the service and of its broker, per phase.
 
-The devices are :class:`lepton_edge.cloud.simdevice.SimFleet` s (real paho MQTT 5 clients,
-real HTTP downloads with sha256 checks) spread over worker processes of at most
-``--per-process`` devices: paho waits on its sockets with ``select()``, which cannot watch
-a descriptor numbered 1024 or more, and each client holds three (its socket and a wake-up
-pipe), so one process tops out near 330 devices whatever RLIMIT_NOFILE says. The service
-runs as a ``lepton-edge cloud serve`` child process with a SQLite database. The bundle is a real converted, signed model (a 64→2048→256→10
-MLP with random weights, ONNX, converted for ``rpi5``). Everything is on loopback; every
-wait is bounded; the child and the devices are stopped on the way out.
+    .venv/bin/python benchmarks/fleet_bench.py --quick                 # 500 devices, a few minutes
+    .venv/bin/python benchmarks/fleet_bench.py --sizes 500,2000,5000,10000
+    .venv/bin/python benchmarks/fleet_bench.py --sizes 10000 --pg postgresql://postgres@127.0.0.1:5432/wt_scale
+    .venv/bin/python benchmarks/fleet_bench.py --sizes 2000 --tls-compare   # the same size with TLS and plaintext
 
-    .venv/bin/python benchmarks/fleet_bench.py [--devices 500] [--broker mqtt://127.0.0.1:1883]
-
-The broker: by default the benchmark starts its own anonymous Mosquitto on a free loopback
-port (:class:`lepton_edge.cloud.broker.ManagedMosquitto`, ``max_queued_messages 100000``).
-``--broker`` points it at another one. The machine's Mosquitto on 127.0.0.1:1883 runs with
-Debian's defaults, whose ``max_queued_messages 1000`` silently drops QoS 1 messages to any
-subscriber more than 1000 behind: measured here, a 20,000-message burst reached a bare
-paho subscriber as 1,116 messages, and the service lost rollout events the same way, so
-on that broker the numbers measure the broker's queue limit, not lepton-edge.
-
-Prints a table and writes ``benchmarks/results/fleet_bench.json``.
+Results accumulate in ``benchmarks/results/fleet_bench.json`` (one entry per size and variant,
+replaced when measured again), and the table and the slopes per 1,000 devices are printed
+from every entry measured so far.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import multiprocessing
+import os
 import platform
 import resource
-import secrets
+import signal
 import shutil
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
+from urllib.parse import urlsplit
 
-import numpy as np
+import psutil
 
-from lepton_edge.cloud.broker import ManagedMosquitto
-from lepton_edge.cloud.client import CloudClient
-from lepton_edge.cloud.mqtt import connect_and_wait, new_client, parse_broker_url
-from lepton_edge.cloud.service import spawn_service
-from lepton_edge.cloud.simdevice import SimFleet
-from lepton_edge.console import info, print_table, warn
-from lepton_edge.protocol import decode_telemetry
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from _fleet_probe import ApiProber, DeviceProcesses, ProcSampler  # noqa: E402
+from _fleet_report import print_report  # noqa: E402
+from _fleet_sim import WorkerSpec  # noqa: E402
+
+from lepton_edge.cloud.client import CloudClient  # noqa: E402
+from lepton_edge.cloud.service import spawn_service  # noqa: E402
+from lepton_edge.console import info, warn  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results" / "fleet_bench.json"
 MODEL = "fleet-mlp"
-TARGET_BYTES_RATIO = 1.05
-TARGET_INGEST_FRACTION = 0.5
+PER_PROCESS = 2500
 
 
-def _raise_fd_limit(devices: int) -> int:
-    # Each device holds an MQTT socket and, while downloading, an HTTP one; paho adds a pipe.
+def _raise_fd_limit() -> int:
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    want = min(hard if hard != resource.RLIM_INFINITY else 1 << 16, max(soft, 8 * devices + 1024))
-    if want > soft:
-        resource.setrlimit(resource.RLIMIT_NOFILE, (want, hard))
+    if soft < hard:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
     return resource.getrlimit(resource.RLIMIT_NOFILE)[0]
 
 
 def _make_bundles(work: Path) -> tuple[Path, Path, Path]:
-    """Two signed versions of a real converted model; returns (archive v1, archive v2, public key)."""
+    """Two signed versions of a real converted model (a 64→1024→256→10 MLP, ONNX for rpi5)."""
+    import numpy as np
     import onnx
     from onnx import TensorProto, helper, numpy_helper
 
@@ -84,7 +81,7 @@ def _make_bundles(work: Path) -> tuple[Path, Path, Path]:
     archives = []
     for version, seed in (("1.0.0", 0), ("2.0.0", 1)):
         rng = np.random.default_rng(seed)
-        dims = [64, 2048, 256, 10]
+        dims = [64, 1024, 256, 10]
         inits, nodes, prev = [], [], "input"
         for i, (a, b) in enumerate(zip(dims, dims[1:])):
             inits += [numpy_helper.from_array((rng.standard_normal((a, b)) / np.sqrt(a)).astype(np.float32), f"w{i}"),
@@ -107,114 +104,7 @@ def _make_bundles(work: Path) -> tuple[Path, Path, Path]:
     return archives[0], archives[1], pub
 
 
-def _device_worker(conn, broker_url: str, fleet: str, creds: list[tuple[str, str]], initial: dict) -> None:  # type: ignore[no-untyped-def]
-    """One process's share of the devices, steered over a pipe: burst, report, stop."""
-    _raise_fd_limit(len(creds))
-    sims = SimFleet(broker_url, telemetry_interval_s=2.0, workers=8)
-    try:
-        for device_id, password in creds:
-            sims.add(device_id, fleet=fleet, profile="rpi5", username=device_id, password=password)
-        sims.start(initial=initial)
-        conn.send(("ready", len(sims.devices)))
-        while True:
-            cmd, arg = conn.recv()
-            if cmd == "quiet":
-                sims.telemetry_interval_s = 3600.0  # the periodic loop sleeps through the burst
-                conn.send(("ok", None))
-            elif cmd == "burst":
-                for _ in range(arg):
-                    for d in sims.devices.values():
-                        d.publish_telemetry(1.0)
-                conn.send(("ok", arg * len(sims.devices)))
-            elif cmd == "report":
-                conn.send(("ok", {"active": [d.active.get(MODEL) for d in sims.devices.values()],
-                                  "downloaded": sum(e["bytes"] for d in sims.devices.values() for e in d.downloads),
-                                  "responses": sum(len(d.downloads) for d in sims.devices.values())}))
-            elif cmd == "stop":
-                break
-    except Exception as e:  # reported to the parent, which prints it as one line
-        conn.send(("error", f"{type(e).__name__}: {e}"))
-    finally:
-        sims.stop()
-        conn.close()
-
-
-class _Workers:
-    """The device processes, asked in parallel."""
-
-    def __init__(self, broker_url: str, fleet: str, creds: list[tuple[str, str]], per_process: int) -> None:
-        ctx = multiprocessing.get_context("spawn")
-        self._pipes, self._procs = [], []
-        for i in range(0, len(creds), per_process):
-            parent, child = ctx.Pipe()
-            p = ctx.Process(target=_device_worker, args=(child, broker_url, fleet, creds[i:i + per_process], {MODEL: "1.0.0"}),
-                            daemon=True)
-            p.start()
-            self._pipes.append(parent)
-            self._procs.append(p)
-
-    def ask(self, cmd: str, arg=None, timeout: float = 300.0) -> list:  # type: ignore[no-untyped-def]
-        for pipe in self._pipes:
-            pipe.send((cmd, arg))
-        return self.collect(timeout)
-
-    def collect(self, timeout: float) -> list:
-        answers = []
-        deadline = time.monotonic() + timeout
-        for pipe in self._pipes:
-            if not pipe.poll(max(0.0, deadline - time.monotonic())):
-                raise TimeoutError(f"a device process did not answer within {timeout:.0f}s")
-            status, value = pipe.recv()
-            if status == "error":
-                raise RuntimeError(f"a device process failed: {value}")
-            answers.append(value)
-        return answers
-
-    def stop(self) -> None:
-        for pipe in self._pipes:
-            try:
-                pipe.send(("stop", None))
-            except (OSError, BrokenPipeError):
-                pass
-        for p in self._procs:
-            p.join(15)
-            if p.is_alive():
-                p.kill()
-                p.join(5)
-
-
-class _BareSubscriber:
-    """The baseline: a paho MQTT 5 client that only counts the fleet's telemetry."""
-
-    def __init__(self, broker_url: str, fleet: str) -> None:
-        self.count = 0
-        self.last_at = 0.0
-        self._lock = threading.Lock()
-        self._client = new_client(f"bench-bare-{secrets.token_hex(3)}")
-        self._client.on_message = self._on_message
-        self._address = parse_broker_url(broker_url)
-        self._topic = f"lepton/v1/{fleet}/+/telemetry"
-
-    def _on_message(self, _c, _u, msg) -> None:  # type: ignore[no-untyped-def]
-        decode_telemetry(msg.payload)  # the same parse the service does, so the baseline is not just a counter
-        with self._lock:
-            self.count += 1
-            self.last_at = time.monotonic()
-
-    def start(self) -> None:
-        connect_and_wait(self._client, self._address, timeout=10)
-        done = threading.Event()
-        self._client.on_subscribe = lambda *_: done.set()
-        self._client.subscribe(self._topic, qos=1)
-        if not done.wait(10):
-            raise TimeoutError("the bare subscriber's SUBACK never came")
-
-    def stop(self) -> None:
-        self._client.disconnect()
-        self._client.loop_stop()
-
-
-def _wait(what: str, check, timeout: float, every: float = 0.2):  # type: ignore[no-untyped-def]
+def _wait(what: str, check, timeout: float, every: float = 0.5):  # type: ignore[no-untyped-def]
     deadline = time.monotonic() + timeout
     while True:
         value = check()
@@ -225,156 +115,292 @@ def _wait(what: str, check, timeout: float, every: float = 0.2):  # type: ignore
         time.sleep(every)
 
 
-def run(devices: int, broker_url: str | None, burst: int, budget_s: float, per_process: int) -> dict:
-    work = Path(tempfile.mkdtemp(prefix="lepton-fleet-bench-"))
-    broker = None
-    try:
-        if broker_url is None:
-            broker = ManagedMosquitto(work / "broker", auth=False)
-            broker.start()
-            broker_url = broker.url
-        return _run(work, devices, broker_url, burst, budget_s, per_process)
-    finally:
-        if broker is not None:
-            broker.stop()
-        shutil.rmtree(work, ignore_errors=True)
+def _online(client: CloudClient) -> int:
+    text = client._http.get("/metrics").text  # the Prometheus view: devices by status, one GROUP BY
+    return int(sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
+                   if line.startswith('lepton_cloud_devices{status="online"')))
 
 
-def _run(work: Path, devices: int, broker_url: str, burst: int, budget_s: float, per_process: int) -> dict:
+def _broker_process(service_pid: int) -> psutil.Process | None:
+    for child in psutil.Process(service_pid).children(recursive=True):
+        try:
+            cmd = " ".join(child.cmdline())
+        except psutil.Error:
+            continue
+        if "embedded_broker" in cmd or "mosquitto" in cmd:
+            return child
+    return None
+
+
+def run_size(devices: int, bundles: tuple[Path, Path, Path], *, tls: bool, pg: str | None, broker: str, interval: float,
+             window: float, profile_dir: Path | None = None, replicas: int = 1, rollout_cap_s: float = 480.0) -> dict:
+    work = Path(tempfile.mkdtemp(prefix=f"lepton-fleet-{devices}-"))
+    v1, v2, pub = bundles
+    db_url = pg or str(work / "cloud.db")
+    if pg:
+        _reset_pg(pg)
+    args = ["--db", db_url, "--port", "0", "--artifacts", str(work / "artifacts"), "--trusted-key", str(pub),
+            "--state-dir", str(work / "cloud"), "--tick", "0.5s", "--resend", "60s"]
+    if not tls:
+        args.append("--insecure-plaintext")
+    env = {"LEPTON_EDGE_BROKER": broker}
     t_start = time.monotonic()
-    nofile = _raise_fd_limit(devices)
-    fleet_name = f"bench{secrets.token_hex(3)}"
-    info(f"fleet {fleet_name}, {devices} devices, broker {broker_url}, RLIMIT_NOFILE {nofile}, work dir {work}")
-    v1, v2, pub = _make_bundles(work)
-    bundle_size = v2.stat().st_size
-    info(f"bundles: {v1.name} and {v2.name} ({bundle_size / 1024:.0f} KiB)")
-
-    service = spawn_service(["--db", str(work / "cloud.db"), "--broker", broker_url, "--port", "0",
-                             "--artifacts", str(work / "artifacts"), "--trusted-key", str(pub), "--state-dir", str(work / "cloud"),
-                             "--tick", "0.5s", "--resend", "60s", "--insecure-plaintext"], log_path=work / "service.log")
-    bare = _BareSubscriber(broker_url, fleet_name)
-    workers: _Workers | None = None
-    result: dict = {"devices": devices, "broker": broker_url, "fleet": fleet_name, "bundle_bytes": bundle_size,
-                    "devices_per_process": per_process}
+    service = spawn_service(args, log_path=work / "service.log", env=env, timeout=120)
+    result: dict = {"devices": devices, "tls": tls, "db": "postgresql" if pg else "sqlite", "broker": broker,
+                    "telemetry_interval_s": interval, "bundle_bytes": v2.stat().st_size, "load_before": os.getloadavg()}
+    fleet = None
+    prober = None
+    sampler = None
+    second = None
     try:
-        client = CloudClient(service.url, service.token, timeout=60)
+        ca = service.info.get("ca")
+        client = CloudClient(service.url, service.token, timeout=120, ca=ca)
+        broker_proc = _broker_process(service.proc.pid)
+        procs = {"service": psutil.Process(service.proc.pid)}
+        if broker_proc is not None:
+            procs["broker"] = broker_proc
+        sampler = ProcSampler(procs).start()
+        if replicas == 2:
+            second = _second_replica(pg, service, work, pub)
+            sampler.add("service2", psutil.Process(second.proc.pid))
+            result["replicas"] = 2
         for archive in (v1, v2):
             client.push(archive)
+        fleet_name = "bench"
+        ids = [f"sim-{i:05d}" for i in range(devices)]
         t = time.monotonic()
         creds = []
-        for i in range(devices):
-            enrolled = client.enroll(f"sim-{i:04d}", "rpi5", fleet=fleet_name, tags={"site": "bench"}, telemetry_interval_s=2.0)
-            creds.append((enrolled["agent_config"]["username"], enrolled["agent_config"]["password"]))
-        info(f"enrolled {devices} devices in {time.monotonic() - t:.1f}s")
+        for i in range(0, devices, 1000):
+            for res in client.enroll_many(ids[i:i + 1000], "rpi5", fleet=fleet_name, tags={"site": "bench"},
+                                          telemetry_interval_s=interval, allow_plaintext=True):
+                creds.append((res["agent_config"]["username"], res["agent_config"]["password"]))
+        result["enroll_s"] = round(time.monotonic() - t, 2)
+        info(f"{devices} devices enrolled in {result['enroll_s']} s (bulk, 1,000 a request)")
+
+        # ---- connect
+        u = urlsplit(service.info["broker"])
+        specs = [WorkerSpec(host=u.hostname or "127.0.0.1", port=u.port or 1883, fleet=fleet_name, creds=creds[i:i + PER_PROCESS],
+                            model=MODEL, initial_version="1.0.0", ca_file=ca if u.scheme == "mqtts" else None,
+                            telemetry_interval_s=interval) for i in range(0, devices, PER_PROCESS)]
+        sampler.mark("connect")
         t = time.monotonic()
-        workers = _Workers(broker_url, fleet_name, creds, per_process)
-        workers.collect(timeout=180)
-        _wait(f"{devices} devices online", lambda: sum(d["status"] == "online" for d in client.devices()) >= devices, 120, 0.5)
-        info(f"{devices} devices in {len(workers._procs)} processes connected and online at the service in {time.monotonic() - t:.1f}s")
+        fleet = DeviceProcesses(specs)
+        fleet.collect(timeout=120)
+        for i, pid in enumerate(fleet.pids):
+            sampler.add(f"devices{i}", psutil.Process(pid))
+        _wait("every device connected", lambda: (fleet.report().get("connected", 0) >= devices), 600, 1.0)
+        connected_s = time.monotonic() - t
+        rep = fleet.report()
+        result["connect_in_process_s"] = round(rep["all_connected_at"] - rep["started_at"], 2) if rep.get("all_connected_at") else None
+        _wait("the service to count every device online", lambda: _online(client) >= devices, 300, 1.0)
+        result.update(connect_s=round(connected_s, 2), online_at_service_s=round(time.monotonic() - t, 2),
+                      cpu_connect=sampler.since("connect"))
+        info(f"{devices} devices connected in {connected_s:.1f} s, all online at the service after {result['online_at_service_s']} s")
 
-        # ---- rollout
-        before = client.metrics()["downloads"].get("bytes", 0)
+        # ---- steady telemetry
+        time.sleep(min(interval, 10.0))  # every device has started its telemetry round
+        sampler.mark("steady")
+        other = CloudClient(second.url, second.token, timeout=120) if second is not None else None
+        r0, m0 = fleet.report(), client.metrics()
+        o0 = other.metrics() if other else None
+        time.sleep(window)
+        r1, m1 = fleet.report(), client.metrics()
+        o1 = other.metrics() if other else None
+        steady = sampler.since("steady")
+        wall = steady["wall_s"]
+        offered = (r1["telemetry_acked"] - r0["telemetry_acked"]) / wall
+        ingested = (m1["ingest"].get("telemetry_received", 0) - m0["ingest"].get("telemetry_received", 0)) / wall
+        if o0 is not None and o1 is not None:
+            # Two replicas share the ingest through the MQTT 5 shared subscription: each takes a part.
+            ingested_2 = (o1["ingest"].get("telemetry_received", 0) - o0["ingest"].get("telemetry_received", 0)) / wall
+            result["telemetry_ingested_per_replica_per_s"] = [round(ingested, 1), round(ingested_2, 1)]
+            ingested += ingested_2
+        result.update(telemetry_offered_per_s=round(offered, 1), telemetry_ingested_per_s=round(ingested, 1),
+                      telemetry_expected_per_s=round(devices / interval, 1), cpu_steady=steady,
+                      ingest_backlog_steady=m1.get("ingest_backlog"))
+        info(f"telemetry: {ingested:.0f}/s ingested of {offered:.0f}/s offered ({devices / interval:.0f}/s expected)")
+
+        # ---- rollout, with the API probed as a dashboard would
+        prober = ApiProber(service.url, service.token, ca).start()
+        time.sleep(5)
+        api_idle = prober.summary()
+        prober.reset()
+        served0 = client.metrics()["downloads"].get("bytes", 0)
+        sampler.mark("rollout")
+        spy = _profile(service.proc.pid, profile_dir, f"{devices}-{'tls' if tls else 'plain'}") if profile_dir else None
         t0 = time.monotonic()
-        dep = client.deploy(MODEL, "2.0.0", [f"fleet:{fleet_name}"], waves="10%,50%,100%", soak="2s", timeout="120s",
+        dep = client.deploy(MODEL, "2.0.0", [f"fleet:{fleet_name}"], waves="1%,10%,100%", soak="2s", timeout="300s",
                             max_error_rate="5%", max_p95_regression="50%", min_healthy="99%")
-        last = None
-        deadline = t0 + max(60.0, budget_s - (time.monotonic() - t_start) - 60)
-        while True:
-            d = client.deployment(dep["id"])
-            line = " | ".join(f"wave {w['wave'] + 1}: " + ", ".join(f"{n} {s}" for s, n in sorted(w["counts"].items()))
-                              for w in d["waves_detail"])
+        prober.deployment_id = dep["id"]
+        last, status, all_on_v2_s = None, "running", None
+        while time.monotonic() - t0 < rollout_cap_s:
+            d = client.deployment(dep["id"], devices_limit=0)  # the counts only: the rows are paged (the prober reads pages)
+            status = d["status"]
+            line = " | ".join(f"w{w['wave'] + 1}: " + ",".join(f"{n} {s}" for s, n in sorted(w["counts"].items())) for w in d["waves_detail"])
             if line != last:
-                info(f"{time.monotonic() - t0:6.1f}s [{d['status']}] {line}")
+                info(f"{time.monotonic() - t0:6.1f}s [{status}] {line}")
                 last = line
-            if d["status"] not in ("running",) or time.monotonic() > deadline:
+            if all_on_v2_s is None and fleet.report().get("versions", {}).get("2.0.0", 0) >= devices:
+                all_on_v2_s = time.monotonic() - t0
+            if status != "running" and all_on_v2_s is not None or status not in ("running", "completed"):
                 break
-            time.sleep(0.5)
+            time.sleep(1.0)
         rollout_s = time.monotonic() - t0
-        reports = workers.ask("report")
-        on_v2 = sum(v == "2.0.0" for r in reports for v in r["active"])
-        served = client.metrics()["downloads"].get("bytes", 0) - before
-        downloaded = sum(r["downloaded"] for r in reports)
-        result.update(rollout_status=d["status"], rollout_reason=d.get("reason"), rollout_s=round(rollout_s, 2),
-                      devices_on_new_version=on_v2, bytes_served=served, bytes_downloaded_by_devices=downloaded,
-                      bytes_per_device_ratio=round(served / max(1, devices) / bundle_size, 4),
-                      wave_gates=[w.get("gate") for w in d["waves_detail"]])
-        if d["status"] != "completed":
-            warn(f"rollout ended {d['status']}: {d.get('reason')}")
+        if spy is not None:
+            spy.send_signal(signal.SIGINT)  # py-spy writes its file on SIGINT (SIGTERM loses it)
+            spy.wait(60)
+        rep = fleet.report()
+        served = client.metrics()["downloads"].get("bytes", 0) - served0
+        result.update(rollout_status=status, rollout_reason=d.get("reason"), rollout_s=round(rollout_s, 2),
+                      rollout_all_devices_s=round(all_on_v2_s, 2) if all_on_v2_s else None,
+                      devices_on_new_version=rep["versions"].get("2.0.0", 0), bytes_served=served,
+                      bytes_per_device_ratio=round(served / devices / result["bundle_bytes"], 4),
+                      resumed_downloads=rep["resumed"], download_failures=rep["download_failures"],
+                      cpu_rollout=sampler.since("rollout"), api_rollout=prober.summary(), api_idle=api_idle,
+                      wave_gates=[{k: (w.get("gate") or {}).get(k) for k in ("passed", "no_data", "reasons")} for w in d["waves_detail"]])
+        prober.stop()
+        prober = None
+        info(f"rollout {status} in {rollout_s:.1f} s; {result['devices_on_new_version']}/{devices} on 2.0.0; "
+             f"{result['bytes_per_device_ratio']}x bundle per device")
 
-        # ---- telemetry: the service and a bare subscriber drain the same burst
-        bare.start()
-        workers.ask("quiet")
-        time.sleep(2.5)  # the periodic loops finish their current round
-        base_service = client.metrics()["ingest"].get("telemetry_received", 0)
-        base_bare = bare.count
-        expected = devices * burst
-        info(f"telemetry burst: {burst} messages from each of {devices} devices ({expected} in all)")
-        t0 = time.monotonic()
-        published = sum(workers.ask("burst", burst, timeout=budget_s))
-        publish_s = time.monotonic() - t0
-        service_last = [t0, base_service]
+        # ---- loss: stop the devices' telemetry, let the service drain, compare totals
+        fleet.ask("telemetry", False)
+        time.sleep(3)
+        acked = fleet.report()["telemetry_acked"]
 
-        def service_done() -> bool:
-            n = client.metrics()["ingest"].get("telemetry_received", 0)
-            if n != service_last[1]:
-                service_last[:] = [time.monotonic(), n]
-            return n - base_service >= expected and bare.count - base_bare >= expected
+        def received() -> tuple[int, int]:
+            ms = [client.metrics()] + ([other.metrics()] if other else [])
+            return (sum(m["ingest"].get("telemetry_received", 0) for m in ms), sum(m.get("ingest_backlog") or 0 for m in ms))
+
+        def drained() -> bool:
+            got, backlog = received()
+            return got >= acked and not backlog
 
         try:
-            _wait("the burst to be drained", service_done, timeout=max(30.0, min(180.0, budget_s - (time.monotonic() - t_start))), every=0.1)
+            _wait("the ingest to drain", drained, 120, 1.0)
         except TimeoutError as e:
             warn(str(e))
-        got_service = service_last[1] - base_service
-        got_bare = bare.count - base_bare
-        service_s = service_last[0] - t0
-        bare_s = bare.last_at - t0
-        service_rate = got_service / service_s if service_s > 0 else 0.0
-        bare_rate = got_bare / bare_s if bare_s > 0 else 0.0
-        result.update(telemetry_expected=expected, telemetry_published=published, telemetry_publish_s=round(publish_s, 2),
-                      telemetry_ingested=got_service, telemetry_ingest_s=round(service_s, 2),
-                      telemetry_ingest_per_s=round(service_rate, 1),
-                      bare_received=got_bare, bare_drain_s=round(bare_s, 2), bare_drain_per_s=round(bare_rate, 1),
-                      ingest_fraction_of_bare=round(service_rate / bare_rate, 3) if bare_rate else None)
+        m = client.metrics()
+        got = received()[0]
+        result.update(telemetry_acked_total=acked, telemetry_received_total=got, telemetry_lost=max(0, acked - got),
+                      telemetry_duplicates=max(0, got - acked),
+                      telemetry_dropped=sum(v for k, v in m["ingest"].items() if k.startswith("dropped")),
+                      device_errors=rep.get("errors", [])[:5], reconnects=rep.get("reconnects", 0),
+                      connect_failures=rep.get("connect_failures", 0))
     finally:
-        bare.stop()
-        if workers is not None:
-            workers.stop()
+        if prober is not None:
+            prober.stop()
+        if fleet is not None:
+            fleet.stop()
+        if second is not None:
+            second.stop()
+        if sampler is not None:
+            result["peak_rss_mb"] = {k: round(v / 2**20, 1) for k, v in sampler.stop().items()}
         service.stop()
-    result["wall_s"] = round(time.monotonic() - t_start, 1)
+        result["load_after"] = os.getloadavg()
+        result["wall_s"] = round(time.monotonic() - t_start, 1)
+        shutil.rmtree(work, ignore_errors=True)
     return result
+
+
+def _second_replica(pg: str | None, first, work: Path, pub: Path):  # type: ignore[no-untyped-def]
+    """Another ``cloud serve`` on the same PostgreSQL and the first one's broker, as a second machine would run it.
+
+    It logs in as the service's broker user (the password the first replica keeps in the shared
+    database) on the broker's service listener, and joins the same shared subscription group, so
+    the broker splits telemetry and events between the two.
+    """
+    from sqlalchemy import create_engine, text
+
+    if not pg:
+        raise SystemExit("--replicas 2 needs --pg (replicas share a PostgreSQL database)")
+    eng = create_engine(pg.replace("postgresql://", "postgresql+psycopg://", 1))
+    with eng.connect() as conn:
+        kv = dict(conn.execute(text("SELECT key, value FROM settings")).all())
+    eng.dispose()
+    # Mosquitto gives the service a listener of its own; the embedded broker has one for all.
+    port = kv["managed_broker_service_port"] if first.info["broker"].endswith(f":{kv['managed_broker_port']}") is False else None
+    broker = f"mqtt://127.0.0.1:{port}" if port else first.info["broker"]
+    try:
+        return _spawn_replica(pg, broker, kv, first, work, pub)
+    except Exception:
+        log = work / "replica-2.log"
+        warn("the second replica did not start: " + (log.read_text()[-2000:] if log.exists() else "no log"))
+        raise
+
+
+def _spawn_replica(pg: str, broker: str, kv: dict, first, work: Path, pub: Path):  # type: ignore[no-untyped-def]
+    return spawn_service(["--db", pg, "--port", "0", "--broker", broker, "--broker-password", kv["service_mqtt_password"],
+                          "--artifacts", str(work / "artifacts"), "--trusted-key", str(pub), "--state-dir", str(work / "replica-2"),
+                          "--token", first.token, "--replica-id", "replica-2", "--tick", "0.5s", "--resend", "60s",
+                          "--insecure-plaintext"], log_path=work / "replica-2.log", timeout=120,
+                         env={"LEPTON_EDGE_BROKER": "embedded"})
+
+
+def _profile(pid: int, out_dir: Path, name: str):  # type: ignore[no-untyped-def]
+    """py-spy on the service for the rollout: a flame graph (SVG) and the raw stacks, to name the bottleneck."""
+    import subprocess
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    spy = shutil.which("py-spy") or str(Path(sys.executable).with_name("py-spy"))
+    return subprocess.Popen([spy, "record", "-p", str(pid), "-r", "50", "-f", "raw", "-o", str(out_dir / f"service-{name}.txt")],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+
+def _reset_pg(url: str) -> None:
+    """A clean database for each run: the fleet of the previous run is not this one's."""
+    from sqlalchemy import create_engine, text
+
+    eng = create_engine(url.replace("postgresql://", "postgresql+psycopg://", 1) if "+" not in url.split(":", 1)[0] else url)
+    with eng.begin() as conn:
+        conn.execute(text("DROP SCHEMA public CASCADE; CREATE SCHEMA public"))
+    eng.dispose()
+
+
+def _key(r: dict) -> str:
+    return f"{r['devices']}-{r['db']}-{'tls' if r['tls'] else 'plain'}-{r['broker']}" + ("-2replicas" if r.get("replicas") == 2 else "")
 
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--devices", type=int, default=500)
-    ap.add_argument("--broker", default=None, help="an MQTT 5 broker URL; default: a Mosquitto of its own (see the module doc)")
-    ap.add_argument("--burst", type=int, default=40, help="telemetry messages per device in the ingestion burst")
-    ap.add_argument("--per-process", type=int, default=125, help="simulated devices per worker process (paho's select() caps one process near 330)")
-    ap.add_argument("--budget", type=float, default=600.0, help="seconds before the benchmark gives up")
+    ap.add_argument("--sizes", default="500", help="comma-separated fleet sizes")
+    ap.add_argument("--quick", action="store_true", help="500 devices, 30 s telemetry window")
+    ap.add_argument("--pg", default=None, help="a PostgreSQL URL (its public schema is dropped and re-created per size)")
+    ap.add_argument("--plaintext", action="store_true", help="run the service with --insecure-plaintext")
+    ap.add_argument("--tls-compare", action="store_true", help="each size twice: TLS, then plaintext")
+    ap.add_argument("--broker", default="embedded", choices=("embedded", "mosquitto"), help="the broker the service starts")
+    ap.add_argument("--interval", type=float, default=10.0, help="telemetry interval of every device (s)")
+    ap.add_argument("--window", type=float, default=60.0, help="steady telemetry window (s)")
+    ap.add_argument("--replicas", type=int, default=1, choices=(1, 2),
+                    help="2: a second service replica on the same PostgreSQL shares the ingest (needs --pg and --plaintext)")
+    ap.add_argument("--rollout-cap", type=float, default=480.0, help="seconds to wait for the rollout before reporting it unfinished")
+    ap.add_argument("--profile", type=Path, default=None, metavar="DIR", help="py-spy the service during each rollout into DIR")
     args = ap.parse_args()
-    r = run(args.devices, args.broker, args.burst, args.budget, args.per_process)
-    r["host"] = {"machine": platform.machine(), "python": platform.python_version(), "cpus": __import__("os").cpu_count()}
-    r["targets"] = {"bytes_per_device_ratio_max": TARGET_BYTES_RATIO, "ingest_fraction_min": TARGET_INGEST_FRACTION}
-    rows = [
-        ("rollout to all devices", f"{r.get('rollout_s')} s", f"{r.get('rollout_status')}: {r.get('devices_on_new_version')}/{r['devices']} on 2.0.0", "all, completed"),
-        ("bytes served per device / bundle", f"{r.get('bytes_per_device_ratio')}x",
-         f"{r.get('bytes_served')} B served for {r['devices']} x {r['bundle_bytes']} B", f"<= {TARGET_BYTES_RATIO}x"),
-        ("telemetry ingested by the service", f"{r.get('telemetry_ingest_per_s')} msg/s",
-         f"{r.get('telemetry_ingested')}/{r.get('telemetry_expected')} in {r.get('telemetry_ingest_s')} s", ""),
-        ("bare paho subscriber, same burst", f"{r.get('bare_drain_per_s')} msg/s",
-         f"{r.get('bare_received')}/{r.get('telemetry_expected')} in {r.get('bare_drain_s')} s", "baseline"),
-        ("burst handed to the devices' paho clients", f"{round(r['telemetry_published'] / r['telemetry_publish_s'], 1) if r.get('telemetry_publish_s') else None} msg/s",
-         f"{r.get('telemetry_published')} in {r.get('telemetry_publish_s')} s by {-(-r['devices'] // r['devices_per_process'])} processes; "
-         "their network threads and the broker deliver it", ""),
-        ("ingestion / bare subscriber", f"{r.get('ingest_fraction_of_bare')}", "same broker, same burst, same run", f">= {TARGET_INGEST_FRACTION}"),
-    ]
-    print_table(f"Fleet benchmark: {r['devices']} simulated devices ({r['wall_s']} s)", ["metric", "value", "detail", "target"], rows)
-    RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    RESULTS.write_text(json.dumps(r, indent=2, default=str))
+    sizes = [500] if args.quick else [int(s) for s in args.sizes.split(",")]
+    window = 30.0 if args.quick else args.window
+    info(f"RLIMIT_NOFILE {_raise_fd_limit()}, load {os.getloadavg()}")
+    work = Path(tempfile.mkdtemp(prefix="lepton-fleet-bundles-"))
+    stored = json.loads(RESULTS.read_text()) if RESULTS.exists() else {}
+    runs = stored.get("runs", {})
+    try:
+        bundles = _make_bundles(work)
+        variants = [True, False] if args.tls_compare else [not args.plaintext]
+        for n in sizes:
+            for tls in variants:
+                info(f"==== {n} devices, {'TLS' if tls else 'plaintext'}, {'PostgreSQL' if args.pg else 'SQLite'}, {args.broker} broker")
+                r = run_size(n, bundles, tls=tls, pg=args.pg, broker=args.broker, interval=args.interval, window=window,
+                             profile_dir=args.profile, replicas=args.replicas,
+                             rollout_cap_s=args.rollout_cap)
+                r["measured_at"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+                runs[_key(r)] = r
+                RESULTS.parent.mkdir(parents=True, exist_ok=True)
+                RESULTS.write_text(json.dumps({"host": {"machine": platform.machine(), "python": platform.python_version(),
+                                                        "cpus": os.cpu_count()}, "runs": runs}, indent=2, default=str))
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    print_report(runs)
     info(f"wrote {RESULTS}")
-    ok = (r.get("rollout_status") == "completed" and (r.get("bytes_per_device_ratio") or 99) <= TARGET_BYTES_RATIO
-          and (r.get("ingest_fraction_of_bare") or 0) >= TARGET_INGEST_FRACTION)
-    return 0 if ok else 1
+    return 0
 
 
 if __name__ == "__main__":

@@ -79,9 +79,17 @@ class AlertEngine:
         now = self._clock()
         out: list[AlertMessage] = []
         with self._engine.begin() as conn:
-            for alert in self._candidates(conn, now):
-                if self._admit(conn, alert, now):
+            candidates = list(self._candidates(conn, now))
+            # Sent before: one query per 500 keys. At 10,000 devices a connect storm makes thousands of
+            # offline candidates a tick, and three queries each took a fifth of the service's CPU.
+            sent = self._sent_keys(conn, [c.key for c in candidates])
+            recent = conn.execute(select(func.count()).select_from(db.alerts).where(db.alerts.c.last_at > now - 60)).scalar() or 0
+            for alert in candidates:
+                if alert.key in sent:
+                    continue
+                if self._admit(conn, alert, now, recent):
                     out.append(alert)
+                    recent += 1
         for alert in out:  # after the commit: a sent alert is always a stored one
             self.sent[alert.kind] += 1
             for sink in self._sinks:
@@ -92,19 +100,25 @@ class AlertEngine:
         return out
 
     # ------------------------------------------------------------------ dedup and limits
-    def _admit(self, conn: Connection, alert: AlertMessage, now: float) -> bool:
+    @staticmethod
+    def _sent_keys(conn: Connection, keys: list[str]) -> set[str]:
         a = db.alerts
-        if conn.execute(select(a.c.id).where(a.c.key == alert.key)).first() is not None:
+        found: set[str] = set()
+        for i in range(0, len(keys), 500):
+            found.update(conn.execute(select(a.c.key).where(a.c.key.in_(keys[i:i + 500]))).scalars())
+        return found
+
+    def _admit(self, conn: Connection, alert: AlertMessage, now: float, recent: int) -> bool:
+        """``alert`` (not sent before) passes its group's rate and the global cap (``recent``: stored in the last minute)."""
+        a = db.alerts
+        if recent >= self.policy.max_per_minute:
+            self.suppressed[f"{alert.kind}:global"] += 1
             return False
         group = [a.c.kind == alert.kind, a.c.device_id == alert.device_id if alert.device_id else a.c.device_id.is_(None),
                  a.c.deployment_id == alert.deployment_id if alert.deployment_id else a.c.deployment_id.is_(None)]
         last = conn.execute(select(func.max(a.c.last_at)).where(*group)).scalar()
         if last is not None and now - last < self.policy.min_interval_s:
             self.suppressed[f"{alert.kind}:rate"] += 1
-            return False
-        recent = conn.execute(select(func.count()).select_from(a).where(a.c.last_at > now - 60)).scalar() or 0
-        if recent >= self.policy.max_per_minute:
-            self.suppressed[f"{alert.kind}:global"] += 1
             return False
         ins = (pg_insert if conn.dialect.name == "postgresql" else sqlite_insert)(a).values(
             key=alert.key, kind=alert.kind, device_id=alert.device_id, deployment_id=alert.deployment_id,

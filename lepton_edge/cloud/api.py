@@ -13,10 +13,12 @@ device, for at most a day, and never after the device is revoked. OpenAPI: ``/op
 ``GET  /v1/models``                      models, versions and their bundles
 ``GET  /v1/models/{name}/{version}``
 ``POST /v1/devices``                     enrol: ``{device_id, profile, fleet, tags}``
-``GET  /v1/devices``, ``/v1/devices/{id}``
+``POST /v1/devices/bulk``                enrol up to 1,000 at once: ``{device_ids, profile, fleet, tags}``
+``GET  /v1/devices``                     ``?limit=N&after=LAST_ID`` pages (keyset, by device id)
+``GET  /v1/devices/{id}``
 ``POST /v1/devices/{id}/revoke``
 ``POST /v1/deployments``                 ``{model, version, to: [...], waves, soak, ...}``
-``GET  /v1/deployments``, ``/v1/deployments/{id}``
+``GET  /v1/deployments``, ``/v1/deployments/{id}`` (``?devices_limit=N&devices_offset=M``: a page of its devices)
 ``POST /v1/deployments/{id}/pause|resume|rollback``
 ``GET  /v1/bundles/{id}/download``       HTTP Range: 206 + Content-Range, 416
 ``POST /v1/benchmarks?device_id=…``      body: a candidate ``.lepton`` to measure on that device (:mod:`.benchmarks`)
@@ -39,7 +41,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, Callable
 
-from fastapi import Depends, FastAPI, Request
+from fastapi import Depends, FastAPI, Query, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.requests import ClientDisconnect
@@ -66,6 +68,19 @@ class _Body(BaseModel):
 
 class EnrollRequest(_Body):
     device_id: str = Field(max_length=64)
+    profile: str = Field(max_length=64)
+    fleet: str = Field(default="default", max_length=64)
+    tags: dict[str, str] = Field(default_factory=dict, max_length=32)
+    telemetry_interval_s: float = Field(default=10.0, gt=0, le=86400)
+
+
+MAX_BULK_ENROLL = 1000
+
+
+class BulkEnrollRequest(_Body):
+    """Many devices of one profile and fleet: one transaction, one rewrite of the broker's auth files."""
+
+    device_ids: list[str] = Field(min_length=1, max_length=MAX_BULK_ENROLL)
     profile: str = Field(max_length=64)
     fleet: str = Field(default="default", max_length=64)
     tags: dict[str, str] = Field(default_factory=dict, max_length=32)
@@ -240,9 +255,19 @@ def create_app(service: Any) -> FastAPI:
         return service.fleet.enroll(body.device_id, body.profile, fleet=body.fleet, tags=body.tags,
                                     telemetry_interval_s=body.telemetry_interval_s)
 
+    @app.post("/v1/devices/bulk", dependencies=auth, status_code=201)
+    def enroll_bulk(body: BulkEnrollRequest) -> dict[str, Any]:
+        for device_id in body.device_ids:
+            if len(device_id) > 64:
+                raise InvalidRequestError(f"device id {device_id[:64]!r}... is longer than 64 characters")
+        results = service.fleet.enroll_many(body.device_ids, body.profile, fleet=body.fleet, tags=body.tags,
+                                            telemetry_interval_s=body.telemetry_interval_s)
+        return {"enrolled": len(results), "devices": results}
+
     @app.get("/v1/devices", dependencies=auth)
-    def list_devices(include_revoked: bool = False) -> list[dict[str, Any]]:
-        return service.fleet.list(include_revoked=include_revoked)
+    def list_devices(include_revoked: bool = False, limit: int | None = Query(default=None, ge=1, le=1000),
+                     after: str | None = Query(default=None, max_length=64)) -> list[dict[str, Any]]:
+        return service.fleet.list(include_revoked=include_revoked, limit=limit, after=after)
 
     @app.get("/v1/devices/{device_id}", dependencies=auth)
     def get_device(device_id: str) -> dict[str, Any]:
@@ -269,8 +294,9 @@ def create_app(service: Any) -> FastAPI:
         return service.rollouts.list()
 
     @app.get("/v1/deployments/{dep_id}", dependencies=auth)
-    def get_deployment(dep_id: str) -> dict[str, Any]:
-        return service.rollouts.get(dep_id)
+    def get_deployment(dep_id: str, devices_limit: int | None = Query(default=None, ge=0, le=10_000),
+                       devices_offset: int = Query(default=0, ge=0)) -> dict[str, Any]:
+        return service.rollouts.get(dep_id, devices_limit=devices_limit, devices_offset=devices_offset)
 
     @app.post("/v1/deployments/{dep_id}/{action}", dependencies=auth)
     def steer(dep_id: str, action: str) -> dict[str, Any]:

@@ -67,6 +67,14 @@ log = logging.getLogger(__name__)
 
 BROKER_ENV = "LEPTON_EDGE_BROKER"
 _BROKER_CHOICES = ("auto", "mosquitto", "embedded")
+# A 10,000-device fleet and its headroom (benchmarks/fleet_bench.py measured 10,000 on one broker; at
+# the former 5,000 the second half of that fleet was refused). The process also needs as many file
+# descriptors: the embedded broker raises its own soft limit, Mosquitto's unit sets LimitNOFILE.
+MANAGED_MAX_CONNECTIONS = 20_000
+# Sockets that have not finished CONNECT yet: a fleet reconnecting at once (after a broker restart)
+# holds many mid-TLS-handshake; at the embedded broker's default of 256 the oldest were evicted
+# and retried, a reconnect storm. Still bounded: each holds at most max_preauth_bytes.
+MANAGED_MAX_PREAUTH = 2_048
 
 _START_TIMEOUT_S = 10.0
 _RELOAD_TIMEOUT_S = 10.0
@@ -133,7 +141,7 @@ class ManagedMosquitto:
 
     def __init__(self, workdir: Path, port: int | None = None, *, auth: bool = True,
                  binary: str | None = None, tls: Any = None, service_port: int | None = None,
-                 mtls_port: int | None = None, max_connections: int = 5000) -> None:
+                 mtls_port: int | None = None, max_connections: int = MANAGED_MAX_CONNECTIONS) -> None:
         self.workdir = Path(workdir).resolve()
         self.port = port or _free_port()
         self.auth = auth
@@ -365,7 +373,7 @@ class ManagedEmbeddedBroker(ManagedMosquitto):
 
     def __init__(self, workdir: Path, port: int | None = None, *, auth: bool = True, tls: Any = None,
                  service_port: int | None = None, mtls_port: int | None = None, max_packet_size: int = 1 << 20,
-                 max_connections: int = 5000, connect_timeout_s: float = 10.0) -> None:
+                 max_connections: int = MANAGED_MAX_CONNECTIONS, connect_timeout_s: float = 10.0) -> None:
         # One listener for devices and the service alike: the embedded broker ties client ids to
         # usernames itself (clientid_file), so the service needs no listener of its own.
         super().__init__(workdir, port, auth=auth, binary=sys.executable, tls=tls, service_port=None, mtls_port=mtls_port,
@@ -386,6 +394,7 @@ class ManagedEmbeddedBroker(ManagedMosquitto):
         return super()._conf_lines()[1:] + [
             f"max_packet_size {self.max_packet_size}",
             f"max_connections {self.max_connections}",
+            f"max_preauth_connections {MANAGED_MAX_PREAUTH}",
             f"connect_timeout {self.connect_timeout_s}",
             f"stats_file {self.stats_path}",
             "stats_interval 2",

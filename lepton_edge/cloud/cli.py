@@ -264,6 +264,37 @@ def devices_enroll(device_id: str, profile: str, tags: tuple[str, ...], fleet: s
                 [(d["device_id"], d["fleet"], d["profile"], ", ".join(f"{k}={v}" for k, v in d["tags"].items()), str(path))])
 
 
+@devices.command("enroll-many")
+@click.argument("device_ids", nargs=-1)
+@click.option("--ids-file", type=click.File("r"), default=None, help="More device ids, one a line (- for stdin).")
+@click.option("--profile", required=True, help="Device profile id, e.g. rpi5.")
+@click.option("--tag", "tags", multiple=True, help="key=value (repeatable).")
+@click.option("--fleet", default="default", show_default=True)
+@click.option("--out-dir", type=click.Path(file_okay=False, path_type=Path), default=Path("."), show_default=True,
+              help="Where each DEVICE_ID.agent.yaml goes.")
+@click.option("--telemetry-interval", default=10.0, show_default=True, type=click.FloatRange(min=0.01))
+@click.option("--insecure-plaintext", is_flag=True, help="Allow enrolling over plain HTTP (the passwords travel in clear).")
+@_client_options
+def devices_enroll_many(device_ids: tuple[str, ...], ids_file: Any, profile: str, tags: tuple[str, ...], fleet: str, out_dir: Path,
+                        telemetry_interval: float, insecure_plaintext: bool, server: str, token: str | None,
+                        ca: str | None = None) -> None:
+    """Enrol many devices of one profile at once (1,000 a request) and write each one's agent config."""
+    from .api import MAX_BULK_ENROLL
+    from .fleet import parse_tags
+
+    ids = list(device_ids) + ([line.strip() for line in ids_file if line.strip()] if ids_file else [])
+    if not ids:
+        raise click.UsageError("give device ids as arguments or with --ids-file")
+    done = 0
+    with _client(server, token, ca) as c:
+        for i in range(0, len(ids), MAX_BULK_ENROLL):
+            for res in c.enroll_many(ids[i:i + MAX_BULK_ENROLL], profile, fleet=fleet, tags=parse_tags(tags),
+                                     telemetry_interval_s=telemetry_interval, allow_plaintext=insecure_plaintext):
+                write_agent_config(res, out_dir / f"{res['device']['device_id']}.agent.yaml")
+                done += 1
+    info(f"enrolled {done} devices in fleet {fleet} (profile {profile}); agent configs in {out_dir}")
+
+
 def write_agent_config(enrolment: dict[str, Any], path: Path, state_dir: str | None = None) -> Path:
     """Write the agent config an enrolment returned, with its trusted keys beside it."""
     config = dict(enrolment["agent_config"])

@@ -121,8 +121,23 @@ class CloudClient:
         return self.request("POST", "/v1/devices", json={"device_id": device_id, "profile": profile, "fleet": fleet,
                                                          "tags": tags or {}, "telemetry_interval_s": telemetry_interval_s})
 
-    def devices(self, include_revoked: bool = False) -> list[dict[str, Any]]:
-        return self.request("GET", "/v1/devices", params={"include_revoked": include_revoked})
+    def enroll_many(self, device_ids: list[str], profile: str, *, fleet: str = "default", tags: dict[str, str] | None = None,
+                    telemetry_interval_s: float = 10.0, allow_plaintext: bool = False) -> list[dict[str, Any]]:
+        """Enrol up to 1,000 devices in one request (one broker auth rewrite); each answer as :meth:`enroll`'s."""
+        if not self.url.startswith("https://") and not allow_plaintext and not _is_loopback(self.url):
+            raise CloudError(f"refusing to enrol over plain HTTP ({self.url}): the answer carries the devices' passwords",
+                             hint="use the service's https:// URL (pass --insecure-plaintext only for a development server)")
+        return self.request("POST", "/v1/devices/bulk", json={"device_ids": list(device_ids), "profile": profile, "fleet": fleet,
+                                                              "tags": tags or {}, "telemetry_interval_s": telemetry_interval_s})["devices"]
+
+    def devices(self, include_revoked: bool = False, *, limit: int | None = None, after: str | None = None) -> list[dict[str, Any]]:
+        """Every device, or one page of ``limit`` after the device id ``after``."""
+        params: dict[str, Any] = {"include_revoked": include_revoked}
+        if limit is not None:
+            params["limit"] = limit
+        if after is not None:
+            params["after"] = after
+        return self.request("GET", "/v1/devices", params=params)
 
     def device(self, device_id: str) -> dict[str, Any]:
         return self.request("GET", f"/v1/devices/{device_id}")
@@ -166,8 +181,10 @@ class CloudClient:
     def deployments(self) -> list[dict[str, Any]]:
         return self.request("GET", "/v1/deployments")
 
-    def deployment(self, dep_id: str) -> dict[str, Any]:
-        return self.request("GET", f"/v1/deployments/{dep_id}")
+    def deployment(self, dep_id: str, *, devices_limit: int | None = None, devices_offset: int = 0) -> dict[str, Any]:
+        """A deployment with its waves; every per-device row, or one page of ``devices_limit`` (0: none)."""
+        params = {} if devices_limit is None else {"devices_limit": devices_limit, "devices_offset": devices_offset}
+        return self.request("GET", f"/v1/deployments/{dep_id}", params=params)
 
     def steer(self, dep_id: str, action: str) -> dict[str, Any]:
         return self.request("POST", f"/v1/deployments/{dep_id}/{action}")

@@ -141,3 +141,25 @@ def test_a_broken_sink_does_not_silence_the_others(world):
 def test_the_webhook_needs_an_http_url():
     with pytest.raises(CloudConfigError, match="http"):
         WebhookSink("file:///tmp/x")
+
+
+def test_a_tick_over_thousands_of_silent_devices_costs_a_few_queries_not_three_each(tmp_path):
+    """A connect storm at 10,000 devices: every silent device is a candidate; the global cap holds and queries stay few."""
+    from sqlalchemy import event
+
+    engine = db.connect(tmp_path / "cloud.db")
+    sink = Sink()
+    alerts = AlertEngine(engine, AlertPolicy(offline_intervals=3, drift_psi=0.25, drift_intervals=3, min_interval_s=60,
+                                             max_per_minute=5), [sink], clock=Clock())
+    with engine.begin() as conn:
+        conn.execute(db.devices.insert(), [dict(device_id=f"s{i:04d}", fleet="lab", profile="rpi5", tags="{}", password_hash="x",
+                                                enrolled_at=NOW - 1000, status="online", status_ts=NOW - 100, last_seen=NOW - 100,
+                                                telemetry_interval_s=1.0, active="{}") for i in range(2000)])
+    statements = []
+    event.listen(engine, "before_cursor_execute", lambda *a: statements.append(a[2]))
+    sent = alerts.tick()
+    assert len(sent) == 5 and len(sink.alerts) == 5  # the cap
+    assert alerts.suppressed["device_offline:global"] == 1995
+    assert len([s for s in statements if "alerts" in s]) < 40  # was ~3 per candidate: ~6,000
+    assert alerts.tick() == [] and alerts.suppressed["device_offline:global"] == 3990  # the five sent stay sent; the rest wait
+    engine.dispose()

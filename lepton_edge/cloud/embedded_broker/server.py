@@ -93,6 +93,19 @@ async def serve(cfg: BrokerConfig) -> int:
     return 0
 
 
+def _raise_fd_limit(connections: int) -> None:
+    """Up to the hard limit: one descriptor per connection, plus headroom (a default soft 1024 caps a fleet at ~1000)."""
+    import resource
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    want = connections + 256 if hard == resource.RLIM_INFINITY else min(hard, connections + 256)
+    if want > soft:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (want, hard))
+        except (ValueError, OSError):
+            log.warning("could not raise the open-file limit from %d to %d", soft, want)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m lepton_edge.cloud.embedded_broker",
                                      description="lepton-edge's embedded MQTT 5 broker")
@@ -114,6 +127,7 @@ def main(argv: list[str] | None = None) -> int:
     log.addHandler(handler)
     log.setLevel(logging.INFO)
     log.propagate = False
+    _raise_fd_limit(cfg.max_connections)
     try:
         return asyncio.run(serve(cfg))
     except (OSError, ValueError) as e:
