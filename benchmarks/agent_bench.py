@@ -481,6 +481,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--quick", action="store_true", help="fewer rounds and a 5 s outage (a smoke run, not the numbers)")
     ap.add_argument("--broker", default="mqtt://127.0.0.1:1883", help="broker for the telemetry throughput runs")
+    ap.add_argument("--loop-only", action="store_true",
+                    help="only the shadow and drift costs (about 3 minutes); writes results/agent_bench_loop.json")
     args = ap.parse_args()
     calls = 500 if args.quick else 5000
     outage_s = 5.0 if args.quick else 30.0
@@ -510,13 +512,14 @@ def main() -> None:
                                                          [b["mobilenet-1.0.0"], b["digits"]])))
         loaded = service.loaded("mobilenet")
         results["models"]["mobilenet"]["precision"] = loaded.manifest.precision
-        info("in-process overhead ...")
-        results["in_process"] = in_process_overhead(service, loaded.root / loaded.manifest.model_file, "mobilenet",
-                                                    x_mobile, threads, calls)
-        _note_load(results["in_process"])
-        results["cross_process"] = cross_process_overhead(service, loaded.root / loaded.manifest.model_file, "mobilenet",
-                                                          x_mobile, threads, work, blocks=6 if args.quick else 20)
-        _note_load(results["cross_process"])
+        if not args.loop_only:
+            info("in-process overhead ...")
+            results["in_process"] = in_process_overhead(service, loaded.root / loaded.manifest.model_file, "mobilenet",
+                                                        x_mobile, threads, calls)
+            _note_load(results["in_process"])
+            results["cross_process"] = cross_process_overhead(service, loaded.root / loaded.manifest.model_file, "mobilenet",
+                                                              x_mobile, threads, work, blocks=6 if args.quick else 20)
+            _note_load(results["cross_process"])
 
         info("shadow on / off (10% of requests) ...")
         results["shadow"] = measure_shadow_cost(service, "mobilenet", b["mobilenet-2.0.0"], {"input": x_mobile}, sample=0.1,
@@ -526,6 +529,17 @@ def main() -> None:
         results["drift"] = measure_drift_cost(service, "mobilenet", {"input": x_mobile}, blocks=6 if args.quick else 20,
                                               block_calls=300 if args.quick else 1000)
         _note_load(results["drift"])
+        if args.loop_only:
+            service.close()
+            results["host"]["load_avg_end"] = os.getloadavg()[0]
+            print_table(f"Agent benchmark, shadow and drift ({results['host']['cpus']} CPUs, profile {PROFILE}, "
+                        f"load {results['host']['load_avg_start']:.1f})", ["metric", "value", "detail", "target", ""],
+                        _loop_rows(results["shadow"], results["drift"], lambda ok: "met" if ok else "MISSED"))
+            if not args.quick:
+                out = RESULTS.with_name("agent_bench_loop.json")
+                out.write_text(json.dumps(results, indent=2) + "\n")
+                info(f"wrote {out}")
+            return
 
         info("throughput with telemetry off / on ...")
         mobile_feeds = {"input": x_mobile}
