@@ -163,3 +163,20 @@ time.sleep(600)
     finally:
         if parent.poll() is None:
             parent.kill()
+
+
+def test_the_demo_alert_receiver_keeps_json_alerts_and_survives_junk():
+    import httpx
+
+    from lepton_edge.demo_loop import AlertReceiver
+
+    r = AlertReceiver()
+    try:
+        assert httpx.post(r.url, content=b"\xff not json").status_code == 204
+        assert httpx.post(r.url, json=["a", "list"]).status_code == 204
+        assert httpx.post(r.url, json={"kind": "drift", "device_id": "d1", "detail": "PSI 0.4"}).status_code == 204
+        assert httpx.post(r.url, json={"kind": "rollback", "device_id": "d2"}).status_code == 204
+        assert [b["detail"] for b in r.of("drift")] == ["PSI 0.4"] and r.of("drift", "d2") == []
+        assert len(r.bodies) == 2
+    finally:
+        r.close()
