@@ -13,6 +13,9 @@ threads, on this host:
   ``benchmarks/_agent_telemetry.py`` against the local Mosquitto;
 * agent RSS with the model loaded vs a bare Python process holding the same session
   (target ≤ 1.3x), each in a fresh child process;
+* served p95 and throughput with a shadow sampling 10 % of requests vs no shadow (target: p95
+  ≤ +10 %), and the CPU per request of the drift statistics (target ≤ 2 % of the request's own
+  inference time), both in alternating on/off blocks, through ``benchmarks/_agent_loop.py``;
 * requests failed during 20 back-to-back hot swaps under HTTP load (target 0);
 * telemetry records lost across a 30 s broker outage (target 0), through
   ``benchmarks/_agent_telemetry.py``.
@@ -46,6 +49,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from _agent_loop import measure_drift_cost, measure_shadow_cost  # noqa: E402
 from _agent_telemetry import measure_outage_loss, measure_telemetry_cpu_cost, measure_throughput_with_telemetry  # noqa: E402
 
 from lepton_edge.console import info, print_table  # noqa: E402
@@ -477,6 +481,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--quick", action="store_true", help="fewer rounds and a 5 s outage (a smoke run, not the numbers)")
     ap.add_argument("--broker", default="mqtt://127.0.0.1:1883", help="broker for the telemetry throughput runs")
+    ap.add_argument("--loop-only", action="store_true",
+                    help="only the shadow and drift costs (about 3 minutes); writes results/agent_bench_loop.json")
     args = ap.parse_args()
     calls = 500 if args.quick else 5000
     outage_s = 5.0 if args.quick else 30.0
@@ -506,13 +512,34 @@ def main() -> None:
                                                          [b["mobilenet-1.0.0"], b["digits"]])))
         loaded = service.loaded("mobilenet")
         results["models"]["mobilenet"]["precision"] = loaded.manifest.precision
-        info("in-process overhead ...")
-        results["in_process"] = in_process_overhead(service, loaded.root / loaded.manifest.model_file, "mobilenet",
-                                                    x_mobile, threads, calls)
-        _note_load(results["in_process"])
-        results["cross_process"] = cross_process_overhead(service, loaded.root / loaded.manifest.model_file, "mobilenet",
-                                                          x_mobile, threads, work, blocks=6 if args.quick else 20)
-        _note_load(results["cross_process"])
+        if not args.loop_only:
+            info("in-process overhead ...")
+            results["in_process"] = in_process_overhead(service, loaded.root / loaded.manifest.model_file, "mobilenet",
+                                                        x_mobile, threads, calls)
+            _note_load(results["in_process"])
+            results["cross_process"] = cross_process_overhead(service, loaded.root / loaded.manifest.model_file, "mobilenet",
+                                                              x_mobile, threads, work, blocks=6 if args.quick else 20)
+            _note_load(results["cross_process"])
+
+        info("shadow on / off (10% of requests) ...")
+        results["shadow"] = measure_shadow_cost(service, "mobilenet", b["mobilenet-2.0.0"], {"input": x_mobile}, sample=0.1,
+                                                blocks=6 if args.quick else 16, block_calls=300 if args.quick else 1000)
+        _note_load(results["shadow"])
+        info("drift statistics on / off ...")
+        results["drift"] = measure_drift_cost(service, "mobilenet", {"input": x_mobile}, blocks=6 if args.quick else 20,
+                                              block_calls=300 if args.quick else 1000)
+        _note_load(results["drift"])
+        if args.loop_only:
+            service.close()
+            results["host"]["load_avg_end"] = os.getloadavg()[0]
+            print_table(f"Agent benchmark, shadow and drift ({results['host']['cpus']} CPUs, profile {PROFILE}, "
+                        f"load {results['host']['load_avg_start']:.1f})", ["metric", "value", "detail", "target", ""],
+                        _loop_rows(results["shadow"], results["drift"], lambda ok: "met" if ok else "MISSED"))
+            if not args.quick:
+                out = RESULTS.with_name("agent_bench_loop.json")
+                out.write_text(json.dumps(results, indent=2) + "\n")
+                info(f"wrote {out}")
+            return
 
         info("throughput with telemetry off / on ...")
         mobile_feeds = {"input": x_mobile}
@@ -611,6 +638,7 @@ def report(r: dict[str, Any]) -> None:
         ["telemetry CPU at 10 reports/s", f"{tc['core_fraction'] * 100:.2f}%",
          f"of one core: {tc['cpu_ms_per_report']} ms per report ({tc['reports']} reports); load {tc['load_avg_1m']}",
          "(info)", ""],
+        *_loop_rows(r["shadow"], r["drift"], verdict),
         ["RSS agent / bare", f"{rss['ratio']:.2f}x", f"{rss['agent_rss_mb']} MB vs {rss['bare_rss_mb']} MB; load {rss['load_avg_1m']}",
          "≤ 1.3x", verdict(rss["ratio"] <= 1.3)],
         ["RSS agent / bare, MobileNetV2 224²", f"{rl['ratio']:.2f}x", f"{rl['agent_rss_mb']} MB vs {rl['bare_rss_mb']} MB",
@@ -626,6 +654,36 @@ def report(r: dict[str, Any]) -> None:
     ]
     title = f"Agent benchmark ({r['host']['cpus']} CPUs, profile {r['host']['profile']}, load {r['host']['load_avg_start']:.1f})"
     print_table(title, ["metric", "value", "detail", "target", ""], rows)
+
+
+def _loop_rows(sh: dict[str, Any], dr: dict[str, Any], verdict: Callable[[bool], str]) -> list[list[str]]:
+    closed, opened = sh["closed_loop"], sh["open_loop"]
+
+    def pct(ratio: float) -> str:
+        return f"{(ratio - 1) * 100:+.1f}%"
+
+    def ci(x: dict[str, Any]) -> str:
+        return f"95% CI [{pct(x['ratio_ci95'][0])}, {pct(x['ratio_ci95'][1])}]"
+
+    op95, cp95, tput = opened["p95_ms"], closed["p95_ms"], closed["throughput_per_s"]
+    common = (f"{sh['blocks']} alternating pairs of blocks; {sh['shadow_compared']} compared, {sh['shadow_dropped']} dropped "
+              f"({sh['sampled_share']:.1%} sampled); load {sh['load_avg_1m']}")
+    return [
+        ["served p95, shadow 10% on/off", pct(op95["ratio_on_off"]),
+         f"{op95['on']:.3f} vs {op95['off']:.3f} ms at {opened['rate_per_s']:.0f} req/s (half the capacity), {ci(op95)}; {common}",
+         "≤ +10%", verdict(op95["ratio_on_off"] <= 1.10)],
+        ["same, closed loop (saturated)", pct(cp95["ratio_on_off"]),
+         f"{cp95['on']:.3f} vs {cp95['off']:.3f} ms, {ci(cp95)}; p50 {pct(closed['p50_ms']['ratio_on_off'])}",
+         "≤ +10%", verdict(cp95["ratio_on_off"] <= 1.10)],
+        ["throughput, shadow 10% on/off", pct(tput["ratio_on_off"]),
+         f"{tput['on']:.0f} vs {tput['off']:.0f} req/s back to back, {ci(tput)} (the shadow's own 10% more work)", "(info)", ""],
+        ["drift statistics CPU per request", f"{dr['pct_of_inference']:.2f}%",
+         f"{dr['cpu_us_per_request']:.2f} µs (95% CI {dr['cpu_us_ci95']}) of thread CPU per served request, on/off in "
+         f"{dr['blocks']} pairs of {dr['block_calls']}, on a {dr['inference_p50_us']:.0f} µs inference; "
+         f"{dr['cpu_us_per_observed_request']:.1f} µs per observed request at sample rate {dr['sample_rate']}, "
+         f"≤ {dr['max_values']} values; load {dr['load_avg_1m']}",
+         "≤ 2%", verdict(dr["pct_of_inference"] <= 2)],
+    ]
 
 
 if __name__ == "__main__":

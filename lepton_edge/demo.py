@@ -21,10 +21,17 @@
    previous version on the same profile, health;
 5. rolls out v3 to the canary class; its first wave breaks the p95 gate and the service
    rolls back every device that moved;
-6. prints progress throughout, then the fleet table and a table of checks.
+6. deploys v4, v2 with its class outputs permuted (every answer wrong at v2's speed), to the
+   fleet in shadow: the first wave's devices compare it with v2 on live requests, the cloud
+   rolls it back on its disagreement, and the agents' ``/metrics`` show it answered nothing;
+   meanwhile one device's input stream shifts and its drift alert reaches the demo's webhook
+   (:mod:`lepton_edge.demo_loop`);
+7. prints progress throughout, then the fleet table (with shadow agreement and drift) and a
+   table of checks.
 
 Exit code 0 only when every check passed: v1 and v2 completed on every device, v3 rolled
-back with every device serving v2 again. Every child process is stopped on the way out,
+back with every device serving v2 again, v4 stopped in shadow and never served, the shifted
+device's drift alert received and no other. Every child process is stopped on the way out,
 also on Ctrl-C or SIGTERM. ``--workdir`` keeps the files (logs, configs, bundles, the
 database, ``summary.json``) for a look afterwards; otherwise a temporary dir is removed.
 """
@@ -53,7 +60,9 @@ import click
 from rich.markup import escape
 from rich.text import Text
 
+from .cloud.loop_view import SHIFTED_PSI
 from .console import err, info, print_table, warn
+from .demo_loop import DRIFT_INTERVALS, DRIFT_PSI, AlertReceiver, permuted, shadow_and_drift, shift_inputs
 from .errors import LeptonEdgeError
 
 __all__ = ["demo", "run_demo", "DemoFailure", "DEFAULT_PROFILES"]
@@ -65,7 +74,7 @@ __all__ = ["demo", "run_demo", "DemoFailure", "DEFAULT_PROFILES"]
 DEFAULT_PROFILES = ("x86-avx2", "x86-avx2", "rpi4", "rpi4")
 MODEL = "digits"
 FLEET = "demo"
-VERSIONS = ("1.0.0", "2.0.0", "3.0.0")
+VERSIONS = ("1.0.0", "2.0.0", "3.0.0", "4.0.0")
 _REQUESTS_PER_S = 12  # per agent: enough samples for a p95 every telemetry interval
 _TELEMETRY_S = 1.0
 _AGENT_START_S = 45.0
@@ -186,7 +195,7 @@ def _with_dead_branch(net: Any, width: int = 128, depth: int = 24, upscale: int 
 
 
 def _train_versions(clock: _Clock) -> tuple[dict[str, Any], Any, dict[str, float]]:
-    """v1, v2 (v1 fine-tuned) and v3 (v2 behind a slow identity front-end), with test accuracies."""
+    """v1, v2 (v1 fine-tuned), v3 (v2 plus a slow dead branch), v4 (v2, classes permuted), with test accuracies."""
     import torch
     import torch.nn as nn
 
@@ -205,7 +214,11 @@ def _train_versions(clock: _Clock) -> tuple[dict[str, Any], Any, dict[str, float
     v3 = _with_dead_branch(copy.deepcopy(v2)).eval()
     acc3 = accuracy(v3, data.x_test, data.y_test)
     clock.say(f"built v3 (v2 + a 24-layer convolution branch times zero): test accuracy {acc3:.4f}")
-    return {VERSIONS[0]: v1, VERSIONS[1]: v2, VERSIONS[2]: v3}, data, {VERSIONS[0]: acc1, VERSIONS[1]: acc2, VERSIONS[2]: acc3}
+    v4 = permuted(copy.deepcopy(v2)).eval()
+    acc4 = accuracy(v4, data.x_test, data.y_test)
+    clock.say(f"built v4 (v2 with its class outputs rotated by one): test accuracy {acc4:.4f}, at v2's speed")
+    return ({VERSIONS[0]: v1, VERSIONS[1]: v2, VERSIONS[2]: v3, VERSIONS[3]: v4}, data,
+            {VERSIONS[0]: acc1, VERSIONS[1]: acc2, VERSIONS[2]: acc3, VERSIONS[3]: acc4})
 
 
 def _convert_all(models: dict[str, Any], data: Any, plan: dict[str, list[str]], out: Path, sign_key: Path, clock: _Clock,
@@ -280,6 +293,9 @@ class _Agent:
     served: int = 0
     errors: int = 0
     correct: int = 0
+    shifted: bool = False  # its inputs shifted (the drift act): answered apart, not in the accuracy
+    shifted_served: int = 0
+    shifted_correct: int = 0
     last_version: str | None = None
     versions_seen: set[str] = field(default_factory=set)
 
@@ -299,8 +315,10 @@ def _enrol_and_start(client: Any, profiles: list[str], work: Path, pub_key: Path
         home = work / "agents" / device_id
         home.mkdir(parents=True, exist_ok=True)
         port = _free_port()
+        # Every request counts into the drift statistics: at 12 requests/s of 64 values each, the
+        # default 10% sample would hold too few values (the counts halve every 1 s report) to judge.
         cfg.update(state_dir=str(home / "state"), api={"host": "127.0.0.1", "port": port},
-                   trusted_keys=[str(pub_key)], models=[])
+                   trusted_keys=[str(pub_key)], models=[], drift_sample_rate=1.0)
         if enrolled.get("ca_pem"):
             # The service's private CA: the agent verifies the broker (mqtts) and the bundle server (https) with it.
             (home / "ca.pem").write_text(enrolled["ca_pem"])
@@ -350,6 +368,12 @@ class _Traffic:
         for t in self._threads:
             t.start()
 
+    def shift(self, device_id: str) -> None:
+        """From now on, this device's inputs are shifted (:func:`lepton_edge.demo_loop.shift_inputs`)."""
+        for a in self._agents:
+            if a.device_id == device_id:
+                a.shifted = True
+
     def stop(self) -> None:
         self._stop.set()
         for t in self._threads:
@@ -371,7 +395,8 @@ class _Traffic:
                     input_name = self._input_name(http, base)
                 if input_name is not None:
                     i = (i + 1) % len(self._x)
-                    sample = self._x[i:i + 1]
+                    shifted = agent.shifted
+                    sample = shift_inputs(self._x[i:i + 1]) if shifted else self._x[i:i + 1]
                     body = {"inputs": [{"name": input_name, "shape": list(sample.shape), "datatype": "FP32",
                                         "data": sample.reshape(-1).tolist()}]}
                     try:
@@ -381,8 +406,13 @@ class _Traffic:
                     if r is not None and r.status_code == 200:
                         reply = r.json()
                         logits = reply["outputs"][0]["data"]
-                        agent.served += 1
-                        agent.correct += int(max(range(len(logits)), key=logits.__getitem__) == int(self._y[i]))
+                        right = int(max(range(len(logits)), key=logits.__getitem__) == int(self._y[i]))
+                        if shifted:
+                            agent.shifted_served += 1
+                            agent.shifted_correct += right
+                        else:
+                            agent.served += 1
+                            agent.correct += right
                         agent.last_version = reply.get("model_version")
                         if agent.last_version:
                             agent.versions_seen.add(agent.last_version)
@@ -424,14 +454,15 @@ def _watch(client: Any, deployments: dict[str, str], clock: _Clock, budget_s: fl
         time.sleep(0.3)
 
 
-def _deploy(client: Any, version: str, selector: str, waves: str, soak: str, clock: _Clock) -> str:
+def _deploy(client: Any, version: str, selector: str, waves: str, soak: str, clock: _Clock, **shadow: Any) -> str:
     # The p95 gate allows +100% and any rise under 8 ms: two cores shared by four agents, the
     # service and this traffic make a sub-millisecond p95 (from ~36 samples a soak) jump by
     # milliseconds between versions of the same network (6 ms seen under outside load). The bad
     # v3 adds ~20 ms of real compute on a VNNI host in INT8, more elsewhere.
     dep = client.deploy(MODEL, version, [selector], waves=waves, soak=soak, timeout="60s",
-                        max_error_rate="2%", max_p95_regression="100%", min_healthy="100%", p95_floor="8ms")
-    clock.say(f"deploy {MODEL}@{version} --to {selector} --waves {waves} --soak {soak} (deployment {dep['id'][:8]})")
+                        max_error_rate="2%", max_p95_regression="100%", min_healthy="100%", p95_floor="8ms", **shadow)
+    flags = "".join(f" --{k.replace('_', '-')} {v}" for k, v in shadow.items())
+    clock.say(f"deploy {MODEL}@{version} --to {selector} --waves {waves} --soak {soak}{flags} (deployment {dep['id'][:8]})")
     if dep.get("missing_bundles"):
         warn(f"no bundle of {MODEL}@{version} for: {', '.join(dep['missing_bundles'])}")
     return dep["id"]
@@ -475,7 +506,7 @@ def _versions_check(client: Any, agents: list[_Agent], version: str, budget_s: f
 
 def _rollouts(client: Any, agents: list[_Agent], canary: str, summary: dict[str, Any], checks: _Checks, clock: _Clock) -> None:
     """v1 to the fleet in waves; v2 in waves per device class; v3 to the canary class, rolled back on its gate."""
-    v1, v2, v3 = VERSIONS
+    v1, v2, v3 = VERSIONS[:3]
     views = _watch(client, {f"{MODEL}@{v1}": _deploy(client, v1, f"fleet:{FLEET}", "50%,100%", "3s", clock)}, clock, 90.0)
     d = views[f"{MODEL}@{v1}"]
     summary["deployments"][v1] = {"status": d["status"], "reason": d.get("reason"), "gates": _gate_text(d)}
@@ -525,19 +556,22 @@ def run_demo(workdir: Path, profiles: list[str], budget_s: float) -> bool:
     checks = _Checks()
     children = _Children()
     service = None
+    receiver: AlertReceiver | None = None
     traffic: _Traffic | None = None
     agents: list[_Agent] = []
     summary: dict[str, Any] = {"profiles": profiles, "deployments": {}, "devices": {}}
     try:
         priv, pub = generate_keypair(workdir / "keys")
         clock.say(f"working in {workdir}; signing key {priv.name}")
+        receiver = AlertReceiver()
         service = CloudService(ServiceConfig(db=str(workdir / "cloud" / "cloud.db"), broker_url=None,
                                              artifacts=str(workdir / "cloud" / "artifacts"), trusted_keys=[pub],
                                              state_dir=workdir / "cloud", tick_s=0.5, resend_s=10.0,
                                              # The rpi4 agents are x86 processes here, and say so.
-                                             allow_arch_mismatch=True)).start()
+                                             allow_arch_mismatch=True, alert_webhook=receiver.url,
+                                             alert_drift_psi=DRIFT_PSI, alert_drift_intervals=DRIFT_INTERVALS)).start()
         clock.say(f"cloud service on {service.url}, its own {service.broker.kind} broker on {service.broker_url} "
-                  f"(passwords + ACL in {service.broker.workdir})")
+                  f"(passwords + ACL in {service.broker.workdir}); alerts to the webhook {receiver.url}")
         client = CloudClient(service.url, service.token, ca=service.tls.ca if service.tls else None)
         checks.add("broker and cloud service started on TLS", client.health().get("replica") == service.replica_id
                    and service.url.startswith("https://") and service.broker_url.startswith("mqtts://"),
@@ -547,8 +581,9 @@ def run_demo(workdir: Path, profiles: list[str], budget_s: float) -> bool:
         summary["test_accuracy"] = accuracies
         classes = sorted(set(profiles))
         canary = "x86-avx2" if "x86-avx2" in classes else classes[0]
-        # v3 only for the canary class: it never gets past its first wave anyway.
-        plan = {p: list(VERSIONS if p == canary else VERSIONS[:2]) for p in classes}
+        # v3 only for the canary class: it never gets past its first wave anyway. v4 for every
+        # class: it goes to the whole fleet, and shadow stops it on whichever devices come first.
+        plan = {p: [v for v in VERSIONS if p == canary or v != VERSIONS[2]] for p in classes}
         converted = _convert_all(models, data, plan, workdir / "bundles", priv, clock, checks)
         fleet_profiles = [p for p in profiles if p in converted]
         if canary not in converted:
@@ -571,11 +606,19 @@ def run_demo(workdir: Path, profiles: list[str], budget_s: float) -> bool:
         traffic.start()
         clock.say(f"inference traffic started: {_REQUESTS_PER_S} req/s at each agent's KServe v2 API")
         _rollouts(client, agents, canary, summary, checks, clock)
-        total = sum(a.served for a in agents)
+        shadow_and_drift(client, agents, traffic, receiver, model=MODEL, version=VERSIONS[3], active=VERSIONS[1],
+                         deploy=lambda *a, **kw: _deploy(client, *a, clock=clock, **kw),
+                         watch=lambda deps, budget_s: _watch(client, deps, clock, budget_s), summary=summary, checks=checks,
+                         clock=clock)
+        total = sum(a.served + a.shifted_served for a in agents)
         failed = sum(a.errors for a in agents)
         correct = sum(a.correct for a in agents)
+        unshifted = sum(a.served for a in agents)
+        shifted_n = sum(a.shifted_served for a in agents)
+        shifted_ok = sum(a.shifted_correct for a in agents)
         checks.add("inference kept answering through every update", total > 0 and failed <= 0.01 * total,
-                   f"{total} answers, {failed} failed requests, accuracy {correct / max(total, 1):.4f}")
+                   f"{total} answers, {failed} failed requests, accuracy {correct / max(unshifted, 1):.4f} "
+                   f"({shifted_n} answers to shifted inputs apart: accuracy {shifted_ok / max(shifted_n, 1):.4f})")
     except DemoFailure as e:
         checks.add("demo ran to the end", False, str(e))
     except LeptonEdgeError as e:
@@ -591,6 +634,8 @@ def run_demo(workdir: Path, profiles: list[str], budget_s: float) -> bool:
         killed = children.stop_all()
         if service is not None:
             service.stop()
+        if receiver is not None:
+            receiver.close()
         if killed:
             checks.add("agents stopped cleanly on SIGTERM", False, f"needed SIGKILL: {', '.join(killed)}")
     summary["checks"] = [{"check": n, "ok": ok, "detail": d} for n, ok, d in checks.rows]
@@ -610,15 +655,37 @@ def _print_fleet(client: Any, agents: list[_Agent], summary: dict[str, Any]) -> 
         d = devices.get(a.device_id, {})
         p95, er = d.get("p95_ms"), d.get("error_rate")
         acc = a.correct / a.served if a.served else math.nan
+        shifted_acc = a.shifted_correct / a.shifted_served if a.shifted_served else None
+        acc_cell = f"{acc:.3f}" + (f" ({shifted_acc:.3f} shifted)" if shifted_acc is not None else "")
         rows.append((a.device_id, a.profile, d.get("status"), d.get("active", {}).get(MODEL), a.last_version,
-                     ",".join(sorted(a.versions_seen)), a.served, f"{acc:.3f}", "" if p95 is None else f"{p95:.2f}",
-                     "" if er is None else f"{er:.2%}", d.get("tags", {}).get("site")))
+                     ",".join(sorted(a.versions_seen)), a.served + a.shifted_served, acc_cell,
+                     "" if p95 is None else f"{p95:.2f}", "" if er is None else f"{er:.2%}",
+                     _shadow_cell(d.get("shadow")), _drift_cell(d.get("drift")), d.get("tags", {}).get("site")))
         summary["devices"][a.device_id] = {"profile": a.profile, "status": d.get("status"),
                                            "reported_version": d.get("active", {}).get(MODEL), "served_version": a.last_version,
-                                           "versions_seen": sorted(a.versions_seen), "answers": a.served, "failed": a.errors,
-                                           "accuracy": None if math.isnan(acc) else acc, "p95_ms": p95}
+                                           "versions_seen": sorted(a.versions_seen), "answers": a.served + a.shifted_served,
+                                           "failed": a.errors, "accuracy": None if math.isnan(acc) else acc,
+                                           "shifted_inputs": a.shifted, "shifted_accuracy": shifted_acc, "p95_ms": p95,
+                                           "shadow": d.get("shadow") or {}, "drift": d.get("drift") or {}}
     print_table("Fleet", ["device", "profile", "status", "reported", "serving", "versions served", "answers", "accuracy",
-                          "p95 ms", "error rate", "site"], rows)
+                          "p95 ms", "error rate", "shadow agreement", "drift PSI", "site"], rows)
+
+
+def _shadow_cell(shadow: dict[str, Any] | None) -> str:
+    """The table's short form of :func:`lepton_edge.cloud.loop_view.shadow_text` (one model here): ``4.0.0: 0% of 31``."""
+    x = (shadow or {}).get(MODEL)
+    if not x:
+        return "-"
+    agreement = x.get("agreement")
+    return f"{x.get('version')}: {'-' if agreement is None else f'{agreement:.0%}'} of {x.get('compared', 0)}"
+
+
+def _drift_cell(drift: dict[str, Any] | None) -> str:
+    """The table's short form of :func:`lepton_edge.cloud.loop_view.drift_text`: the PSI, and whether it reads as shifted."""
+    x = (drift or {}).get(MODEL)
+    if not x or x.get("psi") is None:
+        return "-"
+    return f"{x['psi']:.2f}" + (" shifted" if x["psi"] > SHIFTED_PSI else "")
 
 
 def _interrupt(signum: int, frame: Any) -> None:

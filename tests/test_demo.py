@@ -37,7 +37,7 @@ def _demo(workdir: Path, *extra: str) -> subprocess.Popen:
 
 @pytest.mark.slow
 @pytest.mark.timeout(600)
-def test_demo_rolls_out_v1_v2_rolls_back_v3_and_leaves_nothing_running(tmp_path):
+def test_demo_rolls_out_v1_v2_rolls_back_v3_stops_v4_in_shadow_alerts_drift_and_leaves_nothing_running(tmp_path):
     workdir = tmp_path / "demo"
     proc = _demo(workdir, "--timeout", "480")  # a bound on waiting, so the demo reports before pytest gives up
     try:
@@ -64,6 +64,36 @@ def test_demo_rolls_out_v1_v2_rolls_back_v3_and_leaves_nothing_running(tmp_path)
         assert {"1.0.0", "2.0.0"} <= set(d["versions_seen"]), (device_id, d)
         assert d["answers"] > 0 and d["accuracy"] > 0.9, (device_id, d)
     assert any("3.0.0" in d["versions_seen"] for d in devices.values()), "no device ever served v3"
+
+    # v4 (class outputs permuted) was stopped in shadow on its first wave and answered nothing.
+    v4 = deployments["4.0.0"]
+    assert v4["status"] == "rolled_back" and "disagrees with the active model" in v4["reason"], v4
+    assert v4["shadowed_on"] and v4["never_sent_to"], v4
+    assert set(v4["shadowed_on"]) | set(v4["never_sent_to"]) == set(devices)
+    metrics = summary["shadow_metrics"]
+    assert set(metrics) == set(devices)
+    for device_id, m in metrics.items():  # read from each agent's /metrics
+        assert m["answered_by_4.0.0"] == 0 and m["answered_by_2.0.0"] > 0, (device_id, m)
+        assert "4.0.0" not in devices[device_id]["versions_seen"], (device_id, devices[device_id])
+    for device_id in v4["shadowed_on"]:
+        m = metrics[device_id]
+        assert m["shadow_requests"] > 0 and m["shadow_disagreements"] >= 0.9 * m["shadow_requests"], (device_id, m)
+        assert devices[device_id]["shadow"]["digits"]["version"] == "4.0.0", devices[device_id]
+    # The wave stops when its first device has compared --shadow-min (30) requests; the others had fewer.
+    assert max(metrics[k]["shadow_requests"] for k in v4["shadowed_on"]) >= 30, metrics
+    for device_id in v4["never_sent_to"]:
+        assert metrics[device_id]["shadow_requests"] == 0, (device_id, metrics[device_id])
+
+    # One device's inputs shifted: its drift alert reached the webhook, and no other device's did.
+    shifted = [k for k, d in devices.items() if d["shifted_inputs"]]
+    assert len(shifted) == 1, devices
+    drift_alerts = [a for a in summary["alerts"] if a["kind"] == "drift"]
+    assert drift_alerts and {a["device_id"] for a in drift_alerts} == set(shifted), drift_alerts
+    assert drift_alerts[0]["model"] == "digits" and "PSI" in drift_alerts[0]["detail"], drift_alerts[0]
+    for device_id, d in devices.items():
+        psi = d["drift"]["digits"]["psi"]
+        assert (psi > 0.25) if device_id in shifted else (psi < 0.25), (device_id, d["drift"])
+    assert "shadow agreement" in output and "drift PSI" in output
     assert "Fleet" in output and "Checks" in output
     assert _processes_mentioning(str(workdir)) == []
 
@@ -133,3 +163,20 @@ time.sleep(600)
     finally:
         if parent.poll() is None:
             parent.kill()
+
+
+def test_the_demo_alert_receiver_keeps_json_alerts_and_survives_junk():
+    import httpx
+
+    from lepton_edge.demo_loop import AlertReceiver
+
+    r = AlertReceiver()
+    try:
+        assert httpx.post(r.url, content=b"\xff not json").status_code == 204
+        assert httpx.post(r.url, json=["a", "list"]).status_code == 204
+        assert httpx.post(r.url, json={"kind": "drift", "device_id": "d1", "detail": "PSI 0.4"}).status_code == 204
+        assert httpx.post(r.url, json={"kind": "rollback", "device_id": "d2"}).status_code == 204
+        assert [b["detail"] for b in r.of("drift")] == ["PSI 0.4"] and r.of("drift", "d2") == []
+        assert len(r.bodies) == 2
+    finally:
+        r.close()

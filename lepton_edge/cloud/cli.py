@@ -22,6 +22,7 @@ import yaml
 
 from ..console import err, fail_line, info, out, print_table, table, warn
 from .client import DEFAULT_URL, CloudClient, default_token
+from .loop_view import drift_text, shadow_text
 
 __all__ = ["cloud", "devices", "models", "deploy"]
 
@@ -343,26 +344,9 @@ def _device_rows(items: list[dict[str, Any]], stale_after: float | None = None) 
         active = ", ".join(f"{m}@{v}" for m, v in sorted(d["active"].items())) or "-"
         status = _status(d, stale_after)
         rows.append((d["device_id"], d["fleet"], d["profile"], status, active, _ms(d["p95_ms"]), _pct(d["error_rate"]),
-                     _drift_cell(d.get("drift")), _shadow_cell(d.get("shadow")), _ago(d["last_seen"]),
+                     drift_text(d.get("drift")), shadow_text(d.get("shadow")), _ago(d["last_seen"]),
                      ", ".join(f"{k}={v}" for k, v in sorted(d["tags"].items()))))
     return rows
-
-
-def _drift_cell(drift: dict[str, Any] | None) -> str:
-    """The worst input drift the device reported (PSI, and where), or -."""
-    if not drift:
-        return "-"
-    model, worst = max(drift.items(), key=lambda kv: kv[1].get("psi") or 0.0)
-    where = worst.get("input", "") + (f"[{worst['channel']}]" if worst.get("channel") is not None else "")
-    flag = " (shifted)" if (worst.get("psi") or 0) > 0.25 else ""
-    return f"{worst.get('psi', 0):.2f} {model}:{where}{flag}"
-
-
-def _shadow_cell(shadow: dict[str, Any] | None) -> str:
-    """The agreement of the version running in shadow with the active one, or -."""
-    if not shadow:
-        return "-"
-    return ", ".join(f"{m}@{x['version']} {_pct(x.get('agreement'))} agree ({x.get('compared', 0)})" for m, x in sorted(shadow.items()))
 
 
 _DEVICE_COLUMNS = ["device", "fleet", "profile", "status", "active model", "p95 ms", "error rate", "drift PSI", "shadow",
@@ -407,7 +391,7 @@ def devices_show(device_id: str, server: str, token: str | None, ca: str | None 
         if k in ("status", "stale", "platform"):
             continue
         if k in ("drift", "shadow"):
-            rows.append((k, _drift_cell(v) if k == "drift" else _shadow_cell(v)))
+            rows.append((k, drift_text(v) if k == "drift" else shadow_text(v)))
             continue
         rows.append((k.replace("_", " "), _when(v) if k in times else _ms(v) if k == "p95_ms" else _pct(v) if k == "error_rate"
                      else _pairs(v)))

@@ -169,6 +169,26 @@ def test_the_fleet_pages_through_10000_devices_in_sql_with_indexes(svc):
         assert "ix_devices_profile" in plan, plan
 
 
+def test_the_fleet_and_device_pages_show_drift_and_shadow_agreement(svc):
+    _bulk_enroll(svc.engine, 3)
+    drift = {"digits": {"version": "2.0.0", "psi": 0.4123, "input": "input", "channel": 0, "at": time.time()}}
+    # A hostile version string from a device: shown as text, never as markup.
+    shadow = {"digits": {"version": "4<b>x</b>", "compared": 31, "agreement": 0.0, "p95_ms": 0.4, "dropped": 0}}
+    with svc.engine.begin() as conn:
+        conn.execute(db.devices.update().where(db.devices.c.device_id == "dev-00001")
+                     .values(drift=db.dumps(drift), shadow=db.dumps(shadow)))
+    c = _signed_in(svc.url, svc.token)
+    page = c.get("/ui/fleet").text
+    assert "<th>drift PSI</th><th>shadow</th>" in page
+    found = re.findall(r'<tr data-device="(dev-\d+)".*?<td class="drift">(.*?)</td>\s*<td class="shadow">(.*?)</td>', page, re.S)
+    rows = {device: (drift_cell, shadow_cell) for device, drift_cell, shadow_cell in found}
+    assert rows["dev-00001"] == ("0.41 digits:input[0] (shifted)", "digits@4&lt;b&gt;x&lt;/b&gt; 0.00% agree (31)"), rows
+    assert rows["dev-00000"] == ("-", "-") and rows["dev-00002"] == ("-", "-")
+    device = c.get("/ui/devices/dev-00001").text
+    assert re.search(r'id="device-drift">0.41 digits:input\[0\] \(shifted\)<', device), device
+    assert 'id="device-shadow">digits@4&lt;b&gt;x&lt;/b&gt; 0.00% agree (31)<' in device
+
+
 SVG_WITH_SCRIPT = ('<svg xmlns="http://www.w3.org/2000/svg" width="200" height="100"><script>parent.stolen=1</script>'
                    '<polyline points="10,90 100,20 190,40" stroke="#1f6feb" fill="none"/></svg>')
 

@@ -86,3 +86,35 @@ def test_the_bundle_writer_adds_a_signed_reference_that_the_agent_side_reads(tmp
     assert REFERENCE_NAME in b.manifest.files  # hashed and signed like every member
     ref = load_reference(d / REFERENCE_NAME)
     assert set(ref["inputs"]) == {"features"} and ref["inputs"]["features"]["channels"] == 2
+
+
+def test_large_inputs_are_sampled_in_bounded_runs_that_keep_channels_apart_and_cover_the_input():
+    from lepton_edge.drift import _sample
+
+    # Each value says where it is: channel c holds c * 1e6 + its position in the plane.
+    x = (np.arange(3)[None, :, None] * 1e6 + np.arange(96 * 96)[None, None, :]).reshape(1, 3, 96, 96)
+    x = np.repeat(x, 2, axis=0).astype(np.float64)
+    seen: set[int] = set()
+    for tick in range(64):
+        v = _sample(x, 1024, tick)
+        assert v.shape[0] == 3 and v.size <= 1024
+        for c in range(3):
+            assert np.all((v[c] >= c * 1e6) & (v[c] < c * 1e6 + 96 * 96)), "a value from another channel"
+        seen |= set((v[0] % 1e6).astype(int).tolist())
+    assert len(seen) > 0.75 * 96 * 96  # the runs move: 64 observations of ~4 runs see most positions
+    # NHWC images (more than 64 "channels" on axis 1) and [batch, features] tables: bounded too.
+    assert _sample(np.zeros((1, 224, 224, 3), np.float32), 1024, 0).shape == (1, 1024)
+    table = _sample(np.arange(5000 * 8, dtype=np.float32).reshape(5000, 8), 1024, 3)
+    assert table.shape == (8, 128) and np.all(table[1] % 8 == 1)
+    small = np.ones((1, 3, 4, 4), np.float32)
+    assert _sample(small, 1024, 0).shape == (3, 16)  # small inputs are counted whole
+
+
+def test_a_live_histogram_of_a_large_image_scores_its_own_distribution_low_and_a_shift_high():
+    rng = np.random.default_rng(5)
+    ref = reference_stats([rng.random((16, 3, 192, 192), dtype=np.float32)], ["image"])
+    same, shifted = LiveHistogram(ref, 1024), LiveHistogram(ref, 1024)
+    for _ in range(30):
+        same.observe({"image": rng.random((1, 3, 192, 192), dtype=np.float32)})
+        shifted.observe({"image": rng.random((1, 3, 192, 192), dtype=np.float32) * 0.5 + 0.4})
+    assert same.report()[3] < 0.05 and shifted.report()[3] > 1.0

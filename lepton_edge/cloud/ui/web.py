@@ -22,6 +22,7 @@ from fastapi.responses import HTMLResponse, Response
 from jinja2 import Environment, FileSystemLoader, select_autoescape
 
 from ..errors import AuthError
+from ..loop_view import drift_text, shadow_text
 from .reports import ReportReader
 from .sessions import LOGIN_COOKIE, SESSION_COOKIE, Session, SessionKeeper
 
@@ -94,7 +95,8 @@ class Ui:
         self._profiles: Any = None
         env = Environment(loader=FileSystemLoader(str(Path(__file__).with_name("templates"))),
                           autoescape=select_autoescape(default=True, default_for_string=True), trim_blocks=True, lstrip_blocks=True)
-        env.filters.update(ago=_ago, when=_when, num=_num, pct=_pct, mb=_mb, short=lambda s: (s or "")[:12])
+        env.filters.update(ago=_ago, when=_when, num=_num, pct=_pct, mb=_mb, short=lambda s: (s or "")[:12],
+                           drift=drift_text, shadow=shadow_text)
         env.globals.update(arch_of=self.arch_of, qs=self.query_string)
         self.env = env
 
