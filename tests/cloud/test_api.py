@@ -167,16 +167,27 @@ def test_a_device_download_token_dies_with_its_deployment_and_by_age(svc, client
     # The deployment is over: the token that fetched the bundle a moment ago grants nothing now.
     assert httpx.get(url, headers={"Authorization": f"Bearer {token}"}).status_code == 401
 
-    # By age: the same row, made downloadable again, still refuses a token issued over TOKEN_MAX_AGE_S ago.
+    # By age: a row that legitimately waits (its device is offline, so the command stays queued and the
+    # engine leaves the row alone) grants a live token, and refuses it once issued over TOKEN_MAX_AGE_S ago.
+    client.enroll("tok-02", "rpi5")
+    waiting = client.deploy("digits", "2", ["device:tok-02"], soak="0s", timeout="600s")
+    dd = db.deployment_devices
+    known = "a-token-this-test-knows"
+    deadline = time.monotonic() + 15
+    while True:
+        with svc.engine.begin() as conn:
+            n = conn.execute(update(dd).where(dd.c.deployment_id == waiting["id"], dd.c.status.in_(rollout_mod.DOWNLOADABLE))
+                             .values(token=rollout_mod.token_hash(known), token_issued_at=time.time())).rowcount
+        if n or time.monotonic() > deadline:
+            break
+        time.sleep(0.1)
+    assert n == 1, "the offline device's row never became downloadable"
+    bundle_url = f"{svc.url}/v1/bundles/{url.rstrip('/').split('/')[-2]}/download"
+    assert httpx.get(bundle_url, headers={"Authorization": f"Bearer {known}"}).status_code == 200  # the control
     with svc.engine.begin() as conn:
-        conn.execute(update(db.deployments).where(db.deployments.c.id == d["id"]).values(status="running"))
-        conn.execute(update(db.deployment_devices).where(db.deployment_devices.c.deployment_id == d["id"])
-                     .values(status=sorted(rollout_mod.DOWNLOADABLE)[0]))
-    assert httpx.get(url, headers={"Authorization": f"Bearer {token}"}).status_code == 200  # the control: a live row grants
-    with svc.engine.begin() as conn:
-        conn.execute(update(db.deployment_devices).where(db.deployment_devices.c.deployment_id == d["id"])
+        conn.execute(update(dd).where(dd.c.deployment_id == waiting["id"])
                      .values(token_issued_at=time.time() - rollout_mod.TOKEN_MAX_AGE_S - 60))
-    assert httpx.get(url, headers={"Authorization": f"Bearer {token}"}).status_code == 401
+    assert httpx.get(bundle_url, headers={"Authorization": f"Bearer {known}"}).status_code == 401
 
 
 def test_interrupted_device_download_resumes_with_range(svc, client, cloud_bundles, private_broker, sim_fleet):
