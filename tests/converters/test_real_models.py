@@ -49,6 +49,7 @@ def _shipped_metrics(model, res) -> dict:
     return task_metrics(model.task, _outputs(model.path, ev), _outputs(res.bundle_dir / res.manifest.model_file, ev))
 
 
+@pytest.mark.timeout(1500)  # two quantizations and bias correction of a real CNN; minutes on a shared 2-core host
 def test_classifier_static_int8_beats_plain_per_channel_u8s8(real_classifier, tmp_path):
     """The static INT8 lepton-edge builds for the x86-avx2 profile against plain per-channel u8s8 QDQ after
     quant_pre_process, both built here from the same calibration data and run as the device runs them."""
