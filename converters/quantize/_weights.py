@@ -23,7 +23,7 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["WeightLayer", "weight_layers", "set_weight_bits", "saturating_layers", "requantize_weight", "rewrite_weight_bits"]
+__all__ = ["WeightLayer", "weight_layers", "set_weight_bits", "saturating_layers", "requantize_weight", "rewrite_weight_bits", "has_depthwise"]
 
 
 @dataclass(frozen=True)
@@ -146,3 +146,13 @@ def rewrite_weight_bits(fp32_path: Any, qdq_path: Any, mode: str) -> dict[str, i
     set_weight_bits(q, fp, bits)
     onnx.save(q, str(qdq_path))
     return {str(b): sum(1 for v in bits.values() if v == b) for b in sorted(set(bits.values()))}
+
+
+def has_depthwise(model_path: Any) -> bool:
+    """Whether the float model has a depthwise Conv (one input channel per group): else 8-depthwise-7-dense is just 7."""
+    import onnx
+
+    m = onnx.load(str(model_path), load_external_data=False)
+    dims = {i.name: list(i.dims) for i in m.graph.initializer}
+    return any(n.op_type == "Conv" and _attr(n, "group", 1) > 1 and len(dims.get(n.input[1], [])) > 1 and dims[n.input[1]][1] == 1
+               for n in m.graph.node)

@@ -1,9 +1,12 @@
 """Static INT8 candidates: the profile's settings first, then measured variants, then retries when none fits the budget.
 
 On a host that matches the profile, static INT8 is built in the profile's settings, in
-the other operator format, and in onnxruntime's ``quantize_static`` defaults (the naive
-path); all are timed side by side and :func:`.search.choose_winner` ranks those tied on
-speed by accuracy. Retries (sensitive nodes kept in float, other settings) run only when no
+the other operator format, in onnxruntime's ``quantize_static`` defaults (the naive
+path) and as plain per-channel u8s8 with 8-bit weights; all are timed side by side and :func:`.search.choose_winner` ranks those tied on
+speed by accuracy. On a profile with ``reduce_range`` (a CPU whose u8s8 kernel saturates on
+8-bit weights) the profile's candidate is 7-bit symmetric weights re-rounded from float plus
+bias correction (:mod:`..quantize._weights`, :mod:`..quantize._bias`), and 8-bit depthwise /
+7-bit dense is measured beside it. Retries (sensitive nodes kept in float, other settings) run only when no
 INT8 candidate is inside the budget: they trade size or speed for accuracy.
 
 Public API: :func:`search`.
@@ -17,6 +20,7 @@ from typing import Any
 from ..candidates import keep_float, sensitive_nodes
 from ..data import rows
 from ..quantize import float_nodes
+from ..quantize._weights import has_depthwise
 from ..search import Candidate
 from .context import BuildContext
 
@@ -74,7 +78,7 @@ def search(ctx: BuildContext) -> None:
             plain = {**plain, "reduce_range": False, "per_channel": True}
             if plain != base:
                 variants.append(("int8-qdq-plain", plain))
-            if q.reduce_range:
+            if q.reduce_range and has_depthwise(ctx.quant_input()):  # without depthwise layers it is the same file
                 variants.append(("int8-qdq-w8dw-bc", {**base, "weight_bits": "8-depthwise-7-dense"}))
             elif not base.get("bias_correction"):
                 variants.append(("int8-qdq-bc", {**base, "bias_correction": True}))
