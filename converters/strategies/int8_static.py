@@ -19,7 +19,7 @@ from typing import Any
 
 from ..candidates import keep_float, sensitive_nodes
 from ..data import rows
-from ..quantize import float_nodes
+from ..quantize import float_nodes, is_transformer
 from ..quantize._weights import has_depthwise
 from ..search import Candidate
 from .context import BuildContext
@@ -88,6 +88,11 @@ def search(ctx: BuildContext) -> None:
             ctx.build(name, "int8", "int8-static", cfg, **kw)
     # Retries trade size or speed for accuracy: they cannot help a candidate that was accurate but too big.
     if any(c.eligible for c in ctx.candidates if c.precision == "int8") or first.path is None or first.within_budget:
+        return
+    if is_transformer(ctx.quant_input()):
+        # Static INT8 of a transformer is far out (MiniLM: min cosine 0.19); its retries would spend the candidate
+        # bound that dynamic INT8's mixed-precision search needs.
+        ctx.journal.note("static INT8 retries skipped: a transformer's path is dynamic INT8")
         return
     if _keep_sensitive_in_float(ctx, first, base, kw):
         return
