@@ -24,7 +24,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 import _real_baselines as base  # noqa: E402
 from support.real_metrics import task_metrics  # noqa: E402
 
-__all__ = ["REAL_MODELS", "BUDGETS", "bench_real_model"]
+__all__ = ["REAL_MODELS", "BUDGETS", "bench_real_model", "real_targets", "nncf_available"]
 
 REAL_MODELS = ("classifier", "detector", "encoder")
 # One budget per task, given to lepton-edge (--max-drop) and to NNCF's accuracy control alike,
@@ -32,6 +32,45 @@ REAL_MODELS = ("classifier", "detector", "encoder")
 BUDGETS = {"classification": 0.10, "detection": 0.20, "embedding": 0.01}
 _STANDARD = {"classification": ("ort-u8s8-pc", base.ort_u8s8_per_channel), "detection": ("ort-u8s8-pc", base.ort_u8s8_per_channel),
              "embedding": ("ort-dynamic-pc", base.ort_dynamic_per_channel)}
+
+
+def nncf_available() -> str | None:
+    """None when NNCF imports; else the one line saying how to get it (the benchmark prints it and goes on)."""
+    import importlib.util
+
+    if importlib.util.find_spec("nncf") is None:
+        return ("NNCF is not installed, so the nncf and nncf-ac baselines are NOT measured: "
+                "`.venv/bin/pip install -c .ci/constraints.txt 'nncf>=3.4'` (or `pip install -e '.[bench]'`)")
+    return None
+
+
+def real_targets(kind: str, r: dict) -> dict[str, bool | None]:
+    """Issue 8's "Done when" for one real model, from this run's rows (None: a baseline it needs was not measured)."""
+    by = {x["method"]: x for x in r["rows"]}
+    le = by.get("lepton-edge")
+    if le is None:
+        return {"lepton-edge converted": False}
+    prec = (le.get("notes") or {}).get("precision")
+    if kind == "classifier":
+        plain = by.get("ort-u8s8-pc")
+        ac = by.get("nncf-ac")
+        t: dict[str, bool | None] = {"ships static int8": prec == "int8", "latency 1t <= 0.65x FP32": le["latency_ratio_1t"] <= 0.65}
+        t["KL >= 15% below plain u8s8 per-channel"] = None if plain is None else le["kl"] <= 0.85 * plain["kl"]
+        t["top-1 agreement >= plain u8s8 per-channel"] = None if plain is None else le["metric"] >= plain["metric"]
+        t["within the budget"] = le["within_budget"]
+        if ac is None:
+            t["faster than nncf-ac (both in budget)"] = None
+        else:
+            t["faster than nncf-ac (both in budget)"] = (le["within_budget"] and ac["within_budget"]
+                                                        and le["p50_ms_1t"] < ac["p50_ms_1t"]) if ac["within_budget"] else None
+        return t
+    if kind == "detector":
+        return {"ships int8": prec == "int8", "latency 1t <= 0.65x FP32": le["latency_ratio_1t"] <= 0.65,
+                "matched-box agreement >= 0.8": le["metric"] >= 0.8}
+    if kind == "encoder":
+        return {"ships quantized": prec in ("int8", "int8-dynamic"), "latency 1t <= 0.9x FP32": le["latency_ratio_1t"] <= 0.9,
+                "min cosine >= 0.99": le["metric"] >= 0.99}
+    return {}
 
 
 def _build(kind: str, work: Path, quick: bool):
@@ -124,5 +163,9 @@ def bench_real_model(kind: str, work: Path, profile: str, runs: int, quick: bool
                      "within_budget": (1.0 - m["metric"]) <= BUDGETS[model.task] + 1e-12,
                      "notes": notes.get(k)})
     failed = {k: v for k, v in notes.items() if k not in paths}
-    return {"model": model.describe(), "task": model.task, "budget": BUDGETS[model.task], "eval_samples": len(ref),
-            "rows": rows, "failed": failed}
+    if not nncf:
+        failed["nncf, nncf-ac"] = nncf_available() or "skipped (--no-nncf)"
+    out = {"model": model.describe(), "task": model.task, "budget": BUDGETS[model.task], "eval_samples": len(ref),
+           "rows": rows, "failed": failed}
+    out["targets"] = real_targets(kind, out)
+    return out

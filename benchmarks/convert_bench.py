@@ -41,7 +41,7 @@ from lepton_edge.profiles import host_matches, load_profile
 from lepton_edge.runtimes import open_session
 
 sys.path.insert(0, str(Path(__file__).parent))
-from _real_bench import REAL_MODELS, bench_real_model  # noqa: E402
+from _real_bench import REAL_MODELS, bench_real_model, nncf_available  # noqa: E402
 from _svg_plot import frontier_svg  # noqa: E402
 
 RESULTS = Path(__file__).parent / "results" / "convert_bench.json"
@@ -262,6 +262,8 @@ def main() -> None:
     t_all = time.perf_counter()
     load_start = os.getloadavg()
     out = json.loads(RESULTS.read_text()) if RESULTS.is_file() else {}
+    # A fresh clone has no results/ yet; the plot below is written before the JSON.
+    RESULTS.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix="convert-bench-") as d:
         work = Path(d)
         if {"digits", "mobilenet", "sweep"} & set(wanted):
@@ -275,16 +277,19 @@ def main() -> None:
             out["digits_twice"] = digits_twice(args.profile, runs, work)
             print_digits_twice(out["digits_twice"])
         real = out.get("real_models", {})
+        use_nncf = not args.no_nncf
+        if use_nncf and any(k in wanted for k in REAL_MODELS) and (missing := nncf_available()):
+            print(missing, file=sys.stderr)
+            use_nncf = False
         for kind in (k for k in REAL_MODELS if k in wanted):
             print(f"real model: {kind} ...", file=sys.stderr)
             real[kind] = {**bench_real_model(kind, work / kind, args.profile, 100 if args.quick else runs, args.quick,
-                                             nncf=not args.no_nncf, log=lambda m: print(m, file=sys.stderr)),
+                                             nncf=use_nncf, log=lambda m: print(m, file=sys.stderr)),
                           "quick": args.quick, "load_average": [load_start, os.getloadavg()], "measured_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
         if real:
             out["real_models"] = real
             print_real(real)
             write_real_plot(real, RESULTS.with_name("convert_bench_real.svg"))
-    RESULTS.parent.mkdir(parents=True, exist_ok=True)
     out.update({"host": {"machine": platform.machine(), "processor": _cpu_model(), "vnni": host_matches(load_profile("x86-vnni"))},
                 "profile": args.profile, "quick": args.quick, "sections_run": wanted, "load_average_at_start": load_start,
                 "load_average_at_end": os.getloadavg(), "cores": os.cpu_count(), "seconds": time.perf_counter() - t_all})
@@ -368,6 +373,9 @@ def print_real(real: dict) -> None:
                     [(x["method"], f"{x['metric']:.4f}", extra_of(x), "yes" if x["within_budget"] else "no", f"{x['p50_ms_1t']:.2f}",
                       f"{x['latency_ratio_1t']:.2f}", f"{x['p50_ms_2t']:.2f}", f"{x['latency_ratio_2t']:.2f}", f"{x['bytes'] / 1e6:.2f}",
                       f"{x['size_ratio']:.3f}", "-" if x["convert_s"] is None else f"{x['convert_s']:.1f}") for x in r["rows"]])
+        if r.get("targets"):
+            print_table(f"{r['model']['name']}: issue 8 targets (this run)", ["target", "met"],
+                        [(k, "n/a (baseline not measured)" if v is None else ("yes" if v else "NO")) for k, v in r["targets"].items()])
         if r.get("failed"):
             print_table(f"{r['model']['name']}: methods that failed", ["method", "why"], [(k, str(v)) for k, v in r["failed"].items()])
 

@@ -75,6 +75,10 @@ class StaticInt8Config(PassConfig):
     nodes_to_exclude: tuple[str, ...] = Field(default=(), description="Node names kept in float.")
     bias_correction: bool = Field(default=False, description="Add to each Conv/Gemm bias the mean output shift its weight rounding causes "
                                   "on the calibration data (empirical, in the bias's integer scale; same graph, same kernels).")
+    weight_bits: Literal["quantizer", "7", "8-depthwise-7-dense"] = Field(
+        default="quantizer", description="quantizer: onnxruntime's rounding (reduce_range picks 7 or 8 bits); 7: every weight re-rounded from "
+        "float to a symmetric 7-bit per-channel grid (what keeps the u8s8 kernel of a CPU without VNNI from saturating); "
+        "8-depthwise-7-dense: 8 bits for depthwise convolutions, whose kernel sums in 32 bits, 7 bits for the rest.")
     compact: bool = Field(default=True, description="Lean encoding (no all-zero constant zero points, shared scalars, short names), "
                           "kept only when onnxruntime fuses it into the same kernels with bit-identical outputs.")
 
@@ -167,6 +171,10 @@ def quantize_static_int8(config: StaticInt8Config, src: Path, out: Path, *, inpu
         except Exception as e:  # the quantizer's failures are untyped
             raise ConversionError(f"static INT8 quantization failed: {str(e).splitlines()[0][:200]}") from None
     settings = _settings(config, log)
+    if config.weight_bits != "quantizer":
+        from .quantize import rewrite_weight_bits
+
+        settings["weight_bits_layers"] = rewrite_weight_bits(src, written, config.weight_bits)
     if config.bias_correction:
         from .quantize import correct_biases
 

@@ -153,6 +153,8 @@ def _twin_model(fp: Any, q: Any, layers: dict[str, tuple[str, str, int]], in_flo
     for k, node in enumerate(list(q.graph.node)):
         t = node.output[0] if node.output else None
         fnode = fp_producer.get(in_float.get(t, "")) if t in layers else None
+        if fnode is None or not node.input:  # Constant and other input-less nodes are no layers
+            continue
         a_dq = dq.get(node.input[0])
         a_q = q_of.get(a_dq.input[0]) if a_dq is not None else None
         if fnode is None or a_q is None:

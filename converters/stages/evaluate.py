@@ -109,7 +109,10 @@ def evaluate_candidate(c: Candidate, ctx: EvalContext, journal: Journal) -> Cand
     try:
         sess = open_session(c.path, c.runtime, threads=ctx.threads, delegates=ctx.profile.runtime.delegates,
                             exact_int8=exact_int8(ctx.profile))
-        out = run_batched(c.path, c.runtime, ctx.evaluation.x, threads=ctx.threads, session=sess)[0]
+        # Dynamic INT8 picks its activation scales per call, so a batch of 64 would be gated as a coarser model than
+        # the one served row by row: judge it one row per call, as the device runs it.
+        batch = 1 if c.precision == "int8-dynamic" else 64
+        out = run_batched(c.path, c.runtime, ctx.evaluation.x, threads=ctx.threads, session=sess, batch=batch)[0]
     except RuntimeLoadError as e:
         return replace(c, size_bytes=size, note=f"does not run: {e.message}", within_budget=False, path=None)
     memory = max(size, rss_bytes() - rss0)

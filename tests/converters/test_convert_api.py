@@ -137,17 +137,18 @@ def test_onnx_source_keeps_its_hash_and_fits_the_jetson_opset(digits_onnx, digit
     assert check_golden(*_replay(b), b.manifest.golden)[0]
 
 
-def test_sensitive_nodes_are_kept_in_float_and_int8_recovers(random_images, tmp_path):
+def test_seven_bit_reround_and_bias_correction_recover_what_plain_int8_loses(random_images, tmp_path):
+    # This MLP's outlier channel defeated the quantizer's own weights; on x86-avx2 (reduce_range) the first candidate,
+    # 7-bit symmetric weights re-rounded from float plus bias correction, is inside the budget where plain
+    # per-channel u8s8 with 8-bit weights, measured beside it, is not. (The sensitivity retry this test used to reach
+    # is no longer needed here; with 8-bit weights its ranking, run unfused, cannot see kernel saturation.)
     r = convert(outlier_mlp(), "x86-avx2", output_dir=tmp_path, calib=(random_images, None), max_drop=0.02, latency_runs=FAST)
-    cands = r.report["candidates"]
-    plain = cands[1]
-    assert plain["name"] == "int8-qdq-minmax" and not plain["within_budget"]
-    assert r.report["sensitivity"], "the failed INT8 candidate must lead to a sensitivity ranking"
-    retried = [c for c in cands if c["settings"].get("nodes_to_exclude")]
-    assert retried, "the search must retry with nodes excluded"
-    good = [c for c in retried if c["within_budget"]]
-    assert good and good[0]["quantized_ops"] >= 1, "the recovered candidate keeps some layers INT8"
-    assert good[0]["quantized_ops"] < plain["quantized_ops"]
+    cands = {c["name"]: c for c in r.report["candidates"]}
+    first, plain = cands["int8-qdq-minmax"], cands["int8-qdq-plain"]
+    assert first["within_budget"] and first["settings"]["weight_bits"] == "7" and first["settings"]["bias_correction"]["layers"] >= 1
+    assert first["quantized_ops"] >= 1
+    assert not plain["within_budget"]
+    assert r.manifest.precision == "int8"
 
 
 def test_tight_budget_falls_back_to_fp32(tmp_path):

@@ -156,3 +156,29 @@ def test_bias_correction_is_a_copy_without_quantized_biases(small_cnn, tmp_path)
     d, x = small_cnn
     info = correct_biases(d / "pre.onnx", d / "pre.onnx", tmp_path / "same.onnx", x, threads=1)
     assert info["layers"] == 0 and (tmp_path / "same.onnx").exists()
+
+
+def test_weight_bits_rewrite_reproduces_the_quantizer_at_8_bits_and_narrows_to_7(small_cnn):
+    from lepton_edge.converters.candidates import StaticInt8Config, quantize_static_int8
+    from lepton_edge.converters.quantize import set_weight_bits, weight_layers
+
+    d, x = small_cnn
+    quantize_static_int8(StaticInt8Config(compact=False), d / "pre.onnx", d / "q8.onnx", input_name="input", calib_x=x)
+    fp, q = onnx.load(str(d / "pre.onnx")), onnx.load(str(d / "q8.onnx"))
+    layers = weight_layers(q, fp)
+    assert len(layers) == 2 and all(layer.bias_q for layer in layers)
+    before = {i.name: numpy_helper.to_array(i).copy() for i in q.graph.initializer}
+    # 8 bits from the float weights is the quantizer's own symmetric per-channel grid: same integers, same scales.
+    assert set_weight_bits(q, fp, {layer.node: 8 for layer in layers}) == 2
+    for layer in layers:
+        got = {i.name: numpy_helper.to_array(i) for i in q.graph.initializer}
+        assert np.array_equal(got[layer.weight_q], before[layer.weight_q])
+        assert np.allclose(got[layer.weight_scale], before[layer.weight_scale], rtol=1e-6)
+        assert np.abs(got[layer.bias_q].astype(np.int64) - before[layer.bias_q]).max() <= 1
+    set_weight_bits(q, fp, {layers[0].node: 7})
+    got = {i.name: numpy_helper.to_array(i) for i in q.graph.initializer}
+    assert np.abs(got[layers[0].weight_q]).max() == 63  # the u8s8 kernel's pair sums now fit 16 bits: 2 * 255 * 63 < 32768
+    assert np.array_equal(got[layers[1].weight_q], before[layers[1].weight_q])
+    onnx.save(q, str(d / "q7.onnx"))
+    ref, out = _outputs(d / "fp32.onnx", x), _outputs(d / "q7.onnx", x)
+    assert np.corrcoef(ref.ravel(), out.ravel())[0, 1] > 0.99  # still the same model, rounded more coarsely

@@ -49,8 +49,37 @@ def _shipped_metrics(model, res) -> dict:
     return task_metrics(model.task, _outputs(model.path, ev), _outputs(res.bundle_dir / res.manifest.model_file, ev))
 
 
-@pytest.mark.xfail(strict=True, reason="issue 8 not met: on this AVX2 host EfficientNet-Lite0 ships int8-dynamic at ~1.16x FP32 "
-                   "latency; no static INT8 candidate stays within a 10-point top-1 budget (plain u8s8 per-channel agrees on ~0.63)")
+@pytest.mark.timeout(1500)  # two quantizations and bias correction of a real CNN; minutes on a shared 2-core host
+def test_classifier_static_int8_beats_plain_per_channel_u8s8(real_classifier, tmp_path):
+    """The static INT8 lepton-edge builds for the x86-avx2 profile against plain per-channel u8s8 QDQ after
+    quant_pre_process, both built here from the same calibration data and run as the device runs them."""
+    from lepton_edge.converters import run_pass
+    from lepton_edge.converters.candidates import preprocess_for_quantization
+    from lepton_edge.profiles import load_profile
+
+    pre = tmp_path / "pre.onnx"
+    preprocess_for_quantization(real_classifier.path, pre)
+    cal = real_classifier.data("calib")["input"]
+    q = load_profile("x86-avx2").quantization
+    kw = {"input_name": "input", "calib_x": cal}
+    plain = {"format": "qdq", "per_channel": True, "reduce_range": False, "activation_type": "uint8", "weight_type": "int8",
+             "calibration": "minmax", "compact": False}
+    run_pass("int8-static", plain, pre, tmp_path / "plain.onnx", **kw)
+    ours = {**plain, "reduce_range": q.reduce_range, "weight_bits": "7", "bias_correction": True}
+    settings = run_pass("int8-static", ours, pre, tmp_path / "ours.onnx", **kw)
+    assert settings["bias_correction"]["layers"] >= 40, settings["bias_correction"]  # every Conv/Gemm with an int32 bias
+    ev = real_classifier.data("eval")
+    ref = _outputs(real_classifier.path, ev)
+    base = task_metrics("classification", ref, _outputs(tmp_path / "plain.onnx", ev))
+    m = task_metrics("classification", ref, _outputs(tmp_path / "ours.onnx", ev))
+    assert m["kl"] <= 0.85 * base["kl"], (m, base)  # issue 8: KL at least 15 % below plain u8s8 per-channel
+    assert m["metric"] >= base["metric"], (m, base)  # and no lower top-1 agreement
+
+
+@pytest.mark.xfail(strict=True, reason="issue 8 not met: on this AVX2 host (no VNNI) 8-bit weights saturate onnxruntime's u8s8 "
+                   "kernel (plain per-channel u8s8: agreement 0.63, KL 0.30 on 200 crops); 7-bit weights + bias correction reach "
+                   "0.86 / KL 0.055 (weights alone in 7 bits cost 0.815 / 0.061), under the 0.90 a 10-point budget needs, "
+                   "so static INT8 does not ship; learned rounding (AdaRound) is not built")
 def test_classifier_ships_int8_within_its_budget(real_classifier, tmp_path):
     res, chosen = _convert(real_classifier, tmp_path, task="classification", max_drop=BUDGET["classification"])
     assert chosen["precision"] == "int8", f"shipped {res.report['winner']}: {res.report.get('why')}"
@@ -71,8 +100,9 @@ def test_detector_ships_int8_from_task_and_data_alone(real_detector, tmp_path):
     assert m["boxes_candidate"] >= 0.8 * m["boxes_fp32"], m  # scores not zeroed by the shared box/score Concat
 
 
-@pytest.mark.xfail(strict=True, reason="issue 8 not met: dynamic per-channel INT8 of MiniLM reaches min cosine ~0.979 with the "
-                   "AVX2 profile's 7-bit weights, under the 0.99 budget, so FP32 ships")
+@pytest.mark.xfail(strict=True, reason="issue 8 not met: dynamic per-channel INT8 of MiniLM reaches min cosine 0.981 with 7- and "
+                   "8-bit weights alike; MatMuls kept float by calibration-row gain reach 0.991 (5) / 0.9945 (8) on the evaluation "
+                   "rows run by hand, but the converter's search (1/2/4/8 in float, gated one row per call) still ships FP32")
 @pytest.mark.parametrize("task", ["embedding", None], ids=["task-embedding", "task-inferred"])
 def test_encoder_ships_quantized_with_min_cosine_099(real_encoder, tmp_path, task):
     res, chosen = _convert(real_encoder, tmp_path, task=task)
