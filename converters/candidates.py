@@ -11,7 +11,7 @@ onnxruntime's quantizer writes temporary files into the current directory, so ev
 quantization runs with the working directory inside a private temp dir.
 
 Public API: the config classes, :func:`quantize_static_int8`, :func:`quantize_dynamic_int8`,
-:func:`convert_fp16`, :func:`sensitive_nodes`, :func:`count_quantized_ops`.
+:func:`convert_fp16`, :func:`count_quantized_ops`.
 """
 
 from __future__ import annotations
@@ -33,7 +33,7 @@ from .errors import ConversionError
 from .passes import PassConfig, register_pass
 
 __all__ = ["StaticInt8Config", "DynamicInt8Config", "Fp16Config", "quantize_static_int8", "quantize_dynamic_int8",
-           "convert_fp16", "sensitive_nodes", "count_quantized_ops", "preprocess_for_quantization"]
+           "convert_fp16", "count_quantized_ops", "preprocess_for_quantization"]
 
 
 class _Collect(logging.Handler):
@@ -261,61 +261,6 @@ def count_quantized_ops(path: Path) -> dict[str, int]:
 
 
 # --------------------------------------------------------------------------- sensitivity
-
-
-def sensitive_nodes(fp32_path: Path, qdq_path: Path, x: Feeds, *, threads: int, limit: int = 16) -> list[tuple[str, float]]:
-    """Nodes ranked by how much error they add when quantized: ``[(node name, added error)]``.
-
-    QDQ wraps tensors without renaming them, so a float tensor produced by the same kind
-    of node in both models is compared directly (relative L2 error), with both models run
-    unoptimised and those tensors as extra outputs. Tensors of nodes the quantizer removed
-    (Relu/Clip folded into a quantized range) inherit the error of their inputs. A node's
-    added error is its output's error minus the worst error among its inputs: a layer that
-    merely passes on upstream error scores low.
-    """
-    import onnx
-
-    fp = onnx.load(str(fp32_path))
-    qd = onnx.load(str(qdq_path))
-    q_producer = {o: n.op_type for n in qd.graph.node for o in n.output}
-    inits = {i.name for i in fp.graph.initializer}
-    same = sorted({n.output[0] for n in fp.graph.node if n.output and q_producer.get(n.output[0]) == n.op_type})
-    a = _intermediates(fp, same, x, threads)
-    b = _intermediates(qd, same, x, threads)
-    err: dict[str, float] = {i.name: 0.0 for i in fp.graph.input}
-    scores = []
-    for n in fp.graph.node:  # ONNX graphs are stored in topological order
-        upstream = max((err.get(i, 0.0) for i in n.input if i and i not in inits), default=0.0)
-        t = n.output[0] if n.output else None
-        if t in a and t in b and a[t].shape == b[t].shape and np.issubdtype(a[t].dtype, np.floating):
-            ref = a[t].astype(np.float64)
-            err[t] = float(np.linalg.norm(ref - b[t]) / (np.linalg.norm(ref) + 1e-12))
-            scores.append((n.name, err[t] - upstream))
-        for o in n.output:
-            err.setdefault(o, upstream)
-    scores.sort(key=lambda s: -s[1])
-    return [(name, s) for name, s in scores[:limit] if s > 0]
-
-
-def _intermediates(model: Any, names: list[str], x: Feeds, threads: int) -> dict[str, np.ndarray]:
-    import onnx
-    import onnxruntime as ort
-
-    m = onnx.ModelProto()
-    m.CopyFrom(model)
-    have = {o.name for o in m.graph.output}
-    for t in names:
-        if t not in have:
-            m.graph.output.append(onnx.ValueInfoProto(name=t))
-    so = ort.SessionOptions()
-    so.intra_op_num_threads = threads
-    so.log_severity_level = 3
-    # No graph rewrites: fused nodes would hide the very tensors being compared.
-    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-    sess = ort.InferenceSession(m.SerializeToString(), sess_options=so, providers=["CPUExecutionProvider"])
-    out_names = [o.name for o in sess.get_outputs()]
-    res = sess.run(out_names, dict(x) if isinstance(x, dict) else {sess.get_inputs()[0].name: x})
-    return dict(zip(out_names, res))
 
 
 def keep_float(model_path: Path, node_names: list[str]) -> list[str]:

@@ -20,9 +20,13 @@ BUDGET = {"classification": 0.10, "detection": 0.20, "embedding": 0.01}  # as in
 
 
 def _profile() -> str:
+    return "x86-vnni" if _host_has_vnni() else "x86-avx2"
+
+
+def _host_has_vnni() -> bool:
     from lepton_edge.profiles import host_matches, load_profile
 
-    return "x86-vnni" if host_matches(load_profile("x86-vnni")) else "x86-avx2"
+    return host_matches(load_profile("x86-vnni"))
 
 
 def _outputs(path, feeds: dict[str, np.ndarray]) -> np.ndarray:
@@ -49,44 +53,58 @@ def _shipped_metrics(model, res) -> dict:
     return task_metrics(model.task, _outputs(model.path, ev), _outputs(res.bundle_dir / res.manifest.model_file, ev))
 
 
-@pytest.mark.timeout(1500)  # two quantizations and bias correction of a real CNN; minutes on a shared 2-core host
-def test_classifier_static_int8_beats_plain_per_channel_u8s8(real_classifier, tmp_path):
-    """The static INT8 lepton-edge builds for the x86-avx2 profile against plain per-channel u8s8 QDQ after
-    quant_pre_process, both built here from the same calibration data and run as the device runs them."""
+def _plain_per_channel_u8s8(model, tmp_path):
+    """The baseline issue 8 names: per-channel u8s8 QDQ with 8-bit weights after quant_pre_process, MinMax, same data."""
     from lepton_edge.converters import run_pass
     from lepton_edge.converters.candidates import preprocess_for_quantization
-    from lepton_edge.profiles import load_profile
 
-    pre = tmp_path / "pre.onnx"
-    preprocess_for_quantization(real_classifier.path, pre)
-    cal = real_classifier.data("calib")["input"]
-    q = load_profile("x86-avx2").quantization
-    kw = {"input_name": "input", "calib_x": cal}
+    pre, out = tmp_path / "plain-pre.onnx", tmp_path / "plain.onnx"
+    preprocess_for_quantization(model.path, pre)
     plain = {"format": "qdq", "per_channel": True, "reduce_range": False, "activation_type": "uint8", "weight_type": "int8",
              "calibration": "minmax", "compact": False}
-    run_pass("int8-static", plain, pre, tmp_path / "plain.onnx", **kw)
-    ours = {**plain, "reduce_range": q.reduce_range, "weight_bits": "7", "bias_correction": True}
-    settings = run_pass("int8-static", ours, pre, tmp_path / "ours.onnx", **kw)
-    assert settings["bias_correction"]["layers"] >= 40, settings["bias_correction"]  # every Conv/Gemm with an int32 bias
-    ev = real_classifier.data("eval")
-    ref = _outputs(real_classifier.path, ev)
-    base = task_metrics("classification", ref, _outputs(tmp_path / "plain.onnx", ev))
-    m = task_metrics("classification", ref, _outputs(tmp_path / "ours.onnx", ev))
-    assert m["kl"] <= 0.85 * base["kl"], (m, base)  # issue 8: KL at least 15 % below plain u8s8 per-channel
-    assert m["metric"] >= base["metric"], (m, base)  # and no lower top-1 agreement
+    run_pass("int8-static", plain, pre, out, input_name="input", calib_x=model.data("calib")["input"])
+    return out
 
 
-@pytest.mark.xfail(strict=True, reason="issue 8 not met: on this AVX2 host (no VNNI) 8-bit weights saturate onnxruntime's u8s8 "
-                   "kernel (plain per-channel u8s8: agreement 0.63, KL 0.30 on 200 crops); 7-bit weights + bias correction reach "
-                   "0.86 / KL 0.055 (weights alone in 7 bits cost 0.815 / 0.061), under the 0.90 a 10-point budget needs, "
-                   "so static INT8 does not ship; learned rounding (AdaRound) is not built")
-def test_classifier_ships_int8_within_its_budget(real_classifier, tmp_path):
+@pytest.mark.timeout(1800)  # a full search with a mixed-precision ranking, plus the baseline; minutes on a shared 2-core host
+def test_classifier_ships_int8_within_its_budget_and_beats_plain_u8s8(real_classifier, tmp_path):
+    """What the converter ships for this host's profile against plain per-channel u8s8 built here from the same
+    calibration data, both run as the device runs them (latency is the benchmark's business)."""
     res, chosen = _convert(real_classifier, tmp_path, task="classification", max_drop=BUDGET["classification"])
     assert chosen["precision"] == "int8", f"shipped {res.report['winner']}: {res.report.get('why')}"
     m = _shipped_metrics(real_classifier, res)
     assert 1.0 - m["metric"] <= BUDGET["classification"], m
-    # KL is the steadier signal on low-confidence photo crops; a working INT8 model keeps it small.
-    assert m["kl"] < 0.1, m
+    ev = real_classifier.data("eval")
+    base = task_metrics("classification", _outputs(real_classifier.path, ev), _outputs(_plain_per_channel_u8s8(real_classifier, tmp_path), ev))
+    assert m["kl"] <= 0.85 * base["kl"], (m, base)  # issue 8: softmax KL at least 15 % below plain u8s8 per-channel
+    assert m["metric"] >= base["metric"], (m, base)  # and no lower top-1 agreement
+    # The layers kept in float were ranked by the gated metric, and the report says which and why.
+    ranking = res.report["mixed_precision"]
+    assert ranking and ranking["ranking"], res.report.get("mixed_precision")
+    if chosen["settings"].get("float_layers"):
+        assert set(chosen["settings"]["float_layers"]) <= {r["node"] for r in ranking["ranking"]}
+
+
+@pytest.mark.skipif("_host_has_vnni()", reason="7-bit weights answer the u8s8 saturation of x86 CPUs without VNNI; "
+                    "this host's VNNI kernel sums in 32 bits, so 8-bit weights are exact here and the comparison means nothing")
+@pytest.mark.timeout(1500)
+def test_seven_bit_weights_beat_saturating_plain_u8s8_without_vnni(real_classifier, tmp_path):
+    from lepton_edge.converters import run_pass
+    from lepton_edge.profiles import load_profile
+
+    plain_path = _plain_per_channel_u8s8(real_classifier, tmp_path)
+    q = load_profile("x86-avx2").quantization
+    ours = {"format": "qdq", "per_channel": True, "reduce_range": q.reduce_range, "activation_type": "uint8", "weight_type": "int8",
+            "calibration": "minmax", "compact": False, "weight_bits": "7", "bias_correction": True}
+    settings = run_pass("int8-static", ours, tmp_path / "plain-pre.onnx", tmp_path / "ours.onnx", input_name="input",
+                        calib_x=real_classifier.data("calib")["input"])
+    assert settings["bias_correction"]["layers"] >= 40, settings["bias_correction"]  # every Conv/Gemm with an int32 bias
+    ev = real_classifier.data("eval")
+    ref = _outputs(real_classifier.path, ev)
+    base = task_metrics("classification", ref, _outputs(plain_path, ev))
+    m = task_metrics("classification", ref, _outputs(tmp_path / "ours.onnx", ev))
+    assert m["kl"] <= 0.85 * base["kl"], (m, base)
+    assert m["metric"] >= base["metric"], (m, base)
 
 
 def test_detector_ships_int8_from_task_and_data_alone(real_detector, tmp_path):
