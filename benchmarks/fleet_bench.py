@@ -286,7 +286,11 @@ def run_size(devices: int, bundles: tuple[Path, Path, Path], *, tls: bool, pg: s
                       telemetry_duplicates=max(0, got - acked),
                       telemetry_dropped=sum(v for k, v in m["ingest"].items() if k.startswith("dropped")),
                       device_errors=rep.get("errors", [])[:5], reconnects=rep.get("reconnects", 0),
-                      connect_failures=rep.get("connect_failures", 0))
+                      connect_failures=rep.get("connect_failures", 0),
+                      # Where lost telemetry could have gone: the broker's drop counters, the service's
+                      # own MQTT reconnects (a clean session loses what the broker had queued for it).
+                      ingest_stats=m["ingest"], broker_stats={k: (m.get("broker") or {}).get(k) for k in
+                                                               ("received", "sent", "dropped", "refused", "queued_bytes")})
     finally:
         if prober is not None:
             prober.stop()
@@ -297,6 +301,9 @@ def run_size(devices: int, bundles: tuple[Path, Path, Path], *, tls: bool, pg: s
         if sampler is not None:
             result["peak_rss_mb"] = {k: round(v / 2**20, 1) for k, v in sampler.stop().items()}
         service.stop()
+        if (work / "service.log").exists():  # kept for the bottleneck analysis (benchmarks/results is not committed)
+            RESULTS.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy(work / "service.log", RESULTS.parent / f"fleet-{devices}-{result['db']}-service.log")
         result["load_after"] = os.getloadavg()
         result["wall_s"] = round(time.monotonic() - t_start, 1)
         shutil.rmtree(work, ignore_errors=True)

@@ -67,10 +67,12 @@ class Ingestor:
         self._known_at = 0.0
         self._connect_timeout = connect_timeout
         self.stats: Counter[str] = Counter()
-        self._client = new_client(f"lepton-cloud-{replica_id}", username if password is not None or username else None,
+        self.client_id = f"lepton-cloud-{replica_id}"
+        self._client = new_client(self.client_id, username if password is not None or username else None,
                                   password, tls=self._address.tls, ca_file=ca_file)
         self._client.on_connect = self._on_connect
         self._client.on_message = self._on_message
+        self._client.on_disconnect = self._on_disconnect
         self._writer = threading.Thread(target=self._write_loop, name="lepton-ingest", daemon=True)
 
     # ------------------------------------------------------------------ lifecycle
@@ -89,12 +91,19 @@ class Ingestor:
     def _on_connect(self, client: paho.Client, _u: Any, _f: Any, reason: Any, _p: Any) -> None:
         if reason.is_failure:
             return
+        # Counted: with a clean session, every reconnect loses what the broker had queued for us.
+        self.stats["mqtt_connects"] += 1
         # Subscribing on every (re)connect: a clean session forgets its subscriptions.
         client.subscribe([
             (subscription("state"), 1),
             (subscription("telemetry", shared_group=self._shared_group), 1),
             (subscription("events", shared_group=self._shared_group), 1),
         ])
+
+    def _on_disconnect(self, _c: paho.Client, _u: Any, _f: Any, reason: Any, _p: Any) -> None:
+        if not self._stop.is_set():
+            self.stats["mqtt_disconnects"] += 1
+            log.warning("the ingest connection to the broker dropped: %s", reason)
 
     def _on_message(self, _c: paho.Client, _u: Any, msg: paho.MQTTMessage) -> None:
         try:

@@ -183,3 +183,48 @@ def test_a_rollout_step_writes_its_changed_device_rows_in_one_batch(start_servic
         event.remove(svc.engine, "before_cursor_execute", seen)
     assert single == []  # no row-at-a-time UPDATEs from the engine
     assert max(batched) == 300  # the wave's 300 rows went out in one statement
+
+
+def test_the_engine_rests_as_long_as_its_last_tick_took_within_a_quarter_of_the_lease(monkeypatch):
+    """A slow step (10,000 rows re-read) must not run back to back and hold the GIL ingest and downloads need."""
+    from types import SimpleNamespace
+
+    from lepton_edge.cloud import service as service_mod
+
+    clock = [1000.0]
+    monkeypatch.setattr(service_mod.time, "monotonic", lambda: clock[0])
+    took = iter([0.01, 1.5, 30.0])  # a fast tick, a slow one, one slower than the lease allows resting
+
+    class Stop:
+        waits: list[float] = []
+
+        def is_set(self) -> bool:
+            return len(self.waits) >= 3
+
+        def wait(self, seconds: float) -> None:
+            self.waits.append(seconds)
+
+    svc = service_mod.CloudService.__new__(service_mod.CloudService)
+    svc.config = SimpleNamespace(tick_s=0.5, lease_ttl_s=10.0, telemetry_retention_s=1e9)
+    svc._stop = Stop()
+    svc.lease = SimpleNamespace(acquire=lambda: True)
+    svc.rollouts = SimpleNamespace(tick=lambda: clock.__setitem__(0, clock[0] + next(took)))
+    svc._alerts_tick = lambda: None
+    svc._alerts_at = 0.0
+    svc.engine_failures = 0
+    monkeypatch.setattr(service_mod, "delete", lambda table: SimpleNamespace(where=lambda *_: None))
+    svc.engine = SimpleNamespace(begin=lambda: _NullConn())
+    svc._engine_loop()
+    # The tick interval when fast; the step's own duration when slower; never past a quarter of the lease.
+    assert Stop.waits == [0.5, 1.5, 2.5]
+
+
+class _NullConn:
+    def __enter__(self):  # noqa: ANN204 - the prune's transaction, not under test here
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        return None
+
+    def execute(self, *_: object) -> None:
+        return None

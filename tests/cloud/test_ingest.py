@@ -86,3 +86,26 @@ def test_a_row_the_database_refuses_does_not_take_its_batch_down(start_service, 
     wait_for(lambda: client.device("dev-0")["p95_ms"] and client.device("dev-2")["p95_ms"], 15, "the good rows of the batch")
     assert client.device("dev-1")["p95_ms"] is None
     assert client.metrics()["ingest"]["dropped_db_error"] == 1
+
+
+def test_the_ingest_counts_its_own_broker_reconnects(start_service, private_broker):
+    """A clean session loses what the broker queued for it: every drop of the ingest link is counted, then healed."""
+    svc = start_service(broker_url=private_broker.url)
+    client = CloudClient(svc.url, svc.token)
+    client.enroll("dev-1", "rpi5")
+    assert client.metrics()["ingest"].get("mqtt_connects") == 1
+    # Another client with the service's client id takes its session over: the broker drops the service.
+    thief = new_client(svc.ingestor.client_id)
+    connect_and_wait(thief, parse_broker_url(private_broker.url))
+    thief.disconnect()
+    thief.loop_stop()
+    stats = wait_for(lambda: (s := client.metrics()["ingest"]).get("mqtt_connects", 0) >= 2 and s, 15, "the ingest to reconnect")
+    assert stats["mqtt_disconnects"] >= 1
+    # And it ingests again after the reconnect.
+    pub = new_client("dev-1-pub")
+    connect_and_wait(pub, parse_broker_url(private_broker.url))
+    pub.publish("lepton/v1/default/dev-1/telemetry", encode(TelemetryMessage(
+        ts=time.time(), seq=1, interval_s=1, models={"m": ModelStats(version="1", count=10, errors=0, p95_ms=2.0)})), qos=1).wait_for_publish(5)
+    wait_for(lambda: client.device("dev-1")["p95_ms"] == 2.0, 10, "telemetry after the reconnect")
+    pub.disconnect()
+    pub.loop_stop()
