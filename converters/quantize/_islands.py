@@ -46,6 +46,7 @@ def with_float_layers(qdq: Any, fp32: Any, names: Iterable[str]) -> Any:
     want = set(names)
     producer = {o: n for n in m.graph.node for o in n.output}
     fp_nodes = {n.name: n for n in fp32.graph.node}
+    fp_producer = {o: n for n in fp32.graph.node for o in n.output}
     fp_inits = {i.name: i for i in fp32.graph.initializer}
     have = {i.name for i in m.graph.initializer}
     for node in m.graph.node:
@@ -72,11 +73,11 @@ def with_float_layers(qdq: Any, fp32: Any, names: Iterable[str]) -> Any:
                 continue
             q = producer.get(dq.input[0])
             if q is not None and q.op_type == "QuantizeLinear":
-                node.input[k] = _float_activation(m, fp32, q.input[0], producer, have)
+                node.input[k] = _float_activation(m, fp32, fp_producer, q.input[0], producer, have)
     return m
 
 
-def _float_activation(m: Any, fp32: Any, name: str, producer: dict[str, Any], have: set[str]) -> str:
+def _float_activation(m: Any, fp32: Any, fp_producer: dict[str, Any], name: str, producer: dict[str, Any], have: set[str]) -> str:
     """The float value of ``name`` as FP32 computes it.
 
     Where the quantizer folded a Clip/Relu into the output's range, the tensor before the
@@ -85,7 +86,6 @@ def _float_activation(m: Any, fp32: Any, name: str, producer: dict[str, Any], ha
     """
     import onnx
 
-    fp_producer = {o: n for n in fp32.graph.node for o in n.output}
     act = fp_producer.get(name)
     mine = producer.get(name)
     if act is None or act.op_type not in ("Clip", "Relu") or (mine is not None and mine.op_type == act.op_type):

@@ -21,7 +21,6 @@ from ..candidates import keep_float
 from ..data import n_rows, rows
 from ..quantize import float_nodes, is_transformer
 from ..quantize._weights import has_depthwise
-from ..search import Candidate
 from .context import BuildContext
 
 __all__ = ["search", "NAIVE_STATIC", "FLOAT_STEPS", "RANK_ROWS"]
