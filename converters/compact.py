@@ -5,8 +5,9 @@ onnxruntime's quantizer writes, beside the INT8 weights, bytes the runtime does 
 - all-zero zero points: an int8 zero-point vector per weight and an int32 zero-point vector
   per quantized bias, which ``DequantizeLinear`` defaults to zero when they are absent;
 - per-channel weight zero points of ``QLinearConv`` that are all equal (onnxruntime's kernel
-  requires them to be), which one shared scalar says as well;
-- the same scalar scale or zero point stored once per tensor that uses it;
+  requires them to be), which one scalar says as well;
+- the same scale or activation zero point stored once per tensor that uses it (int8 tensors
+  excepted: onnxruntime's exact-INT8 transformers rewrite each of them once);
 - long tensor and node names, doc strings and intermediate shape annotations
   (``value_info``), which onnxruntime infers again at load.
 
@@ -71,7 +72,7 @@ def _compact(g: Any, *, keep_zero_points: bool) -> dict[str, int]:
         for k, name in enumerate(node.input):
             consumers.setdefault(name, []).append((node, k))
     dropped = scalar = 0
-    scalars: dict[tuple[str, bytes], str] = {}
+    scalars: dict[str, str] = {}
     for node in g.node:
         # Only constants' zero points: an activation's Q/DQ pair must keep matching parameters to be fused.
         if (not keep_zero_points and node.op_type == "DequantizeLinear" and len(node.input) == 3 and node.input[0] in arrays
@@ -82,15 +83,19 @@ def _compact(g: Any, *, keep_zero_points: bool) -> dict[str, int]:
         if i is not None and len(node.input) > i and node.input[i] in arrays:
             zp = arrays[node.input[i]]
             if zp.ndim == 1 and zp.size > 1 and (zp == zp[0]).all():
-                key = (str(zp.dtype), zp[:1].tobytes())
-                if key not in scalars:
+                # One scalar per weight, not one for all: int8 zero points are never shared (see below).
+                if node.input[i] not in scalars:
                     name = f"{node.input[i]}_scalar"
                     arrays[name] = zp[0].reshape(())
                     g.initializer.append(numpy_helper.from_array(arrays[name], name))
-                    scalars[key] = name
-                node.input[i] = scalars[key]
+                    scalars[node.input[i]] = name
+                node.input[i] = scalars[node.input[i]]
                 scalar += 1
-    # Identical initializers (mostly scalar scales and zero points) are stored once.
+    # Identical initializers (mostly scalar scales and zero points) are stored once, but never an int8
+    # one: with session.x64quantprecision (exact INT8 on x86, see runtimes.open_session) onnxruntime
+    # converts each s8 weight's zero point to u8 under a name derived from it, and a zero point shared
+    # by two weights is converted twice ("AddInitializedOrtValue Attempt to replace the existing
+    # tensor", onnxruntime 1.31). Not sharing those costs a few dozen bytes per layer.
     first: dict[tuple[str, tuple[int, ...], bytes], str] = {}
     alias: dict[str, str] = {}
     for t in g.initializer:
@@ -98,7 +103,7 @@ def _compact(g: Any, *, keep_zero_points: bool) -> dict[str, int]:
         if a is None:
             a = arrays[t.name] = numpy_helper.to_array(t)
         key = (str(a.dtype), a.shape, a.tobytes())
-        alias[t.name] = first.setdefault(key, t.name)
+        alias[t.name] = t.name if a.dtype == np.int8 else first.setdefault(key, t.name)
     for node in g.node:
         for k, name in enumerate(node.input):
             if name in alias:
@@ -174,6 +179,16 @@ def _differs(a: Path, b: Path, sample: Any, threads: int) -> str:
                 ort.InferenceSession(str(p), so, providers=["CPUExecutionProvider"])
             except Exception as e:  # onnxruntime's errors are untyped
                 return f"the lean encoding does not load: {str(e).splitlines()[0][:160]}"
+            # Devices whose profile asks for exact INT8 open the file with this option, which runs
+            # transformers of its own on the weights: the lean file must load there too.
+            exact = ort.SessionOptions()
+            exact.log_severity_level = 4
+            exact.add_session_config_entry("session.x64quantprecision", "1")
+            try:
+                ort.InferenceSession(str(p), exact, providers=["CPUExecutionProvider"])
+            except Exception as e:  # onnxruntime's errors are untyped
+                if p == b:
+                    return f"the lean encoding does not load with exact INT8: {str(e).splitlines()[0][:160]}"
             ops.append(_op_counts(Path(so.optimized_model_filepath)))
             run = ort.SessionOptions()
             run.intra_op_num_threads = threads

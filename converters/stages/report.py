@@ -45,7 +45,7 @@ def build_report(profile: DeviceProfile, prepared: Prepared, budget: Budget, cho
         "calibration": {"samples": len(data.calibration), "synthetic": data.calibration.synthetic, "origin": data.calibration.origin},
         "passes": list(journal.passes), "candidates": [_row(c, latency) for c in cands],
         "latency_source": latency.as_report() if latency is not None else {"source": "host", "fallback": None},
-        "mixed_precision": sections.get("mixed_precision"), "pruning": prepared.pruning,
+        "mixed_precision": sections.get("mixed_precision", []), "pruning": prepared.pruning,
         "winner": winner.name if winner else None, "why": choice.why, "selection": dict(choice.selection), "summary": summary,
         "notes": list(journal.notes), "warnings": list(journal.warnings), "seconds": round(seconds, 2),
     }

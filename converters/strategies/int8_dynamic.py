@@ -63,8 +63,10 @@ def _mixed(ctx: BuildContext, reduce_range: bool) -> bool:
 
     ctx.journal.say("mixed-precision", f"ranking {len(nodes)} MatMuls by the gated metric on {RANK_ROWS} calibration rows")
     ranked = rank_by_metric(nodes, build, score, ctx.work)
-    ctx.sections["mixed_precision"] = {"ranked_by": "gated metric on calibration rows, one MatMul in float at a time",
-                                       "ranking": [{"node": n, "gain": round(g, 6)} for n, g in ranked]}
+    # One ranking per quantizer: the static one may have ranked its layers already in this search.
+    ctx.sections.setdefault("mixed_precision", []).append(
+        {"precision": "int8-dynamic", "ranked_by": "gated metric on calibration rows, one MatMul in float at a time",
+         "ranking": [{"node": n, "gain": round(g, 6)} for n, g in ranked]})
     tried: set[tuple[str, ...]] = set()
     for k in MIXED_STEPS:
         excluded = tuple(sorted(n for n, _ in ranked[:k]))

@@ -142,8 +142,9 @@ def _keep_costly_in_float(ctx: BuildContext, base: dict[str, Any], kw: dict[str,
 
     ctx.journal.say("mixed-precision", f"ranking {len(layers)} quantized layers by the gated metric on {n_rows(x)} calibration rows")
     ranked = rank_by_metric(layers, build, score, ctx.work)
-    ctx.sections["mixed_precision"] = {"ranked_by": "gated metric on calibration rows, one layer in float at a time (graph surgery)",
-                                       "ranking": [{"node": n, "gain": round(g, 6)} for n, g in ranked[:16]]}
+    ctx.sections.setdefault("mixed_precision", []).append(
+        {"precision": "int8", "ranked_by": "gated metric on calibration rows, one layer in float at a time (graph surgery)",
+         "ranking": [{"node": n, "gain": round(g, 6)} for n, g in ranked[:16]]})
     tried: set[tuple[str, ...]] = set()
     for k in FLOAT_STEPS:
         nodes = [n for n, _ in ranked[:k]]

@@ -9,8 +9,8 @@
 from ._budget import DEFAULTS, Budget, gate
 from ._detection import Detections, box_agreement, decode, match, nms
 from ._infer import TASKS, LayoutError, TaskSpec, detection_layout, first_float_output, infer_task
-from ._metrics import Fidelity, cosine_rows, measure, neighbour_agreement, nrmse, softmax_kl
+from ._metrics import Fidelity, cosine_rows, measure, neighbour_agreement, neighbour_ranks, nrmse, softmax_kl
 
 __all__ = ["TASKS", "TaskSpec", "LayoutError", "infer_task", "detection_layout", "first_float_output",
-           "Fidelity", "measure", "softmax_kl", "cosine_rows", "nrmse", "neighbour_agreement",
+           "Fidelity", "measure", "softmax_kl", "cosine_rows", "nrmse", "neighbour_agreement", "neighbour_ranks",
            "Budget", "gate", "DEFAULTS", "Detections", "decode", "nms", "match", "box_agreement"]

@@ -26,7 +26,7 @@ import numpy as np
 from ._detection import box_agreement
 from ._infer import TaskSpec
 
-__all__ = ["Fidelity", "measure", "softmax_kl", "cosine_rows", "nrmse", "neighbour_agreement"]
+__all__ = ["Fidelity", "measure", "softmax_kl", "cosine_rows", "nrmse", "neighbour_agreement", "neighbour_ranks"]
 
 _METRIC = {"classification": "top1_disagreement", "detection": "box_disagreement", "embedding": "cosine_gap",
            "segmentation": "pixel_disagreement", "regression": "nrmse"}
@@ -117,8 +117,19 @@ def nrmse(ref: np.ndarray, out: np.ndarray) -> float:
 
 def neighbour_agreement(ref: np.ndarray, out: np.ndarray) -> float:
     """Share of samples whose nearest neighbour (cosine, itself excluded) is the same under both models."""
+    return neighbour_ranks(ref, out)["neighbour_agreement"]
+
+
+def neighbour_ranks(ref: np.ndarray, out: np.ndarray, k: int = 3) -> dict[str, float]:
+    """Nearest-neighbour agreement, and the share whose reference neighbour stays in the candidate's top ``k``.
+
+    Exact top-1 agreement flips on near-ties: on 128 real sentences a dynamic-INT8 encoder at min cosine
+    0.991 swapped 7 neighbours whose FP32 similarities differed by 0.0003-0.025, and kept every one of
+    them second or third. The top-``k`` share tells that apart from a retrieval that broke.
+    """
     if len(ref) < 3:
-        return 1.0
+        return {"neighbour_agreement": 1.0, f"neighbour_in_top{k}": 1.0}
+
     def unit(a: np.ndarray) -> np.ndarray:
         a = _flat(a)
         n = np.linalg.norm(a, axis=1, keepdims=True)
@@ -127,7 +138,9 @@ def neighbour_agreement(ref: np.ndarray, out: np.ndarray) -> float:
     sr, so = r @ r.T, o @ o.T
     np.fill_diagonal(sr, -np.inf)
     np.fill_diagonal(so, -np.inf)
-    return float((sr.argmax(1) == so.argmax(1)).mean())
+    nr = sr.argmax(1)
+    rank = (so > so[np.arange(len(so)), nr][:, None]).sum(1)  # 0: the candidate's nearest is the reference's
+    return {"neighbour_agreement": float((rank == 0).mean()), f"neighbour_in_top{k}": float((rank < k).mean())}
 
 
 def _primary(spec: TaskSpec, outputs: list[np.ndarray] | np.ndarray) -> np.ndarray:
@@ -155,8 +168,8 @@ def measure(spec: TaskSpec, reference: list[np.ndarray] | np.ndarray, candidate:
         d = box_agreement(ref, out, spec.params)
         return Fidelity(task, "box_disagreement", 1.0 - d["box_agreement"], {**d, **common}, n, d["score_error_mean"])
     if task == "embedding":
-        nn = neighbour_agreement(ref, out)
-        return Fidelity(task, "cosine_gap", max(0.0, 1.0 - float(cos.min())), {**common, "neighbour_agreement": nn}, n, 1.0 - float(cos.mean()))
+        return Fidelity(task, "cosine_gap", max(0.0, 1.0 - float(cos.min())), {**common, **neighbour_ranks(ref, out)}, n,
+                        1.0 - float(cos.mean()))
     e = nrmse(ref, out)
     snr = float("inf") if e == 0 else -20.0 * np.log10(e)
     if task == "segmentation" and ref.ndim >= 3 and ref.shape[1] >= 2:

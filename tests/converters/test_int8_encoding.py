@@ -83,10 +83,31 @@ def test_lean_encoding_is_smaller_fuses_the_same_and_matches_outputs(digits, dig
         dq_consts = [n for n in m.graph.node if n.op_type == "DequantizeLinear" and n.input[0] in _initializers(lean)]
         assert sum(len(n.input) == 2 for n in dq_consts) == 7 and sum(len(n.input) == 3 for n in dq_consts) == 1
     else:
-        # QLinearConv's per-channel weight zero points (all 0) become one shared scalar.
+        # QLinearConv's per-channel weight zero points (all 0) become one scalar each (int8 ones are not shared).
         assert enc["zero_points_made_scalar"] == 3
         convs = [n for n in m.graph.node if n.op_type == "QLinearConv"]
-        assert len({n.input[5] for n in convs}) == 1 and _initializers(lean)[convs[0].input[5]].shape == ()
+        assert len({n.input[5] for n in convs}) == 3 and all(_initializers(lean)[c.input[5]].shape == () for c in convs)
+
+
+@pytest.mark.parametrize("fmt", ["qdq", "qoperator"])
+def test_lean_encoding_loads_and_matches_where_the_device_asks_for_exact_int8(digits, digits_pre, tmp_path, fmt):
+    # x86-vnni and the ARM profiles open INT8 files with session.x64quantprecision, whose own weight
+    # transformers once refused a lean file that shared one int8 zero point between two weights.
+    import onnxruntime as ort
+
+    _, data, _ = digits
+    x = data.x_train[:256]
+    plain, lean = tmp_path / "plain.onnx", tmp_path / "lean.onnx"
+    _quantize(digits_pre, plain, x, format=fmt, compact=False)
+    enc = _quantize(digits_pre, lean, x, format=fmt)["encoding"]
+    assert "kept_original" not in enc, enc
+
+    def exact(path: Path) -> np.ndarray:
+        so = ort.SessionOptions()
+        so.add_session_config_entry("session.x64quantprecision", "1")
+        return ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"]).run(None, {"input": data.x_test})[0]
+
+    assert np.array_equal(exact(plain), exact(lean))
 
 
 def test_non_zero_zero_points_are_kept(digits, digits_pre, tmp_path):

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from lepton_edge.converters.tasks import (Budget, Fidelity, LayoutError, TaskSpec, box_agreement, decode, detection_layout, gate,
-                                          infer_task, measure, neighbour_agreement, nrmse, softmax_kl)
+                                          infer_task, measure, neighbour_agreement, neighbour_ranks, nrmse, softmax_kl)
 
 RNG = np.random.default_rng(0)
 
@@ -147,6 +147,21 @@ def test_embedding_cosine_and_neighbours():
     pts = np.array([[1, 0], [0.9, 0.1], [0, 1], [0.1, 0.9]], dtype=float)
     swapped = pts[[0, 2, 1, 3]]  # sample 1 now sits next to 2/3
     assert neighbour_agreement(pts, pts) == 1.0 and neighbour_agreement(pts, swapped) < 1.0
+
+
+def test_a_near_tie_swaps_the_top_neighbour_but_keeps_it_in_the_top_three():
+    # Query 0's two nearest sit 0.001 apart in cosine; a small perturbation swaps them, a large one loses both.
+    ref = np.array([[1.0, 0.0, 0.0], [0.9, 0.436, 0.0], [0.9, 0.0, 0.436], [0.0, 1.0, 0.0], [0.0, 0.0, 1.0], [-1.0, 0.0, 0.0]])
+    ref[2, 2] = 0.440
+    near = ref.copy()
+    near[1, 1] = 0.445
+    r = neighbour_ranks(ref, near)
+    assert r["neighbour_agreement"] < 1.0 and r["neighbour_in_top3"] == 1.0, r
+    far = ref.copy()
+    far[0] = [-1.0, 0.0, 0.05]  # query 0 now lands beside sample 5, with its old neighbours out of its top 3
+    assert neighbour_ranks(ref, far)["neighbour_in_top3"] < 1.0
+    f = measure(TaskSpec("embedding", ""), ref, near)
+    assert f.details["neighbour_in_top3"] == 1.0 and f.details["neighbour_agreement"] == r["neighbour_agreement"]
 
 
 def test_regression_is_relative_to_the_spread_not_the_units():
