@@ -117,23 +117,28 @@ def _feed_names(manifest: Manifest, session: Session) -> list[str]:
     raise ActivationError(f"the manifest lists {len(declared)} inputs but the model has {len(actual)}")
 
 
-def open_model_session(model_path: Path, m: Manifest, profile: DeviceProfile) -> Session:
-    """A new runtime session of a bundle's model file with the profile's settings (ActivationError if it will not open)."""
+def open_model_session(model_path: Path, m: Manifest, profile: DeviceProfile, *, background: bool = False) -> Session:
+    """A new runtime session of a bundle's model file with the profile's settings (ActivationError if it will not open).
+
+    ``background``: one thread that never spins, for a session that runs beside the served one
+    (a shadow, or the active model's reference copy that shadow latency is compared with).
+    """
     try:
         return open_session(model_path, m.runtime.name, providers=profile.runtime.execution_providers,
-                            threads=profile.threads, delegates=profile.runtime.delegates,
+                            threads=1 if background else profile.threads, delegates=profile.runtime.delegates,
                             input_names=[s.name for s in m.inputs], output_names=[s.name for s in m.outputs],
-                            exact_int8=not profile.quantization.reduce_range)
+                            exact_int8=not profile.quantization.reduce_range, spin=not background)
     except RuntimeLoadError as e:
         raise ActivationError(e.message, hint=e.hint) from None
 
 
-def load_model(bundle: Bundle, profile: DeviceProfile) -> LoadedModel:
-    """Open the bundle's model with the device profile's runtime settings and check its signature."""
+def load_model(bundle: Bundle, profile: DeviceProfile, *, background: bool = False) -> LoadedModel:
+    """Open the bundle's model with the device profile's runtime settings and check its signature
+    (``background``: see :func:`open_model_session`)."""
     m = bundle.manifest
     if m.runtime.name != profile.runtime.name:
         raise ActivationError(f"bundle runs on {m.runtime.name} but this device ({profile.id}) runs {profile.runtime.name}")
-    session = open_model_session(bundle.model_path, m, profile)
+    session = open_model_session(bundle.model_path, m, profile, background=background)
     if len(session.outputs) != len(m.outputs):
         raise ActivationError(f"the manifest lists {len(m.outputs)} outputs but the model has {len(session.outputs)}")
     inputs = tuple(

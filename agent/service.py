@@ -32,7 +32,7 @@ from lepton_edge.signing import load_public_key
 
 from .config import AgentConfig
 from .errors import ActivationError, InferenceFailed, ModelNotLoaded, StoreError
-from .inference import LoadedModel, load_model, replay_golden
+from .inference import LoadedModel, load_model, open_model_session, replay_golden
 from .capture import CaptureRing
 from .drift_monitor import DriftMonitor
 from .metrics import InferenceMetrics
@@ -340,10 +340,13 @@ class AgentService:
                 existed = self.store.version_dir(name, version).exists()
                 vdir = self.store.install(staging, name, version, (staging / MANIFEST_NAME).read_bytes())
                 installed_here = not existed
-                loaded = load_model(replace(bundle, root=vdir), self.profile)
+                loaded = load_model(replace(bundle, root=vdir), self.profile, background=True)
                 figures = replay_golden(loaded, replace(bundle, root=vdir))
+                # The active version opened the same way: the shadow's latency is judged against it.
+                reference = replace(current, session=open_model_session(current.root / current.manifest.model_file,
+                                                                        current.manifest, self.profile, background=True))
                 self.shadows.drop(name)
-                self.shadows.start(loaded, sample=sample, active_version=current.version)
+                self.shadows.start(loaded, sample=sample, active_version=current.version, reference=reference)
                 self._emit(EventMessage(type="shadow_started", cmd_id=cmd_id, deployment_id=deployment_id, model=name,
                                         version=version, detail=f"beside {current.version}, {sample:.0%} of requests",
                                         data={"active": current.version, "sample": sample, "signed_by": bundle.signed_by,
@@ -506,5 +509,6 @@ class AgentService:
         if self.capture is not None:
             self.capture.close()
         self.shadows.close()
+        self.drift.close()
         self.watchdog.close()
         self._active.clear()

@@ -206,10 +206,10 @@ class ShadowStats(_Msg):
     disagreements: int = Field(ge=0)
     errors: int = Field(default=0, ge=0)
     dropped: int = Field(ge=0, description="Sampled requests not compared because the shadow queue was full.")
-    p50_ms: float | None = Field(default=None, ge=0)
+    p50_ms: float | None = Field(default=None, ge=0, description="CPU time of one single-thread run of the shadow.")
     p95_ms: float | None = Field(default=None, ge=0)
     active_p50_ms: float | None = Field(default=None, ge=0)
-    active_p95_ms: float | None = Field(default=None, ge=0, description="The active model on the same requests.")
+    active_p95_ms: float | None = Field(default=None, ge=0, description="The active model on the same requests, timed as the shadow is (a reference copy in the shadow worker).")
 
 
 class DriftStats(_Msg):

@@ -77,7 +77,7 @@ class _OrtSession:
 
     def __init__(self, path: Path, providers: Sequence[str], threads: int,
                  input_names: Sequence[str] | None = None, output_names: Sequence[str] | None = None,
-                 exact_int8: bool = False) -> None:
+                 exact_int8: bool = False, spin: bool = True) -> None:
         import onnxruntime as ort
 
         usable, missing = resolve_providers(providers or ["CPUExecutionProvider"])
@@ -88,6 +88,10 @@ class _OrtSession:
         so.intra_op_num_threads = threads
         so.inter_op_num_threads = 1
         so.log_severity_level = 3
+        if not spin:
+            # Idle intra-op threads otherwise busy-wait for the next run: right for the one model a
+            # device serves, wrong for a second session beside it (a shadow) on a 2-core board.
+            so.add_session_config_entry("session.intra_op.allow_spinning", "0")
         if exact_int8:
             # x86 without VNNI multiplies u8 x s8 with vpmaddubsw, whose 16-bit sums saturate on
             # full-range (8-bit) weights; ARM and VNNI do not. Measured here on the digits CNN for
@@ -286,6 +290,7 @@ def open_session(
     input_names: Sequence[str] | None = None,
     output_names: Sequence[str] | None = None,
     exact_int8: bool = False,
+    spin: bool = True,
 ) -> Session:
     """Load a model file into ``runtime`` ("onnxruntime" or "tflite").
 
@@ -296,11 +301,13 @@ def open_session(
     ``exact_int8``: onnxruntime on x86 without VNNI computes INT8 products without 16-bit
     saturation (slower), as ARM and VNNI CPUs do; pass it for models quantized with 8-bit
     weights (a profile without ``reduce_range``), or their results depend on the x86 CPU.
+    ``spin=False``: onnxruntime's idle intra-op threads sleep instead of busy-waiting (for a
+    session that runs beside the served one and must not take its cores).
     """
     p = Path(path)
     n = effective_threads(threads)
     if runtime == "onnxruntime":
-        return _OrtSession(p, providers, n, input_names, output_names, exact_int8)
+        return _OrtSession(p, providers, n, input_names, output_names, exact_int8, spin)
     if runtime == "tflite":
         return _TfliteSession(p, n, delegates, input_names, output_names)
     raise RuntimeLoadError(f"unknown runtime {runtime!r}", hint="use onnxruntime or tflite")

@@ -102,3 +102,25 @@ def test_disagreement_by_metric():
     assert not disagrees("cosine", a, a * 3) and disagrees("cosine", a, a[:, ::-1])
     assert not disagrees("relative_error", a, a * 1.001) and disagrees("relative_error", a, a * 1.1)
     assert disagrees("top1", a, a[:1])  # a shape mismatch is a disagreement
+
+
+def test_the_shadow_and_its_reference_run_on_one_thread_that_never_spins(service, bundles, variants):
+    # A shadow with the profile's own spinning pool took the served model's cores (+84 % served p95 on 2 cores).
+    r = service.install_shadow(variants["same"], sample=1.0, cmd_id="c-threads")
+    assert r.ok, r.reason
+    try:
+        s = service.shadows._shadows["digits"]  # noqa: SLF001
+        assert s.reference is not None and s.reference.version == service.loaded("digits").version
+        for loaded in (s.loaded, s.reference):
+            opts = loaded.session.native.get_session_options()
+            assert opts.intra_op_num_threads == 1
+            assert opts.get_session_config_entry("session.intra_op.allow_spinning") == "0"
+        served = service.loaded("digits").session.native.get_session_options()
+        with pytest.raises(RuntimeError):  # the served session keeps onnxruntime's default (spinning)
+            served.get_session_config_entry("session.intra_op.allow_spinning")
+        _drive(service, bundles, 40)
+        st = _settled(service, want=40)
+        # Both figures are CPU time in the same worker: a faithful copy is not reported slower than its reference.
+        assert st.p50_ms is not None and st.active_p50_ms is not None and st.disagreements == 0
+    finally:
+        service.drop_shadow("digits", reason="test over")
