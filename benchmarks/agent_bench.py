@@ -537,6 +537,7 @@ def main() -> None:
                         _loop_rows(results["shadow"], results["drift"], lambda ok: "met" if ok else "MISSED"))
             if not args.quick:
                 out = RESULTS.with_name("agent_bench_loop.json")
+                out.parent.mkdir(parents=True, exist_ok=True)
                 out.write_text(json.dumps(results, indent=2) + "\n")
                 info(f"wrote {out}")
             return
