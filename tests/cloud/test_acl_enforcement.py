@@ -213,9 +213,10 @@ def test_removing_only_the_acl_stops_a_connected_clients_publishes(broker, peers
         # The embedded broker also drops dev-c from its client-id file, so it may cut the session off
         # instead: either way nothing dev-c sends may arrive.
         embedded = isinstance(broker, ManagedEmbeddedBroker)
+        # Cut off before the PUBACK, paho either refuses the publish or never sees it acknowledged.
         try:
             c.publish(topic(FLEET, "dev-c", "telemetry"), b"after acl removal")
-        except RuntimeError:
+        except (RuntimeError, AssertionError):
             assert embedded, "Mosquitto keeps a connected client whose password stays"
         a = peers("dev-a")
         a.publish(topic(FLEET, "dev-a", "telemetry"), b"control")
