@@ -50,6 +50,10 @@ class DriftMonitor:
         self._lock = threading.Lock()
         # A few requests' inputs at most: the queue holds references to whole input tensors.
         self._queue: queue.Queue = queue.Queue(maxsize=queue_max)
+        # The worker is woken by this count, then takes its item under the lock: an item is
+        # either still queued or already counted, never in between while a report reads.
+        self._queued = threading.Semaphore(0)
+        self._closed = False
         self._worker: threading.Thread | None = None
         self.dropped = 0  # sampled requests not counted because the queue was full
         self.observed = 0
@@ -80,47 +84,54 @@ class DriftMonitor:
             self._queue.put_nowait((model, version, inputs))
         except queue.Full:
             self.dropped += 1
+        else:
+            self._queued.release()
 
     def close(self) -> None:
-        try:
-            self._queue.put_nowait(None)
-        except queue.Full:
-            pass
+        self._closed = True
+        self._queued.release()
 
     def drain(self) -> None:
         """Count whatever is still queued, on the calling thread."""
+        with self._lock:
+            self._drain_locked()
+
+    def _drain_locked(self) -> None:
         while True:
             try:
                 item = self._queue.get_nowait()
             except queue.Empty:
                 return
-            if item is not None:
-                self._count(*item)
+            self._count_locked(*item)
 
     def _run(self) -> None:
         lower_to_idle()
         while True:
-            item = self._queue.get()
-            if item is None:
+            self._queued.acquire()
+            if self._closed:
                 return
-            self._count(*item)
+            with self._lock:  # a report's drain may have taken it already
+                try:
+                    item = self._queue.get_nowait()
+                except queue.Empty:
+                    continue
+                self._count_locked(*item)
 
-    def _count(self, model: str, version: str, inputs: Mapping[str, np.ndarray]) -> None:
+    def _count_locked(self, model: str, version: str, inputs: Mapping[str, np.ndarray]) -> None:
         c0 = time.thread_time_ns()
-        with self._lock:  # the worker and a report's drain may both count
-            try:
-                entry = self._live.get(model)
-                if entry is not None and entry[0] == version:
-                    entry[1].observe(inputs)
-                    self.observed += 1
-            except Exception:  # noqa: BLE001 - drift is a report; one odd input must not end the counting
-                log.exception("drift statistics failed on a request of %s", model)
-            self.cpu_ns += time.thread_time_ns() - c0
+        try:
+            entry = self._live.get(model)
+            if entry is not None and entry[0] == version:
+                entry[1].observe(inputs)
+                self.observed += 1
+        except Exception:  # noqa: BLE001 - drift is a report; one odd input must not end the counting
+            log.exception("drift statistics failed on a request of %s", model)
+        self.cpu_ns += time.thread_time_ns() - c0
 
     def report(self) -> dict[str, DriftStats]:
-        self.drain()
         out = {}
         with self._lock:
+            self._drain_locked()
             for model, (version, hist) in self._live.items():
                 per_input, worst_input, channel, worst = hist.report()
                 enough = hist.values() >= self.min_values

@@ -26,14 +26,21 @@ class Lease:
     def __init__(self, engine: Engine, name: str, holder: str, ttl_s: float) -> None:
         self._engine, self.name, self.holder, self.ttl_s = engine, name, holder, ttl_s
         self.held = False
+        # Bumped whenever the lease is taken rather than renewed in time: someone else may have
+        # held it in between, so what this holder remembers of the state it guards is stale.
+        self.epoch = 0
 
     def acquire(self) -> bool:
         """Take or renew the lease; True while this holder has it."""
         now = time.time()
         t = db.leases
         with self._engine.begin() as conn:
-            n = conn.execute(update(t).where(t.c.name == self.name, or_(t.c.holder == self.holder, t.c.expires_at < now))
-                             .values(holder=self.holder, expires_at=now + self.ttl_s)).rowcount
+            renewed = conn.execute(update(t).where(t.c.name == self.name, t.c.holder == self.holder, t.c.expires_at >= now)
+                                   .values(expires_at=now + self.ttl_s)).rowcount
+            n = renewed or conn.execute(update(t).where(t.c.name == self.name, or_(t.c.holder == self.holder, t.c.expires_at < now))
+                                        .values(holder=self.holder, expires_at=now + self.ttl_s)).rowcount
+        if not (renewed and self.held):
+            self.epoch += 1
         if n == 0:
             try:
                 with self._engine.begin() as conn:

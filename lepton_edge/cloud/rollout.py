@@ -61,6 +61,7 @@ from .fleet import device_view
 from .gate_facts import shadow_facts, wave_facts
 from .gates import GatePolicy, evaluate, evaluate_shadow
 from .registry import Registry
+from .rollout_memory import RolloutMemory
 from .rollout_states import ACTIVE_STATES, MOVED, WAITING, DeploymentStatus, DeviceStatus, check_move, sources_of
 
 __all__ = ["Rollouts", "RolloutPolicy", "parse_waves", "parse_duration", "parse_fraction", "ACTIVE_STATES",
@@ -220,6 +221,7 @@ class Rollouts:
         self._baseline_window_s = baseline_window_s
         self._resend_s = resend_s
         self._tick_lock = threading.Lock()
+        self._memory = RolloutMemory()  # rows, devices and event position between ticks (leader only)
         self._profiles: ProfileRegistry | None = None
         # Commands handed to the publisher, first sends and re-sends apart (``/metrics``).
         self.stats: Counter[str] = Counter()
@@ -397,54 +399,63 @@ class Rollouts:
         return view
 
     # ------------------------------------------------------------------ the engine (leader only)
-    def tick(self) -> None:
+    def tick(self, epoch: int = 0) -> None:
+        """Step every active deployment. ``epoch``: the leader lease's (:attr:`Lease.epoch`); when it
+        changes, another replica may have led in between, and what this engine remembers is dropped."""
         with self._tick_lock:
             with self._engine.connect() as conn:
                 ids = [r.id for r in conn.execute(select(db.deployments.c.id).where(db.deployments.c.status.in_(ACTIVE_STATES))
                                                   .order_by(db.deployments.c.created_at))]
+            self._memory.keep_only(set(ids))
             for dep_id in ids:
                 try:
-                    self._step(dep_id)
+                    self._step(dep_id, epoch)
                 except Exception:
                     self.step_failures += 1
                     log.exception("rollout %s: step failed; retrying next tick", dep_id)
 
-    def _step(self, dep_id: str) -> None:
+    def _step(self, dep_id: str, epoch: int = 0) -> None:
         now = time.time()
-        with self._engine.begin() as conn:
-            d = dict(conn.execute(select(db.deployments).where(db.deployments.c.id == dep_id)).mappings().one())
-            rows = [dict(r) for r in conn.execute(select(db.deployment_devices).where(db.deployment_devices.c.deployment_id == dep_id)).mappings()]
-            dev = {r["device_id"]: dict(r) for r in conn.execute(
-                select(db.devices.c.device_id, db.devices.c.fleet, db.devices.c.profile, db.devices.c.status, db.devices.c.active)
-                .where(db.devices.c.device_id.in_([r["device_id"] for r in rows]))).mappings()}
-            self._dirty = {}
-            try:
-                self._fold(conn, d, rows, dev, now)
-                outbox: list[tuple[str, str, Any]] = []
-                if d["status"] == "running":
-                    self._advance(conn, d, rows, dev, now, outbox)
-                elif d["status"] == "rolling_back":
-                    self._advance_rollback(conn, d, rows, dev, now, outbox)
-                self._flush_rows(conn)
-            finally:
-                self._dirty = None
+        try:
+            with self._engine.begin() as conn:
+                d = dict(conn.execute(select(db.deployments).where(db.deployments.c.id == dep_id)).mappings().one())
+                view = self._memory.read(conn, d, epoch=epoch, fresh_devices=self._needs_fresh_devices(d, now))
+                rows, dev = view.rows, view.devices
+                self._dirty = {}
+                try:
+                    self._fold(conn, d, rows, dev, now, view.events)
+                    outbox: list[tuple[str, str, Any]] = []
+                    if d["status"] == "running":
+                        self._advance(conn, d, rows, dev, now, outbox)
+                    elif d["status"] == "rolling_back":
+                        self._advance_rollback(conn, d, rows, dev, now, outbox)
+                    self._flush_rows(conn)
+                finally:
+                    self._dirty = None
+        except BaseException:
+            # Rolled back: the rows this step changed in memory are not the database's any more.
+            self._memory.forget(dep_id)
+            raise
         # Published only after the commit: a command a device sees always exists in the DB.
         for fleet, device_id, msg in outbox:
             self._publish(fleet, device_id, msg)
 
-    def _fold(self, conn: Connection, d: dict[str, Any], rows: list[dict[str, Any]], dev: dict[str, dict[str, Any]], now: float) -> None:
-        """Turn events and reported state into per-device status; mark timeouts."""
+    @staticmethod
+    def _needs_fresh_devices(d: dict[str, Any], now: float) -> bool:
+        """A wave about to be sent reads each device's active version; a wave about to be judged, its status."""
+        if d["status"] != "running":
+            return False
+        if d["wave_started_at"] is None:
+            return True
+        return d["soak_started_at"] is not None and now - d["soak_started_at"] >= d["soak_s"]
+
+    def _fold(self, conn: Connection, d: dict[str, Any], rows: list[dict[str, Any]], dev: dict[str, dict[str, Any]], now: float,
+              events: dict[tuple[str, str], list[Any]]) -> None:
+        """Turn events (keyed by command id and device, so a device replaying another's cmd_id can
+        neither fail nor pass that device's row) and reported state into per-device status; mark timeouts."""
         model, version = d["model"], d["version"]
-        cmd_ids = [r["cmd_id"] for r in rows if r["status"] in _WAITING and r["cmd_id"]]
-        cmd_ids += [r["rollback_cmd_id"] for r in rows if r["status"] == "rollback_sent" and r["rollback_cmd_id"]]
-        events: dict[str, list[Any]] = {}
-        for i in range(0, len(cmd_ids), 500):
-            for e in conn.execute(select(db.events).where(db.events.c.cmd_id.in_(cmd_ids[i:i + 500])).order_by(db.events.c.ts, db.events.c.id)):
-                # Keyed by device too: an event counts only from the device its command went to,
-                # so a device replaying another's cmd_id cannot fail (or pass) that device's row.
-                events.setdefault((e.cmd_id, e.device_id), []).append(e)
         for r in rows:
-            active = db.loads(dev.get(r["device_id"], {}).get("active"), {}).get(model)
+            active = _active_map(dev.get(r["device_id"])).get(model)
             before = (r["status"], r["last_event"], r["detail"])
             if r["status"] in _WAITING:
                 for e in events.get((r["cmd_id"], r["device_id"]), []):
@@ -521,7 +532,7 @@ class Rollouts:
             b = bundles[r["bundle_id"]]
             if r["status"] == "pending":
                 r.update(status="sent", cmd_id=new_id(), sent_at=now,
-                         previous_version=db.loads(dev.get(r["device_id"], {}).get("active"), {}).get(d["model"]))
+                         previous_version=_active_map(dev.get(r["device_id"])).get(d["model"]))
             # Only hashes are stored, so a re-send carries a fresh token; the one before it stays valid
             # (the device may be resuming a download with it).
             token = secrets.token_urlsafe(24)
@@ -635,6 +646,13 @@ _ROW_FIELDS = ("status", "cmd_id", "token", "token_prev", "token_issued_at", "pr
                "rollback_cmd_id", "rollback_sent_at", "updated_at", "last_event", "detail", "phase")
 _DEVICE_ROW_KEYS = ("device_id", "wave", "status", "previous_version", "sent_at", "activated_at", "last_event", "detail", "cmd_id",
                     "rollback_cmd_id", "phase")
+
+
+def _active_map(device: dict[str, Any] | None) -> dict[str, Any]:
+    if device is None:
+        return {}
+    parsed = device.get("active_map")
+    return parsed if parsed is not None else db.loads(device.get("active"), {})
 
 
 def _gates_extra(policy: RolloutPolicy) -> dict[str, Any]:

@@ -323,7 +323,7 @@ class CloudService:
             self._engine_beat = began = time.monotonic()
             try:
                 if self.lease.acquire():
-                    self.rollouts.tick()
+                    self.rollouts.tick(self.lease.epoch)
                     self._alerts_tick()
                     if time.monotonic() - last_prune > 600:
                         last_prune = time.monotonic()
@@ -335,9 +335,9 @@ class CloudService:
             except Exception:
                 self.engine_failures += 1
                 log.exception("rollout engine tick failed; retrying")
-            # At least as long as the tick took: a step re-reads every row of a deployment, and at
-            # 10,000 devices back-to-back steps held the GIL that ingest and downloads need
-            # (fleet_bench, py-spy: 83 % of the engine thread in Rollouts._step). So the engine
+            # At least as long as the tick took: at 10,000 devices back-to-back steps held the GIL
+            # that ingest and downloads need (fleet_bench, py-spy: 83 % of the engine thread in
+            # Rollouts._step, before steps read only what changed, rollout_memory). So the engine
             # takes at most about half of the process, and a faster tick never starves the rest.
             # Capped at a quarter of the lease: the leader renews it at the top of each round.
             took = time.monotonic() - began

@@ -207,8 +207,8 @@ def test_the_engine_rests_as_long_as_its_last_tick_took_within_a_quarter_of_the_
     svc = service_mod.CloudService.__new__(service_mod.CloudService)
     svc.config = SimpleNamespace(tick_s=0.5, lease_ttl_s=10.0, telemetry_retention_s=1e9)
     svc._stop = Stop()
-    svc.lease = SimpleNamespace(acquire=lambda: True)
-    svc.rollouts = SimpleNamespace(tick=lambda: clock.__setitem__(0, clock[0] + next(took)))
+    svc.lease = SimpleNamespace(acquire=lambda: True, epoch=1)
+    svc.rollouts = SimpleNamespace(tick=lambda epoch: clock.__setitem__(0, clock[0] + next(took)))
     svc._alerts_tick = lambda: None
     svc._alerts_at = 0.0
     svc.engine_failures = 0
