@@ -75,6 +75,8 @@ MANAGED_MAX_CONNECTIONS = 20_000
 # holds many mid-TLS-handshake; at the embedded broker's default of 256 the oldest were evicted
 # and retried, a reconnect storm. Still bounded: each holds at most max_preauth_bytes.
 MANAGED_MAX_PREAUTH = 2_048
+# Mosquitto's max_packet_size: a 64 KiB payload (message_size_limit) and its topic and properties fit.
+MOSQUITTO_MAX_PACKET = 128 * 1024
 
 _START_TIMEOUT_S = 10.0
 _RELOAD_TIMEOUT_S = 10.0
@@ -202,6 +204,9 @@ class ManagedMosquitto:
             "max_queued_bytes 134217728",
             # lepton/v1 payloads are at most 64 KiB (protocol.MAX_PAYLOAD_BYTES): bigger ones would only fill the service's queue.
             "message_size_limit 65536",
+            # Also bounds what a socket may send before CONNECT: Mosquitto's default (256 MiB) let one
+            # unauthenticated socket announce a huge CONNECT and be buffered towards it (issue 9).
+            f"max_packet_size {MOSQUITTO_MAX_PACKET}",
             "max_inflight_messages 100",
             f"log_dest file {self.log_path}",
             "log_type error",
@@ -391,7 +396,7 @@ class ManagedEmbeddedBroker(ManagedMosquitto):
     def _conf_lines(self) -> list[str]:
         # "user" is Mosquitto's privilege drop (a Python child has none). message_size_limit stays: both
         # brokers refuse a lepton/v1 payload over 64 KiB at the broker, counted, before the service sees it.
-        return super()._conf_lines()[1:] + [
+        return [line for line in super()._conf_lines()[1:] if not line.startswith("max_packet_size ")] + [
             f"max_packet_size {self.max_packet_size}",
             f"max_connections {self.max_connections}",
             f"max_preauth_connections {MANAGED_MAX_PREAUTH}",
