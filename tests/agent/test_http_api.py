@@ -398,3 +398,45 @@ def test_connections_beyond_the_cap_get_503_without_a_thread(service):
         assert _request(srv, "GET", "/v2/health/live")[0].status == 200
     finally:
         srv.close()
+
+
+# The next two use the defaults only (no knob the old agent lacked), so they also run, unchanged,
+# against the agent from before issue 9 (tests/security/BEFORE_AND_AFTER.md says how).
+def test_headers_that_trickle_in_are_cut_off_by_the_default_deadline(shared_api):
+    import time
+
+    with socket.create_connection(("127.0.0.1", shared_api.port), timeout=20) as s:
+        s.sendall(b"GET /v2/health/live HTTP/1.1\r\n")
+        started = time.monotonic()
+        closed = False
+        while time.monotonic() - started < 16:  # one header byte every 0.5 s; the default deadline is 10 s
+            try:
+                s.sendall(b"X")
+                s.settimeout(0.5)
+                closed = s.recv(1) == b""
+            except TimeoutError:
+                continue  # still open (TimeoutError is an OSError: caught first)
+            except OSError:
+                closed = True
+            if closed:
+                break
+        assert closed, "a request head that never ends was still being read after 16 s"
+    assert _request(shared_api, "GET", "/v2/health/live")[0].status == 200
+
+
+def test_idle_connections_do_not_each_get_a_thread_by_default(service):
+    import time
+
+    srv = InferenceServer(service, ApiConfig(port=0)).start()
+    try:
+        before = threading.active_count()
+        idle = [socket.create_connection(("127.0.0.1", srv.port), timeout=10) for _ in range(200)]
+        time.sleep(1.0)
+        grown = threading.active_count() - before
+        for s in idle:
+            s.close()
+        assert grown <= 64 + 2, f"200 idle connections started {grown} threads"  # the default cap is 64
+        time.sleep(0.5)
+        assert _request(srv, "GET", "/v2/health/live")[0].status == 200
+    finally:
+        srv.close()
