@@ -383,25 +383,27 @@ def create_app(service: Any) -> FastAPI:
             status = 206
             headers["Content-Range"] = f"bytes {start}-{end - 1}/{size}"
         headers["Content-Length"] = str(end - start)
+
+        def tally(n: int, *, done: bool = False) -> None:
+            with downloads_lock:
+                downloads["bytes"] += n
+                downloads[f"bytes:{bundle_id}"] += n
+                if done:
+                    downloads["responses_206" if status == 206 else "responses_200"] += 1
+
         if end - start <= _IN_MEMORY_BYTES:
             # Read here, on this worker thread, and written in one go: streamed, each chunk was one more
             # hop to a worker thread and back, and at 10,000 devices those hops held the GIL that the
             # rollout and ingest need (fleet_bench).
             body = b"".join(service.store.read_range(b["artifact_key"], start, end))
-            with downloads_lock:
-                downloads["bytes"] += len(body)
-                downloads[f"bytes:{bundle_id}"] += len(body)
-                downloads["responses_206" if status == 206 else "responses_200"] += 1
+            tally(len(body), done=True)
             return Response(body, status_code=status, headers=headers)
 
         def counted() -> Iterator[bytes]:
             for chunk in service.store.read_range(b["artifact_key"], start, end):
-                with downloads_lock:
-                    downloads["bytes"] += len(chunk)
-                    downloads[f"bytes:{bundle_id}"] += len(chunk)
+                tally(len(chunk))
                 yield chunk
-            with downloads_lock:
-                downloads["responses_206" if status == 206 else "responses_200"] += 1
+            tally(0, done=True)
 
         return StreamingResponse(counted(), status_code=status, headers=headers)
 

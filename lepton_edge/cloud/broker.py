@@ -143,7 +143,8 @@ class ManagedMosquitto:
 
     def __init__(self, workdir: Path, port: int | None = None, *, auth: bool = True,
                  binary: str | None = None, tls: Any = None, service_port: int | None = None,
-                 mtls_port: int | None = None, max_connections: int = MANAGED_MAX_CONNECTIONS) -> None:
+                 mtls_port: int | None = None, max_connections: int = MANAGED_MAX_CONNECTIONS,
+                 max_packet_size: int = MOSQUITTO_MAX_PACKET) -> None:
         self.workdir = Path(workdir).resolve()
         self.port = port or _free_port()
         self.auth = auth
@@ -151,6 +152,7 @@ class ManagedMosquitto:
         self.service_port = service_port
         self.mtls_port = mtls_port if tls else None  # a listener that requires a client certificate (username := its CN)
         self.max_connections = max_connections
+        self.max_packet_size = max_packet_size
         self.binary = binary or find_mosquitto()
         self.conf_path = self.workdir / f"{self._FILE_STEM}.conf"
         self.log_path = self.workdir / f"{self._FILE_STEM}.log"
@@ -206,7 +208,7 @@ class ManagedMosquitto:
             "message_size_limit 65536",
             # Also bounds what a socket may send before CONNECT: Mosquitto's default (256 MiB) let one
             # unauthenticated socket announce a huge CONNECT and be buffered towards it (issue 9).
-            f"max_packet_size {MOSQUITTO_MAX_PACKET}",
+            f"max_packet_size {self.max_packet_size}",
             "max_inflight_messages 100",
             f"log_dest file {self.log_path}",
             "log_type error",
@@ -382,8 +384,7 @@ class ManagedEmbeddedBroker(ManagedMosquitto):
         # One listener for devices and the service alike: the embedded broker ties client ids to
         # usernames itself (clientid_file), so the service needs no listener of its own.
         super().__init__(workdir, port, auth=auth, binary=sys.executable, tls=tls, service_port=None, mtls_port=mtls_port,
-                         max_connections=max_connections)
-        self.max_packet_size = max_packet_size
+                         max_connections=max_connections, max_packet_size=max_packet_size)
         self.connect_timeout_s = connect_timeout_s
         self.stats_path = self.workdir / "stats.json"
 
@@ -396,8 +397,7 @@ class ManagedEmbeddedBroker(ManagedMosquitto):
     def _conf_lines(self) -> list[str]:
         # "user" is Mosquitto's privilege drop (a Python child has none). message_size_limit stays: both
         # brokers refuse a lepton/v1 payload over 64 KiB at the broker, counted, before the service sees it.
-        return [line for line in super()._conf_lines()[1:] if not line.startswith("max_packet_size ")] + [
-            f"max_packet_size {self.max_packet_size}",
+        return super()._conf_lines()[1:] + [
             f"max_connections {self.max_connections}",
             f"max_preauth_connections {MANAGED_MAX_PREAUTH}",
             f"connect_timeout {self.connect_timeout_s}",
