@@ -131,8 +131,10 @@ def device_acl(fleet: str, device_id: str) -> list[tuple[str, str]]:
         ("write", topic(fleet, device_id, "state")),
         ("write", topic(fleet, device_id, "telemetry")),
         ("write", topic(fleet, device_id, "events")),
+        # Its own commands and nothing else. Reading its own state (granted until 2026-12) let a device
+        # subscribe to what it publishes itself, stop reading, and park unbounded bytes in the broker's
+        # queue for its own session: one such device per queue (issue 9).
         ("read", topic(fleet, device_id, "cmd")),
-        ("read", topic(fleet, device_id, "state")),
     ]
 
 

@@ -10,8 +10,7 @@ regenerate two files in the service's auth directory:
 ``acl``
     Mosquitto's ``acl_file``: the service reads every device's ``state``, ``telemetry``
     and ``events`` and writes every ``cmd``; a device writes only under its own
-    ``lepton/v1/{fleet}/{device_id}/`` prefix and reads only its own ``cmd`` (and
-    ``state``), exactly :func:`lepton_edge.protocol.device_acl`.
+    ``lepton/v1/{fleet}/{device_id}/`` prefix and reads only its own ``cmd``, exactly :func:`lepton_edge.protocol.device_acl`.
 ``clientids``
     The embedded broker's ``clientid_file``: the client ids each user may connect with
     (the service user ``lepton-cloud-*``; a device exactly ``lepton-{fleet}-{device_id}``,

@@ -33,7 +33,7 @@ def test_parse_topic_refuses_foreign_topics(t):
 
 def test_acl_covers_only_own_prefix():
     acl = p.device_acl("demo", "pi-01")
-    assert ("read", "lepton/v1/demo/pi-01/cmd") in acl
+    assert [t for access, t in acl if access == "read"] == ["lepton/v1/demo/pi-01/cmd"]  # not even its own state
     assert all(topic.startswith("lepton/v1/demo/pi-01/") for _, topic in acl)
     assert not any(access == "write" and topic.endswith("/cmd") for access, topic in acl)
 

@@ -273,6 +273,93 @@ def test_a_flooding_device_is_slowed_and_the_others_lose_nothing(cloud, mallory)
     # Mosquitto has no per-client publish rate: there only the victims' completeness is asserted.
 
 
+def _raw_publish_qos1(topic_name: str, packet_id: int, payload: bytes) -> bytes:
+    """An MQTT 5 PUBLISH, QoS 1, no properties: written straight to a socket whose reader is stopped."""
+    t = topic_name.encode()
+    body = len(t).to_bytes(2, "big") + t + packet_id.to_bytes(2, "big") + b"\0" + payload
+    n, length = len(body), bytearray()
+    while True:
+        n, digit = n >> 7, n & 0x7F
+        length.append(digit | (0x80 if n else 0))
+        if not n:
+            return bytes([0x32]) + bytes(length) + body
+
+
+def _park_by_not_reading(cloud: HostileCloud, names: list[str], n: int, size: int) -> int:
+    """Route 1: subscribe to a topic it may write (its own state), stop reading, publish. Bytes parked."""
+    devices, stalled = [], set()
+    try:
+        for name in names:
+            d = cloud.device(name)
+            d.subscribe(topic("default", name, "state"), qos=1)
+            time.sleep(0.2)
+            d.client.loop_stop()  # from here on nothing is read: the broker must queue, or refuse to
+            d.client.socket().settimeout(2)  # paho left it non-blocking; this test writes to it itself
+            devices.append(d)
+        for i in range(n):
+            for d in devices:
+                if d.device_id in stalled:
+                    continue  # a broker may stop reading a device whose own deliveries back up
+                pad = b"%d-" % i + b"x" * size
+                try:
+                    d.client.socket().sendall(_raw_publish_qos1(topic("default", d.device_id, "state"), i % 60_000 + 1, pad))
+                except OSError:
+                    stalled.add(d.device_id)
+        time.sleep(2)
+        for d in devices:  # read again: whatever the broker parked arrives now
+            d.client.socket().setblocking(False)
+            d.client.loop_start()
+        time.sleep(5)
+        return sum(len(payload) for d in devices for _t, payload, _r in d.messages_on("/state"))
+    finally:
+        for d in devices:
+            d.close()
+
+
+def _park_in_an_offline_session(cloud: HostileCloud, names: list[str], n: int, size: int) -> int:
+    """Route 2: a persistent session subscribes and goes offline; a second client id of the same device publishes."""
+    parked = 0
+    for name in names:
+        own = f"lepton-default-{name}"
+        sub = cloud.device(name, client_id=own, connect=False)
+        sub.connect(clean_start=False, session_expiry=3600)
+        sub.subscribe(topic("default", name, "state"), qos=1)
+        time.sleep(0.2)
+        sub.close()
+        pub = cloud.device(name, client_id=f"{own}-pub", connect=False)
+        if pub.connect(expect_ok=False):
+            for i in range(n):
+                pub.client.publish(topic("default", name, "state"), b"%d-" % i + b"x" * size, qos=1)
+            pub.client.publish(topic("default", name, "telemetry"), pub.telemetry(0), qos=1).wait_for_publish(30)
+        pub.close()
+        back = cloud.device(name, client_id=own, connect=False)
+        back.connect(clean_start=False, session_expiry=0, expect_ok=False)
+        time.sleep(3)
+        parked += sum(len(payload) for _t, payload, _r in back.messages_on("/state"))
+        back.close()
+    return parked
+
+
+def test_devices_cannot_park_bytes_in_the_broker(cloud):
+    """No global bound on queued bytes: each device could make the broker hold up to a session's worth for it.
+
+    A device that could read a topic it may also write could have the broker queue what it
+    sends for a session of its own that does not read: up to the per-session bound (256 MiB on
+    the old embedded broker, no byte bound on the old Mosquitto), once per device. Now a device
+    may read only its own commands, which only the service writes; and it has one session.
+    """
+    hoarders, n, size = [f"hoard-{i}" for i in range(8)], 900, 60_000  # 900: under the per-user burst of 1,000
+    for name in hoarders:
+        if name not in cloud.devices:
+            cloud.enroll(name)
+    sent = len(hoarders) * n * size
+    for route in (_park_by_not_reading, _park_in_an_offline_session):
+        parked = route(cloud, hoarders, n, size)
+        assert parked == 0, f"{route.__name__}: the broker parked {parked / 2**20:.0f} MiB of the " \
+                            f"{sent / 2**20:.0f} MiB that {len(hoarders)} devices sent to themselves"
+    _victims_intact(cloud)
+
+
 def test_a_revoked_device_cannot_come_back(cloud):
     trent = cloud.device("trent")
     cloud.client.revoke("trent")

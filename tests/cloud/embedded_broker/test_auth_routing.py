@@ -40,8 +40,8 @@ def test_filters_overlap(a, b, overlap):
 def test_a_device_may_subscribe_only_to_what_it_may_read_in_full():
     acl = Acl(render_acl_file([("acme", "d1", "d1"), ("acme", "d2", "d2")]))
     own_cmd = topic("acme", "d1", "cmd")
-    assert acl.may_subscribe("d1", "c", own_cmd) and acl.may_subscribe("d1", "c", topic("acme", "d1", "state"))
-    for refused in ("#", "+/#", "lepton/v1/+/+/telemetry", "lepton/v1/acme/+/cmd", topic("acme", "d2", "cmd"),
+    assert acl.may_subscribe("d1", "c", own_cmd)
+    for refused in (topic("acme", "d1", "state"), "#", "+/#", "lepton/v1/+/+/telemetry", "lepton/v1/acme/+/cmd", topic("acme", "d2", "cmd"),
                     "$SYS/#", "$SYS/broker/+", "lepton/#", "lepton/v1/acme/d1/#"):
         assert not acl.may_subscribe("d1", "c", refused), refused
     assert acl.may_subscribe(SERVICE_USER, "s", "lepton/v1/+/+/telemetry")
