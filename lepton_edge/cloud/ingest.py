@@ -12,7 +12,6 @@ Public API: :class:`Ingestor`.
 from __future__ import annotations
 
 import logging
-import queue
 import re
 import threading
 import time
@@ -30,6 +29,7 @@ from ..errors import ProtocolError
 from ..protocol import decode_event, decode_state, decode_telemetry, encode, parse_topic, subscription, topic
 from . import broker_auth, db
 from .errors import CloudConfigError
+from .ingest_queue import IngestQueue, IngestQueueLimits
 from .loop_ingest import LoopRows
 from .mqtt import connect_and_wait, new_client, parse_broker_url
 
@@ -37,12 +37,16 @@ __all__ = ["Ingestor"]
 
 log = logging.getLogger("lepton_edge.cloud.ingest")
 
-_QUEUE_MAX = 100_000
 _BATCH_MAX = 2000
 _KNOWN_REFRESH_S = 2.0
 # Column limits (PostgreSQL INTEGER / BIGINT): larger numbers are refused at the boundary.
 _INT32 = 2**31 - 1
 _INT64 = 2**63 - 1
+
+
+def _topic_prefix(t: str) -> str:
+    """The fleet/device part of a topic, for a log line (at most 160 characters)."""
+    return "/".join(t.split("/", 4)[2:4])[:160]
 
 
 def _capped_json(data: dict[str, Any], limit: int = 4096) -> str:
@@ -55,13 +59,13 @@ class Ingestor:
 
     def __init__(self, engine: Engine, broker_url: str, *, replica_id: str, username: str | None = broker_auth.SERVICE_USER,
                  password: str | None = None, shared_group: str = "lepton-cloud", connect_timeout: float = 10.0,
-                 ca_file: Any = None) -> None:
+                 ca_file: Any = None, queue_limits: IngestQueueLimits = IngestQueueLimits()) -> None:
         self._engine = engine
         self._address = parse_broker_url(broker_url)
         if not re.fullmatch(r"[A-Za-z0-9._-]{1,64}", shared_group):
             raise CloudConfigError(f"shared subscription group {shared_group[:64]!r} must be 1-64 of A-Z a-z 0-9 . _ -")
         self._shared_group = shared_group
-        self._queue: queue.Queue[tuple[str, bytes, float]] = queue.Queue(_QUEUE_MAX)
+        self._queue = IngestQueue(queue_limits)  # a per-device share: one flooding device cannot crowd out the rest
         self._stop = threading.Event()
         self._known: dict[str, str] = {}
         self._known_at = 0.0
@@ -106,10 +110,12 @@ class Ingestor:
             log.warning("the ingest connection to the broker dropped: %s", reason)
 
     def _on_message(self, _c: paho.Client, _u: Any, msg: paho.MQTTMessage) -> None:
-        try:
-            self._queue.put_nowait((msg.topic, msg.payload, time.time()))
-        except queue.Full:
-            self.stats["dropped_queue_full"] += 1
+        refused = self._queue.put((msg.topic, msg.payload, time.time()))
+        if refused:
+            self.stats[f"dropped_{refused}"] += 1
+            if refused == "device_share" and self.stats["dropped_device_share"] % 10_000 == 1:
+                log.warning("a device is sending faster than it can be stored: dropping its messages over its share "
+                            "of the ingest queue (%s)", _topic_prefix(msg.topic))
 
     # ------------------------------------------------------------------ commands out
     def publish_command(self, fleet: str, device_id: str, payload: bytes) -> None:
@@ -135,16 +141,9 @@ class Ingestor:
     # ------------------------------------------------------------------ storing
     def _write_loop(self) -> None:
         while not self._stop.is_set() or not self._queue.empty():
-            try:
-                first = self._queue.get(timeout=0.2)
-            except queue.Empty:
+            batch = self._queue.get_batch(_BATCH_MAX, timeout=0.2)
+            if not batch:
                 continue
-            batch = [first]
-            while len(batch) < _BATCH_MAX:
-                try:
-                    batch.append(self._queue.get_nowait())
-                except queue.Empty:
-                    break
             try:
                 self._store_resilient(batch)
             except Exception:

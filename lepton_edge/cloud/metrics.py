@@ -195,8 +195,9 @@ def replica_lines(replica: str, leader: bool, ingest: Mapping[str, int], backlog
     out += _family("lepton_cloud_ingest_rejected_total", "counter", "MQTT messages refused: bad payloads, or from devices not enrolled.")
     out.append(f"lepton_cloud_ingest_rejected_total{_labels(reason='invalid')} {ingest.get('rejected', 0)}")
     out.append(f"lepton_cloud_ingest_rejected_total{_labels(reason='unknown_device')} {ingest.get('unknown_device', 0)}")
-    out += _family("lepton_cloud_ingest_dropped_total", "counter", "MQTT messages lost inside the service (queue full, database errors).")
+    out += _family("lepton_cloud_ingest_dropped_total", "counter", "MQTT messages lost inside the service (queue full, a device over its share of the queue, database errors).")
     out.append(f"lepton_cloud_ingest_dropped_total{_labels(reason='queue_full')} {ingest.get('dropped_queue_full', 0)}")
+    out.append(f"lepton_cloud_ingest_dropped_total{_labels(reason='device_share')} {ingest.get('dropped_device_share', 0)}")
     out.append(f"lepton_cloud_ingest_dropped_total{_labels(reason='db_error')} {ingest.get('dropped_db_error', 0)}")
     out += _family("lepton_cloud_ingest_backlog", "gauge", "MQTT messages received and not yet stored.") + [f"lepton_cloud_ingest_backlog {backlog}"]
     out += _family("lepton_cloud_commands_sent_total", "counter", "Commands published to devices for the first time, by kind.")

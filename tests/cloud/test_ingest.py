@@ -76,13 +76,11 @@ def test_a_row_the_database_refuses_does_not_take_its_batch_down(start_service, 
     for i in range(3):
         client.enroll(f"dev-{i}", "rpi5")
     # Stall the writer so the three messages land in one batch.
-    svc.ingestor._queue.mutex.acquire()
-    try:
+    q = svc.ingestor._queue
+    with q._ready:
         for i, model in enumerate(["digits", "poison", "digits"]):
-            svc.ingestor._queue.queue.append((f"lepton/v1/default/dev-{i}/telemetry", encode(TelemetryMessage(
-                ts=time.time(), seq=1, interval_s=1, models={model: ModelStats(version="1", count=10, errors=0, p95_ms=1.0)})), time.time()))
-    finally:
-        svc.ingestor._queue.mutex.release()
+            assert q._put_locked((f"lepton/v1/default/dev-{i}/telemetry", encode(TelemetryMessage(
+                ts=time.time(), seq=1, interval_s=1, models={model: ModelStats(version="1", count=10, errors=0, p95_ms=1.0)})), time.time())) is None
     wait_for(lambda: client.device("dev-0")["p95_ms"] and client.device("dev-2")["p95_ms"], 15, "the good rows of the batch")
     assert client.device("dev-1")["p95_ms"] is None
     assert client.metrics()["ingest"]["dropped_db_error"] == 1

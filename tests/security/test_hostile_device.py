@@ -360,6 +360,46 @@ def test_devices_cannot_park_bytes_in_the_broker(cloud):
     _victims_intact(cloud)
 
 
+def test_a_flood_while_the_database_is_slow_costs_only_the_flooder(cloud, mallory):
+    """The ingest queue was one bound shared by all: a device sending faster than the writer stores filled it.
+
+    The writer is stalled (the test holds SQLite's write lock, as a slow disk or a long query
+    would); mallory sends 200,000 small messages; then bob sends. Behind Mosquitto, which has
+    no per-client rate, the flood reaches the service at full speed: it must cost mallory alone.
+    """
+    import sqlite3
+
+    m, bob = mallory(), cloud.device("bob")
+    seqs = _fresh_seqs(20)
+    lock = sqlite3.connect(cloud.db_path, timeout=15)
+    try:
+        lock.execute("BEGIN IMMEDIATE")  # readers go on (WAL); the ingest writer waits (busy_timeout 15 s)
+        t0, sent, flood = time.monotonic(), 0, m.telemetry(1)  # well-formed: each one is a row for the writer to store
+        while sent < 200_000 and time.monotonic() - t0 < 6:
+            for _ in range(1000):
+                m.client.publish(topic("default", "mallory", "telemetry"), flood, qos=0)
+                sent += 1
+        # Until the flood has reached the service (its queue stops growing), or the lock must go.
+        last = -1
+        while time.monotonic() - t0 < 8 and (backlog := cloud.client.metrics()["ingest_backlog"]) != last:
+            last = backlog
+            time.sleep(0.5)
+        for s in seqs:
+            bob.client.publish(topic("default", "bob", "telemetry"), bob.telemetry(s), qos=1).wait_for_publish(5)
+        time.sleep(0.5)
+    finally:
+        lock.rollback()
+        lock.close()
+        bob.close()
+    wait_until(lambda: set(seqs) <= set(cloud.telemetry_rows("bob")), 60, f"bob's telemetry after mallory's {sent:,} messages")
+    ingest = cloud.client.metrics()["ingest"]
+    if cloud.broker_kind == "mosquitto" and sent >= 150_000:
+        # At full speed the flood passes mallory's share of the queue; what is over it is dropped, and counted.
+        assert ingest.get("dropped_device_share", 0) > 0, (sent, ingest)
+    assert ingest.get("dropped_queue_full", 0) == 0, ingest
+    _victims_intact(cloud)
+
+
 def test_a_revoked_device_cannot_come_back(cloud):
     trent = cloud.device("trent")
     cloud.client.revoke("trent")
