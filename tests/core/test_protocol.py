@@ -101,7 +101,7 @@ from lepton_edge.protocol import JSON_MAX_DEPTH, check_name, decode_command, dec
     b'{"ts": -1e999, "seq": 1, "interval_s": 1}',
     b'{"ts": 1, "seq": 1, "interval_s": 1, "models": {"m": {"version": "1", "count": 1, "errors": 0, "p95_ms": 1e999}}}',
     b'{"ts": NaN, "seq": 1, "interval_s": 1}',
-    b'{"a": ' + b"[" * (JSON_MAX_DEPTH + 1) + b"]" * (JSON_MAX_DEPTH + 1) + b"}",
+    b'{"a": ' + b"[" * 10_000 + b"]" * 10_000 + b"}",             # RecursionError in json.loads (the limit's edge: below)
     b"[" * 60000,
     b"\xff\xfe",
     b'{"ts": 1, "seq": 1.' + b"5" * 100 + b', "interval_s": 1}',
@@ -110,6 +110,12 @@ def test_hostile_json_is_a_protocol_error_and_nothing_else(payload):
     for decode in (decode_telemetry, decode_event, decode_command):
         with pytest.raises(ProtocolError):
             decode(payload)
+
+
+def test_one_level_deeper_than_the_limit_is_refused():
+    deeper = b'{"a": ' + b"[" * JSON_MAX_DEPTH + b"]" * JSON_MAX_DEPTH + b"}"
+    with pytest.raises(ProtocolError, match="deeper"):
+        parse_json(deeper)
 
 
 def test_parse_json_accepts_ordinary_values_and_brackets_in_strings():
