@@ -4,7 +4,8 @@ Telemetry and events arrive through MQTT 5 shared subscriptions
 (``$share/<group>/lepton/v1/+/+/telemetry``), so replicas split the load; state is
 retained, and brokers do not replay retained messages to shared subscriptions, so every
 replica subscribes to it directly (writes are idempotent). The paho network thread only
-queues messages; one writer thread stores them in batches, one transaction each.
+queues messages, each device within its share (:mod:`.ingest_queue`); one writer thread
+stores them in batches, one transaction each.
 
 Public API: :class:`Ingestor`.
 """
