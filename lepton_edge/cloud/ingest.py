@@ -30,7 +30,7 @@ from ..errors import ProtocolError
 from ..protocol import decode_event, decode_state, decode_telemetry, encode, parse_topic, subscription, topic
 from . import broker_auth, db
 from .errors import CloudConfigError
-from .ingest_queue import IngestQueue, IngestQueueLimits
+from .ingest_queue import IngestQueue, IngestQueueLimits, device_key
 from .loop_ingest import LoopRows
 from .mqtt import connect_and_wait, new_client, parse_broker_url
 
@@ -43,11 +43,6 @@ _KNOWN_REFRESH_S = 2.0
 # Column limits (PostgreSQL INTEGER / BIGINT): larger numbers are refused at the boundary.
 _INT32 = 2**31 - 1
 _INT64 = 2**63 - 1
-
-
-def _topic_prefix(t: str) -> str:
-    """The fleet/device part of a topic, for a log line (at most 160 characters)."""
-    return "/".join(t.split("/", 4)[2:4])[:160]
 
 
 def _capped_json(data: dict[str, Any], limit: int = 4096) -> str:
@@ -116,7 +111,7 @@ class Ingestor:
             self.stats[f"dropped_{refused}"] += 1
             if refused == "device_share" and self.stats["dropped_device_share"] % 10_000 == 1:
                 log.warning("a device is sending faster than it can be stored: dropping its messages over its share "
-                            "of the ingest queue (%s)", _topic_prefix(msg.topic))
+                            "of the ingest queue (%.160s)", device_key(msg.topic))
 
     # ------------------------------------------------------------------ commands out
     def publish_command(self, fleet: str, device_id: str, payload: bytes) -> None:

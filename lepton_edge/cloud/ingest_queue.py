@@ -18,7 +18,7 @@ messages a second.
 Bounds are in bytes, each message costed at its payload plus :attr:`IngestQueueLimits.overhead_bytes`
 (the tuple, the topic string, the timestamp), so a flood of tiny messages is bounded too.
 
-Public API: :class:`IngestQueueLimits`, :class:`IngestQueue`.
+Public API: :class:`IngestQueueLimits`, :class:`IngestQueue`, :func:`device_key`.
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ import time
 from collections import deque
 from dataclasses import dataclass
 
-__all__ = ["IngestQueueLimits", "IngestQueue", "Item"]
+__all__ = ["IngestQueueLimits", "IngestQueue", "Item", "device_key"]
 
 Item = tuple[str, bytes, float]  # topic, payload, time received
 
@@ -40,7 +40,8 @@ class IngestQueueLimits:
     overhead_bytes: int = 256
 
 
-def _device_key(topic: str) -> str:
+def device_key(topic: str) -> str:
+    """``fleet/device`` of a lepton/v1 topic (the whole topic if it is not one): whose share a message counts in."""
     # lepton/v1/{fleet}/{device}/{channel}; the broker's ACL already tied the prefix to the sender.
     parts = topic.split("/", 4)
     return "/".join(parts[2:4]) if len(parts) >= 4 else topic
@@ -63,7 +64,7 @@ class IngestQueue:
 
     def _put_locked(self, item: Item) -> str | None:
         cost = len(item[1]) + self.limits.overhead_bytes
-        key = _device_key(item[0])
+        key = device_key(item[0])
         held = self._by_device.get(key, 0)
         if held + cost > self.limits.device_share_bytes:
             return "device_share"
@@ -106,4 +107,4 @@ class IngestQueue:
     def held_bytes(self, topic: str | None = None) -> int:
         """Bytes (as costed) queued in all, or for the device ``topic`` belongs to."""
         with self._ready:
-            return self._bytes if topic is None else self._by_device.get(_device_key(topic), 0)
+            return self._bytes if topic is None else self._by_device.get(device_key(topic), 0)

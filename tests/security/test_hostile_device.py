@@ -19,6 +19,7 @@ import httpx
 import pytest
 
 from lepton_edge.cloud.broker import find_mosquitto
+from lepton_edge.cloud.embedded_broker.packets import Publish
 from lepton_edge.cloud.errors import CloudError
 from lepton_edge.protocol import EventMessage, encode, topic
 from support.hostile import HostileCloud, start_hostile_cloud, verify_for, wait_until
@@ -274,15 +275,8 @@ def test_a_flooding_device_is_slowed_and_the_others_lose_nothing(cloud, mallory)
 
 
 def _raw_publish_qos1(topic_name: str, packet_id: int, payload: bytes) -> bytes:
-    """An MQTT 5 PUBLISH, QoS 1, no properties: written straight to a socket whose reader is stopped."""
-    t = topic_name.encode()
-    body = len(t).to_bytes(2, "big") + t + packet_id.to_bytes(2, "big") + b"\0" + payload
-    n, length = len(body), bytearray()
-    while True:
-        n, digit = n >> 7, n & 0x7F
-        length.append(digit | (0x80 if n else 0))
-        if not n:
-            return bytes([0x32]) + bytes(length) + body
+    """An MQTT 5 PUBLISH, QoS 1: written straight to a socket whose reader is stopped."""
+    return Publish(topic_name, payload, qos=1, packet_id=packet_id).encode()
 
 
 def _park_by_not_reading(cloud: HostileCloud, names: list[str], n: int, size: int) -> int:
