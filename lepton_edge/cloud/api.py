@@ -99,8 +99,8 @@ class DeployRequest(_Body):
     min_healthy: str | float = "95%"
     on_failure: str = "rollback"
     p95_floor: str | float = Field(default="1ms", description="p95 rises up to this much always pass (a duration).")
-    on_no_data: str = Field(default="fail", description="A wave that reported no requests: fail once the timeout passes "
-                                                       "(default), or pass (idle fleets).")
+    on_no_data: str = Field(default="fail", description="A wave, or a device profile of it, that reported no requests: "
+                                                       "fail once the timeout passes (default), or pass (idle fleets).")
     shadow: str | float = Field(default="0%", description="Share of live requests each wave's devices also run on the new "
                                                         "version in shadow before it activates (0%: no shadow).")
     shadow_min: int = Field(default=200, ge=1, le=10_000_000)

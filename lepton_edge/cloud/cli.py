@@ -534,7 +534,8 @@ def deploy() -> None:
 @click.option("--timeout", default="10m", show_default=True, help="A device that neither confirms nor fails by then counts as failed.")
 @click.option("--on-failure", type=click.Choice(["rollback", "pause"]), default="rollback", show_default=True)
 @click.option("--on-no-data", type=click.Choice(["fail", "pass"]), default="fail", show_default=True,
-              help="A wave whose devices report no requests: wait for data and fail at the timeout, or pass (idle fleets).")
+              help="A wave (or a profile of it) whose devices report no requests: wait for data and fail at the timeout, "
+                   "or pass (idle fleets).")
 @click.option("--shadow", "shadow", default="0%", show_default=True,
               help="Run each wave's new version in shadow first, on this share of live requests (e.g. 10%); 0% skips shadow.")
 @click.option("--shadow-min", default=200, show_default=True, type=click.IntRange(1, 10_000_000),
@@ -598,7 +599,10 @@ def _gate_text(g: dict[str, Any]) -> str:
         dis = g.get("shadow_disagreement")
         return f"shadow passed ({g.get('shadow_compared', 0)} compared, {_pct(dis)} disagree)"
     if g["passed"]:
-        return "passed (no data)" if g.get("no_data") else "passed"
+        if g.get("no_data"):
+            return "passed (no data)"
+        silent = g.get("silent_profiles") or []
+        return f"passed (no data from {', '.join(silent)})" if silent else "passed"
     return "FAILED: " + "; ".join(g["reasons"])
 
 

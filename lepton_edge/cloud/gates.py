@@ -11,7 +11,8 @@ The gates of a soaked wave:
 * **healthy**: the share of the wave's devices that activated, are online and still run
   the version must reach ``min_healthy``;
 * **error rate** of the new version's requests since the soak began ≤ ``max_error_rate``;
-* **p95 per device profile**: the median p95 of the new version on the wave's devices of
+* **p95 per device profile**: every profile among the wave's healthy devices must report (a
+  profile still silent is listed in ``silent_profiles``, and the rollout waits for it); the median p95 of the new version on the wave's devices of
   a profile ≤ (1 + ``max_p95_regression``) × the median p95 of the model's other versions
   on the targeted devices of that profile; a rise of at most ``p95_floor_ms`` always passes;
 * **drift** (when ``max_drift`` is set): the worst PSI the wave's devices report ≤ ``max_drift``.
@@ -123,6 +124,10 @@ class GateResult:
     reasons: list[str] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
     no_data: bool = False
+    # Profiles with healthy devices in the wave that reported nothing on the new version yet: the
+    # wave's other profiles may be measured, but these are not, so the rollout waits for them
+    # (as it waits for a silent wave) instead of passing a regression it has not seen.
+    silent_profiles: list[str] = field(default_factory=list)
     # Shadow only: too few compared requests yet (wait, and fail only when the timeout passes).
     waiting: bool = False
     figures: dict[str, Any] = field(default_factory=dict)
@@ -133,7 +138,8 @@ class GateResult:
 
     def as_dict(self) -> dict[str, Any]:
         return {"wave": self.wave, "devices": self.devices, "passed": self.passed, "at": self.at,
-                "reasons": list(self.reasons), "notes": list(self.notes), "no_data": self.no_data, **self.figures}
+                "reasons": list(self.reasons), "notes": list(self.notes), "no_data": self.no_data,
+                "silent_profiles": list(self.silent_profiles), **self.figures}
 
 
 def latency_regressed(new_ms: float, old_ms: float, policy: GatePolicy) -> tuple[bool, float]:
@@ -192,6 +198,11 @@ def p95_gate(facts: WaveFacts, policy: GatePolicy, res: GateResult) -> None:
                        p95_regression=worst["p95_regression"] if worst else None, p95_profile=worst["profile"] if worst else None)
     if not per_profile:
         res.notes.append("no p95 from the new version: latency gate not measurable")
+    reported = {x.device_id for x in facts.new if x.count > 0}
+    res.silent_profiles = sorted({facts.profile_of.get(d) or "?" for d in facts.healthy} - set(new_by)
+                                 - {facts.profile_of.get(d) or "?" for d in reported})
+    for profile in res.silent_profiles:
+        res.notes.append(f"{profile}: no request on the new version reported by this profile's devices yet")
 
 
 def drift_gate(facts: WaveFacts, policy: GatePolicy, res: GateResult) -> None:

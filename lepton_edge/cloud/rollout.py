@@ -20,7 +20,10 @@ waves (``5%,25%,100%``). The leader's :meth:`Rollouts.tick` moves each deploymen
    models scheduler jitter alone moves p95 by large percentages. A wave whose devices reported no request
    on the new version has no data: silence is not health, so by default (``on_no_data=
    "fail"``) the gate waits for telemetry and fails once ``timeout_s`` passes without any;
-   ``on_no_data="pass"`` lets an idle fleet through, marked ``no_data``;
+   ``on_no_data="pass"`` lets an idle fleet through, marked ``no_data``. The same holds per
+   profile: while one profile of the wave's healthy devices has reported nothing, the gate waits
+   for it (until ``timeout_s``), because passing on the other profiles' figures would let a
+   regression on the late one through unmeasured;
 4. go on to the next wave, or on a failed gate pause (``on_failure=pause``) or send a
    :class:`~lepton_edge.protocol.RollbackCommand` to every device that moved.
 
@@ -569,12 +572,15 @@ class Rollouts:
             return
         facts = wave_facts(conn, d, rows, in_wave, dev, baseline_window_s=self._baseline_window_s, now=now)
         result = evaluate(facts, GatePolicy.from_row(d, db.loads(d.get("gates"), {}))).as_dict()
-        if result["no_data"] and result["passed"] and d["on_no_data"] != "pass":
-            # Silence is not health: wait for the wave's telemetry, and fail once the timeout passes without any.
+        silent = result["no_data"] or bool(result["silent_profiles"])
+        if silent and result["passed"] and d["on_no_data"] != "pass":
+            # Silence is not health: wait for the wave's telemetry (every profile's: a profile whose
+            # report is late would otherwise pass unmeasured), and fail once the timeout passes without it.
             if now - d["soak_started_at"] < max(d["soak_s"], d["timeout_s"]):
                 return
             result["passed"] = False
-            result["reasons"].append(f"no data: no request on {d['model']}@{d['version']} was reported by this wave's devices within the "
+            who = "this wave's devices" if result["no_data"] else f"the wave's {', '.join(result['silent_profiles'])} devices"
+            result["reasons"].append(f"no data: no request on {d['model']}@{d['version']} was reported by {who} within the "
                                      f"{d['timeout_s']:g}s timeout (send traffic, or deploy with --on-no-data pass for idle fleets)")
         if not result["passed"]:
             self._fail(conn, d, result)

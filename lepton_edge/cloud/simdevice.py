@@ -77,6 +77,9 @@ class SimBehaviour:
     default_p95_ms: float = 2.0
     # Abort the first download after this many bytes (then resume with Range), to test resume.
     interrupt_download_after: int | None = None
+    # A version that serves no request for this many seconds after it activates (a device whose
+    # traffic comes late, to test that a gate waits for every profile).
+    idle_after_activation_s: dict[str, float] = field(default_factory=dict)
 
 
 def _verify(ca_file: str | None) -> Any:
@@ -105,6 +108,7 @@ class SimDevice:
         self._partial: dict[str, bytearray] = {}
         self._lock = threading.Lock()
         self._seq = 0
+        self._activated_at: dict[str, float] = {}
         self._interrupted_once = False
         self._client: paho.Client | None = None
 
@@ -174,6 +178,10 @@ class SimDevice:
         b = self.behaviour
         stats = {}
         for m, v in self.active.items():
+            idle_s = b.idle_after_activation_s.get(v)
+            if idle_s is not None and time.monotonic() - self._activated_at.get(m, float("-inf")) < idle_s:
+                stats[m] = ModelStats(version=v, count=0, errors=0)
+                continue
             n = b.requests_per_interval
             p95 = b.p95_ms.get(v, b.default_p95_ms)
             stats[m] = ModelStats(version=v, count=n, errors=round(n * b.error_rate.get(v, 0.0)), p50_ms=p95 / 2, p95_ms=p95, p99_ms=p95 * 1.2)
@@ -232,6 +240,7 @@ class SimDevice:
         if old is not None:
             self.previous.setdefault(cmd.model, []).append(old)
         self.active[cmd.model] = cmd.version
+        self._activated_at[cmd.model] = time.monotonic()
         self.publish_state()
         return self.emit("activated", cmd, version=cmd.version, data={"previous": old})
 

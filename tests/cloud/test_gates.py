@@ -56,6 +56,23 @@ def test_p95_gate_per_profile_with_the_floor():
     assert r.passed and any("rpi5: no p95 baseline" in n for n in r.notes)
 
 
+def test_a_profile_of_the_wave_that_has_not_reported_is_named_silent():
+    # The Pis reported; the x86 box activated but its first requests have not arrived. Its
+    # profile is unmeasured, so it is named for the rollout to wait on, not passed over.
+    mixed = facts(devices=("a", "c"), healthy=("a", "c"), new=(TelemetryFact("a", 100, 0, 10.0), TelemetryFact("c", 0, 0, None)),
+                  baseline=(BaselineFact("a", 10.0), BaselineFact("c", 1.0)))
+    r = evaluate(mixed, POLICY)
+    assert r.silent_profiles == ["x86"] and not r.no_data
+    assert r.as_dict()["silent_profiles"] == ["x86"] and any(n.startswith("x86: no request") for n in r.notes)
+    assert [p["profile"] for p in r.as_dict()["p95_by_profile"]] == ["rpi5"]
+    # Once it reports, nothing is silent; an unhealthy device's profile is the healthy gate's business.
+    assert evaluate(facts(devices=("a", "c"), healthy=("a", "c"), new=(TelemetryFact("a", 100, 0, 10.0), TelemetryFact("c", 100, 0, 1.0)),
+                          baseline=(BaselineFact("a", 10.0), BaselineFact("c", 1.0))), POLICY).silent_profiles == []
+    assert evaluate(facts(devices=("a", "c"), healthy=("a",)), POLICY).silent_profiles == []
+    # A silent wave is no_data as a whole (and every profile in it is silent).
+    assert evaluate(facts(new=()), POLICY).silent_profiles == ["rpi5"]
+
+
 def test_drift_gate_only_when_asked():
     drifted = facts(drift=(DriftFact("a", 0.9, "input", 3), DriftFact("b", 0.05, "input", 0)))
     assert evaluate(drifted, POLICY).passed  # no --max-drift: not a gate

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import time
+
 import pytest
 
 from lepton_edge.cloud.client import CloudClient
@@ -150,6 +152,41 @@ def test_p95_gate_compares_each_profile_with_itself(start_service, private_broke
             assert p["passed"] and p["p95_new_ms"] == pytest.approx(p["p95_old_ms"]), gate
     last = final["wave_results"][-1]
     assert {p["profile"] for p in last["p95_by_profile"]} == {"rpi5", "x86-avx2"}
+
+
+def test_a_regression_on_a_profile_whose_telemetry_comes_late_is_still_caught(start_service, private_broker, sim_fleet,
+                                                                              cloud_bundles):
+    """The Pis report v2 at once; the x86 boxes serve nothing for 3 s after activating, then show
+    a tripled p95. Judging when the Pis' figures are in would pass a regression nobody measured."""
+    svc = start_service(broker_url=private_broker.url)
+    client, fleet = _mixed_fleet(svc, sim_fleet, cloud_bundles, pi=SimBehaviour(default_p95_ms=12.0),
+                                 x86=SimBehaviour(p95_ms={"1": 1.5, "2": 4.5}, idle_after_activation_s={"2": 3.0}))
+    d = client.deploy("digits", "2", ["all"], soak="0.3s", timeout="30s", max_p95_regression="50%")
+    final = wait_deployment(client, d["id"], timeout=60)
+    assert final["status"] == "rolled_back", final["reason"]
+    gate = final["wave_results"][0]
+    assert gate["silent_profiles"] == [] and "p95 on x86-avx2 4.50 ms vs 1.50 ms" in final["reason"]
+    assert all(sim.active["digits"] == "1" for sim in fleet.devices.values())
+
+
+@pytest.mark.parametrize("on_no_data", ["fail", "pass"])
+def test_a_profile_that_never_reports_fails_at_the_timeout_unless_idle_fleets_may_pass(start_service, private_broker, sim_fleet,
+                                                                                       cloud_bundles, on_no_data):
+    svc = start_service(broker_url=private_broker.url)
+    client, _ = _mixed_fleet(svc, sim_fleet, cloud_bundles, pi=SimBehaviour(default_p95_ms=12.0),
+                             x86=SimBehaviour(default_p95_ms=1.5, idle_after_activation_s={"2": 1e9}))
+    started = time.monotonic()
+    d = client.deploy("digits", "2", ["all"], soak="0.3s", timeout="3s", on_no_data=on_no_data)
+    final = wait_deployment(client, d["id"], timeout=60)
+    gate = final["wave_results"][-1]
+    assert gate["silent_profiles"] == ["x86-avx2"], gate
+    if on_no_data == "fail":
+        assert final["status"] == "rolled_back", final["reason"]
+        assert "no data" in final["reason"] and "x86-avx2 devices within the 3s timeout" in final["reason"]
+        assert time.monotonic() - started >= 3.0  # it waited for the late profile before judging
+    else:
+        assert final["status"] == "completed", final["reason"]
+        assert [p["profile"] for p in gate["p95_by_profile"]] == ["rpi5"]
 
 
 def test_p95_gate_catches_a_regression_on_one_profile_that_a_pooled_median_hides(start_service, private_broker, sim_fleet,
