@@ -12,9 +12,9 @@ The gates of a soaked wave:
   the version must reach ``min_healthy``;
 * **error rate** of the new version's requests since the soak began ≤ ``max_error_rate``;
 * **p95 per device profile**: every profile among the wave's healthy devices must report (a
-  profile still silent is listed in ``silent_profiles``, and the rollout waits for it); the median p95 of the new version on the wave's devices of
-  a profile ≤ (1 + ``max_p95_regression``) × the median p95 of the model's other versions
-  on the targeted devices of that profile; a rise of at most ``p95_floor_ms`` always passes;
+  profile still silent is listed in ``silent_profiles``, and the rollout waits for it); the
+  median p95 of the new version on the wave's devices of a profile ≤ (1 + ``max_p95_regression``)
+  × the median p95 of the model's other versions on the targeted devices of that profile; a rise of at most ``p95_floor_ms`` always passes;
 * **drift** (when ``max_drift`` is set): the worst PSI the wave's devices report ≤ ``max_drift``.
 
 The shadow gates: at least ``shadow_min`` requests compared on every device of the wave,
@@ -199,7 +199,7 @@ def p95_gate(facts: WaveFacts, policy: GatePolicy, res: GateResult) -> None:
     if not per_profile:
         res.notes.append("no p95 from the new version: latency gate not measurable")
     reported = {x.device_id for x in facts.new if x.count > 0}
-    res.silent_profiles = sorted({facts.profile_of.get(d) or "?" for d in facts.healthy} - set(new_by)
+    res.silent_profiles = sorted({facts.profile_of.get(d) or "?" for d in facts.healthy}
                                  - {facts.profile_of.get(d) or "?" for d in reported})
     for profile in res.silent_profiles:
         res.notes.append(f"{profile}: no request on the new version reported by this profile's devices yet")
